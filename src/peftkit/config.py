@@ -1,0 +1,184 @@
+"""Typed run configuration: a YAML recipe plus dotted ``key=value`` overrides.
+
+Validation happens here, once; every later stage trusts the :class:`RunConfig` it gets.
+Errors name the key and how to fix it (an unknown key suggests the closest known one).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import PeftkitError
+from .methods import METHODS, MethodConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """How to turn a dataset into (text, label) examples."""
+
+    text_column: str = "text"
+    text_pair_column: str | None = Field(None, description="second text for pair tasks (NLI)")
+    label_column: str = "label"
+    label_names: list[str] | None = Field(
+        None, description="names for integer labels 0..K-1 (string labels name themselves)"
+    )
+    max_length: int = Field(128, ge=8, le=8192, description="tokens per example; longer is truncated")
+    train_split: str = "train"
+    validation_split: str | None = Field(
+        "validation", description="carved from train (validation_fraction) when the dataset lacks it"
+    )
+    test_split: str | None = Field("test", description="evaluated at the end when present")
+    validation_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    max_train_samples: int | None = Field(None, gt=0, description="subsample train (quick runs)")
+    max_eval_samples: int | None = Field(None, gt=0, description="subsample validation and test")
+
+
+class TrainConfig(_Strict):
+    """Optimisation and evaluation schedule."""
+
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
+    batch_size: int = Field(32, gt=0, description="examples per step per process")
+    eval_batch_size: int = Field(64, gt=0)
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null disables")
+    eval_steps: int | None = Field(None, gt=0, description="evaluate every N steps; null: each epoch")
+    log_steps: int = Field(50, gt=0)
+    metric_for_best: Literal["accuracy", "f1", "loss"] = "accuracy"
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    group_by_length: bool = Field(True, description="batch similar lengths together (less padding)")
+
+
+class RunConfig(_Strict):
+    """Everything one ``peftkit train`` run needs."""
+
+    model: str = Field("minilm", description="asset name, hub id, or local folder")
+    dataset: str = Field("rotten_tomatoes", description="asset name, hub id, local file or folder")
+    output_dir: str = "runs/default"
+    overwrite: bool = Field(False, description="allow writing into a non-empty output_dir")
+    seed: int = 42
+    method: MethodConfig = Field(default_factory=lambda: METHODS["lora"][0]())
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=3e-4"`` -> (``["train", "lr"]``, ``0.0003``); values are read as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise PeftkitError(f"override {text!r} is not key=value", "command line", "write e.g. train.lr=3e-4")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    if isinstance(parsed, str) and _looks_numeric(parsed):
+        parsed = float(parsed)  # YAML 1.1 reads 3e-4 as a string
+    return key.strip().split("."), parsed
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return any(c.isdigit() for c in text)
+
+
+def _check_keys(data: Any, model: type[BaseModel], prefix: str, where: str) -> None:
+    """Reject unknown keys with a did-you-mean, before pydantic sees them."""
+    if not isinstance(data, dict):
+        return
+    fields = model.model_fields
+    for key, value in data.items():
+        if key not in fields:
+            known = sorted(fields)
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"known keys: {', '.join(known)}"
+            raise PeftkitError(f"unknown key '{prefix}{key}'", where, hint)
+        sub = _submodel(model, key, value)
+        if sub is not None:
+            _check_keys(value, sub, f"{prefix}{key}.", where)
+
+
+def _submodel(model: type[BaseModel], key: str, value: Any) -> type[BaseModel] | None:
+    if model is RunConfig and key == "method":
+        name = value.get("name", "lora") if isinstance(value, dict) else "lora"
+        if name not in METHODS:
+            raise PeftkitError(
+                f"unknown method '{name}'", "method.name", f"choose one of: {', '.join(METHODS)}"
+            )
+        return METHODS[name][0]
+    ann = model.model_fields[key].annotation
+    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+
+
+def _set_dotted(data: dict, path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[path[-1]] = value
+
+
+def build_config(data: dict[str, Any], where: str = "recipe") -> RunConfig:
+    """Validate a plain dict into a :class:`RunConfig`."""
+    _check_keys(data, RunConfig, "", where)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "union[")))
+        value = err.get("input")
+        raise PeftkitError(
+            f"invalid value {value!r} for '{key}'", where, err["msg"].replace("\n", " ")
+        ) from None
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML recipe (or start from defaults), apply overrides, validate.
+
+    Raises:
+        PeftkitError: unreadable or malformed YAML, unknown keys, invalid values.
+    """
+    data: dict[str, Any] = {}
+    where = "command line"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise PeftkitError("recipe not found", where, "pass a YAML file from recipes/") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PeftkitError(f"cannot read the recipe: {exc}", where) from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f" at line {mark.line + 1}" if mark else ""
+            raise PeftkitError(f"the recipe is not valid YAML{line}", where, "fix the syntax") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise PeftkitError("the recipe must be a YAML mapping of keys", where)
+        data = loaded or {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        _set_dotted(data, keys, value)
+        where_o = f"{where}, override {text}" if path else f"override {text}"
+        _check_keys(data, RunConfig, "", where_o)
+    return build_config(data, where)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML (written next to a run's outputs)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,66 @@
+"""Classification metrics and batched inference over tokenized examples."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import LengthGroupedBatches, collate
+
+
+def classification_metrics(labels: list[int], probs: np.ndarray, label_names: list[str],
+                           loss: float | None = None) -> dict[str, Any]:
+    """Accuracy, macro-F1, (loss) and the confusion matrix (rows: true, columns: predicted)."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+    preds = probs.argmax(axis=-1)
+    ids = list(range(len(label_names)))
+    out: dict[str, Any] = {
+        "accuracy": float(accuracy_score(labels, preds)),
+        "f1": float(f1_score(labels, preds, labels=ids, average="macro", zero_division=0)),
+    }
+    if loss is not None:
+        out["loss"] = float(loss)
+    out["n"] = len(labels)
+    out["confusion_matrix"] = confusion_matrix(labels, preds, labels=ids).tolist()
+    return out
+
+
+@torch.inference_mode()
+def predict_probs(model: nn.Module, features: list[dict[str, list[int]]], *, pad_id: int,
+                  batch_size: int = 64, labels: list[int] | None = None,
+                  device: torch.device | str = "cpu", num_processes: int = 1, process_index: int = 0,
+                  padding_side: str = "right") -> tuple[np.ndarray, float | None]:
+    """Class probabilities for every example (in input order), and the mean loss if ``labels``.
+
+    Examples are run longest-first in batches of similar length. With several processes
+    each runs its share and the results are gathered, so every process returns all rows.
+    """
+    was_training = model.training
+    model.eval()
+    sampler = LengthGroupedBatches([len(f["input_ids"]) for f in features], batch_size, shuffle=False,
+                                   num_processes=num_processes, process_index=process_index)
+    rows: list[tuple[int, np.ndarray, float]] = []
+    for idx in sampler:
+        batch = collate([features[i] for i in idx], pad_id, padding_side=padding_side)
+        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
+        probs = logits.softmax(-1).cpu().numpy()
+        if labels is not None:
+            target = torch.tensor([labels[i] for i in idx], device=logits.device)
+            losses = F.cross_entropy(logits, target, reduction="none").cpu().tolist()
+        else:
+            losses = [0.0] * len(idx)
+        rows += list(zip(idx, probs, losses))
+    if num_processes > 1:
+        from accelerate.utils import gather_object
+
+        rows = gather_object(rows)
+    model.train(was_training)
+    rows.sort(key=lambda r: r[0])
+    probs = np.stack([r[1] for r in rows]) if rows else np.zeros((0, 0))
+    loss = float(np.mean([r[2] for r in rows])) if labels is not None and rows else None
+    return probs, loss

@@ -1,0 +1,104 @@
+"""Finding the layers a method targets, and replacing them visibly.
+
+Target semantics follow Hugging Face PEFT's ``target_modules``:
+
+* a list of names: a module matches when its full name equals an entry or ends with
+  ``"." + entry`` (``"query"`` matches ``bert.encoder.layer.0.attention.self.query``);
+* a single string: a regular expression that must match the full name (``re.fullmatch``);
+* ``"all-linear"``: every linear layer except the model's output embedding (LM head).
+
+Only linear layers are candidates: ``nn.Linear`` and its subclasses (quantized linears
+included) and GPT-2's ``Conv1D``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+from torch import nn
+
+from .errors import PeftkitError
+
+ALL_LINEAR = "all-linear"
+
+
+def is_linear(module: nn.Module) -> bool:
+    """True for modules LoRA can wrap: ``nn.Linear`` (and subclasses) and ``Conv1D``."""
+    if isinstance(module, nn.Linear):
+        return True
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def name_matches(name: str, patterns: str | Sequence[str] | None) -> bool:
+    """PEFT's matching rule for one module name (see the module docstring)."""
+    if patterns is None:
+        return False
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def is_under(name: str, prefixes: Iterable[str]) -> bool:
+    """True when ``name`` is one of ``prefixes`` or a submodule of one."""
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """Full names of every linear layer in ``model``, in module order."""
+    return [n for n, m in model.named_modules() if n and is_linear(m)]
+
+
+def output_embedding_name(model: nn.Module) -> str | None:
+    """The name of the LM head, if the model has one (it is never a LoRA target)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        return None
+    return next((n for n, m in model.named_modules() if m is head), None)
+
+
+def select_targets(
+    model: nn.Module,
+    target_modules: str | Sequence[str],
+    exclude_modules: str | Sequence[str] | None = None,
+    skip: Iterable[str] = (),
+) -> list[str]:
+    """Names of the linear layers that ``target_modules`` selects.
+
+    Args:
+        model: the model to search.
+        target_modules: list of name suffixes, a regex, or ``"all-linear"``.
+        exclude_modules: the same forms (no ``all-linear``); matches are dropped.
+        skip: module names whose whole subtree is never targeted (trained heads).
+
+    Raises:
+        PeftkitError: when nothing matches; the message lists the linear layers that exist.
+    """
+    skip = list(skip)
+    lm_head = output_embedding_name(model)
+    if lm_head:
+        skip.append(lm_head)
+    candidates = [n for n in linear_layer_names(model) if not is_under(n, skip)]
+    if target_modules == ALL_LINEAR:
+        chosen = candidates
+    else:
+        chosen = [n for n in candidates if name_matches(n, target_modules)]
+    chosen = [n for n in chosen if not name_matches(n, exclude_modules)]
+    if not chosen:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+        raise PeftkitError(
+            f"target_modules {target_modules!r} matches no linear layer",
+            "method.target_modules",
+            f"use names from: {', '.join(leaves)} (or a regex, or all-linear)",
+        )
+    return chosen
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` where the submodule ``name`` was and return the old module."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return old

@@ -1,0 +1,138 @@
+"""The method registry and the operations every method shares.
+
+``METHODS`` maps a recipe's ``method.name`` to its config class and its apply function.
+Merging is defined by the adapter modules themselves (``merge``/``unmerge`` and a
+``base_layer`` to restore); methods that cannot merge simply do not define them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from ..errors import PeftkitError
+from ..inject import is_under, replace_module
+from .base import (
+    AdapterModule,
+    Injection,
+    adapter_state_dict,
+    count_parameters,
+    injection_of,
+    parameter_report,
+    set_trainable,
+    trainable_parameters,
+)
+from .lora import LoraConfig, LoRALinear, apply_lora
+
+#: name -> (config class, apply(model, cfg, modules_to_save) -> Injection)
+METHODS: dict[str, tuple[type, Callable[..., Injection]]] = {
+    "lora": (LoraConfig, apply_lora),
+}
+#: the ``peft_type`` written in adapter_config.json -> our method name
+PEFT_TYPES = {"LORA": "lora"}
+
+MethodConfig = LoraConfig
+
+
+def apply_method(model: nn.Module, cfg: Any, modules_to_save: list[str] | None = None) -> Injection:
+    """Apply the method ``cfg`` describes to ``model`` in place; freeze everything else.
+
+    Args:
+        model: the model to adapt.
+        cfg: a method config (``LoraConfig``...).
+        modules_to_save: modules trained and saved whole; defaults to ``cfg.modules_to_save``,
+            else to the model's task head (:func:`default_modules_to_save`).
+
+    Returns:
+        The :class:`Injection` (also stored as ``model.peftkit``), which lists what was replaced.
+    """
+    if getattr(model, "peftkit", None) is not None:
+        raise PeftkitError("this model already has a peftkit method applied", fix="load a fresh base model")
+    if modules_to_save is None:
+        modules_to_save = cfg.modules_to_save
+    if modules_to_save is None:
+        modules_to_save = default_modules_to_save(model)
+    _, apply = METHODS[cfg.name]
+    return apply(model, cfg, resolve_modules_to_save(model, modules_to_save))
+
+
+def resolve_modules_to_save(model: nn.Module, entries: list[str]) -> list[str]:
+    """Full module names that ``modules_to_save`` entries select, with ``peft``'s rule.
+
+    ``peft`` selects every module whose full name ends with an entry (plain string suffix:
+    ``"classifier"`` also selects DistilBERT's ``pre_classifier``); entries that match
+    nothing are ignored (``"score"`` on a BERT model). A module inside one already
+    selected is not listed again.
+    """
+    chosen: list[str] = []
+    for name, _ in model.named_modules():
+        if name and any(name.endswith(e) for e in entries) and not is_under(name, chosen):
+            chosen.append(name)
+    return chosen
+
+
+HEAD_NAMES = ("classifier", "score", "pre_classifier")
+
+
+def default_modules_to_save(model: nn.Module, newly_initialized: list[str] = ()) -> list[str]:
+    """The task head: known head names plus every module the base checkpoint lacked.
+
+    A module that was randomly initialised when the base was loaded (DistilBERT's
+    ``pre_classifier``, DeBERTa's ``pooler``) must be trained and saved, or the adapter
+    would not reproduce the trained model when loaded onto a fresh base.
+    """
+    names = dict(model.named_modules())
+    chosen = [n for n in HEAD_NAMES if n in names]
+    for n in newly_initialized:
+        if n in names and not any(n == c or n.startswith(c + ".") for c in chosen):
+            chosen.append(n)
+    return chosen
+
+
+def _mergeable(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterModule)]
+    for name, module in found:
+        if not hasattr(module, "merge"):
+            raise PeftkitError(
+                f"method {type(module).__name__} cannot be merged into the base weights",
+                name,
+                "use the adapter unmerged (predict/eval load it as it is)",
+            )
+    return found
+
+
+def merge(model: nn.Module) -> None:
+    """Merge every adapter update into the base weights (reversible with :func:`unmerge`)."""
+    for _, module in _mergeable(model):
+        module.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    """Undo :func:`merge`."""
+    for _, module in _mergeable(model):
+        module.unmerge()
+
+
+def merge_and_unload(model: nn.Module) -> list[str]:
+    """Merge, then put the plain base layers back; returns the names restored.
+
+    Afterwards ``model`` is an ordinary model with no peftkit modules in it; its heads
+    (``modules_to_save``) keep their trained weights.
+    """
+    restored = []
+    for name, module in _mergeable(model):
+        module.merge()
+        replace_module(model, name, module.base_layer)
+        restored.append(name)
+    if hasattr(model, "peftkit"):
+        del model.peftkit
+    return restored
+
+
+__all__ = [
+    "METHODS", "PEFT_TYPES", "AdapterModule", "Injection", "LoraConfig", "LoRALinear", "MethodConfig",
+    "adapter_state_dict", "apply_method", "count_parameters", "default_modules_to_save", "injection_of",
+    "merge", "merge_and_unload", "parameter_report", "set_trainable", "trainable_parameters", "unmerge",
+]

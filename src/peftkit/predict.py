@@ -1,0 +1,181 @@
+"""Using a trained adapter: load it onto its base, classify texts, evaluate, merge, export."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .adapter_io import AdapterFiles, head_size, load_adapter_weights, read_adapter, read_adapter_weights
+from .errors import PeftkitError
+
+
+@dataclass
+class AdaptedClassifier:
+    """A base model with an adapter loaded, ready for inference."""
+
+    model: Any
+    tokenizer: Any
+    label_names: list[str]
+    max_length: int
+    adapter: AdapterFiles
+    base_model: str
+
+    def predict_proba(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64,
+                      labels: list[int] | None = None) -> tuple[np.ndarray, float | None]:
+        """``(len(texts), num_labels)`` class probabilities, and the mean loss given ``labels``."""
+        from .data import tokenize
+        from .evaluate import predict_probs
+
+        features = tokenize(self.tokenizer, texts, self.max_length, pairs)
+        return predict_probs(self.model, features, pad_id=self.tokenizer.pad_token_id,
+                             batch_size=batch_size, labels=labels)
+
+
+def load_adapted_classifier(adapter_dir: str | Path, model: str | None = None) -> AdaptedClassifier:
+    """Load the adapter in ``adapter_dir`` onto its base (or onto ``model``).
+
+    Works for adapters written by peftkit and by ``peft`` (sequence classification).
+
+    Raises:
+        PeftkitError: unreadable adapter, unknown base, or an adapter that does not fit the base.
+    """
+    from .methods import apply_method
+    from .models import load_classifier
+
+    files = read_adapter(adapter_dir)
+    method_cfg = files.method_config()
+    base = model or files.base_model
+    if not base:
+        raise PeftkitError("the adapter does not name its base model", str(adapter_dir), "pass --model")
+    state = read_adapter_weights(adapter_dir)
+    keep = list(method_cfg.modules_to_save or [])
+    names = _label_names(files, state, keep, base)
+    loaded = load_classifier(base, names)
+    apply_method(loaded.model, method_cfg, keep)
+    load_adapter_weights(loaded.model, adapter_dir, state)
+    loaded.model.eval()
+    max_length = int(files.meta.get("max_length") or min(512, loaded.tokenizer.model_max_length))
+    return AdaptedClassifier(loaded.model, loaded.tokenizer, names, max_length, files, base)
+
+
+def _label_names(files: AdapterFiles, state: dict[str, torch.Tensor], keep: list[str], base: str) -> list[str]:
+    id2label = files.meta.get("id2label")
+    if id2label:
+        return [id2label[k] for k in sorted(id2label, key=int)]
+    n = head_size(state, keep)
+    if n is None:
+        raise PeftkitError("the adapter holds no classification head", str(files.path),
+                           "train with the head in modules_to_save")
+    from transformers import AutoConfig
+
+    from .assets import resolve_model
+
+    try:
+        known = AutoConfig.from_pretrained(resolve_model(base)).id2label
+    except Exception:
+        known = {}
+    if known and len(known) == n:
+        return [known[i] for i in sorted(known)]
+    return [f"LABEL_{i}" for i in range(n)]
+
+
+def read_texts(path: str | Path, field: str = "text") -> list[str]:
+    """Texts from JSON Lines (``{"text": ...}`` per line) or plain text (one per line).
+
+    A file whose name ends in .jsonl/.json (optionally .gz) is JSON Lines; anything else
+    is plain text. Blank lines are skipped.
+
+    Raises:
+        PeftkitError: missing or unreadable file, a JSON line without ``field``, no texts.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PeftkitError("input file not found", str(path), "check the path")
+    opener = gzip.open if path.suffix == ".gz" else open
+    is_json = any(s in (".jsonl", ".json") for s in path.suffixes)
+    texts = []
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                if not is_json:
+                    texts.append(line.rstrip("\r\n"))
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise PeftkitError(f"line {lineno} is not valid JSON ({exc.msg})", str(path),
+                                       "write one JSON object per line") from None
+                if not isinstance(record, dict) or field not in record:
+                    raise PeftkitError(f"line {lineno} has no '{field}' field", str(path),
+                                       f"give each line a '{field}' field, or use --text-field") from None
+                texts.append(str(record[field]))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PeftkitError(f"cannot read the input: {exc}", str(path), "give a UTF-8 text or JSONL file") from None
+    if not texts:
+        raise PeftkitError("the input has no texts", str(path), "give at least one line")
+    return texts
+
+
+def merge_to_folder(clf: AdaptedClassifier, output: str | Path, overwrite: bool = False,
+                    check_texts: list[str] | None = None) -> float:
+    """Merge the adapter into the base and save a plain transformers model folder.
+
+    The folder holds weights, config (with label names) and tokenizer, and loads with
+    ``transformers.pipeline("text-classification", model=output)`` without peftkit.
+
+    Returns:
+        The max abs difference of probabilities before and after merging on ``check_texts``.
+
+    Raises:
+        PeftkitError: ``output`` exists and is not empty (unless ``overwrite``); method cannot merge.
+    """
+    from .fsio import atomic_dir
+    from .methods import merge_and_unload
+
+    output = Path(output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
+        raise PeftkitError("output exists and is not empty", str(output), "choose another --output or pass --overwrite")
+    texts = check_texts or ["a quick check sentence", "another, somewhat longer, sentence to compare"]
+    before, _ = clf.predict_proba(texts)
+    merge_and_unload(clf.model)
+    after, _ = clf.predict_proba(texts)
+    clf.model.config.id2label = dict(enumerate(clf.label_names))
+    clf.model.config.label2id = {n: i for i, n in enumerate(clf.label_names)}
+    with atomic_dir(output) as tmp:
+        clf.model.save_pretrained(tmp)
+        clf.tokenizer.save_pretrained(tmp)
+    return float(np.abs(before - after).max())
+
+
+def evaluate_adapter(clf: AdaptedClassifier, source: str, split: str = "test", *,
+                     text_column: str | None = None, label_column: str | None = None,
+                     max_samples: int | None = None, batch_size: int = 64) -> dict[str, Any]:
+    """Accuracy, macro-F1, loss and confusion matrix of ``clf`` on a dataset split.
+
+    Columns default to the ones the adapter was trained with (``peftkit.json``).
+    """
+    import random
+
+    from .config import DataConfig
+    from .data import encode_labels, load_one_split
+    from .evaluate import classification_metrics
+
+    meta = clf.adapter.meta
+    cfg = DataConfig(text_column=text_column or meta.get("text_column") or "text",
+                     label_column=label_column or meta.get("label_column") or "label",
+                     text_pair_column=meta.get("text_pair_column") if not text_column else None)
+    data = load_one_split(source, split, cfg)
+    if max_samples and len(data) > max_samples:
+        data = data.subset(sorted(random.Random(0).sample(range(len(data)), max_samples)))
+    labels = encode_labels(data, clf.label_names, f"{source}, {split} split")
+    probs, loss = clf.predict_proba(data.texts, data.pairs, batch_size, labels)
+    return {"dataset": source, "split": split, "label_names": clf.label_names,
+            **classification_metrics(labels, probs, clf.label_names, loss)}

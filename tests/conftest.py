@@ -1,0 +1,120 @@
+"""Shared fixtures: tiny models built from configs, and a small synthetic sentiment corpus.
+
+Nothing here downloads: models are random-initialised from configs and saved to a temp
+folder with a tokenizer built from a word list.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+POSITIVE = ["good", "great", "excellent", "wonderful", "fun", "moving", "brilliant", "superb"]
+NEGATIVE = ["bad", "awful", "boring", "terrible", "dull", "weak", "poor", "tedious"]
+FILLER = ["the", "movie", "film", "was", "plot", "acting", "really", "quite", "and", "a", "story", "very"]
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+VOCAB = SPECIAL + POSITIVE + NEGATIVE + FILLER
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def make_tokenizer():
+    from transformers import BertTokenizer
+
+    return BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)})
+
+
+def tiny_bert_config(**kw):
+    from transformers import BertConfig
+
+    args = dict(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                intermediate_size=37, max_position_embeddings=64, type_vocab_size=2, pad_token_id=0)
+    args.update(kw)
+    return BertConfig(**args)
+
+
+def review(rng: random.Random, label: int) -> str:
+    words = rng.sample(FILLER, rng.randint(3, 8)) + [rng.choice(POSITIVE if label else NEGATIVE)]
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+def sentiment_rows(n: int, seed: int = 0, names: bool = True) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        rows.append({"text": review(rng, label), "label": ["negative", "positive"][label] if names else label})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide BERT base model (no head) with its tokenizer, saved locally."""
+    from transformers import BertModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-bert")
+    BertModel(tiny_bert_config()).save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sentiment_dir(tmp_path_factory) -> Path:
+    """train/validation/test JSONL files of the synthetic corpus, string labels."""
+    path = tmp_path_factory.mktemp("sentiment")
+    write_jsonl(path / "train.jsonl", sentiment_rows(320, seed=1))
+    write_jsonl(path / "validation.jsonl", sentiment_rows(80, seed=2))
+    write_jsonl(path / "test.jsonl", sentiment_rows(80, seed=3))
+    return path
+
+
+def tiny_recipe(tmp_path: Path, model_dir: Path, data_dir: Path, **extra) -> Path:
+    """A recipe that trains the tiny model well in a few seconds."""
+    import yaml
+
+    recipe = {
+        "model": str(model_dir), "dataset": str(data_dir), "output_dir": str(tmp_path / "run"), "seed": 0,
+        "method": {"name": "lora", "r": 4, "alpha": 8, "target_modules": ["query", "value"]},
+        "data": {"max_length": 32},
+        "train": {"epochs": 4, "batch_size": 16, "lr": 0.02, "log_steps": 5, "warmup_ratio": 0.0},
+    }
+    for key, value in extra.items():
+        node = recipe
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
+    """Run ``python -m peftkit ARGS`` in a subprocess; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, "-m", "peftkit", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+def has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
