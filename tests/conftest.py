@@ -60,6 +60,23 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def plant_polarity(embeddings: torch.nn.Embedding, strength: float = 1.0, seed: int = 0) -> None:
+    """Give positive and negative words opposite offsets along one random direction.
+
+    A random base that has never seen data passes almost no word identity to the [CLS]
+    position; this stands in for what pretraining gives a real encoder, so that a few
+    epochs of LoRA can learn the task.
+    """
+    g = torch.Generator().manual_seed(seed)
+    direction = torch.randn(embeddings.weight.shape[1], generator=g)
+    direction *= strength / direction.norm()
+    with torch.no_grad():
+        for w in POSITIVE:
+            embeddings.weight[VOCAB.index(w)] += direction
+        for w in NEGATIVE:
+            embeddings.weight[VOCAB.index(w)] -= direction
+
+
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide BERT base model (no head) with its tokenizer, saved locally."""
@@ -67,7 +84,9 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny-bert")
-    BertModel(tiny_bert_config()).save_pretrained(path)
+    model = BertModel(tiny_bert_config())
+    plant_polarity(model.embeddings.word_embeddings)
+    model.save_pretrained(path)
     make_tokenizer().save_pretrained(path)
     return path
 
