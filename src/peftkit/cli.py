@@ -22,6 +22,8 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_recipe(args.recipe, args.overrides)
     check_output_dir(cfg)  # fail before anything slow is loaded
     summary = train(cfg)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun / accelerate launch, process 0 reports
+        return 0
     val, test = summary["validation"], summary.get("test")
     print(f"validation accuracy {val['accuracy']:.4f}  f1 {val['f1']:.4f}  (best step {summary['best_step']})")
     if test:

@@ -96,6 +96,15 @@ def _looks_numeric(text: str) -> bool:
     return any(c.isdigit() for c in text)
 
 
+#: names users bring from peft and transformers -> ours (used for did-you-mean hints)
+SYNONYMS = {
+    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+    "model_name_or_path": "model", "output": "output_dir",
+}
+
+
 def _check_keys(data: Any, model: type[BaseModel], prefix: str, where: str) -> None:
     """Reject unknown keys with a did-you-mean, before pydantic sees them."""
     if not isinstance(data, dict):
@@ -104,7 +113,8 @@ def _check_keys(data: Any, model: type[BaseModel], prefix: str, where: str) -> N
     for key, value in data.items():
         if key not in fields:
             known = sorted(fields)
-            close = difflib.get_close_matches(str(key), known, n=1)
+            close = [SYNONYMS[key]] if SYNONYMS.get(key) in fields else []
+            close = close or difflib.get_close_matches(str(key), known, n=1)
             hint = f"did you mean '{prefix}{close[0]}'?" if close else f"known keys: {', '.join(known)}"
             raise PeftkitError(f"unknown key '{prefix}{key}'", where, hint)
         sub = _submodel(model, key, value)

@@ -69,6 +69,13 @@ def _split_files(folder: Path) -> dict[str, Path]:
     return found
 
 
+def _quiet_datasets() -> None:
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # errors reach the user as ours
+
+
 def _load_tables(source: str) -> dict[str, Any]:
     """``{split: datasets.Dataset or dict of columns}`` for any supported source."""
     if source in DATASET_LOADERS:
@@ -87,12 +94,15 @@ def _load_tables(source: str) -> dict[str, Any]:
         return _load_hub(source)
     import datasets
 
+    _quiet_datasets()
     tables = {}
     for split, file in files.items():
         builder, kwargs = _file_format(file)
         try:
             tables[split] = datasets.load_dataset(builder, data_files=str(file), split="train", **kwargs)
         except Exception as exc:  # datasets raises many types for malformed files
+            while exc.__cause__ is not None:  # the innermost error says what is wrong
+                exc = exc.__cause__
             reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
             raise PeftkitError(f"cannot read {builder} data: {reason}", str(file),
                                "check the file is well-formed") from None
@@ -102,6 +112,7 @@ def _load_tables(source: str) -> dict[str, Any]:
 def _load_hub(name: str) -> dict[str, Any]:
     import datasets
 
+    _quiet_datasets()
     try:
         return dict(datasets.load_dataset(name))
     except Exception as exc:

