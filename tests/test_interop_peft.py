@@ -97,3 +97,32 @@ def test_all_linear_round_trip_through_peft(tmp_path):
     save_adapter(ours, tmp_path / "a", base_model="tiny")
     ref = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "a"))
     assert (logits(ref) - logits(ours)).abs().max() <= 1e-5
+
+
+def test_peft_adapter_through_peftkit_predict(tiny_bert_dir, tmp_path):
+    """A peft-trained classifier adapter, used with `peftkit predict` and no --model."""
+    import json
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from peftkit.cli import main
+
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+    ref = peft.get_peft_model(base, peft.LoraConfig(task_type=peft.TaskType.SEQ_CLS, r=4, lora_alpha=8,
+                                                    target_modules=["query", "value"]))
+    perturb([p for p in ref.parameters() if p.requires_grad], seed=4)
+    ref.save_pretrained(str(tmp_path / "p"))
+    assert json.loads((tmp_path / "p" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_bert_dir)
+
+    texts = ["the movie was great", "a dull and boring plot"]
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    ref.eval()
+    with torch.no_grad():
+        expected = ref(**tok(texts, padding=True, return_tensors="pt")).logits.softmax(-1)
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
+    assert main(["predict", "--adapter", str(tmp_path / "p"), "--input", str(tmp_path / "in.txt"),
+                 "--output", str(tmp_path / "out.jsonl")]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    got = torch.tensor([[r["scores"]["LABEL_0"], r["scores"]["LABEL_1"]] for r in rows])
+    assert (got - expected).abs().max() <= 1e-5

@@ -7,6 +7,7 @@ The Python API::
     print(injection.replaced, parameter_report(model))
     save_adapter(model, "my-adapter", base_model="bert-base-uncased")
 
+Training from a config: ``from peftkit.train import train``.
 Names are imported lazily so that ``import peftkit`` (and the CLI's ``--help``) is fast.
 """
 
@@ -25,7 +26,6 @@ _EXPORTS = {
     "adapter_state_dict": "methods", "default_modules_to_save": "methods",
     "save_adapter": "adapter_io", "read_adapter": "adapter_io", "load_adapter_weights": "adapter_io",
     "RunConfig": "config", "load_recipe": "config",
-    "train": "train",
     "load_adapted_classifier": "predict", "evaluate_adapter": "predict", "merge_to_folder": "predict",
 }
 

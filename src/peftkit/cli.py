@@ -20,7 +20,8 @@ def _train(args: argparse.Namespace) -> int:
     from .train import check_output_dir, train
 
     cfg = load_recipe(args.recipe, args.overrides)
-    check_output_dir(cfg)  # fail before anything slow is loaded
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        check_output_dir(cfg)  # fail before anything slow is loaded (train() checks again)
     summary = train(cfg)
     if os.environ.get("RANK", "0") != "0":  # under torchrun / accelerate launch, process 0 reports
         return 0
@@ -146,14 +147,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return args.run(args)
     except PeftkitError as exc:
-        if args.debug:
+        if debug:
             raise
         print(f"peftkit: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # unwritable output, disk full: say what and where, on one line
+        if debug:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"peftkit: error: {exc.strerror or exc}{where}: check the path and free space", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("peftkit: interrupted", file=sys.stderr)

@@ -33,6 +33,9 @@ class Prepared:
     labels: dict[str, list[int]]
 
 
+RUN_OUTPUTS = ("adapter", "metrics.jsonl", "summary.json", "config.yaml")
+
+
 def check_output_dir(cfg: RunConfig) -> Path:
     """Refuse a non-empty ``output_dir`` unless ``overwrite`` is set (nothing is lost)."""
     out = Path(cfg.output_dir)
@@ -42,6 +45,16 @@ def check_output_dir(cfg: RunConfig) -> Path:
         raise PeftkitError("output_dir exists and is not empty", str(out),
                            "choose another output_dir=..., or pass overwrite=true to replace it")
     return out
+
+
+def clear_run_outputs(out: Path) -> None:
+    """Remove a previous run's outputs (and only those: other files in the folder stay)."""
+    for name in RUN_OUTPUTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def prepare(cfg: RunConfig) -> Prepared:
@@ -113,9 +126,10 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
     from .evaluate import classification_metrics, predict_probs
     from .methods import adapter_state_dict, count_parameters, parameter_report, trainable_parameters
 
-    out = check_output_dir(cfg)
     # accelerate only runs several CPU processes (DDP over gloo) when told it is on the CPU
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not _has_accelerator())
+    out = check_output_dir(cfg)
+    acc.wait_for_everyone()  # every process has checked before process 0 writes anything
     main = acc.is_main_process
     say = echo if main else (lambda _msg: None)
     tc = cfg.train
@@ -129,7 +143,7 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
 
     if main:  # every input is checked: from here on we write
         if out.exists() and cfg.overwrite:
-            shutil.rmtree(out)
+            clear_run_outputs(out)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", dump_config(cfg))
     acc.wait_for_everyone()

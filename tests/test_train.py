@@ -1,0 +1,51 @@
+"""The training loop's schedule: gradient accumulation, max_steps, overwrite, lr schedule."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from peftkit import load_recipe
+from peftkit.train import lr_lambda, train
+
+from .conftest import tiny_recipe
+
+
+def train_records(run):
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_grad_accum_and_max_steps(tiny_bert_dir, sentiment_dir, tmp_path):
+    recipe = tiny_recipe(tmp_path, tiny_bert_dir, sentiment_dir)
+    cfg = load_recipe(recipe, ["train.batch_size=8", "train.grad_accum=2", "train.max_steps=25",
+                               "train.eval_steps=10", "train.log_steps=1"])
+    summary = train(cfg, echo=lambda _: None)
+    records = train_records(tmp_path / "run")
+    steps = [r["step"] for r in records if r["type"] == "train"]
+    # 320 examples / (8 x 2) = 20 optimizer steps an epoch; stopped at 25
+    assert steps == list(range(1, 26))
+    evals = [r for r in records if r["type"] == "eval" and r["split"] == "validation"]
+    assert [e["step"] for e in evals] == [10, 20, 25]
+    assert summary["best_step"] in (10, 20, 25) and summary["validation"]["accuracy"] >= 0.9
+
+
+def test_overwrite_replaces_only_run_outputs(tiny_bert_dir, sentiment_dir, tmp_path):
+    recipe = tiny_recipe(tmp_path, tiny_bert_dir, sentiment_dir, **{"train.max_steps": 3})
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    (run / "summary.json").write_text("old")
+    train(load_recipe(recipe, ["overwrite=true"]), echo=lambda _: None)
+    assert (run / "notes.txt").read_text() == "mine"
+    assert json.loads((run / "summary.json").read_text())["best_step"] == 3
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("linear", [0.5, 1.0, 0.5, 0.0]),
+    ("cosine", [0.5, 1.0, 0.5, 0.0]),
+    ("constant", [0.5, 1.0, 1.0, 1.0]),
+])
+def test_lr_schedule(kind, expected):
+    f = lr_lambda(kind, warmup=1, total=3)
+    assert [round(f(s), 6) for s in range(4)] == expected
