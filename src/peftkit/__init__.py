@@ -25,6 +25,7 @@ _EXPORTS = {
     "parameter_report": "methods", "count_parameters": "methods", "trainable_parameters": "methods",
     "adapter_state_dict": "methods", "default_modules_to_save": "methods",
     "save_adapter": "adapter_io", "read_adapter": "adapter_io", "load_adapter_weights": "adapter_io",
+    "load_adapter": "adapter_io",
     "RunConfig": "config", "load_recipe": "config",
     "load_adapted_classifier": "predict", "evaluate_adapter": "predict", "merge_to_folder": "predict",
 }

@@ -20,7 +20,7 @@ from torch import nn
 
 from .errors import PeftkitError
 from .fsio import atomic_dir
-from .methods import METHODS, PEFT_TYPES, adapter_state_dict, injection_of
+from .methods import METHODS, PEFT_TYPES, Injection, adapter_state_dict, apply_method, injection_of
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -155,6 +155,18 @@ def load_adapter_weights(model: nn.Module, directory: str | Path,
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(state[key].to(target.dtype))
+
+
+def load_adapter(model: nn.Module, directory: str | Path,
+                 state: dict[str, torch.Tensor] | None = None) -> Injection:
+    """Apply the method an adapter folder describes to ``model`` and load its weights.
+
+    Works for folders written by peftkit and by ``peft``. Returns the :class:`Injection`.
+    """
+    method = read_adapter(directory).method_config()
+    injection = apply_method(model, method, list(method.modules_to_save or []))
+    load_adapter_weights(model, directory, state)
+    return injection
 
 
 def head_size(state: dict[str, torch.Tensor], modules_to_save: list[str]) -> int | None:

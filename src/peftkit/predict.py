@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .adapter_io import AdapterFiles, head_size, load_adapter_weights, read_adapter, read_adapter_weights
+from .adapter_io import AdapterFiles, head_size, load_adapter, read_adapter, read_adapter_weights
 from .errors import PeftkitError
 
 
@@ -45,7 +45,6 @@ def load_adapted_classifier(adapter_dir: str | Path, model: str | None = None) -
     Raises:
         PeftkitError: unreadable adapter, unknown base, or an adapter that does not fit the base.
     """
-    from .methods import apply_method
     from .models import load_classifier
 
     files = read_adapter(adapter_dir)
@@ -57,8 +56,7 @@ def load_adapted_classifier(adapter_dir: str | Path, model: str | None = None) -
     keep = list(method_cfg.modules_to_save or [])
     names = _label_names(files, state, keep, base)
     loaded = load_classifier(base, names)
-    apply_method(loaded.model, method_cfg, keep)
-    load_adapter_weights(loaded.model, adapter_dir, state)
+    load_adapter(loaded.model, adapter_dir, state)
     loaded.model.eval()
     max_length = int(files.meta.get("max_length") or min(512, loaded.tokenizer.model_max_length))
     return AdaptedClassifier(loaded.model, loaded.tokenizer, names, max_length, files, base)
