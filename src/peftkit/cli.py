@@ -30,7 +30,8 @@ def _train(args: argparse.Namespace) -> int:
     if test:
         print(f"test accuracy {test['accuracy']:.4f}  f1 {test['f1']:.4f}  (n={test['n']})")
     print(f"trained in {summary['train_seconds']:.1f} s; adapter written to {summary['adapter']}")
-    print(f"predict with: peftkit predict --adapter {summary['adapter']} --input examples/reviews.txt "
+    exe = sys.argv[0] if Path(sys.argv[0]).name == "peftkit" else "peftkit"  # e.g. .venv/bin/peftkit
+    print(f"predict with: {exe} predict --adapter {summary['adapter']} --input examples/reviews.txt "
           f"--output {Path(cfg.output_dir) / 'predictions.jsonl'}")
     return 0
 
