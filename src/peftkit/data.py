@@ -98,6 +98,8 @@ def _load_tables(source: str) -> dict[str, Any]:
     tables = {}
     for split, file in files.items():
         builder, kwargs = _file_format(file)
+        if file.stat().st_size == 0:
+            raise PeftkitError(f"the {split} data file is empty", str(file), "give a file with examples")
         try:
             tables[split] = datasets.load_dataset(builder, data_files=str(file), split="train", **kwargs)
         except Exception as exc:  # datasets raises many types for malformed files

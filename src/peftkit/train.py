@@ -193,7 +193,7 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
                 save_adapter(model, out / "adapter", base_model=cfg.model, meta=meta)
 
     model.train()
-    step, micro, seen, window_loss, window_n = 0, 0, 0, 0.0, 0
+    step, seen, window_loss, window_n = 0, 0, 0.0, 0
     start = window_start = time.perf_counter()
     epochs = math.ceil(total_steps / steps_per_epoch)
     for epoch in range(epochs):
@@ -207,7 +207,11 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
             with contextlib.nullcontext() if sync else acc.no_sync(ddp_model):
                 loss = ddp_model(**batch).loss
                 acc.backward(loss / tc.grad_accum)
-            window_loss += loss.detach().float().item()
+            value = loss.detach().float().item()
+            if not math.isfinite(value):  # stop before a bad update reaches the weights
+                raise PeftkitError(f"training loss became {value} at step {step + 1}", "train",
+                                   "lower train.lr, or check the data for empty or broken examples")
+            window_loss += value
             window_n += 1
             seen += len(idx) * acc.num_processes
             if not sync:
@@ -222,9 +226,6 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
             if step % tc.log_steps == 0 or step == total_steps:
                 mean = acc.reduce(torch.tensor(window_loss / window_n, device=acc.device), "mean").item()
                 rate = seen / max(1e-9, time.perf_counter() - window_start)
-                if not math.isfinite(mean):
-                    raise PeftkitError(f"training loss became {mean} at step {step}", "train",
-                                       "lower train.lr or check the data")
                 log.write({"type": "train", "step": step, "epoch": round(ep, 4), "loss": mean,
                            "lr": scheduler.get_last_lr()[0], "examples_per_s": rate})
                 say(f"step {step}/{total_steps} epoch {ep:.2f} loss {mean:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
@@ -244,7 +245,7 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
         for k, v in adapter_state_dict(model).items():
             v.copy_(best_state[k])
     summary: dict[str, Any] = {
-        "validation": {k: v for k, v in best.items()},
+        "validation": dict(best),
         "best_step": best["step"],
         "trainable_params": trainable,
         "total_params": total,
