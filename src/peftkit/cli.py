@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import PeftkitError
+from .errors import Interrupted, PeftkitError
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -20,7 +20,7 @@ def _train(args: argparse.Namespace) -> int:
     from .train import check_output_dir, train
 
     cfg = load_recipe(args.recipe, args.overrides)
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and not cfg.resume:
         check_output_dir(cfg)  # fail before anything slow is loaded (train() checks again)
     summary = train(cfg)
     if os.environ.get("RANK", "0") != "0":  # under torchrun / accelerate launch, process 0 reports
@@ -165,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"peftkit: error: {exc.strerror or exc}{where}: check the path and free space", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"peftkit: {exc}", file=sys.stderr)
+        return exc.code
     except KeyboardInterrupt:
         print("peftkit: interrupted", file=sys.stderr)
         return 130

@@ -7,6 +7,7 @@ Errors name the key and how to fix it (an unknown key suggests the closest known
 from __future__ import annotations
 
 import difflib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,6 +42,14 @@ class DataConfig(_Strict):
     max_eval_samples: int | None = Field(None, gt=0, description="subsample validation and test")
 
 
+class EarlyStopping(_Strict):
+    """Stop after ``patience`` evaluations without an improvement of at least ``min_delta``."""
+
+    metric: Literal["loss", "accuracy", "f1"] = "loss"
+    patience: int = Field(3, gt=0)
+    min_delta: float = Field(0.0, ge=0)
+
+
 class TrainConfig(_Strict):
     """Optimisation and evaluation schedule."""
 
@@ -58,6 +67,9 @@ class TrainConfig(_Strict):
     log_steps: int = Field(50, gt=0)
     metric_for_best: Literal["accuracy", "f1", "loss"] = "accuracy"
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    save_steps: int | None = Field(None, gt=0, description="checkpoint every N steps (always at epoch end)")
+    save_total_limit: int = Field(2, ge=1, description="checkpoints kept, besides the best one")
+    early_stopping: EarlyStopping | None = Field(None, description="stop when validation stops improving")
     group_by_length: bool = Field(True, description="batch similar lengths together (less padding)")
 
 
@@ -68,6 +80,7 @@ class RunConfig(_Strict):
     dataset: str = Field("rotten_tomatoes", description="asset name, hub id, local file or folder")
     output_dir: str = "runs/default"
     overwrite: bool = Field(False, description="allow writing into a non-empty output_dir")
+    resume: str | None = Field(None, description="auto (newest checkpoint in output_dir) or a checkpoint folder")
     seed: int = 42
     method: MethodConfig = Field(default_factory=lambda: METHODS["lora"][0]())
     data: DataConfig = Field(default_factory=DataConfig)
@@ -131,7 +144,10 @@ def _submodel(model: type[BaseModel], key: str, value: Any) -> type[BaseModel] |
             )
         return METHODS[name][0]
     ann = model.model_fields[key].annotation
-    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    for option in (ann, *typing.get_args(ann)):  # X, or X | None
+        if isinstance(option, type) and issubclass(option, BaseModel):
+            return option
+    return None
 
 
 def _set_dotted(data: dict, path: list[str], value: Any) -> None:

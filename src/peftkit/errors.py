@@ -27,3 +27,15 @@ class PeftkitError(Exception):
         if self.fix:
             text += f": {self.fix}"
         return " ".join(text.split())  # always one line
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived during training; a checkpoint was written first.
+
+    The CLI prints the message (which says how to resume) and exits with ``code``
+    (130 for SIGINT, 143 for SIGTERM).
+    """
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code

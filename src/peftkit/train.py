@@ -10,6 +10,8 @@ import contextlib
 import json
 import math
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import Any, Callable
 import torch
 
 from .config import RunConfig, dump_config
-from .errors import PeftkitError
+from .errors import Interrupted, PeftkitError
 from .fsio import atomic_write_text, write_json
 
 
@@ -33,7 +35,7 @@ class Prepared:
     labels: dict[str, list[int]]
 
 
-RUN_OUTPUTS = ("adapter", "metrics.jsonl", "summary.json", "config.yaml")
+RUN_OUTPUTS = ("adapter", "checkpoints", "metrics.jsonl", "summary.json", "config.yaml")
 
 
 def check_output_dir(cfg: RunConfig) -> Path:
@@ -93,12 +95,22 @@ def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
 
 
 class MetricsLog:
-    """Appends one JSON record per line to ``metrics.jsonl`` (process 0 only)."""
+    """Appends one JSON record per line to ``metrics.jsonl`` (process 0 only).
 
-    def __init__(self, path: Path | None):
-        self.file = open(path, "a", encoding="utf-8") if path else None
+    On resume the file is cut back to the ``keep_lines`` records the checkpoint had seen,
+    so the history equals that of a run that was never interrupted.
+    """
+
+    def __init__(self, path: Path | None, keep_lines: int = 0):
+        self.file = None
+        self.lines = keep_lines
+        if path:
+            old = path.read_text(encoding="utf-8").splitlines(keepends=True)[:keep_lines] if keep_lines else []
+            atomic_write_text(path, "".join(old))
+            self.file = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
+        self.lines += 1
         if self.file:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
@@ -113,26 +125,88 @@ def _has_accelerator() -> bool:
     return probe.is_available() if probe is not None else torch.cuda.is_available()
 
 
+class StopSignals:
+    """Turn SIGINT/SIGTERM into a flag the loop checks after each step."""
+
+    CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.CODES:
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def check_resume_config(out: Path, cfg: RunConfig, say: Callable[[str], None]) -> None:
+    """Refuse a resume whose config changes what the checkpoint holds; log what may change."""
+    import yaml
+
+    try:
+        old = yaml.safe_load((out / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        raise PeftkitError("the run to resume has no readable config.yaml", str(out),
+                           "resume from a complete peftkit run folder") from None
+    new = cfg.model_dump(mode="json")
+    for key in ("model", "dataset", "method", "data"):
+        if old.get(key) != new.get(key):
+            raise PeftkitError(f"cannot resume with a different '{key}'", str(out / "config.yaml"),
+                               f"keep {key} as it was, or start a new run in another output_dir")
+    changed = sorted(k for k in set(old.get("train", {})) | set(new["train"])
+                     if old.get("train", {}).get(k) != new["train"].get(k))
+    if changed:
+        say("resuming with changed settings: " + ", ".join(
+            f"train.{k} {old.get('train', {}).get(k)!r} -> {new['train'][k]!r}" for k in changed))
+
+
+def improved(new: float, ref: float | None, metric: str, min_delta: float = 0.0) -> bool:
+    """Whether ``new`` beats ``ref`` by more than ``min_delta`` (lower is better for loss)."""
+    if ref is None:
+        return True
+    return new < ref - min_delta if metric == "loss" else new > ref + min_delta
+
+
 def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train, evaluate, and write the run's outputs; returns the summary.
+    """Train, evaluate, checkpoint, and write the run's outputs; returns the summary.
 
     Outputs under ``cfg.output_dir``: ``adapter/`` (best validation score, PEFT layout),
-    ``metrics.jsonl``, ``summary.json``, ``config.yaml``.
+    ``checkpoints/``, ``metrics.jsonl``, ``summary.json``, ``config.yaml``.
+
+    Raises:
+        PeftkitError: bad input, a NaN loss, or an unwritable checkpoint.
+        Interrupted: SIGINT/SIGTERM; a checkpoint to resume from was written first.
     """
     from accelerate import Accelerator
+    from accelerate.utils import gather_object
 
     from .adapter_io import save_adapter
+    from .checkpoint import find_resume, load_checkpoint, rng_state, save_checkpoint, set_rng_state
     from .data import LengthGroupedBatches, collate
     from .evaluate import classification_metrics, predict_probs
     from .methods import adapter_state_dict, count_parameters, parameter_report, trainable_parameters
 
     # accelerate only runs several CPU processes (DDP over gloo) when told it is on the CPU
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not _has_accelerator())
-    out = check_output_dir(cfg)
-    acc.wait_for_everyone()  # every process has checked before process 0 writes anything
     main = acc.is_main_process
     say = echo if main else (lambda _msg: None)
     tc = cfg.train
+    out = Path(cfg.output_dir)
+    resume_from = find_resume(out, cfg.resume) if cfg.resume and out.is_dir() else None
+    if resume_from is None:
+        check_output_dir(cfg)
+    else:
+        check_resume_config(out, cfg, say)
+    acc.wait_for_everyone()  # every process has checked before process 0 writes anything
 
     prep = prepare(cfg)
     model, tok = prep.model, prep.tokenizer
@@ -140,14 +214,6 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
     say(f"model {cfg.model}: {parameter_report(model)}")
     say(f"data {cfg.dataset}: " + ", ".join(f"{s} {len(f)}" for s, f in prep.features.items())
         + f"; labels {prep.label_names}")
-
-    if main:  # every input is checked: from here on we write
-        if out.exists() and cfg.overwrite:
-            clear_run_outputs(out)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml", dump_config(cfg))
-    acc.wait_for_everyone()
-    log = MetricsLog(out / "metrics.jsonl" if main else None)
 
     params = list(trainable_parameters(model).values())
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
@@ -159,8 +225,37 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
     total_steps = tc.max_steps or max(1, int(steps_per_epoch * tc.epochs))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(tc.scheduler, int(tc.warmup_ratio * total_steps), total_steps))
+
+    # the loop's whole position; a checkpoint stores it and a resume restores it
+    loop: dict[str, Any] = {"step": 0, "epoch": 0, "next_batch": 0, "window_loss": 0.0, "window_n": 0,
+                            "best": None, "bad_evals": 0, "history": [], "metrics_lines": 0, "warned_at": None}
+    best_state: dict[str, torch.Tensor] = {}
+    if resume_from is not None:
+        ck = load_checkpoint(resume_from)
+        with torch.no_grad():
+            for k, v in adapter_state_dict(model).items():
+                v.copy_(ck["trainable"][k])
+        best_state = ck["best"]
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        scheduler.base_lrs = [tc.lr for _ in scheduler.base_lrs]  # a changed lr applies from here on
+        set_rng_state(ck["rngs"][acc.process_index])
+        loop = ck["loop"]
+        say(f"resuming from {resume_from} (step {loop['step']})")
+
+    if main:  # every input is checked: from here on we write
+        if resume_from is None:
+            if out.exists() and cfg.overwrite:
+                clear_run_outputs(out)
+            out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", dump_config(cfg))
+    acc.wait_for_everyone()
+    log = MetricsLog(out / "metrics.jsonl" if main else None, keep_lines=loop["metrics_lines"] if resume_from else 0)
     ddp_model, optimizer = acc.prepare(model, optimizer)
     pad_id = tok.pad_token_id
+    meta = {"id2label": dict(enumerate(prep.label_names)), "max_length": cfg.data.max_length,
+            "text_column": cfg.data.text_column, "label_column": cfg.data.label_column,
+            "text_pair_column": cfg.data.text_pair_column}
 
     def evaluate(split: str) -> dict[str, Any]:
         probs, loss = predict_probs(ddp_model, prep.features[split], pad_id=pad_id, batch_size=tc.eval_batch_size,
@@ -168,85 +263,122 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
                                     num_processes=acc.num_processes, process_index=acc.process_index)
         return classification_metrics(prep.labels[split], probs, prep.label_names, loss)
 
-    def better(new: dict[str, Any], old: dict[str, Any] | None) -> bool:
-        key = tc.metric_for_best
-        return old is None or (new[key] < old[key] if key == "loss" else new[key] > old[key])
-
-    best: dict[str, Any] | None = None
-    best_state: dict[str, torch.Tensor] = {}
-    meta = {"id2label": dict(enumerate(prep.label_names)), "max_length": cfg.data.max_length,
-            "text_column": cfg.data.text_column, "label_column": cfg.data.label_column,
-            "text_pair_column": cfg.data.text_pair_column}
-
-    def run_eval(step: int, epoch: float) -> None:
-        nonlocal best, best_state
+    def run_eval(step: int, epoch: float, train_loss: float | None) -> bool:
+        """Evaluate, keep the best adapter, watch for overfitting; True when early stopping fires."""
+        nonlocal best_state
         metrics = evaluate("validation")
         log.write({"type": "eval", "split": "validation", "step": step, "epoch": round(epoch, 4),
                    **{k: v for k, v in metrics.items() if k != "confusion_matrix"}})
-        improved = better(metrics, best)
+        best = loop["best"]
+        is_best = improved(metrics[tc.metric_for_best], best and best[tc.metric_for_best], tc.metric_for_best)
         say(f"eval step {step} epoch {epoch:.2f}: loss {metrics['loss']:.4f} accuracy {metrics['accuracy']:.4f} "
-            f"f1 {metrics['f1']:.4f}" + (" (best)" if improved else ""))
-        if improved:
-            best = {**metrics, "step": step, "epoch": round(epoch, 4)}
+            f"f1 {metrics['f1']:.4f}" + (" (best)" if is_best else ""))
+        if is_best:
+            loop["best"] = {**metrics, "step": step, "epoch": round(epoch, 4)}
             best_state = {k: v.detach().clone() for k, v in adapter_state_dict(model).items()}
             if main:
                 save_adapter(model, out / "adapter", base_model=cfg.model, meta=meta)
+        history = loop["history"]
+        history.append([step, metrics["loss"], train_loss])
+        rising = _overfitting_since(history)
+        if rising is not None and loop["warned_at"] is None:
+            loop["warned_at"] = rising
+            say(f"warning: validation loss has risen since step {rising} while training loss kept falling "
+                "(overfitting); the adapter of the best evaluation is kept")
+        es = tc.early_stopping
+        if es is None:
+            return False
+        ref = loop.get("es_best")
+        if improved(metrics[es.metric], ref, es.metric, es.min_delta):
+            loop["es_best"], loop["bad_evals"] = metrics[es.metric], 0
+            return False
+        loop["bad_evals"] += 1
+        if loop["bad_evals"] >= es.patience:
+            say(f"early stopping at step {step}: no {es.metric} improvement in {es.patience} evaluations")
+            loop["early_stopped_at"] = step
+            return True
+        return False
+
+    def checkpoint(epoch: int, next_batch: int) -> None:
+        rngs = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
+        loop.update(epoch=epoch, next_batch=next_batch, metrics_lines=log.lines)
+        if main:
+            best = loop["best"]
+            save_checkpoint(out, loop["step"], trainable=adapter_state_dict(model), best=best_state,
+                            optimizer=optimizer, scheduler=scheduler, rngs=rngs, loop=loop,
+                            keep=tc.save_total_limit, best_step=best and best["step"])
+        acc.wait_for_everyone()
 
     model.train()
-    step, seen, window_loss, window_n = 0, 0, 0.0, 0
-    start = window_start = time.perf_counter()
+    seen, window_start = 0, time.perf_counter()
+    start = time.perf_counter()
     epochs = math.ceil(total_steps / steps_per_epoch)
-    for epoch in range(epochs):
-        sampler.set_epoch(epoch)
-        batches = list(sampler)
-        usable = len(batches) - len(batches) % tc.grad_accum
-        for i, idx in enumerate(batches[:usable]):
-            batch = collate([train_feats[j] for j in idx], pad_id, [train_labels[j] for j in idx])
-            batch = {k: v.to(acc.device) for k, v in batch.items()}
-            sync = (i + 1) % tc.grad_accum == 0
-            with contextlib.nullcontext() if sync else acc.no_sync(ddp_model):
-                loss = ddp_model(**batch).loss
-                acc.backward(loss / tc.grad_accum)
-            value = loss.detach().float().item()
-            if not math.isfinite(value):  # stop before a bad update reaches the weights
-                raise PeftkitError(f"training loss became {value} at step {step + 1}", "train",
-                                   "lower train.lr, or check the data for empty or broken examples")
-            window_loss += value
-            window_n += 1
-            seen += len(idx) * acc.num_processes
-            if not sync:
-                continue
-            if tc.max_grad_norm:
-                acc.clip_grad_norm_(params, tc.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            ep = step / steps_per_epoch
-            if step % tc.log_steps == 0 or step == total_steps:
-                mean = acc.reduce(torch.tensor(window_loss / window_n, device=acc.device), "mean").item()
-                rate = seen / max(1e-9, time.perf_counter() - window_start)
-                log.write({"type": "train", "step": step, "epoch": round(ep, 4), "loss": mean,
-                           "lr": scheduler.get_last_lr()[0], "examples_per_s": rate})
-                say(f"step {step}/{total_steps} epoch {ep:.2f} loss {mean:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
-                    f"{rate:.0f} examples/s")
-                window_loss, window_n, seen, window_start = 0.0, 0, 0, time.perf_counter()
-            if tc.eval_steps and step % tc.eval_steps == 0 and step != total_steps:
-                run_eval(step, ep)
-            if step >= total_steps:
+    stop = False
+    with StopSignals() as signals:
+        for epoch in range(loop["epoch"], epochs):
+            if stop or loop["step"] >= total_steps:
                 break
-        if step >= total_steps or not tc.eval_steps:
-            run_eval(step, step / steps_per_epoch)
-        if step >= total_steps:
-            break
+            sampler.set_epoch(epoch)
+            batches = list(sampler)
+            usable = len(batches) - len(batches) % tc.grad_accum
+            first = loop["next_batch"] if epoch == loop["epoch"] else 0
+            for i in range(first, usable):
+                idx = batches[i]
+                batch = collate([train_feats[j] for j in idx], pad_id, [train_labels[j] for j in idx])
+                batch = {k: v.to(acc.device) for k, v in batch.items()}
+                sync = (i + 1) % tc.grad_accum == 0
+                with contextlib.nullcontext() if sync else acc.no_sync(ddp_model):
+                    loss = ddp_model(**batch).loss
+                    acc.backward(loss / tc.grad_accum)
+                value = loss.detach().float().item()
+                if not math.isfinite(value):  # stop before a bad update reaches the weights
+                    raise PeftkitError(f"training loss became {value} at step {loop['step'] + 1}", "train",
+                                       "lower train.lr, or check the data; the last checkpoint is intact")
+                loop["window_loss"] += value
+                loop["window_n"] += 1
+                seen += len(idx) * acc.num_processes
+                if not sync:
+                    continue
+                if tc.max_grad_norm:
+                    acc.clip_grad_norm_(params, tc.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                loop["step"] = step = loop["step"] + 1
+                ep = step / steps_per_epoch
+                last, epoch_end = step >= total_steps, i + tc.grad_accum >= usable
+                if step % tc.log_steps == 0 or last:
+                    mean = acc.reduce(torch.tensor(loop["window_loss"] / loop["window_n"], device=acc.device),
+                                      "mean").item()
+                    rate = seen / max(1e-9, time.perf_counter() - window_start)
+                    lr = scheduler.get_last_lr()[0]
+                    log.write({"type": "train", "step": step, "epoch": round(ep, 4), "loss": mean, "lr": lr,
+                               "examples_per_s": rate})
+                    say(f"step {step}/{total_steps} epoch {ep:.2f} loss {mean:.4f} lr {lr:.2e} {rate:.0f} examples/s")
+                    loop["last_train_loss"] = mean
+                    loop["window_loss"], loop["window_n"], seen, window_start = 0.0, 0, 0, time.perf_counter()
+                if (tc.eval_steps and step % tc.eval_steps == 0) or (epoch_end and not tc.eval_steps) or last:
+                    stop = run_eval(step, ep, loop.get("last_train_loss")) or stop
+                if (tc.save_steps and step % tc.save_steps == 0) or epoch_end or signals.received or stop:
+                    checkpoint(epoch, i + 1)
+                if signals.received:
+                    code = StopSignals.CODES[signals.received]
+                    name = signal.Signals(signals.received).name
+                    raise Interrupted(f"stopped by {name} at step {step}; checkpoint written. Resume with: "
+                                      f"peftkit train <recipe> output_dir={out} resume=auto", code)
+                if last or stop:
+                    break
     train_seconds = time.perf_counter() - start
-
+    best = loop["best"]
     with torch.no_grad():  # test with the best adapter, which is also what adapter/ holds
         for k, v in adapter_state_dict(model).items():
             v.copy_(best_state[k])
     summary: dict[str, Any] = {
         "validation": dict(best),
         "best_step": best["step"],
+        "steps": loop["step"],
+        "early_stopped_at": loop.get("early_stopped_at"),
+        "overfitting_since": loop["warned_at"],
         "trainable_params": trainable,
         "total_params": total,
         "trainable_percent": 100.0 * trainable / total,
@@ -257,10 +389,23 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
     }
     if "test" in prep.features:
         summary["test"] = evaluate("test")
-        log.write({"type": "eval", "split": "test", "step": step,
+        log.write({"type": "eval", "split": "test", "step": loop["step"],
                    **{k: v for k, v in summary["test"].items() if k != "confusion_matrix"}})
     log.close()
     if main:
         write_json(out / "summary.json", summary)
     acc.wait_for_everyone()
     return summary
+
+
+def _overfitting_since(history: list[list], evals: int = 3) -> int | None:
+    """The step where validation loss started rising, if it rose for ``evals`` evaluations
+    in a row while the training loss fell over the same stretch."""
+    if len(history) <= evals:
+        return None
+    recent = history[-(evals + 1):]
+    val = [h[1] for h in recent]
+    train = [h[2] for h in recent]
+    if all(b > a for a, b in zip(val, val[1:])) and None not in train and train[-1] < train[0]:
+        return recent[0][0]
+    return None

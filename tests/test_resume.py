@@ -1,0 +1,225 @@
+"""Checkpoints and exact resume: SIGKILL at random steps (and mid-checkpoint), SIGTERM, NaN,
+unwritable output, changed configs, early stopping."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from peftkit import PeftkitError, load_recipe
+from peftkit.checkpoint import find_resume, list_checkpoints
+from peftkit.train import train
+
+from .conftest import tiny_recipe
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+STEPS = 40  # 320 examples / batch 16 = 20 steps an epoch, 2 epochs
+
+
+def recipe_for(tmp: Path, tiny_bert_dir, sentiment_dir, name: str) -> Path:
+    path = tiny_recipe(tmp, tiny_bert_dir, sentiment_dir, **{
+        "output_dir": str(tmp / name), "train.epochs": 2, "train.save_steps": 1, "train.eval_steps": 5,
+        "train.log_steps": 3, "train.save_total_limit": 2, "method.dropout": 0.1})
+    return path.rename(tmp / f"{name}.yaml")
+
+
+def start(recipe: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "peftkit", "train", str(recipe), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+def history(run: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        r.pop("examples_per_s", None)  # a timing, not a result
+    return rows
+
+
+def final_tensors(run: Path) -> dict[str, torch.Tensor]:
+    last = list_checkpoints(run)[-1][1]
+    return {**{"final." + k: v for k, v in load_file(str(last / "trainable.safetensors")).items()},
+            **{"adapter." + k: v for k, v in load_file(str(run / "adapter" / "adapter_model.safetensors")).items()}}
+
+
+def assert_same_run(run: Path, ref: Path) -> None:
+    got, want = final_tensors(run), final_tensors(ref)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k  # bitwise: same thread count, same CPU
+    assert history(run) == history(ref)
+    assert json.loads((run / "summary.json").read_text())["best_step"] == \
+        json.loads((ref / "summary.json").read_text())["best_step"]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_bert_dir, sentiment_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("resume")
+    recipe = recipe_for(tmp, tiny_bert_dir, sentiment_dir, "ref")
+    proc = start(recipe)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    return tmp, tmp / "ref"
+
+
+def wait_until(predicate, proc, timeout=120.0, interval=0.002):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(interval)
+    return False
+
+
+def newest_step(run: Path) -> int:
+    found = list_checkpoints(run)
+    return found[-1][0] if found else 0
+
+
+def writing_checkpoint(run: Path) -> bool:
+    folder = run / "checkpoints"
+    return folder.is_dir() and any(p.name.startswith(".") for p in folder.iterdir())
+
+
+def test_sigkill_at_random_steps_then_resume_is_exact(reference, tiny_bert_dir, sentiment_dir):
+    tmp, ref = reference
+    rng = random.Random(1234)
+    targets = sorted(rng.sample(range(2, STEPS - 1), 4))
+    for n, target in enumerate([*targets, "mid-checkpoint"]):
+        recipe = recipe_for(tmp, tiny_bert_dir, sentiment_dir, f"kill{n}")
+        run = tmp / f"kill{n}"
+        proc = start(recipe)
+        if target == "mid-checkpoint":  # kill while a checkpoint is being written
+            hit = wait_until(lambda: newest_step(run) >= 10 and writing_checkpoint(run), proc)
+        else:
+            hit = wait_until(lambda: newest_step(run) >= target, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        assert hit, f"run ended before kill point {target}"
+        assert (run / "summary.json").exists() is False
+        resumed = start(recipe, "resume=auto")
+        _, err = resumed.communicate(timeout=600)
+        assert resumed.returncode == 0, err
+        assert not writing_checkpoint(run)  # temporaries of the killed writer were removed
+        assert_same_run(run, ref)
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_143(reference, tiny_bert_dir, sentiment_dir):
+    tmp, ref = reference
+    recipe = recipe_for(tmp, tiny_bert_dir, sentiment_dir, "term")
+    run = tmp / "term"
+    proc = start(recipe, "train.save_steps=1000")  # only the signal (and epoch ends) checkpoint
+    assert wait_until(lambda: (run / "metrics.jsonl").exists() and
+                      len((run / "metrics.jsonl").read_text().splitlines()) >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "SIGTERM" in err and "resume=auto" in err
+    assert list_checkpoints(run)
+    resumed = start(recipe, "resume=auto", "train.save_steps=1000")
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    assert history(run) == history(ref)
+
+
+def test_changed_config_resume(reference, tiny_bert_dir, sentiment_dir, capsys):
+    tmp, ref = reference
+    recipe = tmp / "ref.yaml"
+    with pytest.raises(PeftkitError, match="different 'method'"):
+        train(load_recipe(recipe, ["resume=auto", "method.r=8"]), echo=lambda _: None)
+    with pytest.raises(PeftkitError, match="different 'model'"):
+        train(load_recipe(recipe, ["resume=auto", "model=other"]), echo=lambda _: None)
+    said = []
+    summary = train(load_recipe(recipe, ["resume=auto", "train.epochs=3", "train.lr=0.01"]), echo=said.append)
+    assert any("train.epochs 2.0 -> 3.0" in s for s in said) and any("resuming from" in s for s in said)
+    assert summary["steps"] == 60
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_bert_dir, sentiment_dir, tmp_path, monkeypatch):
+    import peftkit.train as train_module
+
+    real_prepare = train_module.prepare
+    calls = {"n": 0}
+
+    def prepare_with_nan(cfg):
+        prep = real_prepare(cfg)
+
+        def hook(module, args, kwargs, output):
+            if module.training:
+                calls["n"] += 1
+                if calls["n"] >= 7 and output.loss is not None:
+                    output.loss = output.loss * float("nan")
+            return output
+
+        prep.model.register_forward_hook(hook, with_kwargs=True)
+        return prep
+
+    monkeypatch.setattr(train_module, "prepare", prepare_with_nan)
+    recipe = tiny_recipe(tmp_path, tiny_bert_dir, sentiment_dir, **{"train.save_steps": 2})
+    with pytest.raises(PeftkitError, match="at step 7"):
+        train(load_recipe(recipe), echo=lambda _: None)
+    run = tmp_path / "run"
+    assert newest_step(run) == 6 and find_resume(run, "auto").name == "step-00000006"
+
+
+def test_unwritable_checkpoint_keeps_the_previous_one(tiny_bert_dir, sentiment_dir, tmp_path, monkeypatch):
+    import peftkit.checkpoint as ck
+
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def failing_save(obj, path, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(28, "No space left on device", str(path))
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(ck.torch, "save", failing_save)
+    recipe = tiny_recipe(tmp_path, tiny_bert_dir, sentiment_dir, **{"train.save_steps": 4})
+    with pytest.raises(PeftkitError, match="No space left"):
+        train(load_recipe(recipe), echo=lambda _: None)
+    monkeypatch.setattr(ck.torch, "save", real_save)
+    run = tmp_path / "run"
+    assert [s for s, _ in list_checkpoints(run)] == [4, 8]
+    assert not writing_checkpoint(run)
+
+
+def test_unwritable_output_dir_is_one_line(tiny_bert_dir, sentiment_dir, tmp_path, capsys):
+    from peftkit.cli import main
+
+    (tmp_path / "afile").write_text("x")
+    recipe = tiny_recipe(tmp_path, tiny_bert_dir, sentiment_dir, output_dir=str(tmp_path / "afile" / "run"))
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("peftkit: error:") and err.count("\n") == 1
+
+
+def test_early_stopping_restores_the_best_adapter(tiny_bert_dir, sentiment_dir, tmp_path):
+    recipe = tiny_recipe(tmp_path, tiny_bert_dir, sentiment_dir, **{
+        "train.epochs": 10, "train.eval_steps": 5, "train.metric_for_best": "loss",
+        "train.early_stopping": {"metric": "accuracy", "patience": 3}})
+    summary = train(load_recipe(recipe), echo=lambda _: None)
+    run = tmp_path / "run"
+    evals = [r for r in history(run) if r["type"] == "eval" and r["split"] == "validation"]
+    accs = [e["accuracy"] for e in evals]
+    first_best = accs.index(max(accs[: len(accs)]))
+    # stopped at the 3rd evaluation without a higher accuracy than the best before it
+    assert summary["early_stopped_at"] == evals[first_best + 3]["step"] == evals[-1]["step"]
+    assert summary["steps"] < 200
+    best = min(evals, key=lambda e: e["loss"])
+    assert summary["best_step"] == best["step"]
+    ckpt = list_checkpoints(run)[-1][1]
+    adapter = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    saved_best = load_file(str(ckpt / "best.safetensors"))
+    assert all(torch.equal(adapter["base_model.model." + k], v) for k, v in saved_best.items())
