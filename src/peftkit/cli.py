@@ -94,6 +94,15 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot(args: argparse.Namespace) -> int:
+    from .plot import plot_runs
+
+    output = args.output or (str(Path(args.runs[0]) / "curves.png") if len(args.runs) == 1 else "curves.png")
+    plot_runs(args.runs, output, metric=args.metric)
+    print(f"wrote {output}")
+    return 0
+
+
 def _assets(args: argparse.Namespace) -> int:
     from .assets import DATASETS, MODELS
 
@@ -141,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--output", required=True)
     m.add_argument("--overwrite", action="store_true")
     m.set_defaults(run=_merge)
+
+    pl = sub.add_parser("plot", help="loss and metric curves of one run, or several overlaid")
+    pl.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    pl.add_argument("--output", help="PNG to write (default: RUN_DIR/curves.png for one run, ./curves.png for several)")
+    pl.add_argument("--metric", default="accuracy", choices=["accuracy", "f1"])
+    pl.set_defaults(run=_plot)
 
     a = sub.add_parser("assets", help="list the packaged offline models and datasets")
     a.set_defaults(run=_assets)

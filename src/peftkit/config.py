@@ -70,6 +70,8 @@ class TrainConfig(_Strict):
     save_steps: int | None = Field(None, gt=0, description="checkpoint every N steps (always at epoch end)")
     save_total_limit: int = Field(2, ge=1, description="checkpoints kept, besides the best one")
     early_stopping: EarlyStopping | None = Field(None, description="stop when validation stops improving")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="also send metrics to these (metrics.jsonl is always written)")
     group_by_length: bool = Field(True, description="batch similar lengths together (less padding)")
 
 

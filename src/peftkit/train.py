@@ -35,7 +35,8 @@ class Prepared:
     labels: dict[str, list[int]]
 
 
-RUN_OUTPUTS = ("adapter", "checkpoints", "metrics.jsonl", "summary.json", "config.yaml")
+RUN_OUTPUTS = ("adapter", "checkpoints", "metrics.jsonl", "summary.json", "config.yaml", "curves.png",
+               "tensorboard", "wandb", "mlruns")
 
 
 def check_output_dir(cfg: RunConfig) -> Path:
@@ -101,9 +102,10 @@ class MetricsLog:
     so the history equals that of a run that was never interrupted.
     """
 
-    def __init__(self, path: Path | None, keep_lines: int = 0):
+    def __init__(self, path: Path | None, keep_lines: int = 0, reporters: list[Any] = ()):
         self.file = None
         self.lines = keep_lines
+        self.reporters = list(reporters)
         if path:
             old = path.read_text(encoding="utf-8").splitlines(keepends=True)[:keep_lines] if keep_lines else []
             atomic_write_text(path, "".join(old))
@@ -114,10 +116,16 @@ class MetricsLog:
         if self.file:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
+        for reporter in self.reporters:
+            reporter.log(record)
 
     def close(self) -> None:
         if self.file:
             self.file.close()
+            self.file = None
+        for reporter in self.reporters:
+            reporter.close()
+        self.reporters = []
 
 
 def _has_accelerator() -> bool:
@@ -250,7 +258,11 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
             out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", dump_config(cfg))
     acc.wait_for_everyone()
-    log = MetricsLog(out / "metrics.jsonl" if main else None, keep_lines=loop["metrics_lines"] if resume_from else 0)
+    from .monitor import Progress, open_reporters
+
+    reporters = open_reporters(tc.report_to, out, cfg.model_dump(mode="json")) if main else []
+    log = MetricsLog(out / "metrics.jsonl" if main else None, keep_lines=loop["metrics_lines"] if resume_from else 0,
+                     reporters=reporters)
     ddp_model, optimizer = acc.prepare(model, optimizer)
     pad_id = tok.pad_token_id
     meta = {"id2label": dict(enumerate(prep.label_names)), "max_length": cfg.data.max_length,
@@ -314,60 +326,75 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
     start = time.perf_counter()
     epochs = math.ceil(total_steps / steps_per_epoch)
     stop = False
-    with StopSignals() as signals:
-        for epoch in range(loop["epoch"], epochs):
-            if stop or loop["step"] >= total_steps:
-                break
-            sampler.set_epoch(epoch)
-            batches = list(sampler)
-            usable = len(batches) - len(batches) % tc.grad_accum
-            first = loop["next_batch"] if epoch == loop["epoch"] else 0
-            for i in range(first, usable):
-                idx = batches[i]
-                batch = collate([train_feats[j] for j in idx], pad_id, [train_labels[j] for j in idx])
-                batch = {k: v.to(acc.device) for k, v in batch.items()}
-                sync = (i + 1) % tc.grad_accum == 0
-                with contextlib.nullcontext() if sync else acc.no_sync(ddp_model):
-                    loss = ddp_model(**batch).loss
-                    acc.backward(loss / tc.grad_accum)
-                value = loss.detach().float().item()
-                if not math.isfinite(value):  # stop before a bad update reaches the weights
-                    raise PeftkitError(f"training loss became {value} at step {loop['step'] + 1}", "train",
-                                       "lower train.lr, or check the data; the last checkpoint is intact")
-                loop["window_loss"] += value
-                loop["window_n"] += 1
-                seen += len(idx) * acc.num_processes
-                if not sync:
-                    continue
-                if tc.max_grad_norm:
-                    acc.clip_grad_norm_(params, tc.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                loop["step"] = step = loop["step"] + 1
-                ep = step / steps_per_epoch
-                last, epoch_end = step >= total_steps, i + tc.grad_accum >= usable
-                if step % tc.log_steps == 0 or last:
-                    mean = acc.reduce(torch.tensor(loop["window_loss"] / loop["window_n"], device=acc.device),
-                                      "mean").item()
-                    rate = seen / max(1e-9, time.perf_counter() - window_start)
-                    lr = scheduler.get_last_lr()[0]
-                    log.write({"type": "train", "step": step, "epoch": round(ep, 4), "loss": mean, "lr": lr,
-                               "examples_per_s": rate})
-                    say(f"step {step}/{total_steps} epoch {ep:.2f} loss {mean:.4f} lr {lr:.2e} {rate:.0f} examples/s")
-                    loop["last_train_loss"] = mean
-                    loop["window_loss"], loop["window_n"], seen, window_start = 0.0, 0, 0, time.perf_counter()
-                if (tc.eval_steps and step % tc.eval_steps == 0) or (epoch_end and not tc.eval_steps) or last:
-                    stop = run_eval(step, ep, loop.get("last_train_loss")) or stop
-                if (tc.save_steps and step % tc.save_steps == 0) or epoch_end or signals.received or stop:
-                    checkpoint(epoch, i + 1)
-                if signals.received:
-                    code = StopSignals.CODES[signals.received]
-                    name = signal.Signals(signals.received).name
-                    raise Interrupted(f"stopped by {name} at step {step}; checkpoint written. Resume with: "
-                                      f"peftkit train <recipe> output_dir={out} resume=auto", code)
-                if last or stop:
+    progress = Progress(total_steps, loop["step"], enabled=main and echo is print)
+    if echo is print:
+        say = progress.say
+    try:
+        with StopSignals() as signals:
+            for epoch in range(loop["epoch"], epochs):
+                if stop or loop["step"] >= total_steps:
                     break
+                sampler.set_epoch(epoch)
+                batches = list(sampler)
+                usable = len(batches) - len(batches) % tc.grad_accum
+                first = loop["next_batch"] if epoch == loop["epoch"] else 0
+                for i in range(first, usable):
+                    idx = batches[i]
+                    batch = collate([train_feats[j] for j in idx], pad_id, [train_labels[j] for j in idx])
+                    batch = {k: v.to(acc.device) for k, v in batch.items()}
+                    sync = (i + 1) % tc.grad_accum == 0
+                    with contextlib.nullcontext() if sync else acc.no_sync(ddp_model):
+                        loss = ddp_model(**batch).loss
+                        acc.backward(loss / tc.grad_accum)
+                    value = loss.detach().float().item()
+                    if not math.isfinite(value):  # stop before a bad update reaches the weights
+                        raise PeftkitError(f"training loss became {value} at step {loop['step'] + 1}", "train",
+                                           "lower train.lr, or check the data; the last checkpoint is intact")
+                    loop["window_loss"] += value
+                    loop["window_n"] += 1
+                    seen += len(idx) * acc.num_processes
+                    if not sync:
+                        continue
+                    if tc.max_grad_norm:
+                        acc.clip_grad_norm_(params, tc.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    loop["step"] = step = loop["step"] + 1
+                    progress.step()
+                    ep = step / steps_per_epoch
+                    last, epoch_end = step >= total_steps, i + tc.grad_accum >= usable
+                    if step % tc.log_steps == 0 or last:
+                        mean = acc.reduce(torch.tensor(loop["window_loss"] / loop["window_n"], device=acc.device),
+                                          "mean").item()
+                        rate = seen / max(1e-9, time.perf_counter() - window_start)
+                        lr = scheduler.get_last_lr()[0]
+                        log.write({"type": "train", "step": step, "epoch": round(ep, 4), "loss": mean, "lr": lr,
+                                   "examples_per_s": rate})
+                        progress.show(mean, lr, rate)
+                        if echo is print:
+                            progress.say(f"step {step}/{total_steps} epoch {ep:.2f} loss {mean:.4f} lr {lr:.2e} "
+                                         f"{rate:.0f} examples/s", line_only=True)
+                        else:
+                            say(f"step {step}/{total_steps} epoch {ep:.2f} loss {mean:.4f}")
+                        loop["last_train_loss"] = mean
+                        loop["window_loss"], loop["window_n"], seen, window_start = 0.0, 0, 0, time.perf_counter()
+                    if (tc.eval_steps and step % tc.eval_steps == 0) or (epoch_end and not tc.eval_steps) or last:
+                        stop = run_eval(step, ep, loop.get("last_train_loss")) or stop
+                    if (tc.save_steps and step % tc.save_steps == 0) or epoch_end or signals.received or stop:
+                        checkpoint(epoch, i + 1)
+                    if signals.received:
+                        code = StopSignals.CODES[signals.received]
+                        name = signal.Signals(signals.received).name
+                        raise Interrupted(f"stopped by {name} at step {step}; checkpoint written. Resume with: "
+                                          f"peftkit train <recipe> output_dir={out} resume=auto", code)
+                    if last or stop:
+                        break
+    except BaseException:
+        progress.close()
+        log.close()
+        raise
+    progress.close()
     train_seconds = time.perf_counter() - start
     best = loop["best"]
     with torch.no_grad():  # test with the best adapter, which is also what adapter/ holds
@@ -394,6 +421,9 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
     log.close()
     if main:
         write_json(out / "summary.json", summary)
+        from .plot import plot_runs
+
+        plot_runs([out], out / "curves.png")
     acc.wait_for_everyone()
     return summary
 

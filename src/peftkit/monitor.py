@@ -1,0 +1,133 @@
+"""Watching a run: progress on the terminal, and metrics sent to TensorBoard, wandb or MLflow.
+
+Every record the loop logs goes to ``metrics.jsonl`` (always) and to each reporter named in
+``train.report_to``, through the libraries themselves. wandb runs offline unless the user
+has configured it (``WANDB_MODE`` or an API key), so a machine without network never waits.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import PeftkitError
+
+SCALARS = ("loss", "lr", "examples_per_s", "accuracy", "f1")
+
+
+def _scalars(record: dict[str, Any]) -> dict[str, float]:
+    group = record.get("split", "train")
+    return {f"{group}/{k}": float(record[k]) for k in SCALARS if record.get(k) is not None}
+
+
+class TensorBoardReporter:
+    def __init__(self, out: Path, config: dict[str, Any]):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise PeftkitError("report_to tensorboard needs the tensorboard package", "train.report_to",
+                               "pip install tensorboard") from None
+        self.writer = SummaryWriter(log_dir=str(out / "tensorboard"))
+
+    def log(self, record: dict[str, Any]) -> None:
+        for key, value in _scalars(record).items():
+            self.writer.add_scalar(key, value, record["step"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbReporter:
+    def __init__(self, out: Path, config: dict[str, Any]):
+        try:
+            import wandb
+        except ImportError:
+            raise PeftkitError("report_to wandb needs the wandb package", "train.report_to", "pip install wandb") from None
+        configured = "WANDB_MODE" in os.environ or "WANDB_API_KEY" in os.environ
+        self.wandb = wandb
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "peftkit"), dir=str(out), config=config,
+                              name=out.name, mode=None if configured else "offline", reinit="finish_previous")
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.run.log(_scalars(record), step=record["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MlflowReporter:
+    def __init__(self, out: Path, config: dict[str, Any]):
+        try:
+            import mlflow
+        except ImportError:
+            raise PeftkitError("report_to mlflow needs the mlflow package", "train.report_to", "pip install mlflow") from None
+        if "MLFLOW_TRACKING_URI" not in os.environ:
+            mlflow.set_tracking_uri((out / "mlruns").resolve().as_uri())  # local files, no server
+        self.mlflow = mlflow
+        mlflow.start_run(run_name=out.name)
+        mlflow.log_params({k: str(v)[:250] for k, v in _flatten(config).items()})
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.mlflow.log_metrics({k.replace("/", "_"): v for k, v in _scalars(record).items()}, step=record["step"])
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+REPORTERS = {"tensorboard": TensorBoardReporter, "wandb": WandbReporter, "mlflow": MlflowReporter}
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def open_reporters(names: list[str], out: Path, config: dict[str, Any]) -> list[Any]:
+    return [REPORTERS[name](out, config) for name in names]
+
+
+class Progress:
+    """A progress bar on a terminal; plain lines (every ``log_steps``) otherwise.
+
+    Args:
+        total: optimizer steps in the run.
+        initial: steps already done (resume).
+        enabled: False on processes other than 0.
+    """
+
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True):
+        self.enabled = enabled
+        self.bar = None
+        if enabled and sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=True)
+
+    def step(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def show(self, loss: float, lr: float, rate: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", ex_s=f"{rate:.0f}")
+
+    def say(self, message: str, *, line_only: bool = False) -> None:
+        """Print a message; ``line_only`` messages are the plain-line progress (hidden under a bar)."""
+        if not self.enabled:
+            return
+        if self.bar is None:
+            print(message, flush=True)
+        elif not line_only:
+            self.bar.write(message)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,94 @@
+"""Loss and metric curves of one or several runs, from their ``metrics.jsonl``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import PeftkitError
+
+
+def read_metrics(run: Path) -> list[dict[str, Any]]:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        raise PeftkitError("no metrics.jsonl in the run folder", str(run), "pass the output_dir of a peftkit train run")
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except json.JSONDecodeError as exc:
+        raise PeftkitError(f"metrics.jsonl is damaged ({exc.msg})", str(path)) from None
+
+
+def smooth(values: list[float], weight: float | None = None) -> list[float]:
+    """Exponential moving average, debiased at the start (as TensorBoard draws it).
+
+    The default weight grows with the number of points, so a short run is barely smoothed.
+    """
+    if weight is None:
+        weight = min(0.9, max(0.0, 1 - 10 / max(1, len(values))))
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight**i))
+    return out
+
+
+def plot_runs(runs: list[str | Path], output: str | Path, metric: str = "accuracy") -> Path:
+    """Draw training loss (raw and smoothed), validation loss and the task metric against steps.
+
+    One run: its best step is marked. Several runs: overlaid, one colour each.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .fsio import atomic_path
+
+    runs = [Path(r) for r in runs]
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for n, run in enumerate(runs):
+        records = read_metrics(run)
+        color = colors[n % len(colors)]
+        label = run.name if len(runs) > 1 else ""
+        train = [r for r in records if r["type"] == "train"]
+        val = [r for r in records if r["type"] == "eval" and r.get("split") == "validation"]
+        if train:
+            steps, losses = [r["step"] for r in train], [r["loss"] for r in train]
+            ax_loss.plot(steps, losses, color=color, alpha=0.3, linewidth=1,
+                         label=f"{label} train loss (raw)".strip())
+            ax_loss.plot(steps, smooth(losses), color=color, linewidth=2,
+                         label=f"{label} train loss (smoothed)".strip())
+        if val:
+            steps = [r["step"] for r in val]
+            ax_loss.plot(steps, [r["loss"] for r in val], color=color, linestyle="--", marker="o",
+                         label=f"{label} validation loss".strip())
+            ax_metric.plot(steps, [r[metric] for r in val], color=color, marker="o",
+                           label=f"{label} validation {metric}".strip())
+        best = _best_step(run)
+        if best is not None:
+            for ax in (ax_loss, ax_metric):
+                ax.axvline(best, color=color, linestyle=":", linewidth=1.5)
+            ax_metric.annotate(f"best step {best}", xy=(best, 0.02), xycoords=("data", "axes fraction"),
+                               color=color, rotation=90, va="bottom", ha="right")
+    ax_loss.set(xlabel="step", ylabel="loss", title="loss")
+    ax_metric.set(xlabel="step", ylabel=metric, title=f"validation {metric}")
+    for ax in (ax_loss, ax_metric):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(", ".join(r.name for r in runs))
+    fig.tight_layout()
+    output = Path(output)
+    with atomic_path(output) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return output
+
+
+def _best_step(run: Path) -> int | None:
+    try:
+        return json.loads((run / "summary.json").read_text()).get("best_step")
+    except (OSError, json.JSONDecodeError):
+        return None
