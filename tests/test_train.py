@@ -49,3 +49,15 @@ def test_overwrite_replaces_only_run_outputs(tiny_bert_dir, sentiment_dir, tmp_p
 def test_lr_schedule(kind, expected):
     f = lr_lambda(kind, warmup=1, total=3)
     assert [round(f(s), 6) for s in range(4)] == expected
+
+
+def test_overfitting_is_detected_where_it_starts():
+    from peftkit.train import _overfitting_since
+
+    # [step, validation loss, training loss]
+    falling = [[10, 0.5, 0.6], [20, 0.4, 0.5], [30, 0.35, 0.4], [40, 0.33, 0.3]]
+    assert _overfitting_since(falling) is None
+    rising = falling + [[50, 0.36, 0.25], [60, 0.40, 0.2], [70, 0.45, 0.15]]
+    assert _overfitting_since(rising) == 40
+    both_rise = falling + [[50, 0.36, 0.35], [60, 0.40, 0.4], [70, 0.45, 0.5]]
+    assert _overfitting_since(both_rise) is None  # training loss rose too: not overfitting

@@ -1,8 +1,9 @@
 """Checkpoints: everything a run needs to continue exactly where it stopped.
 
 A checkpoint is a folder ``output_dir/checkpoints/step-00000123/`` holding the trainable
-tensors, the best-so-far tensors, optimizer and scheduler state, every process's RNG
-states (Python, NumPy, torch), the loop position and the metrics history position. It is
+tensors, the best-so-far tensors, optimizer, scheduler and gradient-scaler state, every
+process's RNG states (Python, NumPy, torch), the loop position (epoch, batch, logging
+window), the metrics history so far, and the run's config. It is
 written under a temporary name and renamed into place, so a folder with the final name is
 always complete; temporaries left by a killed process are removed when the run resumes.
 """
@@ -37,8 +38,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(out: Path, step: int, *, trainable: dict[str, torch.Tensor], best: dict[str, torch.Tensor],
-                    optimizer: Any, scheduler: Any, rngs: list[dict[str, Any]], loop: dict[str, Any],
-                    keep: int, best_step: int | None) -> Path:
+                    optimizer: Any, scheduler: Any, scaler: Any, rngs: list[dict[str, Any]], loop: dict[str, Any],
+                    metrics: str, config: str, keep: int, best_step: int | None) -> Path:
     """Write the checkpoint for ``step`` atomically, then prune old ones (keeping the best).
 
     Raises:
@@ -53,8 +54,11 @@ def save_checkpoint(out: Path, step: int, *, trainable: dict[str, torch.Tensor],
             save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
             if best:
                 save_file({k: v.detach().cpu().contiguous() for k, v in best.items()}, str(tmp / "best.safetensors"))
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rngs": rngs},
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict() if scaler is not None else None, "rngs": rngs},
                        tmp / "state.pt")
+            (tmp / "metrics.jsonl").write_text(metrics)  # the history up to this step
+            (tmp / "config.yaml").write_text(config)
             (tmp / "loop.json").write_text(json.dumps(loop, indent=1))
     except OSError as exc:
         raise PeftkitError(f"cannot write a checkpoint: {exc.strerror or exc}", str(target),
@@ -108,4 +112,5 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     state["trainable"] = load_file(str(path / "trainable.safetensors"))
     state["best"] = load_file(str(path / "best.safetensors")) if (path / "best.safetensors").is_file() else {}
     state["loop"] = json.loads((path / "loop.json").read_text())
+    state["metrics"] = (path / "metrics.jsonl").read_text()
     return state

@@ -22,7 +22,12 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_recipe(args.recipe, args.overrides)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1 and not cfg.resume:
         check_output_dir(cfg)  # fail before anything slow is loaded (train() checks again)
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except Interrupted as exc:
+        again = " ".join(["peftkit", "train", args.recipe, *[o for o in args.overrides if not o.startswith("resume=")],
+                          "resume=auto"])
+        raise Interrupted(f"{exc}. Resume with: {again}", exc.code) from None
     if os.environ.get("RANK", "0") != "0":  # under torchrun / accelerate launch, process 0 reports
         return 0
     val, test = summary["validation"], summary.get("test")

@@ -98,23 +98,23 @@ def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
 class MetricsLog:
     """Appends one JSON record per line to ``metrics.jsonl`` (process 0 only).
 
-    On resume the file is cut back to the ``keep_lines`` records the checkpoint had seen,
-    so the history equals that of a run that was never interrupted.
+    On resume the file starts from the history the checkpoint holds, so it equals that of
+    a run that was never interrupted. ``text`` is the whole history (for checkpoints).
     """
 
-    def __init__(self, path: Path | None, keep_lines: int = 0, reporters: list[Any] = ()):
+    def __init__(self, path: Path | None, history: str = "", reporters: list[Any] = ()):
         self.file = None
-        self.lines = keep_lines
+        self.text = history
         self.reporters = list(reporters)
         if path:
-            old = path.read_text(encoding="utf-8").splitlines(keepends=True)[:keep_lines] if keep_lines else []
-            atomic_write_text(path, "".join(old))
+            atomic_write_text(path, history)
             self.file = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
-        self.lines += 1
+        line = json.dumps(record) + "\n"
+        self.text += line
         if self.file:
-            self.file.write(json.dumps(record) + "\n")
+            self.file.write(line)
             self.file.flush()
         for reporter in self.reporters:
             reporter.log(record)
@@ -236,7 +236,7 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
 
     # the loop's whole position; a checkpoint stores it and a resume restores it
     loop: dict[str, Any] = {"step": 0, "epoch": 0, "next_batch": 0, "window_loss": 0.0, "window_n": 0,
-                            "best": None, "bad_evals": 0, "history": [], "metrics_lines": 0, "warned_at": None}
+                            "best": None, "bad_evals": 0, "history": [], "warned_at": None}
     best_state: dict[str, torch.Tensor] = {}
     if resume_from is not None:
         ck = load_checkpoint(resume_from)
@@ -248,6 +248,8 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
         scheduler.load_state_dict(ck["scheduler"])
         scheduler.base_lrs = [tc.lr for _ in scheduler.base_lrs]  # a changed lr applies from here on
         set_rng_state(ck["rngs"][acc.process_index])
+        if ck.get("scaler") is not None and acc.scaler is not None:
+            acc.scaler.load_state_dict(ck["scaler"])
         loop = ck["loop"]
         say(f"resuming from {resume_from} (step {loop['step']})")
 
@@ -261,7 +263,7 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
     from .monitor import Progress, open_reporters
 
     reporters = open_reporters(tc.report_to, out, cfg.model_dump(mode="json")) if main else []
-    log = MetricsLog(out / "metrics.jsonl" if main else None, keep_lines=loop["metrics_lines"] if resume_from else 0,
+    log = MetricsLog(out / "metrics.jsonl" if main else None, history=ck["metrics"] if resume_from else "",
                      reporters=reporters)
     ddp_model, optimizer = acc.prepare(model, optimizer)
     pad_id = tok.pad_token_id
@@ -313,12 +315,13 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
 
     def checkpoint(epoch: int, next_batch: int) -> None:
         rngs = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
-        loop.update(epoch=epoch, next_batch=next_batch, metrics_lines=log.lines)
+        loop.update(epoch=epoch, next_batch=next_batch)
         if main:
             best = loop["best"]
             save_checkpoint(out, loop["step"], trainable=adapter_state_dict(model), best=best_state,
-                            optimizer=optimizer, scheduler=scheduler, rngs=rngs, loop=loop,
-                            keep=tc.save_total_limit, best_step=best and best["step"])
+                            optimizer=optimizer, scheduler=scheduler, scaler=acc.scaler, rngs=rngs, loop=loop,
+                            metrics=log.text, config=dump_config(cfg), keep=tc.save_total_limit,
+                            best_step=best and best["step"])
         acc.wait_for_everyone()
 
     model.train()
@@ -386,8 +389,7 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
                     if signals.received:
                         code = StopSignals.CODES[signals.received]
                         name = signal.Signals(signals.received).name
-                        raise Interrupted(f"stopped by {name} at step {step}; checkpoint written. Resume with: "
-                                          f"peftkit train <recipe> output_dir={out} resume=auto", code)
+                        raise Interrupted(f"stopped by {name} at step {step}; checkpoint written", code)
                     if last or stop:
                         break
     except BaseException:
