@@ -79,6 +79,8 @@ def test_merged_model_runs_in_pipeline_without_peftkit(trained, tmp_path):
     texts = ["the film was wonderful", "awful and tedious plot", "a very moving story", "weak acting"]
     (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
     assert main(["merge", "--adapter", str(run / "adapter"), "--output", str(tmp_path / "merged")]) == 0
+    # a second merge to the same folder is refused before anything is loaded or written
+    assert main(["merge", "--adapter", str(run / "adapter"), "--output", str(tmp_path / "merged")]) == 2
     assert main(["predict", "--adapter", str(run / "adapter"), "--input", str(tmp_path / "in.txt"),
                  "--output", str(tmp_path / "pred.jsonl")]) == 0
     ours = [json.loads(x)["label"] for x in (tmp_path / "pred.jsonl").read_text().splitlines()]

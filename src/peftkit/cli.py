@@ -87,11 +87,9 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from .predict import merge_to_folder
+    from .predict import check_merge_output, merge_to_folder
 
-    out = Path(args.output)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise PeftkitError("output exists and is not empty", str(out), "choose another --output or pass --overwrite")
+    out = check_merge_output(args.output, args.overwrite)  # before the slow load
     clf = _load(args)
     diff = merge_to_folder(clf, out, overwrite=args.overwrite)
     print(f"merged model written to {out} (max abs probability change from merging: {diff:.2e})")

@@ -122,6 +122,14 @@ def read_texts(path: str | Path, field: str = "text") -> list[str]:
     return texts
 
 
+def check_merge_output(output: str | Path, overwrite: bool) -> Path:
+    """Refuse to replace a non-empty ``output`` unless ``overwrite``."""
+    output = Path(output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
+        raise PeftkitError("output exists and is not empty", str(output), "choose another --output or pass --overwrite")
+    return output
+
+
 def merge_to_folder(clf: AdaptedClassifier, output: str | Path, overwrite: bool = False,
                     check_texts: list[str] | None = None) -> float:
     """Merge the adapter into the base and save a plain transformers model folder.
@@ -138,9 +146,7 @@ def merge_to_folder(clf: AdaptedClassifier, output: str | Path, overwrite: bool 
     from .fsio import atomic_dir
     from .methods import merge_and_unload
 
-    output = Path(output)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
-        raise PeftkitError("output exists and is not empty", str(output), "choose another --output or pass --overwrite")
+    output = check_merge_output(output, overwrite)
     texts = check_texts or ["a quick check sentence", "another, somewhat longer, sentence to compare"]
     before, _ = clf.predict_proba(texts)
     merge_and_unload(clf.model)
