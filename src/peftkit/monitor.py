@@ -17,6 +17,17 @@ from .errors import PeftkitError
 SCALARS = ("loss", "lr", "examples_per_s", "accuracy", "f1")
 
 
+def _require(module: str, package: str) -> Any:
+    """Import a reporter's library, or say which package ``train.report_to: [package]`` needs."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise PeftkitError(f"report_to {package} needs the {package} package", "train.report_to",
+                           f"pip install {package}") from None
+
+
 def _scalars(record: dict[str, Any]) -> dict[str, float]:
     group = record.get("split", "train")
     return {f"{group}/{k}": float(record[k]) for k in SCALARS if record.get(k) is not None}
@@ -24,12 +35,8 @@ def _scalars(record: dict[str, Any]) -> dict[str, float]:
 
 class TensorBoardReporter:
     def __init__(self, out: Path, config: dict[str, Any]):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise PeftkitError("report_to tensorboard needs the tensorboard package", "train.report_to",
-                               "pip install tensorboard") from None
-        self.writer = SummaryWriter(log_dir=str(out / "tensorboard"))
+        tensorboard = _require("torch.utils.tensorboard", "tensorboard")
+        self.writer = tensorboard.SummaryWriter(log_dir=str(out / "tensorboard"))
 
     def log(self, record: dict[str, Any]) -> None:
         for key, value in _scalars(record).items():
@@ -42,10 +49,7 @@ class TensorBoardReporter:
 
 class WandbReporter:
     def __init__(self, out: Path, config: dict[str, Any]):
-        try:
-            import wandb
-        except ImportError:
-            raise PeftkitError("report_to wandb needs the wandb package", "train.report_to", "pip install wandb") from None
+        wandb = _require("wandb", "wandb")
         configured = "WANDB_MODE" in os.environ or "WANDB_API_KEY" in os.environ
         self.wandb = wandb
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "peftkit"), dir=str(out), config=config,
@@ -60,10 +64,7 @@ class WandbReporter:
 
 class MlflowReporter:
     def __init__(self, out: Path, config: dict[str, Any]):
-        try:
-            import mlflow
-        except ImportError:
-            raise PeftkitError("report_to mlflow needs the mlflow package", "train.report_to", "pip install mlflow") from None
+        mlflow = _require("mlflow", "mlflow")
         if "MLFLOW_TRACKING_URI" not in os.environ:
             mlflow.set_tracking_uri((out / "mlruns").resolve().as_uri())  # local files, no server
         self.mlflow = mlflow
