@@ -2,8 +2,9 @@
 
 A folder holds ``adapter_config.json`` (``peft``'s config keys), ``adapter_model.safetensors``
 (keys ``base_model.model.<module path>.lora_A.weight``; saved heads under their plain
-paths, ``base_model.model.classifier.weight``) and ``peftkit.json`` with what ``peft`` has
-no field for (task, label names, max length). ``peft.PeftModel.from_pretrained`` loads the
+paths, ``base_model.model.classifier.weight``; prompt and prefix tuning use ``peft``'s
+``prompt_embeddings`` and ``base_model.<path>``: each method config maps its keys) and
+``peftkit.json`` with what ``peft`` has no field for (task, label names, max length). ``peft.PeftModel.from_pretrained`` loads the
 folder; folders written by ``peft`` load here (without ``peftkit.json``, labels are
 inferred from the head's shape).
 """
@@ -20,14 +21,13 @@ from torch import nn
 
 from .errors import PeftkitError
 from .fsio import atomic_dir
-from .methods import METHODS, PEFT_TYPES, Injection, adapter_state_dict, apply_method, injection_of
+from .methods import METHODS, PEFT_TYPES, Injection, MethodConfig, adapter_state_dict, apply_method, injection_of
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 LEGACY_WEIGHTS_FILE = "adapter_model.bin"
 META_FILE = "peftkit.json"
-KEY_PREFIX = "base_model.model."
-TASK_TYPES = {"classification": "SEQ_CLS"}
+TASK_TYPES = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
 
 
 @dataclass
@@ -49,7 +49,7 @@ class AdapterFiles:
         if name is None:
             raise PeftkitError(f"adapter type {peft_type!r} is not supported", str(self.path / CONFIG_FILE),
                                f"supported: {', '.join(PEFT_TYPES)}")
-        return METHODS[name][0].from_peft(self.config)
+        return METHODS[name].from_peft(self.config)
 
 
 def save_adapter(model: nn.Module, directory: str | Path, *, base_model: str,
@@ -69,7 +69,7 @@ def save_adapter(model: nn.Module, directory: str | Path, *, base_model: str,
     config = inj.method.to_peft(inj, model)
     config.update(task_type=TASK_TYPES.get(task, task), base_model_name_or_path=base_model,
                   inference_mode=True, revision=None)
-    state = {KEY_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
+    state = {inj.method.file_key(k): v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
     info = {"format": 1, "task": task, "base_model": base_model, **(meta or {})}
     with atomic_dir(directory) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -105,8 +105,13 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def read_adapter_weights(directory: str | Path) -> dict[str, torch.Tensor]:
-    """The adapter's tensors with the ``base_model.model.`` prefix removed."""
+def read_adapter_weights(directory: str | Path, method: MethodConfig | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, keyed by module path (the file's prefixes removed).
+
+    Args:
+        directory: the adapter folder.
+        method: its method config (:meth:`AdapterFiles.method_config`); read from the folder if omitted.
+    """
     path = Path(directory)
     try:
         if (path / WEIGHTS_FILE).is_file():
@@ -122,7 +127,9 @@ def read_adapter_weights(directory: str | Path) -> dict[str, torch.Tensor]:
     except Exception as exc:
         raise PeftkitError(f"cannot read adapter weights: {str(exc)[:200]}", str(path),
                            "the file is damaged; save the adapter again") from None
-    return {k.removeprefix(KEY_PREFIX): v for k, v in state.items()}
+    if method is None:
+        method = read_adapter(path).method_config()
+    return {method.model_key(k): v for k, v in state.items()}
 
 
 def load_adapter_weights(model: nn.Module, directory: str | Path,
@@ -138,7 +145,7 @@ def load_adapter_weights(model: nn.Module, directory: str | Path,
         PeftkitError: tensors missing, unexpected, or of the wrong shape for this base.
     """
     if state is None:
-        state = read_adapter_weights(directory)
+        state = read_adapter_weights(directory, injection_of(model).method)
     expected = adapter_state_dict(model)
     fix = "load it onto the base model it was trained with (--model)"
     for key, target in expected.items():
@@ -165,7 +172,7 @@ def load_adapter(model: nn.Module, directory: str | Path,
     """
     method = read_adapter(directory).method_config()
     injection = apply_method(model, method, list(method.modules_to_save or []))
-    load_adapter_weights(model, directory, state)
+    load_adapter_weights(model, directory, state if state is not None else read_adapter_weights(directory, method))
     return injection
 
 

@@ -41,6 +41,17 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import load_comparison, run_comparison
+
+    only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
+    out, configs = load_comparison(args.recipe, args.overrides, only)  # every run's config checked first
+    rows = run_comparison(out, configs)
+    print((out / "comparison.md").read_text(), end="")
+    print(f"wrote {out / 'comparison.md'}, comparison.json and comparison.png")
+    return 1 if any("error" in r for r in rows) else 0
+
+
 def _load(args: argparse.Namespace):
     from .models import quiet_transformers
     from .predict import load_adapted_classifier
@@ -125,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("recipe", help="a YAML recipe (see recipes/)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.lr=3e-4 method.r=16")
     t.set_defaults(run=_train)
+
+    c = sub.add_parser("compare", help="train several methods on the same data and budget; table and chart")
+    c.add_argument("recipe", help="a YAML recipe with a compare: block (see recipes/compare-sentiment.yaml)")
+    c.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run, e.g. train.epochs=1")
+    c.add_argument("--only", help="comma-separated run names to run (default: all)")
+    c.set_defaults(run=_compare)
 
     def adapter_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--adapter", required=True, help="adapter folder (a run's adapter/, or one saved by peft)")

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import PeftkitError
-from .methods import METHODS, MethodConfig
+from .methods import METHODS, AnyMethod, LoraConfig
 
 
 class _Strict(BaseModel):
@@ -84,7 +84,7 @@ class RunConfig(_Strict):
     overwrite: bool = Field(False, description="allow writing into a non-empty output_dir")
     resume: str | None = Field(None, description="auto (newest checkpoint in output_dir) or a checkpoint folder")
     seed: int = 42
-    method: MethodConfig = Field(default_factory=lambda: METHODS["lora"][0]())
+    method: AnyMethod = Field(default_factory=LoraConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 
@@ -144,7 +144,7 @@ def _submodel(model: type[BaseModel], key: str, value: Any) -> type[BaseModel] |
             raise PeftkitError(
                 f"unknown method '{name}'", "method.name", f"choose one of: {', '.join(METHODS)}"
             )
-        return METHODS[name][0]
+        return METHODS[name]
     ann = model.model_fields[key].annotation
     for option in (ann, *typing.get_args(ann)):  # X, or X | None
         if isinstance(option, type) and issubclass(option, BaseModel):
@@ -164,11 +164,16 @@ def _set_dotted(data: dict, path: list[str], value: Any) -> None:
 def build_config(data: dict[str, Any], where: str = "recipe") -> RunConfig:
     """Validate a plain dict into a :class:`RunConfig`."""
     _check_keys(data, RunConfig, "", where)
+    if isinstance(data.get("method"), dict) and "name" not in data["method"]:
+        data = {**data, "method": {**data["method"], "name": "lora"}}
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "union[")))
+        loc = list(err["loc"])
+        if loc[:1] == ["method"] and len(loc) > 1 and loc[1] in METHODS:
+            del loc[1]  # the union's tag
+        key = ".".join(str(p) for p in loc if not str(p).startswith(("function-", "union[")))
         value = err.get("input")
         raise PeftkitError(
             f"invalid value {value!r} for '{key}'", where, err["msg"].replace("\n", " ")
@@ -201,6 +206,9 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         data = loaded or {}
     for text in overrides:
         keys, value = parse_override(text)
+        method = data.get("method")
+        if keys == ["method", "name"] and isinstance(method, dict) and method.get("name", "lora") != value:
+            data["method"] = {}  # the recipe's options were for the other method
         _set_dotted(data, keys, value)
         where_o = f"{where}, override {text}" if path else f"override {text}"
         _check_keys(data, RunConfig, "", where_o)

@@ -30,6 +30,23 @@ def is_linear(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
+def linear_shape(layer: nn.Module) -> tuple[int, int, bool]:
+    """(in_features, out_features, fan_in_fan_out) of a linear or GPT-2 ``Conv1D``."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features, False
+    in_f, out_f = layer.weight.shape  # Conv1D stores its weight as (in, out)
+    return in_f, out_f, True
+
+
+#: The output projection of each attention block, in the families peftkit knows
+#: (BERT/RoBERTa/ELECTRA/DeBERTa-v2, DistilBERT, LLaMA/Qwen2/Mistral, GPT-2); regexes.
+ATTENTION_OUTPUT = r".*(\.attention\.output\.dense|\.attention\.out_lin|\.self_attn\.o_proj|\.attn\.c_proj)"
+#: The output projection of each feed-forward block, same families.
+FFN_OUTPUT = r".*(\.layer\.\d+\.output\.dense|\.ffn\.lin2|\.mlp\.down_proj|\.mlp\.c_proj)"
+#: Key and value projections, same families (GPT-2 fuses q, k and v in ``c_attn``).
+KEY_VALUE = r".*\.(key|value|k_proj|v_proj|k_lin|v_lin|key_proj|value_proj|c_attn)"
+
+
 def name_matches(name: str, patterns: str | Sequence[str] | None) -> bool:
     """PEFT's matching rule for one module name (see the module docstring)."""
     if patterns is None:

@@ -92,3 +92,38 @@ def _best_step(run: Path) -> int | None:
         return json.loads((run / "summary.json").read_text()).get("best_step")
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def plot_comparison(rows: list[dict[str, Any]], output: str | Path) -> Path:
+    """Accuracy against trainable parameters (log scale), and train time, one point/bar per run.
+
+    Test accuracy is drawn where the runs have a test split, validation accuracy otherwise.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .fsio import atomic_path
+
+    split = "test" if all(r.get("test_accuracy") is not None for r in rows) else "val"
+    fig, (ax_acc, ax_time) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in rows:
+        ax_acc.scatter(r["trainable_params"], r[f"{split}_accuracy"], s=40)
+        ax_acc.annotate(r["run"], (r["trainable_params"], r[f"{split}_accuracy"]), textcoords="offset points",
+                        xytext=(5, 4), fontsize=9)
+    ax_acc.set_xscale("log")
+    ax_acc.set(xlabel="trainable parameters (log scale)", ylabel=f"{split} accuracy",
+               title=f"{split} accuracy against trainable parameters")
+    names = [r["run"] for r in rows]
+    ax_time.barh(names, [r["train_seconds"] for r in rows], color="tab:gray")
+    ax_time.invert_yaxis()
+    ax_time.set(xlabel="train time (s, evaluations included)", title="train time")
+    for ax in (ax_acc, ax_time):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    output = Path(output)
+    with atomic_path(output) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return output

@@ -52,7 +52,7 @@ def load_adapted_classifier(adapter_dir: str | Path, model: str | None = None) -
     base = model or files.base_model
     if not base:
         raise PeftkitError("the adapter does not name its base model", str(adapter_dir), "pass --model")
-    state = read_adapter_weights(adapter_dir)
+    state = read_adapter_weights(adapter_dir, method_cfg)
     keep = list(method_cfg.modules_to_save or [])
     names = _label_names(files, state, keep, base)
     loaded = load_classifier(base, names)

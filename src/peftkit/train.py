@@ -76,7 +76,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     keep = cfg.method.modules_to_save
     if keep is None:
         keep = default_modules_to_save(base.model, base.newly_initialized)
-    apply_method(base.model, cfg.method, keep)
+    apply_method(base.model, cfg.method, keep, tokenizer=base.tokenizer)
     features = {s: tokenize(base.tokenizer, sp.texts, cfg.data.max_length, sp.pairs) for s, sp in splits.items()}
     return Prepared(base.model, base.tokenizer, names, features, labels)
 
@@ -201,7 +201,7 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
     from .checkpoint import find_resume, load_checkpoint, rng_state, save_checkpoint, set_rng_state
     from .data import LengthGroupedBatches, collate
     from .evaluate import classification_metrics, predict_probs
-    from .methods import adapter_state_dict, count_parameters, parameter_report, trainable_parameters
+    from .methods import count_parameters, parameter_report, trainable_parameters, trainable_state
 
     # accelerate only runs several CPU processes (DDP over gloo) when told it is on the CPU
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not _has_accelerator())
@@ -241,7 +241,7 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
     if resume_from is not None:
         ck = load_checkpoint(resume_from)
         with torch.no_grad():
-            for k, v in adapter_state_dict(model).items():
+            for k, v in trainable_state(model).items():
                 v.copy_(ck["trainable"][k])
         best_state = ck["best"]
         optimizer.load_state_dict(ck["optimizer"])
@@ -279,8 +279,10 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
 
     def run_eval(step: int, epoch: float, train_loss: float | None) -> bool:
         """Evaluate, keep the best adapter, watch for overfitting; True when early stopping fires."""
-        nonlocal best_state
+        nonlocal best_state, eval_seconds
+        began = time.perf_counter()
         metrics = evaluate("validation")
+        eval_seconds += time.perf_counter() - began
         log.write({"type": "eval", "split": "validation", "step": step, "epoch": round(epoch, 4),
                    **{k: v for k, v in metrics.items() if k != "confusion_matrix"}})
         best = loop["best"]
@@ -289,7 +291,7 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
             f"f1 {metrics['f1']:.4f}" + (" (best)" if is_best else ""))
         if is_best:
             loop["best"] = {**metrics, "step": step, "epoch": round(epoch, 4)}
-            best_state = {k: v.detach().clone() for k, v in adapter_state_dict(model).items()}
+            best_state = {k: v.detach().clone() for k, v in trainable_state(model).items()}
             if main:
                 save_adapter(model, out / "adapter", base_model=cfg.model, meta=meta)
         history = loop["history"]
@@ -318,7 +320,7 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
         loop.update(epoch=epoch, next_batch=next_batch)
         if main:
             best = loop["best"]
-            save_checkpoint(out, loop["step"], trainable=adapter_state_dict(model), best=best_state,
+            save_checkpoint(out, loop["step"], trainable=trainable_state(model), best=best_state,
                             optimizer=optimizer, scheduler=scheduler, scaler=acc.scaler, rngs=rngs, loop=loop,
                             metrics=log.text, config=dump_config(cfg), keep=tc.save_total_limit,
                             best_step=best and best["step"])
@@ -326,6 +328,7 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
 
     model.train()
     seen, window_start = 0, time.perf_counter()
+    trained, eval_seconds = 0, 0.0  # examples this process trained on, and the time evaluations took
     start = time.perf_counter()
     epochs = math.ceil(total_steps / steps_per_epoch)
     stop = False
@@ -356,6 +359,7 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
                     loop["window_loss"] += value
                     loop["window_n"] += 1
                     seen += len(idx) * acc.num_processes
+                    trained += len(idx) * acc.num_processes
                     if not sync:
                         continue
                     if tc.max_grad_norm:
@@ -400,7 +404,7 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
     train_seconds = time.perf_counter() - start
     best = loop["best"]
     with torch.no_grad():  # test with the best adapter, which is also what adapter/ holds
-        for k, v in adapter_state_dict(model).items():
+        for k, v in trainable_state(model).items():
             v.copy_(best_state[k])
     summary: dict[str, Any] = {
         "validation": dict(best),
@@ -412,6 +416,9 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
         "total_params": total,
         "trainable_percent": 100.0 * trainable / total,
         "train_seconds": round(train_seconds, 2),
+        "eval_seconds": round(eval_seconds, 2),
+        "examples_per_s": round(trained / max(1e-9, train_seconds - eval_seconds), 2),
+        "peak_rss_bytes": peak_rss_bytes(),
         "train_examples": len(train_feats),
         "label_names": prep.label_names,
         "adapter": str(out / "adapter"),
@@ -428,6 +435,13 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
         plot_runs([out], out / "curves.png")
     acc.wait_for_everyone()
     return summary
+
+
+def peak_rss_bytes() -> int:
+    """The highest resident memory this process has had (Linux reports it in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _overfitting_since(history: list[list], evals: int = 3) -> int | None:

@@ -1,15 +1,16 @@
 """The method registry and the operations every method shares.
 
-``METHODS`` maps a recipe's ``method.name`` to its config class and its apply function.
-Merging is defined by the adapter modules themselves (``merge``/``unmerge`` and a
-``base_layer`` to restore); methods that cannot merge simply do not define them.
+``METHODS`` maps a recipe's ``method.name`` to its config class, whose ``apply`` changes a
+model in place. Merging is defined by the adapter modules themselves (``merge``/``unmerge``
+and a ``base_layer`` to restore); a config's ``mergeable`` says whether the method can merge
+at all (BitFit and full fine-tuning trained the base in place: nothing to fold).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any, Union
 
+from pydantic import Field
 from torch import nn
 
 from ..errors import PeftkitError
@@ -17,26 +18,37 @@ from ..inject import is_under, replace_module
 from .base import (
     AdapterModule,
     Injection,
+    MethodConfig,
     adapter_state_dict,
     count_parameters,
     injection_of,
     parameter_report,
     set_trainable,
     trainable_parameters,
+    trainable_state,
 )
-from .lora import LoraConfig, LoRALinear, apply_lora
+from .bottleneck import BottleneckAdapter, BottleneckConfig
+from .ia3 import IA3Config, IA3Linear
+from .lora import LoraConfig, LoRALinear
+from .prefix import PrefixTuningConfig
+from .prompt import PromptTuningConfig
+from .selective import BitFitConfig, FullConfig
 
-#: name -> (config class, apply(model, cfg, modules_to_save) -> Injection)
-METHODS: dict[str, tuple[type, Callable[..., Injection]]] = {
-    "lora": (LoraConfig, apply_lora),
+#: a recipe's ``method.name`` -> its config class (whose ``apply`` changes the model)
+METHODS: dict[str, type[MethodConfig]] = {
+    cls.model_fields["name"].default: cls
+    for cls in (LoraConfig, BottleneckConfig, PrefixTuningConfig, PromptTuningConfig, IA3Config,
+                BitFitConfig, FullConfig)
 }
 #: the ``peft_type`` written in adapter_config.json -> our method name
-PEFT_TYPES = {"LORA": "lora"}
+PEFT_TYPES = {cls.peft_type: name for name, cls in METHODS.items()}
 
-MethodConfig = LoraConfig
+#: the type of a recipe's ``method:`` block: one of the configs, chosen by ``name``
+AnyMethod = Annotated[Union[tuple(METHODS.values())], Field(discriminator="name")]
 
 
-def apply_method(model: nn.Module, cfg: Any, modules_to_save: list[str] | None = None) -> Injection:
+def apply_method(model: nn.Module, cfg: MethodConfig, modules_to_save: list[str] | None = None,
+                 tokenizer: Any = None) -> Injection:
     """Apply the method ``cfg`` describes to ``model`` in place; freeze everything else.
 
     Args:
@@ -44,9 +56,10 @@ def apply_method(model: nn.Module, cfg: Any, modules_to_save: list[str] | None =
         cfg: a method config (``LoraConfig``...).
         modules_to_save: modules trained and saved whole; defaults to ``cfg.modules_to_save``,
             else to the model's task head (:func:`default_modules_to_save`).
+        tokenizer: the model's tokenizer (prompt tuning's ``init_text`` needs it).
 
     Returns:
-        The :class:`Injection` (also stored as ``model.peftkit``), which lists what was replaced.
+        The :class:`Injection` (also stored as ``model.peftkit``), which lists what was changed.
     """
     if getattr(model, "peftkit", None) is not None:
         raise PeftkitError("this model already has a peftkit method applied", fix="load a fresh base model")
@@ -54,8 +67,7 @@ def apply_method(model: nn.Module, cfg: Any, modules_to_save: list[str] | None =
         modules_to_save = cfg.modules_to_save
     if modules_to_save is None:
         modules_to_save = default_modules_to_save(model)
-    _, apply = METHODS[cfg.name]
-    return apply(model, cfg, resolve_modules_to_save(model, modules_to_save))
+    return cfg.apply(model, resolve_modules_to_save(model, modules_to_save), tokenizer=tokenizer)
 
 
 def resolve_modules_to_save(model: nn.Module, entries: list[str]) -> list[str]:
@@ -92,15 +104,11 @@ def default_modules_to_save(model: nn.Module, newly_initialized: list[str] = ())
 
 
 def _mergeable(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterModule)]
-    for name, module in found:
-        if not hasattr(module, "merge"):
-            raise PeftkitError(
-                f"method {type(module).__name__} cannot be merged into the base weights",
-                name,
-                "use the adapter unmerged (predict/eval load it as it is)",
-            )
-    return found
+    method = injection_of(model).method
+    if not method.mergeable:
+        raise PeftkitError(f"{method.name} adapters cannot be merged into the base weights", "method",
+                           "use the adapter unmerged (predict and eval load it as it is)")
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterModule)]
 
 
 def merge(model: nn.Module) -> None:
@@ -132,7 +140,9 @@ def merge_and_unload(model: nn.Module) -> list[str]:
 
 
 __all__ = [
-    "METHODS", "PEFT_TYPES", "AdapterModule", "Injection", "LoraConfig", "LoRALinear", "MethodConfig",
+    "METHODS", "PEFT_TYPES", "AdapterModule", "AnyMethod", "BitFitConfig", "BottleneckAdapter", "BottleneckConfig",
+    "FullConfig", "IA3Config", "IA3Linear", "Injection", "LoraConfig", "LoRALinear", "MethodConfig",
+    "PrefixTuningConfig", "PromptTuningConfig", "trainable_state",
     "adapter_state_dict", "apply_method", "count_parameters", "default_modules_to_save", "injection_of",
     "merge", "merge_and_unload", "parameter_report", "set_trainable", "trainable_parameters", "unmerge",
 ]

@@ -9,20 +9,21 @@ leaves the model unchanged. Merging adds ``s * B A`` into ``W``; unmerging subtr
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
-from ..inject import ALL_LINEAR, is_linear, replace_module, select_targets
-from .base import Injection, set_trainable
+from ..inject import ALL_LINEAR, is_linear, linear_shape, replace_module, select_targets
+from .base import Injection, MethodConfig, finish
 
 
-class LoraConfig(BaseModel):
+class LoraConfig(MethodConfig):
     """LoRA options, as written in a recipe's ``method:`` block."""
 
-    model_config = ConfigDict(extra="forbid")
+    peft_type: ClassVar[str] = "LORA"
+    mergeable: ClassVar[bool] = True
 
     name: Literal["lora"] = "lora"
     r: int = Field(8, gt=0, description="rank of the update")
@@ -32,10 +33,10 @@ class LoraConfig(BaseModel):
         ALL_LINEAR, description="name suffixes, a regex, or all-linear (PEFT semantics)"
     )
     exclude_modules: str | list[str] | None = None
-    modules_to_save: list[str] | None = Field(
-        None, description="modules trained and saved whole; default: the task head"
-    )
     use_rslora: bool = Field(False, description="scale by alpha / sqrt(r) (rank-stabilised)")
+
+    def apply(self, model: nn.Module, modules_to_save: list[str], tokenizer: Any = None) -> Injection:
+        return apply_lora(model, self, modules_to_save)
 
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
@@ -96,14 +97,6 @@ class LoraConfig(BaseModel):
         )
 
 
-def _linear_shape(layer: nn.Module) -> tuple[int, int, bool]:
-    """(in_features, out_features, fan_in_fan_out) of a linear or GPT-2 ``Conv1D``."""
-    if isinstance(layer, nn.Linear):
-        return layer.in_features, layer.out_features, False
-    in_f, out_f = layer.weight.shape  # Conv1D stores its weight as (in, out)
-    return in_f, out_f, True
-
-
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a low-rank update.
 
@@ -119,7 +112,7 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module, r: int, scaling: float, dropout: float = 0.0):
         super().__init__()
-        in_f, out_f, self.fan_in_fan_out = _linear_shape(base_layer)
+        in_f, out_f, self.fan_in_fan_out = linear_shape(base_layer)
         self.base_layer = base_layer
         self.r, self.scaling, self.merged = r, scaling, False
         weight = base_layer.weight
@@ -181,7 +174,4 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, modules_to_save: list[str]) ->
         base = model.get_submodule(name)
         assert is_linear(base)
         replace_module(model, name, LoRALinear(base, cfg.r, cfg.scaling(), cfg.dropout))
-    injection = Injection(method=cfg, replaced=targets, modules_to_save=list(modules_to_save))
-    model.peftkit = injection
-    set_trainable(model)
-    return injection
+    return finish(model, cfg, replaced=targets, modules_to_save=modules_to_save)
