@@ -92,6 +92,28 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tuned_bert_dir(tmp_path_factory, tiny_bert_dir, sentiment_dir) -> Path:
+    """The tiny BERT encoder after LoRA training on the synthetic task, merged, head dropped.
+
+    Stands in for a pretrained encoder whose [CLS] output already carries the signal,
+    which methods that leave every weight frozen (prefix, prompt) need in order to learn.
+    """
+    from peftkit import load_recipe
+    from peftkit.predict import load_adapted_classifier
+    from peftkit.methods import merge_and_unload
+    from peftkit.train import train
+
+    path = tmp_path_factory.mktemp("tuned-bert")
+    recipe = tiny_recipe(path, tiny_bert_dir, sentiment_dir)
+    train(load_recipe(recipe), echo=lambda _: None)
+    clf = load_adapted_classifier(path / "run" / "adapter")
+    merge_and_unload(clf.model)
+    clf.model.bert.save_pretrained(path / "model")
+    clf.tokenizer.save_pretrained(path / "model")
+    return path / "model"
+
+
+@pytest.fixture(scope="session")
 def sentiment_dir(tmp_path_factory) -> Path:
     """train/validation/test JSONL files of the synthetic corpus, string labels."""
     path = tmp_path_factory.mktemp("sentiment")

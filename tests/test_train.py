@@ -61,3 +61,22 @@ def test_overfitting_is_detected_where_it_starts():
     assert _overfitting_since(rising) == 40
     both_rise = falling + [[50, 0.36, 0.35], [60, 0.40, 0.4], [70, 0.45, 0.5]]
     assert _overfitting_since(both_rise) is None  # training loss rose too: not overfitting
+
+
+@pytest.mark.parametrize("method", [
+    ["method.name=prefix", "method.num_virtual_tokens=4", "train.lr=0.05"],
+    ["method.name=prompt", "method.num_virtual_tokens=4", "method.init=vocab", "train.lr=0.05"],
+])
+def test_prefix_and_prompt_tuning_learn_on_a_bert_classifier(method, tuned_bert_dir, sentiment_dir, tmp_path):
+    """Validation loss and accuracy of the trained run against the same setup untrained.
+
+    The base is an encoder whose [CLS] output carries the signal (see ``tuned_bert_dir``),
+    so a fresh random head may already separate the classes by luck: the loss must fall.
+    """
+    recipe = tiny_recipe(tmp_path, tuned_bert_dir, sentiment_dir)
+    before = train(load_recipe(recipe, [*method, "train.max_steps=1", "train.lr=1e-9",
+                                        f"output_dir={tmp_path / 'before'}"]), echo=lambda _: None)
+    after = train(load_recipe(recipe, [*method, "train.epochs=6"]), echo=lambda _: None)
+    assert after["validation"]["accuracy"] >= 0.9
+    assert after["validation"]["accuracy"] >= before["validation"]["accuracy"]
+    assert after["validation"]["loss"] <= 0.5 * before["validation"]["loss"]

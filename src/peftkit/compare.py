@@ -61,19 +61,22 @@ def load_comparison(path: str | Path, overrides: list[str] = (), only: list[str]
         if unknown:
             raise PeftkitError(f"no run named {unknown[0]!r} in the comparison", where, f"choose from: {', '.join(names)}")
         names = [n for n in names if n in only]
-    out = Path(str(data.get("output_dir", "runs/compare")))
-    configs = {}
-    for name in names:
-        change = runs_raw[name] or {}
-        if not isinstance(change, dict):
-            raise PeftkitError(f"compare.{name} must be a mapping of changes", where)
-        run = _merge(data, change)
+    def override(run: dict[str, Any]) -> dict[str, Any]:
         for text in overrides:
             keys, value = parse_override(text)
             node = run
             for part in keys[:-1]:
                 node = node.setdefault(part, {})
             node[keys[-1]] = value
+        return run
+
+    out = Path(str(override(copy.deepcopy(data)).get("output_dir", "runs/compare")))
+    configs = {}
+    for name in names:
+        change = runs_raw[name] or {}
+        if not isinstance(change, dict):
+            raise PeftkitError(f"compare.{name} must be a mapping of changes", where)
+        run = override(_merge(data, change))
         run["output_dir"] = str(out / name)
         configs[name] = build_config(run, f"{where}, run {name}")
     return out, configs

@@ -59,6 +59,7 @@ class TrainConfig(_Strict):
     eval_batch_size: int = Field(64, gt=0)
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
     lr: float = Field(5e-4, gt=0)
+    head_lr: float | None = Field(None, gt=0, description="lr of the saved modules (task head); default: lr")
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
     scheduler: Literal["linear", "cosine", "constant"] = "linear"

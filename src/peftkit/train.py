@@ -201,7 +201,7 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
     from .checkpoint import find_resume, load_checkpoint, rng_state, save_checkpoint, set_rng_state
     from .data import LengthGroupedBatches, collate
     from .evaluate import classification_metrics, predict_probs
-    from .methods import count_parameters, parameter_report, trainable_parameters, trainable_state
+    from .methods import count_parameters, parameter_report, trainable_state
 
     # accelerate only runs several CPU processes (DDP over gloo) when told it is on the CPU
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not _has_accelerator())
@@ -223,8 +223,9 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
     say(f"data {cfg.dataset}: " + ", ".join(f"{s} {len(f)}" for s, f in prep.features.items())
         + f"; labels {prep.label_names}")
 
-    params = list(trainable_parameters(model).values())
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    groups = param_groups(model, tc.lr, tc.head_lr)
+    params = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
     train_feats, train_labels = prep.features["train"], prep.labels["train"]
     sampler = LengthGroupedBatches([len(f["input_ids"]) for f in train_feats], tc.batch_size, seed=cfg.seed,
                                    group_by_length=tc.group_by_length, num_processes=acc.num_processes,
@@ -246,7 +247,7 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
         best_state = ck["best"]
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
-        scheduler.base_lrs = [tc.lr for _ in scheduler.base_lrs]  # a changed lr applies from here on
+        scheduler.base_lrs = [g["lr"] for g in groups]  # a changed lr applies from here on
         set_rng_state(ck["rngs"][acc.process_index])
         if ck.get("scaler") is not None and acc.scaler is not None:
             acc.scaler.load_state_dict(ck["scaler"])
@@ -435,6 +436,20 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
         plot_runs([out], out / "curves.png")
     acc.wait_for_everyone()
     return summary
+
+
+def param_groups(model: torch.nn.Module, lr: float, head_lr: float | None) -> list[dict[str, Any]]:
+    """Optimizer groups: the method's parameters at ``lr``; the saved heads at ``head_lr`` if set."""
+    from .inject import is_under
+    from .methods import injection_of, trainable_parameters
+
+    params = trainable_parameters(model)
+    if head_lr is None:
+        return [{"params": list(params.values()), "lr": lr}]
+    heads = injection_of(model).modules_to_save
+    method = [p for n, p in params.items() if not is_under(n, heads)]
+    head = [p for n, p in params.items() if is_under(n, heads)]
+    return [g for g in ({"params": method, "lr": lr}, {"params": head, "lr": head_lr}) if g["params"]]
 
 
 def peak_rss_bytes() -> int:
