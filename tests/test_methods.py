@@ -33,6 +33,18 @@ def build(family: str) -> nn.Module:
     torch.manual_seed(0)
     if family == "bert":
         return tf.BertForSequenceClassification(tiny_bert_config(num_labels=3))
+    small = dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+                 num_labels=3, max_position_embeddings=70)
+    if family == "roberta":
+        return tf.RobertaForSequenceClassification(tf.RobertaConfig(pad_token_id=1, **small))
+    if family == "electra":
+        return tf.ElectraForSequenceClassification(tf.ElectraConfig(embedding_size=16, pad_token_id=0, **small))
+    if family == "deberta-v2":
+        return tf.DebertaV2ForSequenceClassification(tf.DebertaV2Config(pad_token_id=0, **small))
+    if family == "mistral":
+        return tf.MistralForCausalLM(tf.MistralConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2,
+                                                      num_attention_heads=4, num_key_value_heads=2,
+                                                      intermediate_size=48))
     if family == "distilbert":
         return tf.DistilBertForSequenceClassification(tf.DistilBertConfig(
             vocab_size=40, dim=32, n_layers=2, n_heads=2, hidden_dim=37, num_labels=3, pad_token_id=0))
@@ -77,8 +89,10 @@ def configs() -> dict[str, object]:
 
 
 IDENTITY_AT_INIT = {"lora", "adapter-houlsby", "adapter-pfeiffer", "adapter-parallel", "ia3", "bitfit", "full"}
-CASES = [(f, m) for f in ("bert", "distilbert", "llama", "qwen2", "gpt2") for m in configs()
-         if not (m == "bitfit" and f in ("llama", "qwen2"))]  # no biases to fit there
+FAMILIES = ("bert", "roberta", "electra", "deberta-v2", "distilbert", "llama", "qwen2", "mistral", "gpt2")
+CASES = [(f, m) for f in FAMILIES for m in configs()
+         if not (m == "bitfit" and f in ("llama", "qwen2", "mistral"))  # no biases to fit there
+         and not (m.startswith("prefix") and f == "deberta-v2")]  # its attention is its own (tested below)
 
 
 @pytest.mark.parametrize(("family", "method"), CASES)
@@ -174,6 +188,8 @@ def test_prefix_needs_attention_it_can_reach():
 
     with pytest.raises(PeftkitError, match="no attention layers"):
         apply_method(NoAttention(), PrefixTuningConfig(), modules_to_save=[])
+    with pytest.raises(PeftkitError, match="DebertaV2ForSequenceClassification has no attention layers"):
+        apply_method(build("deberta-v2"), PrefixTuningConfig())
 
 
 def test_bad_method_options():
