@@ -57,7 +57,7 @@ def _load(args: argparse.Namespace):
     from .predict import load_adapted_classifier
 
     quiet_transformers()
-    return load_adapted_classifier(args.adapter, args.model)
+    return load_adapted_classifier(args.adapter, args.model, quantize=args.quantize)
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -102,8 +102,9 @@ def _merge(args: argparse.Namespace) -> int:
 
     out = check_merge_output(args.output, args.overwrite)  # before the slow load
     clf = _load(args)
-    diff = merge_to_folder(clf, out, overwrite=args.overwrite)
-    print(f"merged model written to {out} (max abs probability change from merging: {diff:.2e})")
+    diff = merge_to_folder(clf, out, overwrite=args.overwrite, dtype=args.dtype)
+    print(f"merged model written to {out} ({args.dtype}; max abs logit difference from the model as loaded: "
+          f"{diff:.2e})")
     print(f'use it with: transformers.pipeline("text-classification", model="{out}")')
     return 0
 
@@ -147,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--adapter", required=True, help="adapter folder (a run's adapter/, or one saved by peft)")
         sp.add_argument("--model", help="base model; overrides the adapter's base_model_name_or_path")
         sp.add_argument("--batch-size", type=int, default=64)
+        sp.add_argument("--quantize", type=int, choices=[4, 8], help="quantize the base's linear layers (bitsandbytes)")
 
     pr = sub.add_parser("predict", help="classify texts with an adapter")
     adapter_args(pr)
@@ -169,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     adapter_args(m)
     m.add_argument("--output", required=True)
     m.add_argument("--overwrite", action="store_true")
+    m.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the merged model")
     m.set_defaults(run=_merge)
 
     pl = sub.add_parser("plot", help="loss and metric curves of one run, or several overlaid")

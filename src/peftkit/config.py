@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import PeftkitError
 from .methods import METHODS, AnyMethod, LoraConfig
+from .quantize import QuantizationConfig
 
 
 class _Strict(BaseModel):
@@ -59,6 +60,8 @@ class TrainConfig(_Strict):
     eval_batch_size: int = Field(64, gt=0)
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
     lr: float = Field(5e-4, gt=0)
+    optimizer: Literal["adamw", "adamw_8bit"] = Field("adamw", description="adamw_8bit: bitsandbytes 8-bit states")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
     head_lr: float | None = Field(None, gt=0, description="lr of the saved modules (task head); default: lr")
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
@@ -86,6 +89,7 @@ class RunConfig(_Strict):
     resume: str | None = Field(None, description="auto (newest checkpoint in output_dir) or a checkpoint folder")
     seed: int = 42
     method: AnyMethod = Field(default_factory=LoraConfig)
+    quantization: QuantizationConfig | None = Field(None, description="quantize the frozen base (4 or 8 bits)")
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 

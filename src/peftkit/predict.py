@@ -37,10 +37,21 @@ class AdaptedClassifier:
                              batch_size=batch_size, labels=labels)
 
 
-def load_adapted_classifier(adapter_dir: str | Path, model: str | None = None) -> AdaptedClassifier:
+    @torch.no_grad()
+    def logits(self, texts: list[str]) -> torch.Tensor:
+        """Raw float32 logits ``(len(texts), num_labels)``, one forward pass."""
+        batch = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
+        self.model.eval()
+        return self.model(**batch).logits.float()
+
+
+def load_adapted_classifier(adapter_dir: str | Path, model: str | None = None,
+                            quantize: int | None = None) -> AdaptedClassifier:
     """Load the adapter in ``adapter_dir`` onto its base (or onto ``model``).
 
     Works for adapters written by peftkit and by ``peft`` (sequence classification).
+    ``quantize`` (4 or 8) quantizes the base's linear layers first, whether or not the
+    adapter was trained on a quantized base.
 
     Raises:
         PeftkitError: unreadable adapter, unknown base, or an adapter that does not fit the base.
@@ -56,6 +67,12 @@ def load_adapted_classifier(adapter_dir: str | Path, model: str | None = None) -
     keep = list(method_cfg.modules_to_save or [])
     names = _label_names(files, state, keep, base)
     loaded = load_classifier(base, names)
+    if quantize:
+        from .methods import resolve_modules_to_save
+        from .quantize import QuantizationConfig, check_method, quantize_model
+
+        check_method(method_cfg.name)
+        quantize_model(loaded.model, QuantizationConfig(bits=quantize), skip=resolve_modules_to_save(loaded.model, keep))
     load_adapter(loaded.model, adapter_dir, state)
     loaded.model.eval()
     max_length = int(files.meta.get("max_length") or min(512, loaded.tokenizer.model_max_length))
@@ -131,32 +148,39 @@ def check_merge_output(output: str | Path, overwrite: bool) -> Path:
 
 
 def merge_to_folder(clf: AdaptedClassifier, output: str | Path, overwrite: bool = False,
-                    check_texts: list[str] | None = None) -> float:
+                    check_texts: list[str] | None = None, dtype: str = "float32") -> float:
     """Merge the adapter into the base and save a plain transformers model folder.
 
-    The folder holds weights, config (with label names) and tokenizer, and loads with
+    A quantized base is dequantized first; the folder is written in ``dtype`` (float32 or
+    bfloat16). It holds weights, config (with label names) and tokenizer, and loads with
     ``transformers.pipeline("text-classification", model=output)`` without peftkit.
 
     Returns:
-        The max abs difference of probabilities before and after merging on ``check_texts``.
+        The max abs difference between the logits of the model as loaded (quantized and
+        unmerged, if so) and of the merged model, on ``check_texts``: the merge's fidelity.
 
     Raises:
         PeftkitError: ``output`` exists and is not empty (unless ``overwrite``); method cannot merge.
     """
     from .fsio import atomic_dir
-    from .methods import merge_and_unload
+    from .methods import injection_of, merge_and_unload
+    from .quantize import DTYPES, dequantize_model
 
     output = check_merge_output(output, overwrite)
+    if not injection_of(clf.model).method.mergeable:
+        merge_and_unload(clf.model)  # raises the method's one-line error before any work
     texts = check_texts or ["a quick check sentence", "another, somewhat longer, sentence to compare"]
-    before, _ = clf.predict_proba(texts)
+    before = clf.logits(texts)
+    dequantize_model(clf.model)
     merge_and_unload(clf.model)
-    after, _ = clf.predict_proba(texts)
+    clf.model.to(DTYPES[dtype])
+    after = clf.logits(texts)
     clf.model.config.id2label = dict(enumerate(clf.label_names))
     clf.model.config.label2id = {n: i for i, n in enumerate(clf.label_names)}
     with atomic_dir(output) as tmp:
         clf.model.save_pretrained(tmp)
         clf.tokenizer.save_pretrained(tmp)
-    return float(np.abs(before - after).max())
+    return float((before - after).abs().max())
 
 
 def evaluate_adapter(clf: AdaptedClassifier, source: str, split: str = "test", *,

@@ -33,6 +33,7 @@ class Prepared:
     label_names: list[str]
     features: dict[str, list[dict[str, list[int]]]]
     labels: dict[str, list[int]]
+    quantization: Any = None  # a QuantizationReport when the base was quantized
 
 
 RUN_OUTPUTS = ("adapter", "checkpoints", "metrics.jsonl", "summary.json", "config.yaml", "curves.png",
@@ -65,7 +66,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     from accelerate.utils import set_seed
 
     from .data import encode_labels, infer_label_names, load_splits, tokenize
-    from .methods import apply_method, default_modules_to_save
+    from .methods import apply_method, default_modules_to_save, resolve_modules_to_save
     from .models import load_classifier
 
     splits = load_splits(cfg.dataset, cfg.data, cfg.seed)
@@ -76,9 +77,18 @@ def prepare(cfg: RunConfig) -> Prepared:
     keep = cfg.method.modules_to_save
     if keep is None:
         keep = default_modules_to_save(base.model, base.newly_initialized)
+    report = None
+    if cfg.quantization is not None:
+        from .quantize import check_method, quantize_model
+
+        check_method(cfg.method.name)
+        report = quantize_model(base.model, cfg.quantization, skip=resolve_modules_to_save(base.model, keep))
     apply_method(base.model, cfg.method, keep, tokenizer=base.tokenizer)
+    if cfg.train.gradient_checkpointing:
+        base.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.model.enable_input_require_grads()
     features = {s: tokenize(base.tokenizer, sp.texts, cfg.data.max_length, sp.pairs) for s, sp in splits.items()}
-    return Prepared(base.model, base.tokenizer, names, features, labels)
+    return Prepared(base.model, base.tokenizer, names, features, labels, report)
 
 
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -166,7 +176,7 @@ def check_resume_config(out: Path, cfg: RunConfig, say: Callable[[str], None]) -
         raise PeftkitError("the run to resume has no readable config.yaml", str(out),
                            "resume from a complete peftkit run folder") from None
     new = cfg.model_dump(mode="json")
-    for key in ("model", "dataset", "method", "data"):
+    for key in ("model", "dataset", "method", "data", "quantization"):
         if old.get(key) != new.get(key):
             raise PeftkitError(f"cannot resume with a different '{key}'", str(out / "config.yaml"),
                                f"keep {key} as it was, or start a new run in another output_dir")
@@ -220,12 +230,19 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
     model, tok = prep.model, prep.tokenizer
     trainable, total = count_parameters(model)
     say(f"model {cfg.model}: {parameter_report(model)}")
+    if prep.quantization is not None:
+        say(prep.quantization.line())
     say(f"data {cfg.dataset}: " + ", ".join(f"{s} {len(f)}" for s, f in prep.features.items())
         + f"; labels {prep.label_names}")
 
     groups = param_groups(model, tc.lr, tc.head_lr)
     params = [p for g in groups for p in g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
+    if tc.optimizer == "adamw_8bit":
+        from .quantize import require_bitsandbytes
+
+        optimizer = require_bitsandbytes().optim.AdamW8bit(groups, lr=tc.lr, weight_decay=tc.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
     train_feats, train_labels = prep.features["train"], prep.labels["train"]
     sampler = LengthGroupedBatches([len(f["input_ids"]) for f in train_feats], tc.batch_size, seed=cfg.seed,
                                    group_by_length=tc.group_by_length, num_processes=acc.num_processes,
@@ -420,6 +437,7 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
         "eval_seconds": round(eval_seconds, 2),
         "examples_per_s": round(trained / max(1e-9, train_seconds - eval_seconds), 2),
         "peak_rss_bytes": peak_rss_bytes(),
+        "quantization": prep.quantization.as_dict() if prep.quantization is not None else None,
         "train_examples": len(train_feats),
         "label_names": prep.label_names,
         "adapter": str(out / "adapter"),

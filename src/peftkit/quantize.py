@@ -1,0 +1,176 @@
+"""A quantized frozen base (QLoRA style): 8-bit or 4-bit linear layers from bitsandbytes.
+
+Only the base's ``nn.Linear`` layers are quantized; the method's own parameters, the saved
+modules (task head), embeddings, norms and the LM head stay in full precision. A method
+then wraps a quantized linear as it wraps a plain one (``bnb.nn.Linear4bit`` and
+``Linear8bitLt`` are ``nn.Linear`` subclasses). bitsandbytes 0.50 runs both forward and
+backward on CPU as well as on CUDA. GPT-2's ``Conv1D`` layers are left unquantized.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from .errors import PeftkitError
+from .inject import is_under, output_embedding_name, replace_module
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class QuantizationConfig(BaseModel):
+    """A recipe's ``quantization:`` block."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bits: Literal[4, 8] = Field(description="8 (LLM.int8 weights) or 4 (NF4 / FP4 blocks)")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type")
+    double_quant: bool = Field(True, description="4-bit: quantize the block scales too")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="4-bit: dtype of the matmul after dequantizing a block")
+
+
+def require_bitsandbytes() -> Any:
+    """The bitsandbytes module, or a one-line error naming the package to install."""
+    try:
+        import bitsandbytes
+    except Exception as exc:  # not installed, or its native library failed to load
+        raise PeftkitError(f"quantization needs bitsandbytes ({type(exc).__name__}: {str(exc)[:80]})",
+                           "quantization", "pip install bitsandbytes==0.50.2, or remove the quantization block"
+                           ) from None
+    return bitsandbytes
+
+
+@dataclass
+class QuantizationReport:
+    """What :func:`quantize_model` did: layers quantized and their weight bytes before and after."""
+
+    bits: int
+    layers: int
+    bytes_before: int
+    bytes_after: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"bits": self.bits, "layers": self.layers, "base_linear_bytes_before": self.bytes_before,
+                "base_linear_bytes_after": self.bytes_after,
+                "ratio": round(self.bytes_after / max(1, self.bytes_before), 4)}
+
+    def line(self) -> str:
+        return (f"quantized {self.layers} linear layers to {self.bits} bits: base linear weights "
+                f"{self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB "
+                f"({100 * self.bytes_after / max(1, self.bytes_before):.1f}%)")
+
+
+def is_quantized(module: nn.Module) -> bool:
+    return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
+def quantized_bytes(layer: nn.Module) -> int:
+    """Bytes a quantized layer's weight occupies, scales and statistics included."""
+    weight = layer.weight
+    total = weight.data.numel() * weight.data.element_size()
+    state = getattr(weight, "quant_state", None)
+    while state is not None:  # 4-bit: absmax per block, and with double quantization its own state
+        absmax = getattr(state, "absmax", None)
+        total += absmax.numel() * absmax.element_size() if absmax is not None else 0
+        state = getattr(state, "state2", None)
+    scb = _int8_scales(layer)
+    if scb is not None:
+        total += scb.numel() * scb.element_size()
+    return total
+
+
+def _int8_scales(layer: nn.Module) -> torch.Tensor | None:
+    scb = getattr(layer.weight, "SCB", None)
+    if scb is None and hasattr(layer, "state"):
+        scb = getattr(layer.state, "SCB", None)
+    return scb
+
+
+def quantize_model(model: nn.Module, cfg: QuantizationConfig, skip: list[str] = ()) -> QuantizationReport:
+    """Replace the frozen base's ``nn.Linear`` layers of ``model`` by quantized ones, in place.
+
+    Args:
+        model: a full-precision model (before a method is applied).
+        cfg: the quantization options.
+        skip: module names whose subtrees stay in full precision (the saved task head).
+    """
+    bnb = require_bitsandbytes()
+    skip = list(skip)
+    head = output_embedding_name(model)
+    if head:
+        skip.append(head)
+    names = [n for n, m in model.named_modules() if n and type(m) is nn.Linear and not is_under(n, skip)]
+    before = after = 0
+    for name in names:
+        layer = model.get_submodule(name)
+        before += layer.weight.numel() * layer.weight.element_size()
+        quantized = _quantized_linear(bnb, layer, cfg)
+        replace_module(model, name, quantized)
+        after += quantized_bytes(quantized)
+    prepare_for_kbit_training(model)
+    return QuantizationReport(cfg.bits, len(names), before, after)
+
+
+def _quantized_linear(bnb: Any, layer: nn.Linear, cfg: QuantizationConfig) -> nn.Module:
+    device = layer.weight.device
+    weight = layer.weight.data.to("cpu", torch.float32).contiguous()
+    has_bias = layer.bias is not None
+    if cfg.bits == 4:
+        q = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=has_bias,
+                              compute_dtype=DTYPES[cfg.compute_dtype], compress_statistics=cfg.double_quant,
+                              quant_type=cfg.quant_type, device="meta")
+        q.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=cfg.quant_type,
+                                     compress_statistics=cfg.double_quant, module=q)
+    else:
+        q = bnb.nn.Linear8bitLt(layer.in_features, layer.out_features, bias=has_bias, has_fp16_weights=False,
+                                threshold=0.0, device="meta")
+        q.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    if has_bias:
+        q.bias = nn.Parameter(layer.bias.data.to("cpu").clone(), requires_grad=False)
+    return q.to(device)  # moving to a device is what quantizes
+
+
+def dequantized_weight(layer: nn.Module) -> torch.Tensor:
+    """The full-precision ``(out, in)`` weight a quantized layer computes with."""
+    import bitsandbytes as bnb
+
+    weight = layer.weight
+    if type(layer).__name__ == "Linear4bit":
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+    return weight.data.float() * _int8_scales(layer).float().unsqueeze(1) / 127
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
+    """Replace every quantized linear (wrapped ones included) by an ``nn.Linear`` of ``dtype``."""
+    count = 0
+    for name, module in list(model.named_modules()):
+        if is_quantized(module):
+            plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                              device=module.weight.device, dtype=dtype)
+            with torch.no_grad():
+                plain.weight.copy_(dequantized_weight(module))
+                if module.bias is not None:
+                    plain.bias.copy_(module.bias)
+            plain.requires_grad_(False)
+            replace_module(model, name, plain)
+            count += 1
+    return count
+
+
+def prepare_for_kbit_training(model: nn.Module) -> None:
+    """What QLoRA does before training on a quantized base: norms in float32. (Input
+    gradients, which gradient checkpointing needs, are switched on with it by the trainer.)"""
+    for module in model.modules():
+        if "norm" in type(module).__name__.lower():
+            module.float()
+
+
+def check_method(method_name: str) -> None:
+    if method_name == "full":
+        raise PeftkitError("full fine-tuning cannot train a quantized base", "quantization",
+                           "remove the quantization block, or choose a parameter-efficient method")
