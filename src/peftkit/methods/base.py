@@ -104,17 +104,16 @@ def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every tensor training changes, by its path in ``model``: what checkpoints hold.
-
-    Adapter parameters, in-place trained parameters, and saved modules' whole states.
-    """
+def _collect(model: nn.Module, exported: bool) -> dict[str, torch.Tensor]:
     inj = injection_of(model)
     state: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
         if isinstance(module, AdapterModule):
-            for key, p in module.adapter_params().items():
-                state[_join(name, key)] = p
+            export = getattr(module, "export_state", None) if exported else None
+            items = export() if export is not None else module.adapter_params()
+            top = exported and getattr(module, "top_level", False)
+            for key, t in items.items():
+                state[key if top else _join(name, key)] = t
     named = dict(model.named_parameters())
     for name in inj.params:
         state[name] = named[name]
@@ -122,29 +121,23 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
         for key, t in model.get_submodule(name).state_dict(keep_vars=True).items():
             state[_join(name, key)] = t
     return state
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor training changes, by its path in ``model``: what checkpoints hold.
+
+    Adapter parameters, in-place trained parameters, and saved modules' whole states.
+    """
+    return _collect(model, exported=False)
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor an adapter file holds, keyed by module path (before the file's prefix).
 
     Equal to :func:`trainable_state` except where a module exports another form
-    (``export_state``), such as prefix tuning's projected prefixes.
+    (``export_state``, with ``top_level`` keys), such as prefix tuning's projected prefixes.
     """
-    inj = injection_of(model)
-    state: dict[str, torch.Tensor] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, AdapterModule):
-            export = getattr(module, "export_state", None)
-            items = export() if export is not None else module.adapter_params()
-            for key, t in items.items():
-                state[key if getattr(module, "top_level", False) else _join(name, key)] = t
-    named = dict(model.named_parameters())
-    for name in inj.params:
-        state[name] = named[name]
-    for name in inj.modules_to_save:
-        for key, t in model.get_submodule(name).state_dict(keep_vars=True).items():
-            state[_join(name, key)] = t
-    return state
+    return _collect(model, exported=True)
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
