@@ -107,3 +107,24 @@ def test_qlora_trains_predicts_and_merges_from_the_cli(tiny_bert_dir, sentiment_
 
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m")
     assert all(type(m) is not nn.Module and "4bit" not in type(m).__name__ for m in merged.modules())
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter-houlsby", "adapter-parallel", "prefix", "prompt", "ia3", "bitfit"])
+def test_every_method_trains_on_a_quantized_base(method, tmp_path):
+    from .test_methods import configs
+
+    model = build("bert")
+    quantize_model(model, KINDS[0], skip=["classifier"])
+    apply_method(model, configs()[method])
+    model.train()
+    model(input_ids=IDS, attention_mask=MASK).logits.pow(2).mean().backward()
+    trainable = trainable_parameters(model)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values())
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
+    perturb(model)
+    trained = out(model)
+    save_adapter(model, tmp_path / "a", base_model="tiny")
+    fresh = build("bert")
+    quantize_model(fresh, KINDS[0], skip=["classifier"])
+    load_adapter(fresh, tmp_path / "a")
+    assert torch.equal(out(fresh), trained)

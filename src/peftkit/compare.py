@@ -91,10 +91,11 @@ def _finished(cfg: RunConfig) -> dict[str, Any] | None:
     run = Path(cfg.output_dir)
     try:
         old = yaml.safe_load((run / "config.yaml").read_text())
-        if not isinstance(old, dict) or _comparable(old) != _comparable(cfg.model_dump(mode="json")):
+        old = build_config(old).model_dump(mode="json")  # options added since then take their defaults
+        if _comparable(old) != _comparable(cfg.model_dump(mode="json")):
             return None
         return json.loads((run / "summary.json").read_text())
-    except (OSError, yaml.YAMLError, json.JSONDecodeError):
+    except (OSError, yaml.YAMLError, json.JSONDecodeError, PeftkitError, AttributeError):
         return None
 
 
