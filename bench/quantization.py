@@ -105,7 +105,7 @@ def smollm2(batch: int, length: int, steps: int, checkpointing: bool) -> dict[st
 
 
 def report(args: argparse.Namespace, mini: dict | None, smol: dict | None) -> str:
-    lines = [f"# Quantized base: LoRA with the base in float32, 8-bit and NF4 (bitsandbytes, CPU)", "",
+    lines = ["# Quantized base: LoRA with the base in float32, 8-bit and NF4 (bitsandbytes, CPU)", "",
              f"- command: `.venv/bin/python bench/quantization.py {' '.join(sys.argv[1:])}`".rstrip(),
              f"- machine: {platform.machine()} {platform.processor() or ''} {_cpu()}, "
              f"{len(__import__('os').sched_getaffinity(0))} cores; python {platform.python_version()}",

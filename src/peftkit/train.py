@@ -9,11 +9,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,73 +20,7 @@ import torch
 from .config import RunConfig, dump_config
 from .errors import Interrupted, PeftkitError
 from .fsio import atomic_write_text, write_json
-
-
-@dataclass
-class Prepared:
-    """Everything loaded and checked before the first write to ``output_dir``."""
-
-    model: Any
-    tokenizer: Any
-    label_names: list[str]
-    features: dict[str, list[dict[str, list[int]]]]
-    labels: dict[str, list[int]]
-    quantization: Any = None  # a QuantizationReport when the base was quantized
-
-
-RUN_OUTPUTS = ("adapter", "checkpoints", "metrics.jsonl", "summary.json", "config.yaml", "curves.png",
-               "tensorboard", "wandb", "mlruns")
-
-
-def check_output_dir(cfg: RunConfig) -> Path:
-    """Refuse a non-empty ``output_dir`` unless ``overwrite`` is set (nothing is lost)."""
-    out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        raise PeftkitError("output_dir is a file", str(out), "choose a folder name")
-    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
-        raise PeftkitError("output_dir exists and is not empty", str(out),
-                           "choose another output_dir=..., or pass overwrite=true to replace it")
-    return out
-
-
-def clear_run_outputs(out: Path) -> None:
-    """Remove a previous run's outputs (and only those: other files in the folder stay)."""
-    for name in RUN_OUTPUTS:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-
-
-def prepare(cfg: RunConfig) -> Prepared:
-    """Load and check data, model and method; raises :class:`PeftkitError` on bad input."""
-    from accelerate.utils import set_seed
-
-    from .data import encode_labels, infer_label_names, load_splits, tokenize
-    from .methods import apply_method, default_modules_to_save, resolve_modules_to_save
-    from .models import load_classifier
-
-    splits = load_splits(cfg.dataset, cfg.data, cfg.seed)
-    names = infer_label_names(splits["train"], cfg.data.label_names)
-    labels = {s: encode_labels(sp, names, f"{cfg.dataset}, {s} split") for s, sp in splits.items()}
-    set_seed(cfg.seed)  # the new head's initialisation is part of the run
-    base = load_classifier(cfg.model, names)
-    keep = cfg.method.modules_to_save
-    if keep is None:
-        keep = default_modules_to_save(base.model, base.newly_initialized)
-    report = None
-    if cfg.quantization is not None:
-        from .quantize import check_method, quantize_model
-
-        check_method(cfg.method.name)
-        report = quantize_model(base.model, cfg.quantization, skip=resolve_modules_to_save(base.model, keep))
-    apply_method(base.model, cfg.method, keep, tokenizer=base.tokenizer)
-    if cfg.train.gradient_checkpointing:
-        base.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base.model.enable_input_require_grads()
-    features = {s: tokenize(base.tokenizer, sp.texts, cfg.data.max_length, sp.pairs) for s, sp in splits.items()}
-    return Prepared(base.model, base.tokenizer, names, features, labels, report)
+from .prepare import build_optimizer, check_output_dir, check_resume_config, clear_run_outputs, prepare
 
 
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -166,27 +98,6 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-def check_resume_config(out: Path, cfg: RunConfig, say: Callable[[str], None]) -> None:
-    """Refuse a resume whose config changes what the checkpoint holds; log what may change."""
-    import yaml
-
-    try:
-        old = yaml.safe_load((out / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        raise PeftkitError("the run to resume has no readable config.yaml", str(out),
-                           "resume from a complete peftkit run folder") from None
-    new = cfg.model_dump(mode="json")
-    for key in ("model", "dataset", "method", "data", "quantization"):
-        if old.get(key) != new.get(key):
-            raise PeftkitError(f"cannot resume with a different '{key}'", str(out / "config.yaml"),
-                               f"keep {key} as it was, or start a new run in another output_dir")
-    changed = sorted(k for k in set(old.get("train", {})) | set(new["train"])
-                     if old.get("train", {}).get(k) != new["train"].get(k))
-    if changed:
-        say("resuming with changed settings: " + ", ".join(
-            f"train.{k} {old.get('train', {}).get(k)!r} -> {new['train'][k]!r}" for k in changed))
-
-
 def improved(new: float, ref: float | None, metric: str, min_delta: float = 0.0) -> bool:
     """Whether ``new`` beats ``ref`` by more than ``min_delta`` (lower is better for loss)."""
     if ref is None:
@@ -235,14 +146,9 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
     say(f"data {cfg.dataset}: " + ", ".join(f"{s} {len(f)}" for s, f in prep.features.items())
         + f"; labels {prep.label_names}")
 
-    groups = param_groups(model, tc.lr, tc.head_lr)
-    params = [p for g in groups for p in g["params"]]
-    if tc.optimizer == "adamw_8bit":
-        from .quantize import require_bitsandbytes
-
-        optimizer = require_bitsandbytes().optim.AdamW8bit(groups, lr=tc.lr, weight_decay=tc.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = build_optimizer(model, tc)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    lrs = [g["lr"] for g in optimizer.param_groups]  # this run's, whatever a checkpoint says
     train_feats, train_labels = prep.features["train"], prep.labels["train"]
     sampler = LengthGroupedBatches([len(f["input_ids"]) for f in train_feats], tc.batch_size, seed=cfg.seed,
                                    group_by_length=tc.group_by_length, num_processes=acc.num_processes,
@@ -264,7 +170,7 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
         best_state = ck["best"]
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
-        scheduler.base_lrs = [g["lr"] for g in groups]  # a changed lr applies from here on
+        scheduler.base_lrs = lrs  # a changed lr applies from here on
         set_rng_state(ck["rngs"][acc.process_index])
         if ck.get("scaler") is not None and acc.scaler is not None:
             acc.scaler.load_state_dict(ck["scaler"])
@@ -454,20 +360,6 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
         plot_runs([out], out / "curves.png")
     acc.wait_for_everyone()
     return summary
-
-
-def param_groups(model: torch.nn.Module, lr: float, head_lr: float | None) -> list[dict[str, Any]]:
-    """Optimizer groups: the method's parameters at ``lr``; the saved heads at ``head_lr`` if set."""
-    from .inject import is_under
-    from .methods import injection_of, trainable_parameters
-
-    params = trainable_parameters(model)
-    if head_lr is None:
-        return [{"params": list(params.values()), "lr": lr}]
-    heads = injection_of(model).modules_to_save
-    method = [p for n, p in params.items() if not is_under(n, heads)]
-    head = [p for n, p in params.items() if is_under(n, heads)]
-    return [g for g in ({"params": method, "lr": lr}, {"params": head, "lr": head_lr}) if g["params"]]
 
 
 def peak_rss_bytes() -> int:

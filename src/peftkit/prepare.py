@@ -1,0 +1,129 @@
+"""Everything a training run loads and checks before its first step.
+
+Data, model, quantization and method (:func:`prepare`), the output folder, a resume's
+config, and the optimizer. Every input error surfaces here, before anything is written.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .config import RunConfig, TrainConfig
+from .errors import PeftkitError
+
+
+@dataclass
+class Prepared:
+    """Everything loaded and checked before the first write to ``output_dir``."""
+
+    model: Any
+    tokenizer: Any
+    label_names: list[str]
+    features: dict[str, list[dict[str, list[int]]]]
+    labels: dict[str, list[int]]
+    quantization: Any = None  # a QuantizationReport when the base was quantized
+
+
+RUN_OUTPUTS = ("adapter", "checkpoints", "metrics.jsonl", "summary.json", "config.yaml", "curves.png",
+               "tensorboard", "wandb", "mlruns")
+
+
+def check_output_dir(cfg: RunConfig) -> Path:
+    """Refuse a non-empty ``output_dir`` unless ``overwrite`` is set (nothing is lost)."""
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise PeftkitError("output_dir is a file", str(out), "choose a folder name")
+    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+        raise PeftkitError("output_dir exists and is not empty", str(out),
+                           "choose another output_dir=..., or pass overwrite=true to replace it")
+    return out
+
+
+def clear_run_outputs(out: Path) -> None:
+    """Remove a previous run's outputs (and only those: other files in the folder stay)."""
+    for name in RUN_OUTPUTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    """Load and check data, model and method; raises :class:`PeftkitError` on bad input."""
+    from accelerate.utils import set_seed
+
+    from .data import encode_labels, infer_label_names, load_splits, tokenize
+    from .methods import apply_method, default_modules_to_save, resolve_modules_to_save
+    from .models import load_classifier
+
+    splits = load_splits(cfg.dataset, cfg.data, cfg.seed)
+    names = infer_label_names(splits["train"], cfg.data.label_names)
+    labels = {s: encode_labels(sp, names, f"{cfg.dataset}, {s} split") for s, sp in splits.items()}
+    set_seed(cfg.seed)  # the new head's initialisation is part of the run
+    base = load_classifier(cfg.model, names)
+    keep = cfg.method.modules_to_save
+    if keep is None:
+        keep = default_modules_to_save(base.model, base.newly_initialized)
+    report = None
+    if cfg.quantization is not None:
+        from .quantize import check_method, quantize_model
+
+        check_method(cfg.method.name)
+        report = quantize_model(base.model, cfg.quantization, skip=resolve_modules_to_save(base.model, keep))
+    apply_method(base.model, cfg.method, keep, tokenizer=base.tokenizer)
+    if cfg.train.gradient_checkpointing:
+        base.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.model.enable_input_require_grads()
+    features = {s: tokenize(base.tokenizer, sp.texts, cfg.data.max_length, sp.pairs) for s, sp in splits.items()}
+    return Prepared(base.model, base.tokenizer, names, features, labels, report)
+
+
+def check_resume_config(out: Path, cfg: RunConfig, say: Callable[[str], None]) -> None:
+    """Refuse a resume whose config changes what the checkpoint holds; log what may change."""
+    import yaml
+
+    try:
+        old = yaml.safe_load((out / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        raise PeftkitError("the run to resume has no readable config.yaml", str(out),
+                           "resume from a complete peftkit run folder") from None
+    new = cfg.model_dump(mode="json")
+    for key in ("model", "dataset", "method", "data", "quantization"):
+        if old.get(key) != new.get(key):
+            raise PeftkitError(f"cannot resume with a different '{key}'", str(out / "config.yaml"),
+                               f"keep {key} as it was, or start a new run in another output_dir")
+    changed = sorted(k for k in set(old.get("train", {})) | set(new["train"])
+                     if old.get("train", {}).get(k) != new["train"].get(k))
+    if changed:
+        say("resuming with changed settings: " + ", ".join(
+            f"train.{k} {old.get('train', {}).get(k)!r} -> {new['train'][k]!r}" for k in changed))
+
+
+def param_groups(model: torch.nn.Module, lr: float, head_lr: float | None) -> list[dict[str, Any]]:
+    """Optimizer groups: the method's parameters at ``lr``; the saved heads at ``head_lr`` if set."""
+    from .inject import is_under
+    from .methods import injection_of, trainable_parameters
+
+    params = trainable_parameters(model)
+    if head_lr is None:
+        return [{"params": list(params.values()), "lr": lr}]
+    heads = injection_of(model).modules_to_save
+    method = [p for n, p in params.items() if not is_under(n, heads)]
+    head = [p for n, p in params.items() if is_under(n, heads)]
+    return [g for g in ({"params": method, "lr": lr}, {"params": head, "lr": head_lr}) if g["params"]]
+
+
+def build_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (or bitsandbytes' 8-bit AdamW) over the trainable parameters' groups."""
+    groups = param_groups(model, tc.lr, tc.head_lr)
+    if tc.optimizer == "adamw_8bit":
+        from .quantize import require_bitsandbytes
+
+        return require_bitsandbytes().optim.AdamW8bit(groups, lr=tc.lr, weight_decay=tc.weight_decay)
+    return torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
