@@ -84,6 +84,10 @@ def convert_gguf(gguf: Path, folder: Path) -> None:
         raise PeftkitError("reading a GGUF model needs the gguf package", str(gguf), "pip install gguf")
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # the tensors are plain float32 now; the GGUF marker would make save_pretrained refuse
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     folder.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp)
