@@ -113,7 +113,25 @@ def quantize_model(model: nn.Module, cfg: QuantizationConfig, skip: list[str] = 
         replace_module(model, name, quantized)
         after += quantized_bytes(quantized)
     prepare_for_kbit_training(model)
+    _own_storage(model)
     return QuantizationReport(cfg.bits, len(names), before, after)
+
+
+def _own_storage(model: nn.Module) -> None:
+    """Copy the remaining full-precision tensors out of the checkpoint file's memory map.
+
+    ``from_pretrained`` maps the safetensors file; quantizing reads every linear weight,
+    and while any tensor (the embeddings) still points into the map, all pages read stay
+    resident and count against the process. Owning copies let the map, and them, go.
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if not is_quantized(module) or name == "bias":
+                    p.data = p.data.clone()
+            for name, b in module.named_buffers(recurse=False):
+                if b is not None and not is_quantized(module):
+                    module._buffers[name] = b.clone()
 
 
 def _quantized_linear(bnb: Any, layer: nn.Linear, cfg: QuantizationConfig) -> nn.Module:
