@@ -9,7 +9,7 @@ backward on CPU as well as on CUDA. GPT-2's ``Conv1D`` layers are left unquantiz
 
 from __future__ import annotations
 
-import warnings
+import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -101,8 +101,8 @@ def quantize_model(model: nn.Module, cfg: QuantizationConfig, skip: list[str] = 
         skip: module names whose subtrees stay in full precision (the saved task head).
     """
     bnb = require_bitsandbytes()
-    # 8-bit layers say, on every new call site, that float32 inputs are cast to float16: expected here
-    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast", category=UserWarning)
+    # 8-bit layers log, on every call, that float32 inputs are cast to float16: expected here
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     skip = list(skip)
     head = output_embedding_name(model)
     if head:
