@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from .conftest import has_module
@@ -18,10 +20,10 @@ def test_smollm2_converts_once_and_loads_with_its_chat_template(tmp_path, monkey
     from peftkit.assets import resolve_model
 
     monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path))
-    folder = resolve_model("smollm2-135m")
+    folder = Path(resolve_model("smollm2-135m"))
     assert folder.parent.parent == tmp_path and (folder / "model.safetensors").is_file()
     stamp = (folder / "model.safetensors").stat().st_mtime
-    assert resolve_model("smollm2-135m") == folder
+    assert Path(resolve_model("smollm2-135m")) == folder
     assert (folder / "model.safetensors").stat().st_mtime == stamp  # reused, not converted again
     model = AutoModelForCausalLM.from_pretrained(folder)
     tok = AutoTokenizer.from_pretrained(folder)

@@ -14,8 +14,17 @@ RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_every_shipped_recipe_validates(recipe):
-    cfg = load_recipe(recipe)
-    assert cfg.method.name == "lora"
+    import yaml
+
+    if "compare" in yaml.safe_load(recipe.read_text()):
+        from peftkit.compare import load_comparison
+
+        out, runs = load_comparison(recipe)
+        assert {cfg.method.name for cfg in runs.values()} == {"lora", "adapter", "prefix", "prompt", "ia3",
+                                                             "bitfit", "full"}
+        assert all(cfg.output_dir == str(out / name) for name, cfg in runs.items())
+    else:
+        assert load_recipe(recipe).method.name == "lora"
 
 
 def test_overrides_are_typed():
