@@ -3,31 +3,14 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from peftkit import apply_method, load_adapter, save_adapter
 from peftkit.methods import IA3Config, PrefixTuningConfig, PromptTuningConfig, trainable_parameters
 
+from .test_interop_peft import logits, perturb
 from .test_methods import build
 
 peft = pytest.importorskip("peft")
-
-IDS = torch.tensor([[2, 5, 9, 11, 13, 7, 3], [2, 17, 8, 3, 4, 4, 4]])
-MASK = torch.tensor([[1] * 7, [1, 1, 1, 1, 0, 0, 0]])
-
-
-def logits(model) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=IDS, attention_mask=MASK).logits
-
-
-def perturb(params, seed: int = 3) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in params:
-            p.add_(torch.randn(p.shape, generator=g) * 0.2)
-
 
 def peft_config(method: str, task: str, family: str):
     task_type = {"cls": peft.TaskType.SEQ_CLS, "clm": peft.TaskType.CAUSAL_LM}[task]
@@ -64,7 +47,7 @@ CASES = [("ia3", "bert"), ("ia3", "llama"), ("ia3", "gpt2"),
 def test_peftkit_adapter_loads_in_peft(method, family, tmp_path):
     ours = build(family)
     apply_method(ours, ours_config(method))
-    perturb(trainable_parameters(ours).values())
+    perturb(trainable_parameters(ours).values(), seed=3)
     expected = logits(ours)
     save_adapter(ours, tmp_path / "a", base_model="tiny",
                  task="classification" if family in ("bert", "distilbert") else "causal_lm")
@@ -78,7 +61,7 @@ def test_peftkit_adapter_loads_in_peft(method, family, tmp_path):
 def test_peft_adapter_loads_in_peftkit(method, family, tmp_path):
     task = "cls" if family in ("bert", "distilbert") else "clm"
     theirs = peft.get_peft_model(build(family), peft_config(method, task, family))
-    perturb([p for p in theirs.parameters() if p.requires_grad])
+    perturb([p for p in theirs.parameters() if p.requires_grad], seed=3)
     theirs.save_pretrained(tmp_path / "a")
     theirs = peft.PeftModel.from_pretrained(build(family), tmp_path / "a")  # inference form
     expected = logits(theirs)

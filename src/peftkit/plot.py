@@ -43,8 +43,6 @@ def plot_runs(runs: list[str | Path], output: str | Path, metric: str = "accurac
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .fsio import atomic_path
-
     runs = [Path(r) for r in runs]
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -79,12 +77,7 @@ def plot_runs(runs: list[str | Path], output: str | Path, metric: str = "accurac
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.suptitle(", ".join(r.name for r in runs))
-    fig.tight_layout()
-    output = Path(output)
-    with atomic_path(output) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return output
+    return _save(fig, output)
 
 
 def _best_step(run: Path) -> int | None:
@@ -104,8 +97,6 @@ def plot_comparison(rows: list[dict[str, Any]], output: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .fsio import atomic_path
-
     split = "test" if all(r.get("test_accuracy") is not None for r in rows) else "val"
     fig, (ax_acc, ax_time) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in rows:
@@ -121,6 +112,15 @@ def plot_comparison(rows: list[dict[str, Any]], output: str | Path) -> Path:
     ax_time.set(xlabel="train time (s, evaluations included)", title="train time")
     for ax in (ax_acc, ax_time):
         ax.grid(alpha=0.3)
+    return _save(fig, output)
+
+
+def _save(fig: Any, output: str | Path) -> Path:
+    """Lay out, write ``output`` atomically, and free the figure."""
+    import matplotlib.pyplot as plt
+
+    from .fsio import atomic_path
+
     fig.tight_layout()
     output = Path(output)
     with atomic_path(output) as tmp:

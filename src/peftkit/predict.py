@@ -163,12 +163,11 @@ def merge_to_folder(clf: AdaptedClassifier, output: str | Path, overwrite: bool 
         PeftkitError: ``output`` exists and is not empty (unless ``overwrite``); method cannot merge.
     """
     from .fsio import atomic_dir
-    from .methods import injection_of, merge_and_unload
+    from .methods import check_mergeable, merge_and_unload
     from .quantize import DTYPES, dequantize_model
 
     output = check_merge_output(output, overwrite)
-    if not injection_of(clf.model).method.mergeable:
-        merge_and_unload(clf.model)  # raises the method's one-line error before any work
+    check_mergeable(clf.model)
     texts = check_texts or ["a quick check sentence", "another, somewhat longer, sentence to compare"]
     before = clf.logits(texts)
     dequantize_model(clf.model)

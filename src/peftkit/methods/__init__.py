@@ -103,11 +103,16 @@ def default_modules_to_save(model: nn.Module, newly_initialized: list[str] = ())
     return chosen
 
 
-def _mergeable(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def check_mergeable(model: nn.Module) -> None:
+    """Raise the one-line error when the method on ``model`` cannot merge into the base."""
     method = injection_of(model).method
     if not method.mergeable:
         raise PeftkitError(f"{method.name} adapters cannot be merged into the base weights", "method",
                            "use the adapter unmerged (predict and eval load it as it is)")
+
+
+def _mergeable(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    check_mergeable(model)
     return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterModule)]
 
 
@@ -143,6 +148,7 @@ __all__ = [
     "METHODS", "PEFT_TYPES", "AdapterModule", "AnyMethod", "BitFitConfig", "BottleneckAdapter", "BottleneckConfig",
     "FullConfig", "IA3Config", "IA3Linear", "Injection", "LoraConfig", "LoRALinear", "MethodConfig",
     "PrefixTuningConfig", "PromptTuningConfig", "trainable_state",
-    "adapter_state_dict", "apply_method", "count_parameters", "default_modules_to_save", "injection_of",
+    "adapter_state_dict", "apply_method", "check_mergeable", "count_parameters", "default_modules_to_save",
+    "injection_of",
     "merge", "merge_and_unload", "parameter_report", "set_trainable", "trainable_parameters", "unmerge",
 ]

@@ -145,7 +145,7 @@ class PrefixEncoder(nn.Module):
         return self.embedding if self.transform is None else self.transform(self.embedding)
 
     def export_state(self) -> dict[str, torch.Tensor]:
-        return {PROMPT_KEY: self.flat() if self.transform is None else self.flat().detach()}
+        return {PROMPT_KEY: self.flat()}
 
     def key_values(self) -> torch.Tensor:
         """``(layers, 2, kv_heads, P, head_dim)``."""
