@@ -159,3 +159,73 @@ def has_module(name: str) -> bool:
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+# ---- tiny decoders, with a word-level tokenizer that has a chat template ----
+LM_WORDS = ["<pad>", "<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",
+            "review", ":", "positive", "negative", "or", "?", "is", "it", "yes", "no", "hello", "hi", "how", "are",
+            "you"] + POSITIVE + NEGATIVE + FILLER
+LM_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+                    "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+LM_PROMPT = "review : {text} positive or negative ?"
+
+
+def make_lm_tokenizer(chat_template: bool = True):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(LM_WORDS)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                  eos_token="</s>",
+                                  additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"])
+    if chat_template:
+        tok.chat_template = LM_CHAT_TEMPLATE
+    return tok
+
+
+def build_lm(family: str):
+    """A tiny causal LM over ``LM_WORDS``. Its (tied) embeddings get the scale pretraining gives
+    them: at the default init's 0.02 the frozen output layer cannot tell words apart by more
+    than a logit or so, and a method that keeps it frozen could not learn any task."""
+    torch.manual_seed(0)
+    model = _new_lm(family)
+    emb = model.get_input_embeddings()
+    with torch.no_grad():
+        emb.weight.normal_(0.0, 1.0)
+    g = torch.Generator().manual_seed(1)  # and, as for the tiny BERT, sentiment words carry a direction
+    direction = torch.randn(emb.weight.shape[1], generator=g)
+    with torch.no_grad():
+        for words, sign in ((POSITIVE + ["positive"], 1), (NEGATIVE + ["negative"], -1)):
+            for w in words:
+                emb.weight[LM_WORDS.index(w)] += sign * 2 * direction / direction.norm() * emb.weight.shape[1] ** 0.5
+    return model
+
+
+def _new_lm(family: str):
+    import transformers as tf
+
+    v = len(LM_WORDS)
+    if family == "llama":
+        return tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=v, hidden_size=32, num_hidden_layers=2,
+                                                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+                                                  tie_word_embeddings=True, pad_token_id=0, bos_token_id=2,
+                                                  eos_token_id=3))
+    if family == "qwen2":
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(vocab_size=v, hidden_size=32, num_hidden_layers=2,
+                                                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+                                                  tie_word_embeddings=True, pad_token_id=0, bos_token_id=2,
+                                                  eos_token_id=3))
+    if family == "gpt2":
+        return tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=v, n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                                                pad_token_id=0, bos_token_id=2, eos_token_id=3))
+    raise ValueError(family)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A 2-layer LLaMA causal LM with the word-level chat tokenizer, saved locally."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    build_lm("llama").save_pretrained(path)
+    make_lm_tokenizer().save_pretrained(path)
+    return path

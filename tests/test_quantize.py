@@ -128,3 +128,32 @@ def test_every_method_trains_on_a_quantized_base(method, tmp_path):
     quantize_model(fresh, KINDS[0], skip=["classifier"])
     load_adapter(fresh, tmp_path / "a")
     assert torch.equal(out(fresh), trained)
+
+
+@pytest.mark.parametrize("quant_type,double_quant,compute_dtype", [("nf4", True, "float32"), ("fp4", False, "float32"),
+                                                                   ("nf4", True, "bfloat16")])
+def test_cpu_4bit_layer_matches_bitsandbytes_own_forward_and_backward(quant_type, double_quant, compute_dtype):
+    """The shared-buffer CPU path computes what bitsandbytes' Linear4bit computes, gradients included."""
+    import bitsandbytes as bnb
+
+    from peftkit.quantize import _native_dequantizer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(96, 40))
+    quantize_model(model, QuantizationConfig(bits=4, quant_type=quant_type, double_quant=double_quant,
+                                             compute_dtype=compute_dtype))
+    layer = model[0]
+    assert isinstance(layer, bnb.nn.Linear4bit)
+    state = layer.weight.quant_state
+    assert _native_dequantizer(state, layer.compute_dtype, state.shape[1]) is not None  # the buffer path runs
+    layer.bias.requires_grad_(True)  # as BitFit on a quantized base
+    x = torch.randn(2, 7, 96, requires_grad=True)
+    results = []
+    for forward in (layer.forward, lambda t: bnb.nn.Linear4bit.forward(layer, t)):
+        x.grad = layer.bias.grad = None
+        y = forward(x)
+        y.pow(2).sum().backward()
+        results.append((y.detach().float(), x.grad.float(), layer.bias.grad.float()))
+    tol = 1e-5 if compute_dtype == "float32" else 2e-2
+    for ours, theirs in zip(results[0], results[1]):
+        assert torch.allclose(ours, theirs, rtol=tol, atol=tol)

@@ -31,14 +31,23 @@ def _train(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") != "0":  # under torchrun / accelerate launch, process 0 reports
         return 0
     val, test = summary["validation"], summary.get("test")
-    print(f"validation accuracy {val['accuracy']:.4f}  f1 {val['f1']:.4f}  (best step {summary['best_step']})")
+    print(f"validation {_metrics_line(val)}  (best step {summary['best_step']})")
     if test:
-        print(f"test accuracy {test['accuracy']:.4f}  f1 {test['f1']:.4f}  (n={test['n']})")
+        print(f"test {_metrics_line(test)}")
     print(f"trained in {summary['train_seconds']:.1f} s; adapter written to {summary['adapter']}")
     exe = sys.argv[0] if Path(sys.argv[0]).name == "peftkit" else "peftkit"  # e.g. .venv/bin/peftkit
-    print(f"predict with: {exe} predict --adapter {summary['adapter']} --input examples/reviews.txt "
-          f"--output {Path(cfg.output_dir) / 'predictions.jsonl'}")
+    if cfg.task == "causal_lm":
+        print(f'generate with: {exe} generate --adapter {summary["adapter"]} --prompt "..."')
+    else:
+        print(f"predict with: {exe} predict --adapter {summary['adapter']} --input examples/reviews.txt "
+              f"--output {Path(cfg.output_dir) / 'predictions.jsonl'}")
     return 0
+
+
+def _metrics_line(m: dict) -> str:
+    keys = ("accuracy", "f1", "exact_match", "valid_label_rate", "loss", "perplexity")
+    shown = "  ".join(f"{k} {m[k]:.4f}" for k in keys if k in m)
+    return shown + (f"  (n={m['n']})" if "n" in m else "")
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -109,6 +118,42 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from .causal import generate
+    from .fsio import atomic_write_text
+    from .models import quiet_transformers
+    from .predict import load_adapted_lm, read_texts
+
+    texts = [args.prompt] if args.prompt is not None else read_texts(args.input, args.text_field)
+    if args.output and Path(args.output).exists() and not args.overwrite:
+        raise PeftkitError("output exists", args.output, "choose another --output or pass --overwrite")
+    quiet_transformers()
+    lm = load_adapted_lm(args.adapter, args.model, quantize=args.quantize)
+    if args.merge:
+        from .methods import check_mergeable, merge_and_unload
+
+        check_mergeable(lm.model)
+        merge_and_unload(lm.model)
+    prompts = [lm.prompt_ids(t, raw=args.raw) for t in texts]
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   stop_ids=None if args.raw else lm.encoder.stop_ids)
+    if len(prompts) == 1 and not args.output:  # one prompt: stream the answer as it is generated
+        from transformers import TextStreamer
+
+        generate(lm.model, lm.tokenizer, prompts, **options,
+                 streamer=TextStreamer(lm.tokenizer, skip_prompt=True, skip_special_tokens=True))
+        return 0
+    answers = generate(lm.model, lm.tokenizer, prompts, batch_size=args.batch_size, **options)
+    if args.output:
+        atomic_write_text(args.output, "".join(json.dumps({"prompt": t, "answer": a}) + "\n"
+                                               for t, a in zip(texts, answers)))
+        print(f"wrote {len(answers)} answers to {args.output}")
+    else:
+        for a in answers:
+            print(json.dumps(a))
+    return 0
+
+
 def _plot(args: argparse.Namespace) -> int:
     from .plot import plot_runs
 
@@ -173,6 +218,21 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--overwrite", action="store_true")
     m.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the merged model")
     m.set_defaults(run=_merge)
+
+    g = sub.add_parser("generate", help="answer prompts with a causal-LM adapter (streams a single prompt)")
+    adapter_args(g)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt (for a labelled-data adapter: the text to fill its template)")
+    src.add_argument("--input", help="JSON Lines with a text field, or plain text one prompt per line")
+    g.add_argument("--text-field", default="text")
+    g.add_argument("--output", help="JSON Lines of prompt and answer (default: print)")
+    g.add_argument("--overwrite", action="store_true")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--merge", action="store_true", help="merge the adapter into the base first")
+    g.add_argument("--raw", action="store_true", help="send prompts as they are: no prompt or chat template")
+    g.set_defaults(run=_generate)
 
     pl = sub.add_parser("plot", help="loss and metric curves of one run, or several overlaid")
     pl.add_argument("runs", nargs="+", metavar="RUN_DIR")

@@ -41,6 +41,18 @@ class DataConfig(_Strict):
     validation_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     max_train_samples: int | None = Field(None, gt=0, description="subsample train (quick runs)")
     max_eval_samples: int | None = Field(None, gt=0, description="subsample validation and test")
+    # task causal_lm: which columns hold what, and how they become one token sequence
+    prompt_column: str = Field("prompt", description="causal_lm: prompt/completion data")
+    completion_column: str = "completion"
+    messages_column: str = Field("messages", description="causal_lm: chat records (role/content lists)")
+    prompt_template: str | None = Field(
+        None, description="causal_lm on labelled data: the prompt, with {text} (and {text_pair}); the "
+        "completion is the label name")
+    chat_template: bool | None = Field(None, description="causal_lm: render with the tokenizer's chat "
+                                       "template; default: when it has one (chat records always)")
+    system_prompt: str | None = Field(None, description="causal_lm with a chat template: a system message")
+    train_on_prompt: bool = Field(False, description="causal_lm: loss on prompt tokens too")
+    packing: bool = Field(False, description="causal_lm: pack several training examples per sequence")
 
 
 class EarlyStopping(_Strict):
@@ -62,6 +74,8 @@ class TrainConfig(_Strict):
     lr: float = Field(5e-4, gt=0)
     optimizer: Literal["adamw", "adamw_8bit"] = Field("adamw", description="adamw_8bit: bitsandbytes 8-bit states")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
+    low_memory: bool = Field(False, description="hand freed tensor memory back to the OS at once (Linux): "
+                             "lower peak memory, slower steps")
     head_lr: float | None = Field(None, gt=0, description="lr of the saved modules (task head); default: lr")
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
@@ -82,6 +96,8 @@ class TrainConfig(_Strict):
 class RunConfig(_Strict):
     """Everything one ``peftkit train`` run needs."""
 
+    task: Literal["classification", "causal_lm"] = Field(
+        "classification", description="classification (a head over labels) or causal_lm (next-token loss)")
     model: str = Field("minilm", description="asset name, hub id, or local folder")
     dataset: str = Field("rotten_tomatoes", description="asset name, hub id, local file or folder")
     output_dir: str = "runs/default"

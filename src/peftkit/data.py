@@ -8,7 +8,7 @@ files, or a hub id (through ``datasets.load_dataset``).
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,24 +147,30 @@ def _to_split(table: Any, cfg: DataConfig, source: str, split: str) -> Split:
     return Split(texts, list(table[cfg.label_column]), pairs, names)
 
 
-def load_splits(source: str, cfg: DataConfig, seed: int) -> dict[str, Split]:
+def load_splits(source: str, cfg: DataConfig, seed: int, convert: Callable[..., Any] | None = None
+                ) -> dict[str, Split]:
     """Load ``source`` into train / validation / (test) splits.
 
     A validation split is carved from train (``cfg.validation_fraction``, seeded) when the
     source has none. Subsampling (``max_*_samples``) is seeded too.
 
+    Args:
+        convert: ``(table, cfg, source, split_name) -> split`` (anything with ``len`` and
+            ``subset``); default: text/label columns into a :class:`Split`.
+
     Raises:
         PeftkitError: missing files or columns, malformed files, empty splits.
     """
+    convert = convert or _to_split
     tables = _load_tables(source)
     if cfg.train_split not in tables:
         raise PeftkitError(f"no '{cfg.train_split}' split", source,
                            f"set data.train_split to one of: {', '.join(tables) or '(none)'}")
-    splits = {"train": _to_split(tables[cfg.train_split], cfg, source, cfg.train_split)}
+    splits = {"train": convert(tables[cfg.train_split], cfg, source, cfg.train_split)}
     if cfg.validation_split and cfg.validation_split in tables:
-        splits["validation"] = _to_split(tables[cfg.validation_split], cfg, source, cfg.validation_split)
+        splits["validation"] = convert(tables[cfg.validation_split], cfg, source, cfg.validation_split)
     if cfg.test_split and cfg.test_split in tables:
-        splits["test"] = _to_split(tables[cfg.test_split], cfg, source, cfg.test_split)
+        splits["test"] = convert(tables[cfg.test_split], cfg, source, cfg.test_split)
     if len(splits["train"]) == 0:
         raise PeftkitError("the training split is empty", source, "give a dataset with examples")
     rng = random.Random(seed)

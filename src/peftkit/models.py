@@ -74,6 +74,26 @@ def load_classifier(name: str, label_names: list[str]) -> LoadedBase:
     return LoadedBase(model, tokenizer, new)
 
 
+def load_causal_lm(name: str) -> LoadedBase:
+    """A ``...ForCausalLM`` model (LM head included) and its tokenizer.
+
+    Raises:
+        PeftkitError: the model cannot be loaded as a causal LM.
+    """
+    from transformers import AutoModelForCausalLM
+
+    quiet_transformers()
+    tokenizer = load_tokenizer(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model(name))
+    except Exception as exc:
+        raise PeftkitError(f"cannot load '{name}' as a causal LM: {_first_line(exc)}", "model",
+                           "use a decoder model (LLaMA, Qwen2, Mistral, SmolLM, GPT-2...)") from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return LoadedBase(model, tokenizer, [])
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return (text.splitlines()[0][:200] if text else type(exc).__name__)

@@ -206,3 +206,54 @@ def evaluate_adapter(clf: AdaptedClassifier, source: str, split: str = "test", *
     probs, loss = clf.predict_proba(data.texts, data.pairs, batch_size, labels)
     return {"dataset": source, "split": split, "label_names": clf.label_names,
             **classification_metrics(labels, probs, clf.label_names, loss)}
+
+
+@dataclass
+class AdaptedLM:
+    """A causal LM with an adapter loaded, and the prompt format it was trained with."""
+
+    model: Any
+    tokenizer: Any
+    encoder: Any  # causal.LMEncoder: the training's prompt template and chat template
+    adapter: AdapterFiles
+    base_model: str
+
+    def prompt_ids(self, text: str, raw: bool = False) -> list[int]:
+        """``text`` as the training saw a prompt: through its template (labelled data) and the
+        chat template; ``raw`` sends it as it is."""
+        if raw:
+            return self.tokenizer(text)["input_ids"]
+        if self.encoder.cfg.prompt_template:
+            text = self.encoder.prompt_text(text)
+        return self.encoder.prompt_ids(text)
+
+
+def load_adapted_lm(adapter_dir: str | Path, model: str | None = None, quantize: int | None = None) -> AdaptedLM:
+    """Load a causal-LM adapter (peftkit's or ``peft``'s) onto its base (or onto ``model``).
+
+    Raises:
+        PeftkitError: unreadable adapter, unknown base, or an adapter that does not fit the base.
+    """
+    from .causal import LMEncoder
+    from .config import DataConfig
+    from .models import load_causal_lm
+
+    files = read_adapter(adapter_dir)
+    method_cfg = files.method_config()
+    base = model or files.base_model
+    if not base:
+        raise PeftkitError("the adapter does not name its base model", str(adapter_dir), "pass --model")
+    state = read_adapter_weights(adapter_dir, method_cfg)
+    loaded = load_causal_lm(base)
+    if quantize:
+        from .quantize import QuantizationConfig, check_method, quantize_model
+
+        check_method(method_cfg.name)
+        quantize_model(loaded.model, QuantizationConfig(bits=quantize))
+    load_adapter(loaded.model, adapter_dir, state)
+    loaded.model.eval()
+    meta = files.meta
+    cfg = DataConfig(max_length=int(meta.get("max_length") or 1024), prompt_template=meta.get("prompt_template"),
+                     chat_template=meta.get("chat_template"), system_prompt=meta.get("system_prompt"))
+    encoder = LMEncoder(loaded.tokenizer, cfg, meta.get("label_names"))
+    return AdaptedLM(loaded.model, loaded.tokenizer, encoder, files, base)

@@ -23,9 +23,7 @@ class Prepared:
 
     model: Any
     tokenizer: Any
-    label_names: list[str]
-    features: dict[str, list[dict[str, list[int]]]]
-    labels: dict[str, list[int]]
+    task: Any  # tasks.ClassificationTask or tasks.CausalLMTask: features, batches, loss, evaluation
     quantization: Any = None  # a QuantizationReport when the base was quantized
 
 
@@ -58,15 +56,28 @@ def prepare(cfg: RunConfig) -> Prepared:
     """Load and check data, model and method; raises :class:`PeftkitError` on bad input."""
     from accelerate.utils import set_seed
 
-    from .data import encode_labels, infer_label_names, load_splits, tokenize
+    from .causal import to_rows
+    from .data import load_splits
     from .methods import apply_method, default_modules_to_save, resolve_modules_to_save
-    from .models import load_classifier
+    from .models import load_causal_lm, load_classifier
+    from .tasks import build_task
 
-    splits = load_splits(cfg.dataset, cfg.data, cfg.seed)
-    names = infer_label_names(splits["train"], cfg.data.label_names)
-    labels = {s: encode_labels(sp, names, f"{cfg.dataset}, {s} split") for s, sp in splits.items()}
-    set_seed(cfg.seed)  # the new head's initialisation is part of the run
-    base = load_classifier(cfg.model, names)
+    if cfg.train.low_memory:
+        release_freed_memory()
+    lm = cfg.task == "causal_lm"
+    if lm and cfg.data.packing and cfg.method.name in ("prefix", "prompt"):
+        raise PeftkitError(f"data.packing cannot be combined with {cfg.method.name} tuning", "data.packing",
+                           "set data.packing: false (virtual tokens would be shared across packed examples)")
+    splits = load_splits(cfg.dataset, cfg.data, cfg.seed, convert=to_rows if lm else None)
+    set_seed(cfg.seed)  # a new head's initialisation is part of the run
+    if lm:
+        base = load_causal_lm(cfg.model)
+        task = build_task(cfg, base.model, base.tokenizer, splits)
+    else:
+        from .data import infer_label_names
+
+        base = load_classifier(cfg.model, infer_label_names(splits["train"], cfg.data.label_names))
+        task = None
     keep = cfg.method.modules_to_save
     if keep is None:
         keep = default_modules_to_save(base.model, base.newly_initialized)
@@ -80,8 +91,28 @@ def prepare(cfg: RunConfig) -> Prepared:
     if cfg.train.gradient_checkpointing:
         base.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.model.enable_input_require_grads()
-    features = {s: tokenize(base.tokenizer, sp.texts, cfg.data.max_length, sp.pairs) for s, sp in splits.items()}
-    return Prepared(base.model, base.tokenizer, names, features, labels, report)
+    if task is None:
+        task = build_task(cfg, base.model, base.tokenizer, splits)
+    return Prepared(base.model, base.tokenizer, task, report)
+
+
+def release_freed_memory(threshold: int = 256 * 1024) -> bool:
+    """Make glibc give every freed block over ``threshold`` bytes back to the OS at once.
+
+    By default glibc keeps freed tensor memory in its heap for reuse; training's short-lived
+    activations of many sizes leave that heap several times larger than the tensors alive at
+    any moment (SmolLM2, batch 4: about 600 MiB more). Served from their own mappings instead,
+    large blocks leave when freed, so the peak follows the live tensors, at the price of
+    mapping fresh pages for each (slower steps; ``bench/RESULTS-quantization.md``).
+    Returns False where the C library is not glibc.
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(-3, threshold))  # M_MMAP_THRESHOLD; setting it also stops glibc raising it
 
 
 def check_resume_config(out: Path, cfg: RunConfig, say: Callable[[str], None]) -> None:

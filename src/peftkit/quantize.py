@@ -5,17 +5,25 @@ modules (task head), embeddings, norms and the LM head stay in full precision. A
 then wraps a quantized linear as it wraps a plain one (``bnb.nn.Linear4bit`` and
 ``Linear8bitLt`` are ``nn.Linear`` subclasses). bitsandbytes 0.50 runs both forward and
 backward on CPU as well as on CUDA. GPT-2's ``Conv1D`` layers are left unquantized.
+
+On CPU a 4-bit layer computes by dequantizing its weight and multiplying; bitsandbytes
+allocates a fresh full-precision weight for that on every call, forward and backward, and
+those short-lived megabytes fragment the heap until the process holds far more than the
+model needs. :class:`_CPULinear4bit` dequantizes into one reused buffer per thread instead.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
+from torch.nn import functional as F
 
 from .errors import PeftkitError
 from .inject import is_under, output_embedding_name, replace_module
@@ -67,7 +75,11 @@ class QuantizationReport:
 
 
 def is_quantized(module: nn.Module) -> bool:
-    return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+    return any(c.__name__ in ("Linear4bit", "Linear8bitLt") for c in type(module).__mro__)
+
+
+def is_4bit(module: nn.Module) -> bool:
+    return any(c.__name__ == "Linear4bit" for c in type(module).__mro__)
 
 
 def quantized_bytes(layer: nn.Module) -> int:
@@ -142,7 +154,7 @@ def _quantized_linear(bnb: Any, layer: nn.Linear, cfg: QuantizationConfig) -> nn
     weight = layer.weight.data.to("cpu", torch.float32).contiguous()
     has_bias = layer.bias is not None
     if cfg.bits == 4:
-        q = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=has_bias,
+        q = _cpu_linear4bit_class(bnb)(layer.in_features, layer.out_features, bias=has_bias,
                               compute_dtype=DTYPES[cfg.compute_dtype], compress_statistics=cfg.double_quant,
                               quant_type=cfg.quant_type, device="meta")
         q.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=cfg.quant_type,
@@ -156,12 +168,88 @@ def _quantized_linear(bnb: Any, layer: nn.Linear, cfg: QuantizationConfig) -> nn
     return q.to(device)  # moving to a device is what quantizes
 
 
+_CPU_LINEAR4BIT: type | None = None
+_buffers = threading.local()
+
+
+def _cpu_linear4bit_class(bnb: Any) -> type:
+    """``bnb.nn.Linear4bit`` whose CPU forward and backward dequantize into a reused buffer."""
+    global _CPU_LINEAR4BIT
+    if _CPU_LINEAR4BIT is None:
+        class Linear4bit(bnb.nn.Linear4bit):  # same name: peft, and readers of the layer, see a Linear4bit
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                state = getattr(self.weight, "quant_state", None)
+                if self.weight.device.type != "cpu" or state is None or getattr(state, "packing_format_for_cpu", 0):
+                    return super().forward(x)
+                dtype = self.compute_dtype or x.dtype
+                bias = None if self.bias is None else self.bias.to(dtype)
+                return _Dequantized4bitLinear.apply(x.to(dtype), self.weight, bias).to(x.dtype)
+
+        _CPU_LINEAR4BIT = Linear4bit
+    return _CPU_LINEAR4BIT
+
+
+class _Dequantized4bitLinear(torch.autograd.Function):
+    """``x @ W.T + b`` with ``W`` dequantized into the shared buffer, again in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.weight = weight  # a parameter: keeping it costs nothing
+        ctx.bias_grad = bias is not None and bias.requires_grad
+        return F.linear(x, _dequantize_shared(weight, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        grad_x = grad @ _dequantize_shared(ctx.weight, grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.bias_grad else None
+        return grad_x, None, grad_bias
+
+
+def _dequantize_shared(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The ``(out, in)`` weight in ``dtype``, written over this thread's buffer (valid until the next call)."""
+    import bitsandbytes as bnb
+
+    state = weight.quant_state
+    n, k = state.shape
+    store = _buffers.__dict__
+    buf = store.get(dtype)
+    if buf is None or buf.numel() < n * k:
+        buf = store[dtype] = torch.empty(n * k, dtype=dtype)
+    out = buf[: n * k].view(n, k)
+    kernel = _native_dequantizer(state, dtype, k)
+    if kernel is None:  # no native kernel for this case: bitsandbytes' own (allocating) path
+        return out.copy_(bnb.functional.dequantize_4bit(weight.data, state))
+    absmax = state.absmax
+    if state.nested:
+        absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    absmax = absmax.float().contiguous()
+    packed = weight.data.view(torch.uint8).contiguous()
+    kernel(ctypes.c_void_p(packed.data_ptr()), ctypes.c_void_p(absmax.data_ptr()), ctypes.c_void_p(out.data_ptr()),
+           ctypes.c_longlong(state.blocksize), ctypes.c_longlong(n), ctypes.c_longlong(k))
+    return out
+
+
+def _native_dequantizer(state: Any, dtype: torch.dtype, k: int) -> Any:
+    """bitsandbytes' CPU dequantization kernel that writes into a given buffer, when it has one
+    for this case (the same kernel its CPU backend calls, with the same conditions)."""
+    if k % 2 or state.blocksize >= 2048:
+        return None
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    if dtype not in names:
+        return None
+    try:
+        from bitsandbytes.cextension import lib
+        return getattr(lib, f"cdequantize_blockwise_cpu_{state.quant_type}_{names[dtype]}")
+    except Exception:  # another bitsandbytes build: fall back to its public function
+        return None
+
+
 def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     """The full-precision ``(out, in)`` weight a quantized layer computes with."""
     import bitsandbytes as bnb
 
     weight = layer.weight
-    if type(layer).__name__ == "Linear4bit":
+    if is_4bit(layer):
         return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
     return weight.data.float() * _int8_scales(layer).float().unsqueeze(1) / 127
 

@@ -120,8 +120,7 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
 
     from .adapter_io import save_adapter
     from .checkpoint import find_resume, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-    from .data import LengthGroupedBatches, collate
-    from .evaluate import classification_metrics, predict_probs
+    from .data import LengthGroupedBatches
     from .methods import count_parameters, parameter_report, trainable_state
 
     # accelerate only runs several CPU processes (DDP over gloo) when told it is on the CPU
@@ -138,18 +137,21 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
     acc.wait_for_everyone()  # every process has checked before process 0 writes anything
 
     prep = prepare(cfg)
-    model, tok = prep.model, prep.tokenizer
+    model, task = prep.model, prep.task
     trainable, total = count_parameters(model)
     say(f"model {cfg.model}: {parameter_report(model)}")
     if prep.quantization is not None:
         say(prep.quantization.line())
-    say(f"data {cfg.dataset}: " + ", ".join(f"{s} {len(f)}" for s, f in prep.features.items())
-        + f"; labels {prep.label_names}")
+    say(f"data {cfg.dataset}: {task.describe()}")
+    best_metric = task.best_metric(tc.metric_for_best)
+    if best_metric != tc.metric_for_best:
+        say(f"train.metric_for_best {tc.metric_for_best} does not apply to this data: the best adapter is "
+            f"chosen by validation {best_metric}")
 
     optimizer = build_optimizer(model, tc)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     lrs = [g["lr"] for g in optimizer.param_groups]  # this run's, whatever a checkpoint says
-    train_feats, train_labels = prep.features["train"], prep.labels["train"]
+    train_feats = task.features["train"]
     sampler = LengthGroupedBatches([len(f["input_ids"]) for f in train_feats], tc.batch_size, seed=cfg.seed,
                                    group_by_length=tc.group_by_length, num_processes=acc.num_processes,
                                    process_index=acc.process_index)
@@ -190,16 +192,10 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
     log = MetricsLog(out / "metrics.jsonl" if main else None, history=ck["metrics"] if resume_from else "",
                      reporters=reporters)
     ddp_model, optimizer = acc.prepare(model, optimizer)
-    pad_id = tok.pad_token_id
-    meta = {"id2label": dict(enumerate(prep.label_names)), "max_length": cfg.data.max_length,
-            "text_column": cfg.data.text_column, "label_column": cfg.data.label_column,
-            "text_pair_column": cfg.data.text_pair_column}
 
-    def evaluate(split: str) -> dict[str, Any]:
-        probs, loss = predict_probs(ddp_model, prep.features[split], pad_id=pad_id, batch_size=tc.eval_batch_size,
-                                    labels=prep.labels[split], device=acc.device,
-                                    num_processes=acc.num_processes, process_index=acc.process_index)
-        return classification_metrics(prep.labels[split], probs, prep.label_names, loss)
+    def evaluate(split: str, final: bool = False) -> dict[str, Any]:
+        return task.evaluate(ddp_model, split, tc.eval_batch_size, acc.device, acc.num_processes,
+                             acc.process_index, final=final)
 
     def run_eval(step: int, epoch: float, train_loss: float | None) -> bool:
         """Evaluate, keep the best adapter, watch for overfitting; True when early stopping fires."""
@@ -210,14 +206,13 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
         log.write({"type": "eval", "split": "validation", "step": step, "epoch": round(epoch, 4),
                    **{k: v for k, v in metrics.items() if k != "confusion_matrix"}})
         best = loop["best"]
-        is_best = improved(metrics[tc.metric_for_best], best and best[tc.metric_for_best], tc.metric_for_best)
-        say(f"eval step {step} epoch {epoch:.2f}: loss {metrics['loss']:.4f} accuracy {metrics['accuracy']:.4f} "
-            f"f1 {metrics['f1']:.4f}" + (" (best)" if is_best else ""))
+        is_best = improved(metrics[best_metric], best and best[best_metric], best_metric)
+        say(f"eval step {step} epoch {epoch:.2f}: {task.line(metrics)}" + (" (best)" if is_best else ""))
         if is_best:
             loop["best"] = {**metrics, "step": step, "epoch": round(epoch, 4)}
             best_state = {k: v.detach().clone() for k, v in trainable_state(model).items()}
             if main:
-                save_adapter(model, out / "adapter", base_model=cfg.model, meta=meta)
+                save_adapter(model, out / "adapter", base_model=cfg.model, task=task.name, meta=task.meta)
         history = loop["history"]
         history.append([step, metrics["loss"], train_loss])
         rising = _overfitting_since(history)
@@ -229,12 +224,13 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
         if es is None:
             return False
         ref = loop.get("es_best")
-        if improved(metrics[es.metric], ref, es.metric, es.min_delta):
-            loop["es_best"], loop["bad_evals"] = metrics[es.metric], 0
+        es_metric = task.best_metric(es.metric)
+        if improved(metrics[es_metric], ref, es_metric, es.min_delta):
+            loop["es_best"], loop["bad_evals"] = metrics[es_metric], 0
             return False
         loop["bad_evals"] += 1
         if loop["bad_evals"] >= es.patience:
-            say(f"early stopping at step {step}: no {es.metric} improvement in {es.patience} evaluations")
+            say(f"early stopping at step {step}: no {es_metric} improvement in {es.patience} evaluations")
             loop["early_stopped_at"] = step
             return True
         return False
@@ -270,11 +266,11 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
                 first = loop["next_batch"] if epoch == loop["epoch"] else 0
                 for i in range(first, usable):
                     idx = batches[i]
-                    batch = collate([train_feats[j] for j in idx], pad_id, [train_labels[j] for j in idx])
+                    batch = task.batch(idx)
                     batch = {k: v.to(acc.device) for k, v in batch.items()}
                     sync = (i + 1) % tc.grad_accum == 0
                     with contextlib.nullcontext() if sync else acc.no_sync(ddp_model):
-                        loss = ddp_model(**batch).loss
+                        loss = task.loss(ddp_model, batch)
                         acc.backward(loss / tc.grad_accum)
                     value = loss.detach().float().item()
                     if not math.isfinite(value):  # stop before a bad update reaches the weights
@@ -345,11 +341,11 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
         "peak_rss_bytes": peak_rss_bytes(),
         "quantization": prep.quantization.as_dict() if prep.quantization is not None else None,
         "train_examples": len(train_feats),
-        "label_names": prep.label_names,
+        **task.summary(),
         "adapter": str(out / "adapter"),
     }
-    if "test" in prep.features:
-        summary["test"] = evaluate("test")
+    if "test" in task.features:
+        summary["test"] = evaluate("test", final=True)
         log.write({"type": "eval", "split": "test", "step": loop["step"],
                    **{k: v for k, v in summary["test"].items() if k != "confusion_matrix"}})
     log.close()

@@ -1,0 +1,157 @@
+"""What the training loop asks of a task: batches, the loss, evaluation, adapter metadata.
+
+:class:`ClassificationTask`: a head over labels (encoders, and decoders as classifiers).
+:class:`CausalLMTask`: next-token loss on a decoder (see :mod:`peftkit.causal`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import RunConfig
+
+
+@dataclass
+class ClassificationTask:
+    name = "classification"
+    label_names: list[str]
+    features: dict[str, list[dict[str, list[int]]]]
+    labels: dict[str, list[int]]
+    pad_id: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return ", ".join(f"{s} {len(f)}" for s, f in self.features.items()) + f"; labels {self.label_names}"
+
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        from .data import collate
+
+        feats, labels = self.features["train"], self.labels["train"]
+        return collate([feats[i] for i in indices], self.pad_id, [labels[i] for i in indices])
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**batch).loss
+
+    def best_metric(self, wanted: str) -> str:
+        return wanted
+
+    def evaluate(self, model: nn.Module, split: str, batch_size: int, device: Any, num_processes: int = 1,
+                 process_index: int = 0, final: bool = False) -> dict[str, Any]:
+        from .evaluate import classification_metrics, predict_probs
+
+        probs, loss = predict_probs(model, self.features[split], pad_id=self.pad_id, batch_size=batch_size,
+                                    labels=self.labels[split], device=device, num_processes=num_processes,
+                                    process_index=process_index)
+        return classification_metrics(self.labels[split], probs, self.label_names, loss)
+
+    @staticmethod
+    def line(metrics: dict[str, Any]) -> str:
+        return f"loss {metrics['loss']:.4f} accuracy {metrics['accuracy']:.4f} f1 {metrics['f1']:.4f}"
+
+    def summary(self) -> dict[str, Any]:
+        return {"label_names": self.label_names}
+
+
+@dataclass
+class CausalLMTask:
+    """Next-token loss; with labelled prompts also label scoring, and exact match at the end."""
+
+    name = "causal_lm"
+    encoder: Any  # causal.LMEncoder
+    features: dict[str, list[dict[str, list[int]]]]
+    encoded: dict[str, Any]  # split -> causal.Encoded (prompts, classes, truncation counts)
+    pad_id: int
+    tokenizer: Any
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label_names(self) -> list[str] | None:
+        return self.encoder.label_names
+
+    def describe(self) -> str:
+        parts = [f"{s} {len(f)}" for s, f in self.features.items()]
+        cut = [f"{s}: {e.truncated} over the limit, {e.completion_cut} of them lost part of the completion"
+               for s, e in self.encoded.items() if e.truncated or e.completion_cut]
+        labels = f"; labels {self.label_names}" if self.label_names else ""
+        return ", ".join(parts) + labels + (f"; truncated to {self.encoder.cfg.max_length} tokens ("
+                                            + "; ".join(cut) + ")" if cut else "")
+
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        from .causal import collate_lm
+
+        return collate_lm([self.features["train"][i] for i in indices], self.pad_id)
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        from .lm_loss import causal_lm_loss
+
+        return causal_lm_loss(model, **batch)
+
+    def best_metric(self, wanted: str) -> str:
+        return wanted if self.label_names else "loss"
+
+    def evaluate(self, model: nn.Module, split: str, batch_size: int, device: Any, num_processes: int = 1,
+                 process_index: int = 0, final: bool = False) -> dict[str, Any]:
+        """Loss and perplexity; labelled prompts add label-scoring accuracy and F1 (and, when
+        ``final``, exact match of greedy answers). Every process computes the whole split."""
+        from .causal import exact_match, generate, label_probs, lm_eval_loss
+        from .evaluate import classification_metrics
+
+        unwrapped = getattr(model, "module", model)
+        metrics = lm_eval_loss(unwrapped, self.features[split], self.pad_id, batch_size, device)
+        enc = self.encoded[split]
+        if self.label_names:
+            probs = label_probs(unwrapped, enc.prompts, self.encoder.label_tokens, self.pad_id, batch_size, device)
+            metrics.update(classification_metrics(enc.classes, probs, self.label_names, metrics["loss"]))
+            if final:
+                longest = max(len(self.tokenizer(n, add_special_tokens=False)["input_ids"]) for n in self.label_names)
+                answers = generate(unwrapped, self.tokenizer, enc.prompts, max_new_tokens=longest + 2,
+                                   batch_size=batch_size, stop_ids=self.encoder.stop_ids)
+                metrics.update(exact_match(answers, enc.classes, self.label_names))
+                metrics["answers_sample"] = answers[:5]
+        return metrics
+
+    @staticmethod
+    def line(metrics: dict[str, Any]) -> str:
+        text = f"loss {metrics['loss']:.4f} perplexity {metrics['perplexity']:.2f}"
+        if "accuracy" in metrics:
+            text += f" accuracy {metrics['accuracy']:.4f} f1 {metrics['f1']:.4f}"
+        return text
+
+    def summary(self) -> dict[str, Any]:
+        return {"label_names": self.label_names,
+                "truncation": {s: {"over_max_length": e.truncated, "completion_cut": e.completion_cut}
+                               for s, e in self.encoded.items()}}
+
+
+def build_task(cfg: RunConfig, model: nn.Module, tokenizer: Any, splits: dict[str, Any]) -> Any:
+    """The task object for ``cfg.task`` over loaded splits (tokenizing them)."""
+    meta = {"max_length": cfg.data.max_length, "text_column": cfg.data.text_column,
+            "label_column": cfg.data.label_column, "text_pair_column": cfg.data.text_pair_column}
+    if cfg.task == "classification":
+        from .data import encode_labels, infer_label_names, tokenize
+
+        names = infer_label_names(splits["train"], cfg.data.label_names)
+        labels = {s: encode_labels(sp, names, f"{cfg.dataset}, {s} split") for s, sp in splits.items()}
+        features = {s: tokenize(tokenizer, sp.texts, cfg.data.max_length, sp.pairs) for s, sp in splits.items()}
+        return ClassificationTask(names, features, labels, tokenizer.pad_token_id,
+                                  {"id2label": dict(enumerate(names)), **meta})
+    from .causal import LMEncoder, pack
+    from .data import encode_labels, infer_label_names
+
+    names = classes = None
+    if splits["train"].kind == "labelled":
+        names = infer_label_names(splits["train"], cfg.data.label_names)
+        classes = {s: encode_labels(sp, names, f"{cfg.dataset}, {s} split") for s, sp in splits.items()}
+    encoder = LMEncoder(tokenizer, cfg.data, names)
+    encoded = {s: encoder.encode_split(sp, f"{cfg.dataset}, {s} split", classes and classes[s])
+               for s, sp in splits.items()}
+    features = {s: e.features for s, e in encoded.items()}
+    if cfg.data.packing:
+        features["train"] = pack(features["train"], cfg.data.max_length, cfg.seed)
+    meta.update(chat_template=encoder.chat, prompt_template=cfg.data.prompt_template,
+                system_prompt=cfg.data.system_prompt, label_names=names)
+    return CausalLMTask(encoder, features, encoded, tokenizer.pad_token_id, tokenizer, meta)
