@@ -246,7 +246,12 @@ def test_every_method_trains_a_decoder_and_generates(method, tmp_path, tiny_llam
     extra = {"method.target_modules": "all-linear"} if method == "lora" else {}
     if method == "prompt":
         extra["method.init"] = "vocab"
-    recipe = tiny_recipe(tmp_path, tiny_llama_dir, sentiment_dir, task="causal_lm", **{
+    model_dir = tiny_llama_dir
+    if method == "bitfit":  # LLaMA has no bias terms; Qwen2's attention projections do
+        model_dir = tmp_path / "qwen2"
+        build_lm("qwen2").save_pretrained(model_dir)
+        make_lm_tokenizer().save_pretrained(model_dir)
+    recipe = tiny_recipe(tmp_path, model_dir, sentiment_dir, task="causal_lm", **{
         "method": {"name": method}, **extra, "data.prompt_template": LM_PROMPT, "data.max_length": 48,
         "data.max_train_samples": 64, "data.max_eval_samples": 16, "train.epochs": 1, "train.lr": 0.005})
     summary = train(load_recipe(recipe), echo=lambda _: None)
