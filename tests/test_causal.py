@@ -275,3 +275,15 @@ def test_a_decoder_trains_as_a_sequence_classifier(tmp_path, sentiment_dir):
         "method.target_modules": ["q_proj", "v_proj"], "train.epochs": 3, "train.lr": 0.01})
     summary = train(load_recipe(recipe), echo=lambda _: None)
     assert summary["test"]["accuracy"] >= 0.9, summary["test"]
+
+
+def test_eval_command_on_an_lm_adapter_reproduces_the_runs_test_metrics(capsys, lm_run, sentiment_dir, tmp_path):
+    from peftkit.cli import main
+
+    run, summary = lm_run
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--adapter", str(run / "adapter"), "--data", str(sentiment_dir), "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for key in ("accuracy", "exact_match", "valid_label_rate", "loss", "perplexity"):
+        assert result[key] == pytest.approx(summary["test"][key], abs=1e-5), key
+    assert "accuracy" in capsys.readouterr().out

@@ -122,7 +122,8 @@ class LMEncoder:
             self.stop_ids += [t for t in ids if t in special and t not in self.stop_ids][:1]
         self.label_tokens: list[int] = []
         if label_names:
-            firsts = [self._segments_labelled({"text": "", "text_pair": ""}, name)[1][0][0] for name in label_names]
+            firsts = [next(ids for ids, train in self._segments_labelled({"text": ""}, name) if train)[0]
+                      for name in label_names]
             if len(set(firsts)) < len(firsts):
                 raise PeftkitError(f"label names {label_names} do not start with different tokens",
                                    "data.label_names", "name the labels so their first words differ")

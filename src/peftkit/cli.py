@@ -87,8 +87,21 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from .fsio import write_json
-    from .predict import evaluate_adapter
+    from .predict import evaluate_adapter, is_causal_lm_adapter
 
+    output = args.output or str(Path(args.adapter).resolve().parent / f"eval-{args.split}.json")
+    if is_causal_lm_adapter(args.adapter):
+        from .models import quiet_transformers
+        from .predict import evaluate_lm_adapter, load_adapted_lm
+
+        quiet_transformers()
+        lm = load_adapted_lm(args.adapter, args.model, quantize=args.quantize)
+        result = evaluate_lm_adapter(lm, args.data, args.split, max_samples=args.max_samples,
+                                     batch_size=args.batch_size)
+        print(f"{result['dataset']} [{result['split']}] {_metrics_line(result)}")
+        write_json(output, result)
+        print(f"wrote {output}")
+        return 0
     clf = _load(args)
     result = evaluate_adapter(clf, args.data, args.split, text_column=args.text_column,
                               label_column=args.label_column, max_samples=args.max_samples,
@@ -100,7 +113,6 @@ def _eval(args: argparse.Namespace) -> int:
     print(" " * width + "".join(f"{n:>{width}}" for n in clf.label_names))
     for name, row in zip(clf.label_names, result["confusion_matrix"]):
         print(f"{name:>{width}}" + "".join(f"{v:>{width}}" for v in row))
-    output = args.output or str(Path(args.adapter).resolve().parent / f"eval-{args.split}.json")
     write_json(output, result)
     print(f"wrote {output}")
     return 0

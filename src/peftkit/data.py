@@ -321,7 +321,7 @@ class LengthGroupedBatches:
         return n
 
 
-def load_one_split(source: str, split: str, cfg: DataConfig) -> Split:
+def load_one_split(source: str, split: str, cfg: DataConfig, convert: Callable[..., Any] | None = None) -> Split:
     """One named split of ``source``; a single-file source is its own only split.
 
     Raises:
@@ -332,7 +332,7 @@ def load_one_split(source: str, split: str, cfg: DataConfig) -> Split:
         if len(tables) != 1:
             raise PeftkitError(f"no '{split}' split", source, f"use --split with one of: {', '.join(tables)}")
         split = next(iter(tables))
-    result = _to_split(tables[split], cfg, source, split)
+    result = (convert or _to_split)(tables[split], cfg, source, split)
     if len(result) == 0:
         raise PeftkitError(f"the {split} split is empty", source, "give a dataset with examples")
     return result

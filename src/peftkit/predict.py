@@ -257,3 +257,35 @@ def load_adapted_lm(adapter_dir: str | Path, model: str | None = None, quantize:
                      chat_template=meta.get("chat_template"), system_prompt=meta.get("system_prompt"))
     encoder = LMEncoder(loaded.tokenizer, cfg, meta.get("label_names"))
     return AdaptedLM(loaded.model, loaded.tokenizer, encoder, files, base)
+
+
+def is_causal_lm_adapter(adapter_dir: str | Path) -> bool:
+    files = read_adapter(adapter_dir)
+    return files.meta.get("task") == "causal_lm" or files.config.get("task_type") == "CAUSAL_LM"
+
+
+def evaluate_lm_adapter(lm: AdaptedLM, source: str, split: str = "test", *, max_samples: int | None = None,
+                        batch_size: int = 32) -> dict[str, Any]:
+    """Loss and perplexity of a causal-LM adapter on a dataset split, in the format it was
+    trained with; for labelled prompts also label-scoring accuracy, F1 and exact match."""
+    import random
+
+    from .causal import to_rows
+    from .data import encode_labels, load_one_split
+    from .tasks import CausalLMTask
+
+    cfg = lm.encoder.cfg
+    meta = lm.adapter.meta
+    cfg = cfg.model_copy(update={"text_column": meta.get("text_column") or "text",
+                                 "label_column": meta.get("label_column") or "label"})
+    rows = load_one_split(source, split, cfg, convert=to_rows)
+    if max_samples and len(rows) > max_samples:
+        rows = rows.subset(sorted(random.Random(0).sample(range(len(rows)), max_samples)))
+    names = lm.encoder.label_names if rows.kind == "labelled" else None
+    classes = encode_labels(rows, names, f"{source}, {split} split") if names else None
+    lm.encoder.cfg = cfg
+    encoded = lm.encoder.encode_split(rows, f"{source}, {split} split", classes)
+    task = CausalLMTask(lm.encoder, {split: encoded.features}, {split: encoded}, lm.tokenizer.pad_token_id,
+                        lm.tokenizer)
+    metrics = task.evaluate(lm.model, split, batch_size, next(lm.model.parameters()).device, final=True)
+    return {"dataset": source, "split": split, "n": len(rows), **metrics}
