@@ -270,22 +270,20 @@ def evaluate_lm_adapter(lm: AdaptedLM, source: str, split: str = "test", *, max_
     trained with; for labelled prompts also label-scoring accuracy, F1 and exact match."""
     import random
 
-    from .causal import to_rows
+    from .causal import LMEncoder, to_rows
     from .data import encode_labels, load_one_split
     from .tasks import CausalLMTask
 
-    cfg = lm.encoder.cfg
     meta = lm.adapter.meta
-    cfg = cfg.model_copy(update={"text_column": meta.get("text_column") or "text",
-                                 "label_column": meta.get("label_column") or "label"})
+    cfg = lm.encoder.cfg.model_copy(update={"text_column": meta.get("text_column") or "text",
+                                            "label_column": meta.get("label_column") or "label"})
     rows = load_one_split(source, split, cfg, convert=to_rows)
     if max_samples and len(rows) > max_samples:
         rows = rows.subset(sorted(random.Random(0).sample(range(len(rows)), max_samples)))
     names = lm.encoder.label_names if rows.kind == "labelled" else None
     classes = encode_labels(rows, names, f"{source}, {split} split") if names else None
-    lm.encoder.cfg = cfg
-    encoded = lm.encoder.encode_split(rows, f"{source}, {split} split", classes)
-    task = CausalLMTask(lm.encoder, {split: encoded.features}, {split: encoded}, lm.tokenizer.pad_token_id,
-                        lm.tokenizer)
+    encoder = LMEncoder(lm.tokenizer, cfg, lm.encoder.label_names)
+    encoded = encoder.encode_split(rows, f"{source}, {split} split", classes)
+    task = CausalLMTask(encoder, {split: encoded.features}, {split: encoded}, lm.tokenizer.pad_token_id, lm.tokenizer)
     metrics = task.evaluate(lm.model, split, batch_size, next(lm.model.parameters()).device, final=True)
     return {"dataset": source, "split": split, "n": len(rows), **metrics}
