@@ -58,25 +58,37 @@ def load_adapted_classifier(adapter_dir: str | Path, model: str | None = None,
     """
     from .models import load_classifier
 
+    files, method_cfg, base, state = _read_for_loading(adapter_dir, model)
+    keep = list(method_cfg.modules_to_save or [])
+    names = _label_names(files, state, keep, base)
+    loaded = load_classifier(base, names)
+    _attach(loaded.model, adapter_dir, method_cfg, state, quantize)
+    max_length = int(files.meta.get("max_length") or min(512, loaded.tokenizer.model_max_length))
+    return AdaptedClassifier(loaded.model, loaded.tokenizer, names, max_length, files, base)
+
+
+def _read_for_loading(adapter_dir: str | Path, model: str | None) -> tuple[AdapterFiles, Any, str, dict]:
+    """The adapter's files, method config, base model name (``model`` wins) and weights."""
     files = read_adapter(adapter_dir)
     method_cfg = files.method_config()
     base = model or files.base_model
     if not base:
         raise PeftkitError("the adapter does not name its base model", str(adapter_dir), "pass --model")
-    state = read_adapter_weights(adapter_dir, method_cfg)
-    keep = list(method_cfg.modules_to_save or [])
-    names = _label_names(files, state, keep, base)
-    loaded = load_classifier(base, names)
+    return files, method_cfg, base, read_adapter_weights(adapter_dir, method_cfg)
+
+
+def _attach(model: Any, adapter_dir: str | Path, method_cfg: Any, state: dict, quantize: int | None) -> None:
+    """Quantize the base's linear layers if asked (saved modules stay full precision), load the
+    adapter's weights onto it, and switch to eval mode."""
     if quantize:
         from .methods import resolve_modules_to_save
         from .quantize import QuantizationConfig, check_method, quantize_model
 
         check_method(method_cfg.name)
-        quantize_model(loaded.model, QuantizationConfig(bits=quantize), skip=resolve_modules_to_save(loaded.model, keep))
-    load_adapter(loaded.model, adapter_dir, state)
-    loaded.model.eval()
-    max_length = int(files.meta.get("max_length") or min(512, loaded.tokenizer.model_max_length))
-    return AdaptedClassifier(loaded.model, loaded.tokenizer, names, max_length, files, base)
+        keep = list(method_cfg.modules_to_save or [])
+        quantize_model(model, QuantizationConfig(bits=quantize), skip=resolve_modules_to_save(model, keep))
+    load_adapter(model, adapter_dir, state)
+    model.eval()
 
 
 def _label_names(files: AdapterFiles, state: dict[str, torch.Tensor], keep: list[str], base: str) -> list[str]:
@@ -238,20 +250,9 @@ def load_adapted_lm(adapter_dir: str | Path, model: str | None = None, quantize:
     from .config import DataConfig
     from .models import load_causal_lm
 
-    files = read_adapter(adapter_dir)
-    method_cfg = files.method_config()
-    base = model or files.base_model
-    if not base:
-        raise PeftkitError("the adapter does not name its base model", str(adapter_dir), "pass --model")
-    state = read_adapter_weights(adapter_dir, method_cfg)
+    files, method_cfg, base, state = _read_for_loading(adapter_dir, model)
     loaded = load_causal_lm(base)
-    if quantize:
-        from .quantize import QuantizationConfig, check_method, quantize_model
-
-        check_method(method_cfg.name)
-        quantize_model(loaded.model, QuantizationConfig(bits=quantize))
-    load_adapter(loaded.model, adapter_dir, state)
-    loaded.model.eval()
+    _attach(loaded.model, adapter_dir, method_cfg, state, quantize)
     meta = files.meta
     cfg = DataConfig(max_length=int(meta.get("max_length") or 1024), prompt_template=meta.get("prompt_template"),
                      chat_template=meta.get("chat_template"), system_prompt=meta.get("system_prompt"))
