@@ -88,7 +88,10 @@ def to_rows(table: Any, cfg: DataConfig, source: str, split: str) -> Rows:
         raise PeftkitError(f"no causal_lm columns in the {split} split (found: {', '.join(columns)})", source,
                            "give messages, prompt and completion, or text columns; for labelled data set "
                            "data.prompt_template")
-    data = {key: list(table[col]) for key, col in cols.items()}
+    from .data import column_lists
+
+    lists = column_lists(table, list(cols.values()))
+    data = {key: lists[col] for key, col in cols.items()}
     rows = [dict(zip(data, values)) for values in zip(*data.values())]
     return Rows(rows, kind, names)
 

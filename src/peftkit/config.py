@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import PeftkitError
 from .methods import METHODS, AnyMethod, LoraConfig
@@ -91,6 +91,11 @@ class TrainConfig(_Strict):
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=list, description="also send metrics to these (metrics.jsonl is always written)")
     group_by_length: bool = Field(True, description="batch similar lengths together (less padding)")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        return "no" if value is False else value  # YAML 1.1 reads a bare `no` as false
 
 
 class RunConfig(_Strict):

@@ -140,11 +140,21 @@ def _to_split(table: Any, cfg: DataConfig, source: str, split: str) -> Split:
     features = getattr(table, "features", None)
     if features is not None and hasattr(features.get(cfg.label_column), "names"):
         names = list(features[cfg.label_column].names)
-    texts = [str(t) if t is not None else "" for t in table[cfg.text_column]]
+    wanted = [c for c in (cfg.text_column, cfg.text_pair_column, cfg.label_column) if c]
+    cols = column_lists(table, wanted)
+    texts = [str(t) if t is not None else "" for t in cols[cfg.text_column]]
     pairs = None
     if cfg.text_pair_column:
-        pairs = [str(t) if t is not None else "" for t in table[cfg.text_pair_column]]
-    return Split(texts, list(table[cfg.label_column]), pairs, names)
+        pairs = [str(t) if t is not None else "" for t in cols[cfg.text_pair_column]]
+    return Split(texts, cols[cfg.label_column], pairs, names)
+
+
+def column_lists(table: Any, names: list[str]) -> dict[str, list]:
+    """Columns as Python lists. A ``datasets.Dataset`` is converted in one go: indexing it by
+    column and iterating formats one row at a time (6 s for SST-2's 67k rows)."""
+    if hasattr(table, "select_columns"):
+        return table.select_columns(list(dict.fromkeys(names))).to_dict()
+    return {n: list(table[n]) for n in names}
 
 
 def load_splits(source: str, cfg: DataConfig, seed: int, convert: Callable[..., Any] | None = None

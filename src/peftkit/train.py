@@ -345,7 +345,9 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
         "adapter": str(out / "adapter"),
     }
     if "test" in task.features:
+        began = time.perf_counter()
         summary["test"] = evaluate("test", final=True)
+        summary["test_seconds"] = round(time.perf_counter() - began, 2)
         log.write({"type": "eval", "split": "test", "step": loop["step"],
                    **{k: v for k, v in summary["test"].items() if k != "confusion_matrix"}})
     log.close()

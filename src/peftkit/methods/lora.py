@@ -131,6 +131,8 @@ class LoRALinear(nn.Module):
         if self.merged:
             return out
         update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
+        if update.dtype == out.dtype:
+            return torch.add(out, update, alpha=self.scaling)  # one pass, no scaled copy of the update
         return out + (update * self.scaling).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:

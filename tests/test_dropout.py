@@ -1,0 +1,120 @@
+"""FastDropout and the attention function with the same mask: drop rate, scaling, gradients,
+and equality with transformers' SDPA attention wherever nothing is dropped."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from peftkit.dropout import FastDropout, _attention, keep_mask, use_fast_attention_dropout, use_fast_dropout
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_mask_drops_at_the_rate_and_keeps_the_mean(p):
+    torch.manual_seed(0)
+    keep, scale = keep_mask(torch.Size([1000, 1000]), p)
+    assert keep.dtype == torch.bool and keep.shape == (1000, 1000)
+    rate = 1 - keep.float().mean().item()
+    assert abs(rate - p) < 0.002  # 1e6 draws: the standard error is at most 5e-4
+    assert abs(scale * (1 - round(p * 65536) / 65536) - 1) < 1e-12  # kept elements restore the mean exactly
+
+
+def test_mask_is_not_a_repeating_pattern():
+    torch.manual_seed(1)
+    keep, _ = keep_mask(torch.Size([4096, 4]), 0.5)
+    # each of the four 16-bit lanes of a word decides its own element: columns are independent
+    corr = torch.corrcoef(keep.float().T)
+    assert (corr - torch.eye(4)).abs().max() < 0.06
+    keep2, _ = keep_mask(torch.Size([4096, 4]), 0.5)
+    assert not torch.equal(keep, keep2)
+
+
+def test_forward_and_backward_use_one_mask():
+    torch.manual_seed(0)
+    drop = FastDropout(0.3).train()
+    x = torch.randn(64, 48, requires_grad=True)
+    y = drop(x)
+    kept = y != 0
+    scale = 65536 / (65536 - round(0.3 * 65536))
+    assert torch.allclose(y[kept], x[kept] * scale)
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad, kept.float() * scale)
+
+
+def test_eval_mode_and_p_zero_are_the_identity_and_seeding_repeats():
+    x = torch.randn(8, 8)
+    assert FastDropout(0.5).eval()(x) is x
+    assert FastDropout(0.0).train()(x) is x
+    torch.manual_seed(3)
+    a = FastDropout(0.5).train()(x)
+    torch.manual_seed(3)
+    b = FastDropout(0.5).train()(x)
+    assert torch.equal(a, b)
+
+
+def test_use_fast_dropout_swaps_only_active_plain_dropouts():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1), nn.Dropout(0.0), nn.Dropout2d(0.1))
+    assert use_fast_dropout(model) == 1
+    assert type(model[1]) is FastDropout and isinstance(model[1], nn.Dropout) and model[1].p == 0.1
+    assert type(model[2]) is nn.Dropout and type(model[3]) is nn.Dropout2d
+
+
+class _Attn(nn.Module):
+    def __init__(self, causal: bool = False, groups: int = 1):
+        super().__init__()
+        self.is_causal, self.num_key_value_groups = causal, groups
+
+
+@pytest.mark.parametrize("kind", ["bool", "float", "causal", "gqa"])
+def test_attention_without_dropping_equals_sdpa(kind):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    groups = 2 if kind == "gqa" else 1
+    q = torch.randn(2, 4, 6, 8)
+    k, v = torch.randn(2, 4 // groups, 6, 8), torch.randn(2, 4 // groups, 6, 8)
+    mask = None
+    if kind in ("bool", "float"):
+        mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1] * 6]).bool()[:, None, None, :].expand(2, 1, 6, 6)
+        if kind == "float":
+            mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    module = _Attn(causal=kind in ("causal", "gqa"), groups=groups).train()
+    # p below 1/65536 drops nothing but takes the path that draws the mask
+    ours, _ = _attention(module, q, k, v, mask, dropout=1e-6, scaling=0.3)
+    ref, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=0.0, scaling=0.3)
+    assert ours.shape == ref.shape == (2, 6, 4, 8)
+    assert (ours - ref).abs().max() < 1e-5
+
+
+def test_attention_drops_probabilities_in_training():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 64, 8), torch.randn(1, 2, 64, 8)
+    v = torch.eye(64).expand(1, 2, 64, 64)  # the output rows are the attention probabilities themselves
+    probs, _ = _attention(_Attn().train(), q, k, v, None, dropout=0.5)
+    zero = (probs == 0).float().mean().item()
+    assert 0.45 < zero < 0.55
+    sums = probs.sum(-1)  # rescaled: each row sums to 1 on average
+    assert abs(sums.mean().item() - 1) < 0.1
+
+
+def test_model_switch_keeps_outputs_and_trains(tiny_bert_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2,
+                                                               attn_implementation="sdpa")
+    ids = torch.tensor([[2, 5, 6, 7, 3, 0], [2, 8, 9, 10, 11, 3]])
+    mask = (ids != 0).long()
+    model.eval()
+    ref = model(input_ids=ids, attention_mask=mask).logits
+    assert use_fast_attention_dropout(model) and use_fast_dropout(model) > 0
+    assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, ref)
+    model.train()
+    torch.manual_seed(1)
+    a = model(input_ids=ids, attention_mask=mask).logits
+    torch.manual_seed(1)
+    b = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(a, b) and not torch.equal(a, ref)  # seeded, and dropout is on
+    a.sum().backward()
+    assert model.classifier.weight.grad is not None
