@@ -155,17 +155,21 @@ def child_inference(s: dict) -> dict:
     theirs_merged = copy.deepcopy(theirs).merge_and_unload().eval()
     models = {"base": base, "peftkit_unmerged": ours, "peftkit_merged": ours_merged, "peft_unmerged": theirs,
               "peft_merged": theirs_merged}
-    seconds: dict[str, list[float]] = {k: [] for k in models}
+    seconds = dict.fromkeys(models, 0.0)
+    names = list(models)
     with torch.inference_mode():
         for m in models.values():  # warm-up
             m(**batches[0])
-        for _ in range(s["repeats"]):
-            for name, m in models.items():
-                began = time.perf_counter()
-                for b in batches:
-                    m(**b)
-                seconds[name].append(time.perf_counter() - began)
-    return {name: len(texts) / statistics.median(t) for name, t in seconds.items()}
+        # every batch goes through all five models back to back, in a rotating order, so that
+        # drift in the machine's speed falls on all of them alike
+        for rep in range(s["repeats"]):
+            for i, b in enumerate(batches):
+                shift = (rep + i) % len(names)
+                for name in names[shift:] + names[:shift]:
+                    began = time.perf_counter()
+                    models[name](**b)
+                    seconds[name] += time.perf_counter() - began
+    return {name: s["repeats"] * len(texts) / t for name, t in seconds.items()}
 
 
 def child_tutorial(s: dict) -> dict:
@@ -284,7 +288,7 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--tutorial-steps", type=int, default=3)
-    p.add_argument("--inference-repeats", type=int, default=3)
+    p.add_argument("--inference-repeats", type=int, default=5)
     p.add_argument("--work", default=str(ROOT / "runs" / "bench-speed"))
     p.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
     p.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
@@ -312,7 +316,7 @@ def main() -> int:
               "seed": args.seed, "num_labels": sizes["num_labels"], "warmup_ratio": warmup_ratio,
               "warmup_steps": int(warmup_ratio * steps), "train": str(folder / "train.jsonl"),
               "validation": str(folder / "validation.jsonl"), "data": str(folder), "mixed_precision": "no",
-              "model_name": args.model}
+              "model_name": args.model, "inference_repeats": args.inference_repeats}
     bf16 = native_bf16()
     peaks = {"float32": matmul_peak("float32")}
     if bf16:
@@ -323,12 +327,13 @@ def main() -> int:
     variants = list(TRAINING) + (["peftkit_bf16"] if bf16 else [])
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     for rnd in range(args.rounds):
+        seeded = {**common, "seed": args.seed + rnd}  # each round its own seed, the same for every run in it
         for variant in (variants if rnd % 2 == 0 else variants[::-1]):
             out = work / f"{variant}-{rnd}"
             if variant.startswith("peftkit"):
-                result = run_peftkit({**common, "mixed_precision": "bf16" if variant == "peftkit_bf16" else "no"}, out)
+                result = run_peftkit({**seeded, "mixed_precision": "bf16" if variant == "peftkit_bf16" else "no"}, out)
             else:
-                result = run_python_child(variant, {**common, "variant": variant, "out": str(out)}, work)
+                result = run_python_child(variant, {**seeded, "variant": variant, "out": str(out)}, work)
             runs[variant].append(result)
             print(f"round {rnd + 1} {variant}: loop {result['loop_seconds']:.1f} s, wall {result['wall_seconds']:.1f} s, "
                   f"accuracy {result['accuracy']:.4f}, peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
@@ -375,7 +380,8 @@ def report(res: dict) -> str:
         f"- machine: {res['machine']}; date {res['date']}",
         f"- job: {sizes['train']} training examples, {sizes['validation']} validation, {s['epochs']} epoch(s), batch "
         f"{s['batch_size']}, max length {s['max_length']}, LoRA r={s['r']} alpha={s['alpha']} on "
-        f"{'/'.join(s['targets'])}, lr {s['lr']}, warm-up {s['warmup_steps']} steps then linear decay, seed {s['seed']}, "
+        f"{'/'.join(s['targets'])}, lr {s['lr']}, warm-up {s['warmup_steps']} steps then linear decay, seed {s['seed']} "
+        f"(+1 each round; the training subset is drawn with seed {s['seed']}), "
         f"model {s['model_name']}",
         f"- real training tokens: {tokens:,}; useful FLOPs counted: 4 x {w['linear_params']:,} linear parameters + "
         f"6 x {w['lora_params']:,} LoRA parameters per token = {flops / 1e12:.2f} TFLOP",
@@ -383,7 +389,8 @@ def report(res: dict) -> str:
                                                                     for k, v in res["peaks"].items())
         + ("" if res["native_bf16"] else " (no native bf16 on this CPU: torch runs no bf16 kernel here, so the bf16 "
            "rows are absent and the tuned Trainer runs in float32)"),
-        f"- every figure is the median of {len(next(iter(res['runs'].values())))} alternating runs (accuracy: the mean); "
+        f"- every figure is the median of {len(next(iter(res['runs'].values())))} alternating runs (accuracy: the mean "
+        "over their seeds); "
         "loop = the training loop alone (peftkit: its train time less the validation pass; Trainer: trainer.train()); "
         "wall = the whole process, imports and data loading included", "",
         "## Training", "",
@@ -417,7 +424,8 @@ def report(res: dict) -> str:
     if "peftkit_bf16" in rows:
         checks.append(("useful-FLOP utilisation, peftkit bf16", 100 * rows["peftkit_bf16"]["util"], ">= 40 (%)",
                        rows["peftkit_bf16"]["util"] >= 0.4))
-    lines += ["", "## Inference (validation split, batches of 64 sorted by length, torch.inference_mode)", "",
+    lines += ["", "## Inference (validation split, batches of 64 sorted by length, torch.inference_mode; each batch "
+              f"through all five models in turn, {s['inference_repeats']} passes)", "",
               "| model | examples/s | relative to the base |", "|---|---|---|"]
     for key, name in (("base", "bare base model"), ("peftkit_unmerged", "peftkit LoRA, unmerged"),
                       ("peftkit_merged", "peftkit LoRA, merged"), ("peft_unmerged", "peft LoRA, unmerged"),
