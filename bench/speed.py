@@ -294,7 +294,11 @@ def main() -> int:
     p.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     p.add_argument("--settings", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("--report", metavar="RESULTS_JSON", help="only write the report again from a results.json")
     args = p.parse_args()
+    if args.report:
+        Path(args.out).write_text(report(json.loads(Path(args.report).read_text())))
+        return 0
     if args.child:
         settings = json.loads(args.settings)
         Path(args.result).write_text(json.dumps(CHILDREN[args.child](settings)))
@@ -405,6 +409,10 @@ def report(res: dict) -> str:
                  f"{sizes['train'] * s['epochs'] / tut['loop_seconds']:.1f} | | | | |")
     ours, d, t = rows["peftkit"], rows["trainer"], rows["trainer_tuned"]
     inf = res["inference"]
+
+    def overhead(lib: str) -> float:
+        return inf["base"] / inf[f"{lib}_unmerged"] - 1
+
     checks = [
         ("training loop time, peftkit / Trainer defaults", ours["loop"] / d["loop"], "<= 0.25",
          ours["loop"] / d["loop"] <= 0.25),
@@ -417,9 +425,8 @@ def report(res: dict) -> str:
         ("useful-FLOP utilisation, peftkit fp32", 100 * ours["util"], ">= 60 (%)", ours["util"] >= 0.6),
         ("inference, peftkit merged / base (examples/s)", inf["peftkit_merged"] / inf["base"], ">= 0.97",
          inf["peftkit_merged"] / inf["base"] >= 0.97),
-        ("inference, unmerged overhead: peftkit / peft (time per example over the base's)",
-         (inf["base"] / inf["peftkit_unmerged"]) / (inf["base"] / inf["peft_unmerged"]), "<= 1",
-         inf["peftkit_unmerged"] >= inf["peft_unmerged"]),
+        ("inference, unmerged LoRA's extra time per example over the base: peftkit (%)", 100 * overhead("peftkit"),
+         f"<= peft's {100 * overhead('peft'):.1f}", overhead("peftkit") <= overhead("peft")),
     ]
     if "peftkit_bf16" in rows:
         checks.append(("useful-FLOP utilisation, peftkit bf16", 100 * rows["peftkit_bf16"]["util"], ">= 40 (%)",

@@ -65,8 +65,6 @@ def prepare(cfg: RunConfig) -> Prepared:
 
     if cfg.train.low_memory:
         release_freed_memory()
-    else:
-        keep_freed_memory()
     lm = cfg.task == "causal_lm"
     if lm and cfg.data.packing and cfg.method.name in ("prefix", "prompt"):
         raise PeftkitError(f"data.packing cannot be combined with {cfg.method.name} tuning", "data.packing",
@@ -111,30 +109,13 @@ def release_freed_memory(threshold: int = 256 * 1024) -> bool:
     mapping fresh pages for each (slower steps; ``bench/RESULTS-quantization.md``).
     Returns False where the C library is not glibc.
     """
-    return _mallopt((_M_MMAP_THRESHOLD, threshold), (_M_TRIM_THRESHOLD, 128 * 1024))
-
-
-def keep_freed_memory() -> bool:
-    """The default for training: glibc keeps freed blocks up to 32 MiB (its largest threshold)
-    in its heap and does not trim the heap's top, so the next step's activations reuse pages
-    already mapped instead of faulting in fresh ones. Without it glibc maps and unmaps many
-    activations every step: a MiniLM step took 9% longer (``bench/RESULTS.md``). The peak
-    is the same; memory is given back when the process ends. Returns False where not glibc.
-    """
-    return _mallopt((_M_MMAP_THRESHOLD, 32 * 2**20), (_M_TRIM_THRESHOLD, 2**30), (_M_TOP_PAD, 64 * 2**20))
-
-
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt parameters
-
-
-def _mallopt(*settings: tuple[int, int]) -> bool:
     import ctypes
 
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    return all([bool(mallopt(param, value)) for param, value in settings])
+    return bool(mallopt(-3, threshold))  # M_MMAP_THRESHOLD; setting it also stops glibc raising it
 
 
 def check_resume_config(out: Path, cfg: RunConfig, say: Callable[[str], None]) -> None:
