@@ -58,7 +58,7 @@ def main() -> int:
     s = json.loads((out / "run" / "summary.json").read_text())
     test = s["test"]
     lines = ["# IMDb long run: LoRA on MiniLM, all 25,000 training reviews, one epoch, max length 256", "",
-             f"- command: `.venv/bin/python bench/imdb_long.py {' '.join(sys.argv[1:])}`".rstrip(),
+             f"- command: `{' '.join(['.venv/bin/python bench/imdb_long.py', *sys.argv[1:]])}`",
              f"- settings: recipes/sentiment-minilm-lora.yaml with {' '.join(SETTINGS)}",
              f"- machine: {platform.machine()}, {len(os.sched_getaffinity(0))} CPU cores; python "
              f"{platform.python_version()}; date {datetime.date.today().isoformat()}", "",

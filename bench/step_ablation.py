@@ -112,7 +112,7 @@ def main() -> int:
     ref = results["glibc default"]["seconds"]["torch"]
     first = results["kept"]
     lines = ["# Step-time ablation of the default speed changes (MiniLM, LoRA r=8 on query/value, batch 32)", "",
-             f"- command: `.venv/bin/python bench/step_ablation.py {' '.join(sys.argv[1:])}`".rstrip(),
+             f"- command: `{' '.join(['.venv/bin/python bench/step_ablation.py', *sys.argv[1:]])}`",
              f"- machine: {platform.machine()}, {len(os.sched_getaffinity(0))} CPU cores; python "
              f"{platform.python_version()}; date {datetime.date.today().isoformat()}",
              f"- the same {first['steps']} length-grouped training steps ({first['tokens']:,} real tokens, max length "
