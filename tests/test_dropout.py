@@ -118,3 +118,11 @@ def test_model_switch_keeps_outputs_and_trains(tiny_bert_dir):
     assert torch.equal(a, b) and not torch.equal(a, ref)  # seeded, and dropout is on
     a.sum().backward()
     assert model.classifier.weight.grad is not None
+
+
+def test_p_that_rounds_to_one_falls_back_to_torch():
+    x = torch.randn(16, 16)
+    assert torch.equal(FastDropout(1.0).train()(x), torch.zeros_like(x))
+    torch.manual_seed(0)
+    y = FastDropout(0.999995).train()(x)  # would round to dropping all 65536 lane values
+    assert torch.isfinite(y).all()

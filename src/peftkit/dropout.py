@@ -26,6 +26,12 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device | str = "cpu") -
     return (lanes >= dropped - _LANES // 2).view(shape), _LANES / (_LANES - dropped)
 
 
+def _cheap(p: float, x: torch.Tensor) -> bool:
+    """Whether the cheap mask applies: on CPU (accelerators have fast Bernoulli kernels), and
+    for a ``p`` that does not round to dropping every element."""
+    return x.device.type == "cpu" and round(p * _LANES) < _LANES
+
+
 class _MaskedScale(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
@@ -46,7 +52,7 @@ class FastDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        if self.p == 1.0 or x.device.type != "cpu":  # accelerators have fast Bernoulli kernels
+        if not _cheap(self.p, x):
             return super().forward(x)
         out = _MaskedScale.apply(x, self.p)
         if self.inplace:
@@ -76,7 +82,7 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
     part of a MiniLM step)."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
-    if (dropout == 0.0 or not module.training or query.device.type != "cpu" or kwargs.get("position_bias") is not None
+    if (dropout == 0.0 or not module.training or not _cheap(dropout, query) or kwargs.get("position_bias") is not None
             or kwargs.get("softcap") is not None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
