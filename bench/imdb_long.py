@@ -11,16 +11,15 @@ the final one) and then scores the whole test set.
 
 from __future__ import annotations
 
-import datetime
 import gzip
 import json
-import os
-import platform
 import random
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _shared import header, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "imdb"
@@ -58,18 +57,13 @@ def main() -> int:
     s = json.loads((out / "run" / "summary.json").read_text())
     test = s["test"]
     lines = ["# IMDb long run: LoRA on MiniLM, all 25,000 training reviews, one epoch, max length 256", "",
-             f"- command: `{' '.join(['.venv/bin/python bench/imdb_long.py', *sys.argv[1:]])}`",
-             f"- settings: recipes/sentiment-minilm-lora.yaml with {' '.join(SETTINGS)}",
-             f"- machine: {platform.machine()}, {len(os.sched_getaffinity(0))} CPU cores; python "
-             f"{platform.python_version()}; date {datetime.date.today().isoformat()}", "",
+             *header("imdb_long.py"), f"- settings: recipes/sentiment-minilm-lora.yaml with {' '.join(SETTINGS)}", "",
              "| train reviews | steps | test reviews | test accuracy | test F1 | train loop (s) | test eval (s) "
              "| total, process start to end (s) | peak RSS (MiB) |", "|---|---|---|---|---|---|---|---|---|",
              f"| {s['train_examples']} | {s['steps']} | {test['n']} | {test['accuracy']:.4f} | {test['f1']:.4f} "
              f"| {s['train_seconds']:.0f} | {s.get('test_seconds', float('nan')):.0f} | {total:.0f} "
-             f"| {s['peak_rss_bytes'] / 2**20:.0f} |", ""]
-    text = "\n".join(lines)
-    (ROOT / "bench" / "RESULTS-imdb.md").write_text(text)
-    print(text)
+             f"| {s['peak_rss_bytes'] / 2**20:.0f} |"]
+    write_report(ROOT / "bench" / "RESULTS-imdb.md", lines)
     return 0
 
 

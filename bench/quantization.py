@@ -16,13 +16,13 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _shared import header, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = {"fp32": [], "int8": ["quantization.bits=8"], "nf4": ["quantization.bits=4", "quantization.quant_type=nf4"]}
@@ -126,10 +126,7 @@ def smollm2(batches: list[int], length: int, steps: int, checkpointing: bool) ->
 
 def report(args: argparse.Namespace, mini: dict | None, smol: dict | None) -> str:
     lines = ["# Quantized base: LoRA with the base in float32, 8-bit and NF4 (bitsandbytes, CPU)", "",
-             f"- command: `.venv/bin/python bench/quantization.py {' '.join(sys.argv[1:])}`".rstrip(),
-             f"- machine: {platform.machine()} {platform.processor() or ''} {_cpu()}, "
-             f"{len(__import__('os').sched_getaffinity(0))} cores; python {platform.python_version()}",
-             f"- date: {datetime.date.today().isoformat()}", ""]
+             *header("quantization.py"), ""]
     if mini:
         fp = mini["fp32"]
         fp_bytes = mini["int8"]["quantization"]["base_linear_bytes_before"]
@@ -167,13 +164,6 @@ def report(args: argparse.Namespace, mini: dict | None, smol: dict | None) -> st
     return "\n".join(lines)
 
 
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return ""
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=3)
@@ -194,9 +184,7 @@ def main() -> int:
         return 0
     smol = None if args.skip_smollm2 else smollm2(args.batch, args.length, args.steps, args.checkpointing)
     mini = None if args.skip_minilm else minilm(args.epochs)
-    text = report(args, mini, smol)
-    Path(args.output).write_text(text)
-    print(text)
+    write_report(args.output, report(args, mini, smol).splitlines())
     return 0
 
 

@@ -12,13 +12,13 @@
 
 from __future__ import annotations
 
-import datetime
 import json
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _shared import header, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smollm2-sentiment-lora.yaml"
@@ -58,12 +58,9 @@ def main() -> int:
     rows = [("zero-shot base", base, None, None), ("LoRA (recipe)", test, run["train_seconds"],
                                                     run["peak_rss_bytes"])]
     lines = ["# SmolLM2-135M-Instruct on Rotten Tomatoes as an instruction task: zero-shot vs LoRA", "",
-             f"- command: `.venv/bin/python bench/smollm2_sentiment.py {' '.join(overrides)}`".rstrip(),
+             *header("smollm2_sentiment.py"),
              f"- recipe: recipes/smollm2-sentiment-lora.yaml (train examples {run['train_examples']}, "
-             f"steps {run['steps']}, trainable parameters {run['trainable_params']:,})",
-             f"- machine: {platform.machine()}, {len(__import__('os').sched_getaffinity(0))} CPU cores; "
-             f"python {platform.python_version()}",
-             f"- date: {datetime.date.today().isoformat()}", "",
+             f"steps {run['steps']}, trainable parameters {run['trainable_params']:,})", "",
              "| model | test n | label-scoring accuracy | macro-F1 | exact match (greedy answer) "
              "| valid labels | train time (s) | peak RSS (MiB) |", "|---|---|---|---|---|---|---|---|"]
     for name, m, seconds, rss in rows:
@@ -72,10 +69,8 @@ def main() -> int:
                      f"| {'' if rss is None else f'{rss / 2**20:.0f}'} |")
     gain = 100 * (test["accuracy"] - base["accuracy"])
     lines += ["", f"LoRA - zero-shot (label scoring): {gain:+.1f} points. Sample answers: "
-              f"zero-shot {base['answers_sample'][:3]}, LoRA {test['answers_sample'][:3]}.", ""]
-    text = "\n".join(lines)
-    (ROOT / "bench" / "RESULTS-smollm2-sentiment.md").write_text(text)
-    print(text)
+              f"zero-shot {base['answers_sample'][:3]}, LoRA {test['answers_sample'][:3]}."]
+    write_report(ROOT / "bench" / "RESULTS-smollm2-sentiment.md", lines)
     return 0
 
 

@@ -26,13 +26,14 @@ import datetime
 import gzip
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _shared import command, machine, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "sentiment-minilm-lora.yaml"
@@ -297,7 +298,7 @@ def main() -> int:
     p.add_argument("--report", metavar="RESULTS_JSON", help="only write the report again from a results.json")
     args = p.parse_args()
     if args.report:
-        Path(args.out).write_text(report(json.loads(Path(args.report).read_text())))
+        write_report(args.out, report(json.loads(Path(args.report).read_text())).splitlines())
         return 0
     if args.child:
         settings = json.loads(args.settings)
@@ -349,13 +350,9 @@ def main() -> int:
     tutorial = run_python_child("tutorial", {**common, "tutorial_steps": args.tutorial_steps}, work)
     results = {"settings": common, "sizes": sizes, "work": work_count, "peaks": peaks, "native_bf16": bf16,
                "runs": runs, "inference": inference, "tutorial": tutorial, "steps": steps,
-               "command": " ".join(["bench/speed.py", *sys.argv[1:]]), "date": datetime.date.today().isoformat(),
-               "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} CPU cores, "
-                          f"{platform.processor() or 'cpu'}; python {platform.python_version()}"}
+               "command": command("speed.py"), "date": datetime.date.today().isoformat(), "machine": machine()}
     (work / "results.json").write_text(json.dumps(results, indent=1))
-    text = report(results)
-    Path(args.out).write_text(text)
-    print(text)
+    write_report(args.out, report(results).splitlines())
     return 0
 
 
@@ -380,7 +377,7 @@ def report(res: dict) -> str:
     tut = res["tutorial"]
     lines = [
         "# Speed and memory: peftkit against peft + transformers.Trainer", "",
-        f"- command: `.venv/bin/python {res['command']}`",
+        f"- command: `{res['command']}`",
         f"- machine: {res['machine']}; date {res['date']}",
         f"- job: {sizes['train']} training examples, {sizes['validation']} validation, {s['epochs']} epoch(s), batch "
         f"{s['batch_size']}, max length {s['max_length']}, LoRA r={s['r']} alpha={s['alpha']} on "

@@ -16,14 +16,14 @@ turn, in a rotating order, so drift falls on all:
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _shared import header, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "sentiment-minilm-lora.yaml"
@@ -112,9 +112,7 @@ def main() -> int:
     ref = results["glibc default"]["seconds"]["torch"]
     first = results["kept"]
     lines = ["# Step-time ablation of the default speed changes (MiniLM, LoRA r=8 on query/value, batch 32)", "",
-             f"- command: `{' '.join(['.venv/bin/python bench/step_ablation.py', *sys.argv[1:]])}`",
-             f"- machine: {platform.machine()}, {len(os.sched_getaffinity(0))} CPU cores; python "
-             f"{platform.python_version()}; date {datetime.date.today().isoformat()}",
+             *header("step_ablation.py"),
              f"- the same {first['steps']} length-grouped training steps ({first['tokens']:,} real tokens, max length "
              f"{args.max_length}) per measurement, each batch under every setting in turn; seconds per pass, the mean of "
              f"{args.rounds} passes", "",
@@ -124,9 +122,7 @@ def main() -> int:
         for mode in MODES:
             sec = res["seconds"][mode]
             lines.append(f"| {allocator} | {mode} | {sec:.2f} | {sec / ref:.3f} |")
-    text = "\n".join(lines) + "\n"
-    Path(args.out).write_text(text)
-    print(text)
+    write_report(args.out, lines)
     return 0
 
 

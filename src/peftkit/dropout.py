@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
 _LANES = 65536  # values of one 16-bit lane
 
@@ -80,8 +81,6 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
     uses :func:`keep_mask`. Torch's SDPA leaves its fused kernel for a slower path when it has
     to drop, and draws its mask element by element (at 256 tokens the mask was the costliest
     part of a MiniLM step)."""
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-
     if (dropout == 0.0 or not module.training or not _cheap(dropout, query) or kwargs.get("position_bias") is not None
             or kwargs.get("softcap") is not None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
