@@ -84,7 +84,9 @@ class TrainConfig(_Strict):
     eval_steps: int | None = Field(None, gt=0, description="evaluate every N steps; null: each epoch")
     log_steps: int = Field(50, gt=0)
     metric_for_best: Literal["accuracy", "f1", "loss"] = "accuracy"
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 autocast where the hardware runs bf16 natively (float32 weights and "
+        "accumulation), float32 elsewhere")
     save_steps: int | None = Field(None, gt=0, description="checkpoint every N steps (always at epoch end)")
     save_total_limit: int = Field(2, ge=1, description="checkpoints kept, besides the best one")
     early_stopping: EarlyStopping | None = Field(None, description="stop when validation stops improving")

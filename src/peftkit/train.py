@@ -20,7 +20,8 @@ import torch
 from .config import RunConfig, dump_config
 from .errors import Interrupted, PeftkitError
 from .fsio import atomic_write_text, write_json
-from .prepare import build_optimizer, check_output_dir, check_resume_config, clear_run_outputs, prepare
+from .prepare import (build_optimizer, check_output_dir, check_resume_config, clear_run_outputs, prepare,
+                      resolve_mixed_precision)
 
 
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -124,10 +125,14 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
     from .methods import count_parameters, parameter_report, trainable_state
 
     # accelerate only runs several CPU processes (DDP over gloo) when told it is on the CPU
-    acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not _has_accelerator())
+    tc = cfg.train
+    precision = resolve_mixed_precision(tc.mixed_precision)
+    # bf16 autocast covers the training steps only (``autocast`` below): evaluation runs in
+    # float32, so its metrics are the ones ``peftkit eval`` and ``predict`` reproduce. fp16
+    # needs a gradient scaler, which accelerate brings along with its own autocast.
+    acc = Accelerator(mixed_precision="fp16" if precision == "fp16" else "no", cpu=not _has_accelerator())
     main = acc.is_main_process
     say = echo if main else (lambda _msg: None)
-    tc = cfg.train
     out = Path(cfg.output_dir)
     resume_from = find_resume(out, cfg.resume) if cfg.resume and out.is_dir() else None
     if resume_from is None:
@@ -143,6 +148,9 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
     if prep.quantization is not None:
         say(prep.quantization.line())
     say(f"data {cfg.dataset}: {task.describe()}")
+    if tc.mixed_precision == "auto":
+        say("mixed precision: bf16 autocast (native bf16 here; train.mixed_precision=no for float32)"
+            if precision == "bf16" else "mixed precision: none, float32 (no native bf16 here)")
     best_metric = task.best_metric(tc.metric_for_best)
     if best_metric != tc.metric_for_best:
         say(f"train.metric_for_best {tc.metric_for_best} does not apply to this data: the best adapter is "
@@ -246,6 +254,11 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
                             best_step=best and best["step"])
         acc.wait_for_everyone()
 
+    def autocast() -> contextlib.AbstractContextManager:
+        if precision != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(acc.device.type, dtype=torch.bfloat16)
+
     model.train()
     seen, window_start = 0, time.perf_counter()
     trained, eval_seconds = 0, 0.0  # examples this process trained on, and the time evaluations took
@@ -270,7 +283,8 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
                     batch = {k: v.to(acc.device) for k, v in batch.items()}
                     sync = (i + 1) % tc.grad_accum == 0
                     with contextlib.nullcontext() if sync else acc.no_sync(ddp_model):
-                        loss = task.loss(ddp_model, batch)
+                        with autocast():
+                            loss = task.loss(ddp_model, batch)
                         acc.backward(loss / tc.grad_accum)
                     value = loss.detach().float().item()
                     if not math.isfinite(value):  # stop before a bad update reaches the weights
@@ -335,6 +349,7 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
         "trainable_params": trainable,
         "total_params": total,
         "trainable_percent": 100.0 * trainable / total,
+        "mixed_precision": precision,
         "train_seconds": round(train_seconds, 2),
         "eval_seconds": round(eval_seconds, 2),
         "examples_per_s": round(trained / max(1e-9, train_seconds - eval_seconds), 2),
