@@ -77,6 +77,21 @@ def plant_polarity(embeddings: torch.nn.Embedding, strength: float = 1.0, seed: 
             embeddings.weight[VOCAB.index(w)] -= direction
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_token_cache(tmp_path_factory) -> Path:
+    """Token-cache entries go to a temporary folder, never the user's (CLI subprocesses inherit it)."""
+    import os
+
+    path = tmp_path_factory.mktemp("peftkit-cache")
+    previous = os.environ.get("PEFTKIT_CACHE")
+    os.environ["PEFTKIT_CACHE"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("PEFTKIT_CACHE", None)
+    else:
+        os.environ["PEFTKIT_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide BERT base model (no head) with its tokenizer, saved locally."""

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from peftkit.cli import main
+from peftkit.prepare import native_bf16
 
 from .conftest import run_cli, tiny_recipe, write_jsonl
 
@@ -31,6 +32,7 @@ def test_train_writes_outputs_and_learns(trained):
     assert summary["test"]["accuracy"] >= 0.9
     assert 0 < summary["trainable_params"] < summary["total_params"]
     assert summary["train_seconds"] > 0
+    assert summary["mixed_precision"] == ("bf16" if native_bf16() else "no")  # the recipe leaves it on auto
     assert {"accuracy", "loss", "f1"} <= set(summary["validation"])
     assert (run / "adapter" / "adapter_config.json").is_file()
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
@@ -70,6 +72,8 @@ def test_eval_prints_and_writes(trained, sentiment_dir, tmp_path, capsys):
     result = json.loads(out.read_text())
     summary = json.loads((run / "summary.json").read_text())
     assert result["accuracy"] == pytest.approx(summary["test"]["accuracy"])
+    # the run evaluates in float32 even when it trains under bf16 autocast, as eval does
+    assert result["loss"] == pytest.approx(summary["test"]["loss"], abs=1e-6)
     assert sum(map(sum, result["confusion_matrix"])) == result["n"] == 80
     assert {"f1", "loss"} <= set(result)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,3 +78,35 @@ def test_malformed_yaml(tmp_path):
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     with pytest.raises(PeftkitError, match="mapping"):
         load_recipe(tmp_path / "list.yaml")
+
+
+def test_auto_mixed_precision_follows_the_hardware(monkeypatch):
+    from peftkit import prepare
+
+    for native, expected in ((True, "bf16"), (False, "no")):
+        monkeypatch.setattr(prepare, "native_bf16", lambda native=native: native)
+        assert prepare.resolve_mixed_precision("auto") == expected
+        assert prepare.resolve_mixed_precision("no") == "no"  # explicit settings are kept
+        assert prepare.resolve_mixed_precision("bf16") == "bf16"
+    assert load_recipe(None, []).train.mixed_precision == "auto"
+
+
+def test_validating_a_recipe_loads_neither_torch_nor_transformers(tmp_path):
+    """Config errors answer before the heavy libraries load (a fresh interpreter, so
+    nothing this test process imported counts)."""
+    recipe = str(RECIPES[0].parent / "sentiment-minilm-lora.yaml")
+    code = (
+        "import sys\n"
+        "from peftkit.config import load_recipe\n"
+        "from peftkit.errors import PeftkitError\n"
+        "from peftkit.prepare import check_output_dir\n"
+        f"cfg = load_recipe({recipe!r}, ['method.name=ia3', 'quantization.bits=4'])\n"
+        "check_output_dir(cfg)\n"
+        "try:\n"
+        "    load_recipe(None, ['train.lrr=1'])\n"
+        "except PeftkitError:\n"
+        "    pass\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'accelerate') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

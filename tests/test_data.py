@@ -12,7 +12,7 @@ from peftkit import PeftkitError
 from peftkit.config import DataConfig
 from peftkit.data import LengthGroupedBatches, collate, encode_labels, infer_label_names, load_splits
 
-from .conftest import has_module, sentiment_rows
+from .conftest import has_module, make_tokenizer, sentiment_rows
 
 ROWS = sentiment_rows(50, seed=7)
 
@@ -158,3 +158,52 @@ def test_rotten_tomatoes_is_split_by_movie():
     assert sizes["train"] > 5 * sizes["test"] > 0
     assert set(splits["test"]["label"]) == {"negative", "positive"}
     assert load_rotten_tomatoes()["test"]["text"] == splits["test"]["text"]  # deterministic
+
+
+class CountingTokenizer:
+    """The test tokenizer, counting the calls that really tokenize."""
+
+    def __init__(self):
+        self.inner, self.calls = make_tokenizer(), 0
+        self.backend_tokenizer = self.inner.backend_tokenizer
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.inner(*args, **kwargs)
+
+
+def test_token_cache_returns_what_tokenizing_returns(monkeypatch, tmp_path):
+    from peftkit import token_cache
+    from peftkit.data import tokenize
+
+    monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path))
+    texts = [r["text"] for r in sentiment_rows(50, seed=3)]
+    pairs = [r["text"] for r in sentiment_rows(50, seed=4)]
+    tok = CountingTokenizer()
+    for args in ((texts, 8, None), (texts, 8, pairs), (texts, 16, None)):
+        fresh = tokenize(tok.inner, args[0], args[1], args[2])
+        first = tokenize(tok, *args, cache=True)
+        calls = tok.calls
+        again = tokenize(tok, *args, cache=True)
+        assert tok.calls == calls  # read back, not tokenized again
+        assert first == fresh and again == fresh
+    assert tok.calls == 3  # each (texts, max_length, pairs) was tokenized once
+    assert len(list((tmp_path / "tokens").glob("*.npz"))) == 3
+    # one changed text is another entry
+    tokenize(tok, texts[:-1] + ["a different review"], 8, cache=True)
+    assert tok.calls == 4
+    # an unreadable entry is ignored and rewritten
+    key = token_cache.cache_key(tok, texts, 8)
+    (tmp_path / "tokens" / f"{key}.npz").write_bytes(b"not a zip file")
+    assert tokenize(tok, texts, 8, cache=True) == tokenize(tok.inner, texts, 8)
+    assert tok.calls == 5 and token_cache.read(key) == tokenize(tok.inner, texts, 8)
+
+
+def test_token_cache_skips_tokenizers_it_cannot_fingerprint(monkeypatch, tmp_path):
+    from peftkit.data import tokenize
+
+    monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path))
+    inner = make_tokenizer()
+    texts = ["the movie was good", "a dull film"]
+    assert tokenize(lambda *a, **k: inner(*a, **k), texts, 8, cache=True) == tokenize(inner, texts, 8)
+    assert not (tmp_path / "tokens").exists()

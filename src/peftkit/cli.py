@@ -17,11 +17,12 @@ from .errors import Interrupted, PeftkitError
 
 def _train(args: argparse.Namespace) -> int:
     from .config import load_recipe
-    from .train import check_output_dir, train
+    from .prepare import check_output_dir
 
-    cfg = load_recipe(args.recipe, args.overrides)
+    cfg = load_recipe(args.recipe, args.overrides)  # torch is not loaded yet: config errors answer at once
     if int(os.environ.get("WORLD_SIZE", "1")) == 1 and not cfg.resume:
         check_output_dir(cfg)  # fail before anything slow is loaded (train() checks again)
+    from .train import train
     try:
         summary = train(cfg)
     except Interrupted as exc:

@@ -16,11 +16,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import PeftkitError
 from .methods import METHODS, AnyMethod, LoraConfig
-from .quantize import QuantizationConfig
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class QuantizationConfig(_Strict):
+    """A recipe's ``quantization:`` block."""
+
+    bits: Literal[4, 8] = Field(description="8 (LLM.int8 weights) or 4 (NF4 / FP4 blocks)")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type")
+    double_quant: bool = Field(True, description="4-bit: quantize the block scales too")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="4-bit: dtype of the matmul after dequantizing a block")
 
 
 class DataConfig(_Strict):
@@ -41,6 +50,8 @@ class DataConfig(_Strict):
     validation_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     max_train_samples: int | None = Field(None, gt=0, description="subsample train (quick runs)")
     max_eval_samples: int | None = Field(None, gt=0, description="subsample validation and test")
+    token_cache: bool = Field(True, description="classification: keep tokenized splits on disk "
+                              "($PEFTKIT_CACHE, default ~/.cache/peftkit) and reuse them in later runs")
     # task causal_lm: which columns hold what, and how they become one token sequence
     prompt_column: str = Field("prompt", description="causal_lm: prompt/completion data")
     completion_column: str = "completion"

@@ -247,13 +247,27 @@ def encode_labels(split: Split, names: list[str], where: str) -> list[int]:
     return ids
 
 
-def tokenize(tokenizer: Any, texts: list[str], max_length: int,
-             pairs: list[str] | None = None) -> list[dict[str, list[int]]]:
-    """Tokenize texts (truncated, unpadded) into one feature dict per example."""
+def tokenize(tokenizer: Any, texts: list[str], max_length: int, pairs: list[str] | None = None,
+             cache: bool = False) -> list[dict[str, list[int]]]:
+    """Tokenize texts (truncated, unpadded) into one feature dict per example.
+
+    With ``cache``, the result is read from / written to the on-disk token cache
+    (:mod:`peftkit.token_cache`), keyed by the tokenizer, ``max_length`` and the texts.
+    """
+    from . import token_cache
+
+    key = token_cache.cache_key(tokenizer, texts, max_length, pairs) if cache else None
+    if key is not None:
+        hit = token_cache.read(key)
+        if hit is not None and len(hit) == len(texts):
+            return hit
     args = (texts, pairs) if pairs else (texts,)
     enc = tokenizer(*args, truncation=True, max_length=max_length, padding=False)
     keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
-    return [{k: enc[k][i] for k in keys} for i in range(len(texts))]
+    features = [{k: enc[k][i] for k in keys} for i in range(len(texts))]
+    if key is not None:
+        token_cache.write(key, features)
+    return features
 
 
 def collate(features: list[dict[str, list[int]]], pad_id: int, labels: list[int] | None = None,

@@ -15,16 +15,20 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .errors import PeftkitError
+
+if TYPE_CHECKING:  # torch loads on first use: the method configs import the patterns below
+    from torch import nn
 
 ALL_LINEAR = "all-linear"
 
 
 def is_linear(module: nn.Module) -> bool:
     """True for modules LoRA can wrap: ``nn.Linear`` (and subclasses) and ``Conv1D``."""
+    from torch import nn
+
     if isinstance(module, nn.Linear):
         return True
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
@@ -32,6 +36,8 @@ def is_linear(module: nn.Module) -> bool:
 
 def linear_shape(layer: nn.Module) -> tuple[int, int, bool]:
     """(in_features, out_features, fan_in_fan_out) of a linear or GPT-2 ``Conv1D``."""
+    from torch import nn
+
     if isinstance(layer, nn.Linear):
         return layer.in_features, layer.out_features, False
     in_f, out_f = layer.weight.shape  # Conv1D stores its weight as (in, out)

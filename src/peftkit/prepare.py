@@ -9,12 +9,13 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable
 
 from .config import RunConfig, TrainConfig
 from .errors import PeftkitError
+
+if TYPE_CHECKING:  # torch loads when a run starts, not for the output-folder checks
+    import torch
 
 
 @dataclass
@@ -103,6 +104,8 @@ def native_bf16() -> bool:
     """Whether this process's device multiplies bf16 matrices in hardware: a CUDA card with
     bf16, or a CPU that oneDNN runs bf16 kernels on (AVX-512 BF16, AMX). Without that, bf16
     matrix multiplies are emulated and far slower than float32."""
+    import torch
+
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
     try:
@@ -148,6 +151,9 @@ def check_resume_config(out: Path, cfg: RunConfig, say: Callable[[str], None]) -
         raise PeftkitError("the run to resume has no readable config.yaml", str(out),
                            "resume from a complete peftkit run folder") from None
     new = cfg.model_dump(mode="json")
+    for run in (old, new):  # the token cache changes no token: a run may resume with it either way
+        if isinstance(run.get("data"), dict):
+            run["data"] = {k: v for k, v in run["data"].items() if k != "token_cache"}
     for key in ("model", "dataset", "method", "data", "quantization"):
         if old.get(key) != new.get(key):
             raise PeftkitError(f"cannot resume with a different '{key}'", str(out / "config.yaml"),
@@ -180,4 +186,6 @@ def build_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Opti
         from .quantize import require_bitsandbytes
 
         return require_bitsandbytes().optim.AdamW8bit(groups, lr=tc.lr, weight_decay=tc.weight_decay)
+    import torch
+
     return torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)

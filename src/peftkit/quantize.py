@@ -18,29 +18,17 @@ import ctypes
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.nn import functional as F
 
+from .config import QuantizationConfig
 from .errors import PeftkitError
 from .inject import is_under, output_embedding_name, replace_module
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class QuantizationConfig(BaseModel):
-    """A recipe's ``quantization:`` block."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    bits: Literal[4, 8] = Field(description="8 (LLM.int8 weights) or 4 (NF4 / FP4 blocks)")
-    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type")
-    double_quant: bool = Field(True, description="4-bit: quantize the block scales too")
-    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="4-bit: dtype of the matmul after dequantizing a block")
 
 
 def require_bitsandbytes() -> Any:

@@ -136,7 +136,8 @@ def build_task(cfg: RunConfig, model: nn.Module, tokenizer: Any, splits: dict[st
 
         names = infer_label_names(splits["train"], cfg.data.label_names)
         labels = {s: encode_labels(sp, names, f"{cfg.dataset}, {s} split") for s, sp in splits.items()}
-        features = {s: tokenize(tokenizer, sp.texts, cfg.data.max_length, sp.pairs) for s, sp in splits.items()}
+        features = {s: tokenize(tokenizer, sp.texts, cfg.data.max_length, sp.pairs, cache=cfg.data.token_cache)
+                    for s, sp in splits.items()}
         return ClassificationTask(names, features, labels, tokenizer.pad_token_id,
                                   {"id2label": dict(enumerate(names)), **meta})
     from .causal import LMEncoder, pack

@@ -1,4 +1,4 @@
-"""What every method shares: the config base class, the adapter protocol, freezing, reports.
+"""What every method shares: the adapter protocol, freezing, reports, applying and merging.
 
 A method adds modules that implement :class:`AdapterModule`, or trains some of the base's
 own parameters in place (BitFit's biases, full fine-tuning's everything). The protocol,
@@ -9,56 +9,14 @@ task head) are the one source of truth for what is trainable and what an adapter
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-#: file keys of peft-format adapters start with this, then the module path in the model
-KEY_PREFIX = "base_model.model."
-
-
-class MethodConfig(BaseModel):
-    """Options every method has; each method subclasses this with its own ``name``.
-
-    Class attributes:
-        peft_type: what ``adapter_config.json`` calls the method (peft's name, or a
-            ``PEFTKIT_*`` name for methods peft does not have).
-        mergeable: whether :func:`peftkit.methods.merge_and_unload` can fold it into the base.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    peft_type: ClassVar[str] = ""
-    mergeable: ClassVar[bool] = False
-
-    name: str
-    modules_to_save: list[str] | None = Field(
-        None, description="modules trained and saved whole; default: the task head"
-    )
-
-    def apply(self, model: nn.Module, modules_to_save: list[str], tokenizer: Any = None) -> "Injection":
-        """Change ``model`` in place (see :func:`peftkit.methods.apply_method`)."""
-        raise NotImplementedError
-
-    def to_peft(self, injection: "Injection", model: nn.Module) -> dict[str, Any]:
-        """adapter_config.json fields for this method (``task_type`` and base are added by the writer)."""
-        return {"peft_type": self.peft_type, **self.model_dump(exclude={"name"}),
-                "modules_to_save": injection.modules_to_save or None}
-
-    @classmethod
-    def from_peft(cls, cfg: dict[str, Any]) -> "MethodConfig":
-        """The config an adapter_config.json describes."""
-        fields = {k: v for k, v in cfg.items() if k in cls.model_fields and k != "name"}
-        return cls(**fields)
-
-    # where each tensor goes in adapter_model.safetensors
-    def file_key(self, key: str) -> str:
-        return KEY_PREFIX + key
-
-    def model_key(self, file_key: str) -> str:
-        return file_key.removeprefix(KEY_PREFIX)
+from ..errors import PeftkitError
+from ..inject import is_under, replace_module
+from .configs import MethodConfig
 
 
 @runtime_checkable
@@ -175,3 +133,100 @@ def parameter_report(model: nn.Module) -> str:
     trainable, total = count_parameters(model)
     pct = 100.0 * trainable / max(total, 1)
     return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {pct:.4f}"
+
+
+def apply_method(model: nn.Module, cfg: MethodConfig, modules_to_save: list[str] | None = None,
+                 tokenizer: Any = None) -> Injection:
+    """Apply the method ``cfg`` describes to ``model`` in place; freeze everything else.
+
+    Args:
+        model: the model to adapt.
+        cfg: a method config (``LoraConfig``...).
+        modules_to_save: modules trained and saved whole; defaults to ``cfg.modules_to_save``,
+            else to the model's task head (:func:`default_modules_to_save`).
+        tokenizer: the model's tokenizer (prompt tuning's ``init_text`` needs it).
+
+    Returns:
+        The :class:`Injection` (also stored as ``model.peftkit``), which lists what was changed.
+    """
+    if getattr(model, "peftkit", None) is not None:
+        raise PeftkitError("this model already has a peftkit method applied", fix="load a fresh base model")
+    if modules_to_save is None:
+        modules_to_save = cfg.modules_to_save
+    if modules_to_save is None:
+        modules_to_save = default_modules_to_save(model)
+    return cfg.apply(model, resolve_modules_to_save(model, modules_to_save), tokenizer=tokenizer)
+
+
+def resolve_modules_to_save(model: nn.Module, entries: list[str]) -> list[str]:
+    """Full module names that ``modules_to_save`` entries select, with ``peft``'s rule.
+
+    ``peft`` selects every module whose full name ends with an entry (plain string suffix:
+    ``"classifier"`` also selects DistilBERT's ``pre_classifier``); entries that match
+    nothing are ignored (``"score"`` on a BERT model). A module inside one already
+    selected is not listed again.
+    """
+    chosen: list[str] = []
+    for name, _ in model.named_modules():
+        if name and any(name.endswith(e) for e in entries) and not is_under(name, chosen):
+            chosen.append(name)
+    return chosen
+
+
+HEAD_NAMES = ("classifier", "score", "pre_classifier")
+
+
+def default_modules_to_save(model: nn.Module, newly_initialized: list[str] = ()) -> list[str]:
+    """The task head: known head names plus every module the base checkpoint lacked.
+
+    A module that was randomly initialised when the base was loaded (DistilBERT's
+    ``pre_classifier``, DeBERTa's ``pooler``) must be trained and saved, or the adapter
+    would not reproduce the trained model when loaded onto a fresh base.
+    """
+    names = dict(model.named_modules())
+    chosen = [n for n in HEAD_NAMES if n in names]
+    for n in newly_initialized:
+        if n in names and not any(n == c or n.startswith(c + ".") for c in chosen):
+            chosen.append(n)
+    return chosen
+
+
+def check_mergeable(model: nn.Module) -> None:
+    """Raise the one-line error when the method on ``model`` cannot merge into the base."""
+    method = injection_of(model).method
+    if not method.mergeable:
+        raise PeftkitError(f"{method.name} adapters cannot be merged into the base weights", "method",
+                           "use the adapter unmerged (predict and eval load it as it is)")
+
+
+def _mergeable(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    check_mergeable(model)
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterModule)]
+
+
+def merge(model: nn.Module) -> None:
+    """Merge every adapter update into the base weights (reversible with :func:`unmerge`)."""
+    for _, module in _mergeable(model):
+        module.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    """Undo :func:`merge`."""
+    for _, module in _mergeable(model):
+        module.unmerge()
+
+
+def merge_and_unload(model: nn.Module) -> list[str]:
+    """Merge, then put the plain base layers back; returns the names restored.
+
+    Afterwards ``model`` is an ordinary model with no peftkit modules in it; its heads
+    (``modules_to_save``) keep their trained weights.
+    """
+    restored = []
+    for name, module in _mergeable(model):
+        module.merge()
+        replace_module(model, name, module.base_layer)
+        restored.append(name)
+    if hasattr(model, "peftkit"):
+        del model.peftkit
+    return restored

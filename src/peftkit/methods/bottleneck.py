@@ -17,67 +17,18 @@ tensors ``base_model.model.<wrapped module>.adapter_down.weight`` (and ``.bias``
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 from torch import nn
 
 from ..errors import PeftkitError
-from ..inject import ATTENTION_OUTPUT, FFN_OUTPUT, is_linear, is_under, linear_shape, name_matches, replace_module
-from .base import Injection, MethodConfig, finish
+from ..inject import is_linear, is_under, linear_shape, name_matches, replace_module
+from .base import Injection, finish
+from .configs import BottleneckConfig
 
-#: feed-forward blocks (for the parallel placement), in the families of inject.FFN_OUTPUT
-FFN_BLOCK = r".*(\.layer\.\d+\.output|\.ffn|\.mlp)"
 ACTIVATIONS = {"relu": nn.functional.relu, "gelu": nn.functional.gelu, "silu": nn.functional.silu,
                "tanh": torch.tanh}
-
-
-class BottleneckConfig(MethodConfig):
-    """Bottleneck adapter options, as written in a recipe's ``method:`` block."""
-
-    peft_type: ClassVar[str] = "PEFTKIT_BOTTLENECK"
-
-    name: Literal["adapter"] = "adapter"
-    placement: Literal["houlsby", "pfeiffer", "parallel"] = "pfeiffer"
-    reduction_factor: float = Field(16.0, gt=0, description="bottleneck = hidden size / reduction_factor")
-    bottleneck_size: int | None = Field(None, gt=0, description="set the bottleneck width directly")
-    non_linearity: Literal["relu", "gelu", "silu", "tanh"] = "relu"
-    residual: bool = Field(True, description="add the adapter to its input (h + f(h)); false: f(h) only")
-    scaling: float = Field(1.0, description="factor s on the adapter's output")
-    attention_modules: str | list[str] = Field(ATTENTION_OUTPUT, description="attention output projections")
-    ffn_modules: str | list[str] = Field(FFN_OUTPUT, description="feed-forward output projections")
-    ffn_blocks: str | list[str] = Field(FFN_BLOCK, description="feed-forward blocks (parallel placement)")
-
-    def width(self, dim: int) -> int:
-        if self.bottleneck_size is not None:
-            return self.bottleneck_size
-        if self.reduction_factor > dim:
-            raise PeftkitError(f"reduction_factor {self.reduction_factor:g} is larger than the hidden size {dim}",
-                               "method.reduction_factor", f"use a value up to {dim}, or set bottleneck_size")
-        return max(1, int(dim // self.reduction_factor))
-
-    def apply(self, model: nn.Module, modules_to_save: list[str], tokenizer: Any = None) -> Injection:
-        if self.placement == "parallel":
-            patterns = [self.ffn_blocks]
-        else:
-            patterns = [self.ffn_modules] + ([self.attention_modules] if self.placement == "houlsby" else [])
-        targets = [n for n, m in model.named_modules()
-                   if n and any(name_matches(n, p) for p in patterns) and not is_under(n, modules_to_save)
-                   and (self.placement == "parallel" or is_linear(m))]
-        if not targets:
-            raise PeftkitError(f"no {self.placement} adapter places found in {type(model).__name__}",
-                               "method", "set method.ffn_modules / attention_modules / ffn_blocks to its module names")
-        for name in targets:
-            base = model.get_submodule(name)
-            dim = linear_shape(base)[1] if self.placement != "parallel" else _hidden_size(model)
-            replace_module(model, name, BottleneckAdapter(
-                base, dim, self.width(dim), self.non_linearity, self.scaling, self.residual,
-                parallel=self.placement == "parallel"))
-        return finish(model, self, replaced=targets, modules_to_save=modules_to_save)
-
-    def to_peft(self, injection: Injection, model: nn.Module) -> dict[str, Any]:
-        return {**super().to_peft(injection, model), "target_modules": injection.replaced}
 
 
 def _hidden_size(model: nn.Module) -> int:
@@ -134,3 +85,24 @@ class BottleneckAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"activation={self.activation}, scaling={self.scaling:g}, parallel={self.parallel}"
+
+
+def apply_bottleneck(model: nn.Module, cfg: BottleneckConfig, modules_to_save: list[str]) -> Injection:
+    """Wrap the places ``cfg.placement`` names with :class:`BottleneckAdapter`, in place."""
+    if cfg.placement == "parallel":
+        patterns = [cfg.ffn_blocks]
+    else:
+        patterns = [cfg.ffn_modules] + ([cfg.attention_modules] if cfg.placement == "houlsby" else [])
+    targets = [n for n, m in model.named_modules()
+               if n and any(name_matches(n, p) for p in patterns) and not is_under(n, modules_to_save)
+               and (cfg.placement == "parallel" or is_linear(m))]
+    if not targets:
+        raise PeftkitError(f"no {cfg.placement} adapter places found in {type(model).__name__}",
+                           "method", "set method.ffn_modules / attention_modules / ffn_blocks to its module names")
+    for name in targets:
+        base = model.get_submodule(name)
+        dim = linear_shape(base)[1] if cfg.placement != "parallel" else _hidden_size(model)
+        replace_module(model, name, BottleneckAdapter(
+            base, dim, cfg.width(dim), cfg.non_linearity, cfg.scaling, cfg.residual,
+            parallel=cfg.placement == "parallel"))
+    return finish(model, cfg, replaced=targets, modules_to_save=modules_to_save)

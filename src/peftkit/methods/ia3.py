@@ -10,62 +10,12 @@ File layout and semantics follow ``peft``'s ``IA3`` type (``ia3_l`` of shape
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
-
 import torch
-from pydantic import Field
 from torch import nn
 
-from ..inject import FFN_OUTPUT, KEY_VALUE, is_linear, linear_shape, name_matches, replace_module, select_targets
-from .base import Injection, MethodConfig, finish
-
-
-class IA3Config(MethodConfig):
-    """IA3 options, as written in a recipe's ``method:`` block."""
-
-    peft_type: ClassVar[str] = "IA3"
-    mergeable: ClassVar[bool] = True
-
-    name: Literal["ia3"] = "ia3"
-    target_modules: str | list[str] = Field(
-        f"{KEY_VALUE}|{FFN_OUTPUT}", description="layers to rescale; default: keys, values, feed-forward outputs"
-    )
-    feedforward_modules: str | list[str] = Field(
-        FFN_OUTPUT, description="targets whose input (not output) is rescaled"
-    )
-    exclude_modules: str | list[str] | None = None
-
-    def apply(self, model: nn.Module, modules_to_save: list[str], tokenizer: Any = None) -> Injection:
-        targets = select_targets(model, self.target_modules, self.exclude_modules, skip=modules_to_save)
-        for name in targets:
-            base = model.get_submodule(name)
-            assert is_linear(base)
-            replace_module(model, name, IA3Linear(base, name_matches(name, self.feedforward_modules)))
-        return finish(model, self, replaced=targets, modules_to_save=modules_to_save)
-
-    def to_peft(self, injection: Injection, model: nn.Module) -> dict[str, Any]:
-        layers = [model.get_submodule(n) for n in injection.replaced]
-        return {
-            "peft_type": "IA3",
-            # stored as the layers chosen, so peft's suffix matching selects exactly these
-            "target_modules": injection.replaced,
-            "feedforward_modules": [n for n, m in zip(injection.replaced, layers) if m.feedforward],
-            "exclude_modules": None,
-            "modules_to_save": injection.modules_to_save or None,
-            "fan_in_fan_out": any(m.fan_in_fan_out for m in layers),
-            "init_ia3_weights": True,
-        }
-
-    @classmethod
-    def from_peft(cls, cfg: dict[str, Any]) -> "IA3Config":
-        def norm(v: Any) -> Any:
-            return sorted(v) if isinstance(v, (list, tuple, set)) else v
-
-        return cls(target_modules=norm(cfg["target_modules"]),
-                   feedforward_modules=norm(cfg.get("feedforward_modules") or []),
-                   exclude_modules=norm(cfg.get("exclude_modules")),
-                   modules_to_save=list(cfg.get("modules_to_save") or []))
-
+from ..inject import is_linear, linear_shape, name_matches, replace_module, select_targets
+from .base import Injection, finish
+from .configs import IA3Config
 
 class IA3Linear(nn.Module):
     """A frozen linear layer (``nn.Linear`` or ``Conv1D``) with an IA3 scaling vector.
@@ -119,3 +69,13 @@ class IA3Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"feedforward={self.feedforward}, merged={self.merged}"
+
+
+def apply_ia3(model: nn.Module, cfg: IA3Config, modules_to_save: list[str]) -> Injection:
+    """Wrap the targeted linear layers of ``model`` with :class:`IA3Linear`, in place."""
+    targets = select_targets(model, cfg.target_modules, cfg.exclude_modules, skip=modules_to_save)
+    for name in targets:
+        base = model.get_submodule(name)
+        assert is_linear(base)
+        replace_module(model, name, IA3Linear(base, name_matches(name, cfg.feedforward_modules)))
+    return finish(model, cfg, replaced=targets, modules_to_save=modules_to_save)

@@ -9,92 +9,12 @@ leaves the model unchanged. Merging adds ``s * B A`` into ``W``; unmerging subtr
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Literal
-
 import torch
-from pydantic import Field
 from torch import nn
 
-from ..inject import ALL_LINEAR, is_linear, linear_shape, replace_module, select_targets
-from .base import Injection, MethodConfig, finish
-
-
-class LoraConfig(MethodConfig):
-    """LoRA options, as written in a recipe's ``method:`` block."""
-
-    peft_type: ClassVar[str] = "LORA"
-    mergeable: ClassVar[bool] = True
-
-    name: Literal["lora"] = "lora"
-    r: int = Field(8, gt=0, description="rank of the update")
-    alpha: float = Field(16.0, gt=0, description="scale numerator: s = alpha / r")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA input")
-    target_modules: str | list[str] = Field(
-        ALL_LINEAR, description="name suffixes, a regex, or all-linear (PEFT semantics)"
-    )
-    exclude_modules: str | list[str] | None = None
-    use_rslora: bool = Field(False, description="scale by alpha / sqrt(r) (rank-stabilised)")
-
-    def apply(self, model: nn.Module, modules_to_save: list[str], tokenizer: Any = None) -> Injection:
-        return apply_lora(model, self, modules_to_save)
-
-    def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
-
-    # --- the Hugging Face PEFT file format -------------------------------------------
-    def to_peft(self, injection: Injection, model: nn.Module) -> dict[str, Any]:
-        """adapter_config.json fields as ``peft`` writes them for a LoRA adapter."""
-        targets, modules_to_save = injection.replaced, injection.modules_to_save
-        conv1d = any(getattr(model.get_submodule(n), "fan_in_fan_out", False) for n in targets)
-        return {
-            "peft_type": "LORA",
-            "r": self.r,
-            "lora_alpha": self.alpha,
-            "lora_dropout": self.dropout,
-            # all-linear is stored as the layers it chose, so any reader gets the same set
-            "target_modules": targets if self.target_modules == ALL_LINEAR else self.target_modules,
-            "exclude_modules": self.exclude_modules,
-            "modules_to_save": modules_to_save or None,
-            "use_rslora": self.use_rslora,
-            "fan_in_fan_out": conv1d,  # GPT-2's Conv1D stores weights transposed
-            "bias": "none",
-            "init_lora_weights": True,
-            "use_dora": False,
-            "layers_to_transform": None,
-            "layers_pattern": None,
-            "rank_pattern": {},
-            "alpha_pattern": {},
-        }
-
-    @classmethod
-    def from_peft(cls, cfg: dict[str, Any]) -> "LoraConfig":
-        """Read a ``peft`` LoRA adapter_config.json; refuses options peftkit does not implement."""
-        from ..errors import PeftkitError
-
-        unsupported = {
-            "use_dora": False, "bias": "none", "layers_to_transform": None, "lora_bias": False,
-            "rank_pattern": {}, "alpha_pattern": {}, "target_parameters": None,
-            "trainable_token_indices": None, "layer_replication": None, "use_qalora": False,
-        }
-        for key, neutral in unsupported.items():
-            if cfg.get(key, neutral) not in (neutral, None, {}, False):
-                raise PeftkitError(
-                    f"the adapter uses LoRA option {key}={cfg[key]!r}, which peftkit does not support",
-                    "adapter_config.json",
-                    "retrain without it, or load this adapter with peft",
-                )
-        targets = cfg.get("target_modules")
-        if isinstance(targets, (list, tuple, set)):
-            targets = sorted(targets)
-        return cls(
-            r=cfg["r"],
-            alpha=cfg.get("lora_alpha", 8),
-            dropout=cfg.get("lora_dropout", 0.0),
-            target_modules=targets,
-            exclude_modules=cfg.get("exclude_modules"),
-            modules_to_save=list(cfg.get("modules_to_save") or []),
-            use_rslora=bool(cfg.get("use_rslora", False)),
-        )
+from ..inject import is_linear, linear_shape, replace_module, select_targets
+from .base import Injection, finish
+from .configs import LoraConfig
 
 
 class LoRALinear(nn.Module):

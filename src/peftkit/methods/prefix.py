@@ -19,64 +19,17 @@ use the adapter.
 from __future__ import annotations
 
 import inspect
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 from torch import nn
 
 from ..errors import PeftkitError
 from .base import Injection, finish
-from .prompt import PROMPT_KEY, PromptLearningConfig, as_kwargs, cache_length
+from .configs import PROMPT_KEY, PrefixTuningConfig
+from .prompt import as_kwargs, cache_length
 
 IMPLEMENTATION = "peftkit_prefix"
-
-
-class PrefixTuningConfig(PromptLearningConfig):
-    """Prefix tuning options, as written in a recipe's ``method:`` block."""
-
-    peft_type: ClassVar[str] = "PREFIX_TUNING"
-
-    name: Literal["prefix"] = "prefix"
-    prefix_projection: bool = Field(False, description="train the prefixes through an MLP (reparameterisation)")
-    encoder_hidden_size: int | None = Field(None, gt=0, description="the MLP's width; default: the hidden size")
-    init: Literal["random", "vocab"] = Field(
-        "vocab", description="start from the keys/values of random vocabulary tokens, or from noise")
-
-    def apply(self, model: nn.Module, modules_to_save: list[str], tokenizer: Any = None) -> Injection:
-        layers = attention_layers(model)
-        kv_heads, head_dim = _kv_shape(model)
-        encoder = PrefixEncoder(self, len(layers), kv_heads, head_dim, model)
-        _register_implementation()
-        model.config._attn_implementation = IMPLEMENTATION
-        model.peftkit_prefix = encoder
-        encoder.layers = layers  # a plain list: the layers stay registered where they are
-        if self.init == "vocab" and not self.prefix_projection:
-            encoder.init_from_activations(model)
-        model.register_forward_pre_hook(_set_prefixes, with_kwargs=True)
-        return finish(model, self, modules_to_save=modules_to_save)
-
-    def to_peft(self, injection: Injection, model: nn.Module) -> dict[str, Any]:
-        enc = model.peftkit_prefix
-        return {
-            "peft_type": self.peft_type,
-            "num_virtual_tokens": self.num_virtual_tokens,
-            "token_dim": enc.kv_heads * enc.head_dim,
-            "num_transformer_submodules": 1,
-            "num_attention_heads": enc.kv_heads,
-            "num_layers": enc.num_layers,
-            "encoder_hidden_size": enc.encoder_hidden_size,
-            "prefix_projection": self.prefix_projection,
-            "modules_to_save": injection.modules_to_save or None,
-        }
-
-    @classmethod
-    def from_peft(cls, cfg: dict[str, Any]) -> "PrefixTuningConfig":
-        if cfg.get("num_transformer_submodules", 1) != 1:
-            raise PeftkitError("prefix tuning for encoder-decoder models is not supported", "adapter_config.json")
-        # files hold the projected prefixes: loading needs no MLP
-        return cls(num_virtual_tokens=cfg["num_virtual_tokens"], prefix_projection=False, init="random",
-                   modules_to_save=list(cfg.get("modules_to_save") or []))
 
 
 def attention_layers(model: nn.Module) -> list[nn.Module]:
@@ -231,3 +184,18 @@ def _register_implementation() -> None:
     if IMPLEMENTATION not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
         AttentionInterface.register(IMPLEMENTATION, prefix_attention)
         AttentionMaskInterface.register(IMPLEMENTATION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+def apply_prefix(model: nn.Module, cfg: PrefixTuningConfig, modules_to_save: list[str]) -> Injection:
+    """Give every self-attention layer of ``model`` learned key/value prefixes, in place."""
+    layers = attention_layers(model)
+    kv_heads, head_dim = _kv_shape(model)
+    encoder = PrefixEncoder(cfg, len(layers), kv_heads, head_dim, model)
+    _register_implementation()
+    model.config._attn_implementation = IMPLEMENTATION
+    model.peftkit_prefix = encoder
+    encoder.layers = layers  # a plain list: the layers stay registered where they are
+    if cfg.init == "vocab" and not cfg.prefix_projection:
+        encoder.init_from_activations(model)
+    model.register_forward_pre_hook(_set_prefixes, with_kwargs=True)
+    return finish(model, cfg, modules_to_save=modules_to_save)

@@ -11,98 +11,14 @@ first virtual token takes the place the pooler reads.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 
 from ..errors import PeftkitError
-from .base import Injection, MethodConfig, finish
-
-INITS = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
-PROMPT_KEY = "prompt_embeddings"
-
-
-class PromptLearningConfig(MethodConfig):
-    """What prompt and prefix tuning share: virtual tokens, and peft's file keys for them."""
-
-    num_virtual_tokens: int = Field(20, gt=0, description="number of learned virtual tokens")
-
-    def file_key(self, key: str) -> str:
-        return key if key == PROMPT_KEY else "base_model." + key
-
-    def model_key(self, file_key: str) -> str:
-        return file_key if file_key == PROMPT_KEY else file_key.removeprefix("base_model.")
-
-
-class PromptTuningConfig(PromptLearningConfig):
-    """Prompt tuning options, as written in a recipe's ``method:`` block."""
-
-    peft_type: ClassVar[str] = "PROMPT_TUNING"
-
-    name: Literal["prompt"] = "prompt"
-    init: Literal["random", "vocab", "text"] = Field(
-        "random", description="random vectors, embeddings of random vocabulary tokens, or of init_text")
-    init_text: str | None = Field(None, description="text whose token embeddings start the prompt")
-
-    @model_validator(mode="after")
-    def _text_init(self) -> "PromptTuningConfig":
-        if self.init_text and self.init == "random":
-            self.init = "text"
-        if self.init == "text" and not self.init_text:
-            raise ValueError("init: text needs init_text")
-        return self
-
-    def apply(self, model: nn.Module, modules_to_save: list[str], tokenizer: Any = None) -> Injection:
-        embeddings = model.get_input_embeddings()
-        if embeddings is None:
-            raise PeftkitError(f"{type(model).__name__} has no input embeddings", "method.name",
-                               "prompt tuning needs a transformer with a token embedding")
-        weight = embeddings.weight
-        with torch.no_grad():
-            if self.init == "text":
-                if tokenizer is None:
-                    raise PeftkitError("init_text needs the model's tokenizer", "method.init_text",
-                                       "use init: random or vocab, or load the model with its tokenizer")
-                ids = tokenizer(self.init_text, add_special_tokens=False)["input_ids"]
-                if not ids:
-                    raise PeftkitError("init_text has no tokens", "method.init_text", "write a sentence")
-                ids = (ids * self.num_virtual_tokens)[: self.num_virtual_tokens]
-                init = weight[torch.tensor(ids, device=weight.device)].clone()
-            elif self.init == "vocab":
-                ids = torch.randint(0, weight.shape[0], (self.num_virtual_tokens,), device=weight.device)
-                init = weight[ids].clone()
-            else:
-                init = torch.randn(self.num_virtual_tokens, weight.shape[1], device=weight.device) * weight.std()
-        model.peftkit_prompt = PromptEmbedding(init.to(weight.dtype))
-        model.register_forward_pre_hook(_prepend_prompt, with_kwargs=True)
-        return finish(model, self, modules_to_save=modules_to_save)
-
-    def to_peft(self, injection: Injection, model: nn.Module) -> dict[str, Any]:
-        config = model.config
-        return {
-            "peft_type": self.peft_type,
-            "num_virtual_tokens": self.num_virtual_tokens,
-            "token_dim": model.peftkit_prompt.embedding.shape[1],
-            "num_transformer_submodules": 1,
-            "num_attention_heads": getattr(config, "num_attention_heads", None),
-            "num_layers": getattr(config, "num_hidden_layers", None),
-            "prompt_tuning_init": INITS[self.init],
-            "prompt_tuning_init_text": self.init_text,
-            "tokenizer_name_or_path": getattr(config, "_name_or_path", None) or None,
-            "tokenizer_kwargs": None,
-            "modules_to_save": injection.modules_to_save or None,
-        }
-
-    @classmethod
-    def from_peft(cls, cfg: dict[str, Any]) -> "PromptTuningConfig":
-        if cfg.get("num_transformer_submodules", 1) != 1:
-            raise PeftkitError("prompt tuning for encoder-decoder models is not supported", "adapter_config.json")
-        # the file's weights replace any initialisation: loading needs no tokenizer
-        return cls(num_virtual_tokens=cfg["num_virtual_tokens"], init="random",
-                   modules_to_save=list(cfg.get("modules_to_save") or []))
-
+from .base import Injection, finish
+from .configs import PROMPT_KEY, PromptTuningConfig
 
 class PromptEmbedding(nn.Module):
     """The learned virtual tokens, ``(num_virtual_tokens, hidden)``; saved as ``prompt_embeddings``."""
@@ -159,3 +75,31 @@ def _prepend_prompt(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tu
     if labels is not None and labels.dim() == 2 and labels.shape[1] == embeds.shape[1]:
         kwargs["labels"] = torch.cat([labels.new_full((batch, n), -100), labels], 1)
     return (), kwargs
+
+
+def apply_prompt(model: nn.Module, cfg: PromptTuningConfig, modules_to_save: list[str],
+                 tokenizer: Any = None) -> Injection:
+    """Give ``model`` learned virtual tokens before its input embeddings (a forward pre-hook)."""
+    embeddings = model.get_input_embeddings()
+    if embeddings is None:
+        raise PeftkitError(f"{type(model).__name__} has no input embeddings", "method.name",
+                           "prompt tuning needs a transformer with a token embedding")
+    weight = embeddings.weight
+    with torch.no_grad():
+        if cfg.init == "text":
+            if tokenizer is None:
+                raise PeftkitError("init_text needs the model's tokenizer", "method.init_text",
+                                   "use init: random or vocab, or load the model with its tokenizer")
+            ids = tokenizer(cfg.init_text, add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise PeftkitError("init_text has no tokens", "method.init_text", "write a sentence")
+            ids = (ids * cfg.num_virtual_tokens)[: cfg.num_virtual_tokens]
+            init = weight[torch.tensor(ids, device=weight.device)].clone()
+        elif cfg.init == "vocab":
+            ids = torch.randint(0, weight.shape[0], (cfg.num_virtual_tokens,), device=weight.device)
+            init = weight[ids].clone()
+        else:
+            init = torch.randn(cfg.num_virtual_tokens, weight.shape[1], device=weight.device) * weight.std()
+    model.peftkit_prompt = PromptEmbedding(init.to(weight.dtype))
+    model.register_forward_pre_hook(_prepend_prompt, with_kwargs=True)
+    return finish(model, cfg, modules_to_save=modules_to_save)
