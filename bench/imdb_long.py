@@ -58,11 +58,12 @@ def main() -> int:
     test = s["test"]
     lines = ["# IMDb long run: LoRA on MiniLM, all 25,000 training reviews, one epoch, max length 256", "",
              *header("imdb_long.py"), f"- settings: recipes/sentiment-minilm-lora.yaml with {' '.join(SETTINGS)}", "",
-             "| train reviews | steps | test reviews | test accuracy | test F1 | train loop (s) | test eval (s) "
-             "| total, process start to end (s) | peak RSS (MiB) |", "|---|---|---|---|---|---|---|---|---|",
-             f"| {s['train_examples']} | {s['steps']} | {test['n']} | {test['accuracy']:.4f} | {test['f1']:.4f} "
-             f"| {s['train_seconds']:.0f} | {s.get('test_seconds', float('nan')):.0f} | {total:.0f} "
-             f"| {s['peak_rss_bytes'] / 2**20:.0f} |"]
+             "| train reviews | steps | precision | test reviews | test accuracy | test F1 | train loop (s) "
+             "| test eval (s) | total, process start to end (s) | peak RSS (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|",
+             f"| {s['train_examples']} | {s['steps']} | {s.get('mixed_precision', 'no')} | {test['n']} "
+             f"| {test['accuracy']:.4f} | {test['f1']:.4f} | {s['train_seconds']:.0f} "
+             f"| {s.get('test_seconds', float('nan')):.0f} | {total:.0f} | {s['peak_rss_bytes'] / 2**20:.0f} |"]
     write_report(ROOT / "bench" / "RESULTS-imdb.md", lines)
     return 0
 
