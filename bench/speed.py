@@ -37,6 +37,8 @@ from pathlib import Path
 
 from _shared import command, machine, write_report
 
+from peftkit.prepare import native_bf16  # the test mixed_precision=auto makes (torch loads on first call)
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "sentiment-minilm-lora.yaml"
 TRAINING = ("peftkit", "trainer", "trainer_tuned")
@@ -57,12 +59,6 @@ def split_file(folder: Path, split: str) -> Path:
         if (folder / f"{split}{suffix}").exists():
             return folder / f"{split}{suffix}"
     raise SystemExit(f"speed.py: no {split}.jsonl(.gz) in {folder}")
-
-
-def native_bf16() -> bool:
-    from peftkit.prepare import native_bf16 as native  # the same test peftkit's mixed_precision=auto makes
-
-    return native()
 
 
 def matmul_peak(dtype_name: str, sizes=(2048, 4096)) -> float:

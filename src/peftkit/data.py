@@ -258,8 +258,8 @@ def tokenize(tokenizer: Any, texts: list[str], max_length: int, pairs: list[str]
 
     key = token_cache.cache_key(tokenizer, texts, max_length, pairs) if cache else None
     if key is not None:
-        hit = token_cache.read(key)
-        if hit is not None and len(hit) == len(texts):
+        hit = token_cache.read(key)  # the key covers the number of texts too
+        if hit is not None:
             return hit
     args = (texts, pairs) if pairs else (texts,)
     enc = tokenizer(*args, truncation=True, max_length=max_length, padding=False)
