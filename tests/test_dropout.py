@@ -42,6 +42,20 @@ def test_forward_and_backward_use_one_mask():
     assert torch.equal(x.grad, kept.float() * scale)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_output_and_gradient_match_masking_then_scaling(dtype):
+    # the fast path multiplies in another order; the values must still be exactly x * mask * scale
+    x = torch.randn(8, 33, 40).to(dtype).requires_grad_()
+    grad = torch.randn(8, 33, 40).to(dtype)
+    torch.manual_seed(5)
+    y = FastDropout(0.1).train()(x)
+    y.backward(grad)
+    torch.manual_seed(5)
+    keep, scale = keep_mask(x.shape, 0.1)
+    assert torch.equal(y, torch.mul(x.detach(), keep).mul_(scale))
+    assert torch.equal(x.grad, torch.mul(grad, keep).mul_(scale))
+
+
 def test_eval_mode_and_p_zero_are_the_identity_and_seeding_repeats():
     x = torch.randn(8, 8)
     assert FastDropout(0.5).eval()(x) is x

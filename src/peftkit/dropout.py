@@ -7,6 +7,10 @@ dropped with probability ``round(p * 65536) / 65536`` (within 8e-6 of ``p``) and
 scaled by the exact inverse of the keep rate. It keeps a 1-byte mask for backward instead of a
 float one. The draws come from torch's default generator, so seeding and a checkpoint's RNG
 state cover them as before.
+
+The mask is written as bytes and only viewed as ``bool``: torch's CPU kernels that read or
+write ``bool`` tensors are not vectorised, and converting a bool mask (or multiplying by one)
+cost several times the arithmetic itself, most of all in bf16.
 """
 
 from __future__ import annotations
@@ -24,7 +28,14 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device | str = "cpu") -
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, None)
     lanes = words.view(torch.int16)[:n]  # 16 uniform bits each; any fixed set of K values has chance K/65536
     dropped = round(p * _LANES)
-    return (lanes >= dropped - _LANES // 2).view(shape), _LANES / (_LANES - dropped)
+    keep = torch.ge(lanes, dropped - _LANES // 2, out=torch.empty(n, dtype=torch.uint8, device=device))
+    return keep.view(torch.bool).view(shape), _LANES / (_LANES - dropped)
+
+
+def _apply(keep: torch.Tensor, x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x * keep * scale`` in one new tensor; the scale is applied last, in the op's float math,
+    so the result is exactly that of multiplying by the mask and then by the Python float."""
+    return keep.view(torch.uint8).to(x.dtype).mul_(x).mul_(scale)
 
 
 def _cheap(p: float, x: torch.Tensor) -> bool:
@@ -39,12 +50,12 @@ class _MaskedScale(torch.autograd.Function):
         keep, scale = keep_mask(x.shape, p, x.device)
         ctx.save_for_backward(keep)
         ctx.scale = scale
-        return torch.mul(x, keep).mul_(scale)
+        return _apply(keep, x, scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (keep,) = ctx.saved_tensors
-        return torch.mul(grad, keep).mul_(ctx.scale), None
+        return _apply(keep, grad, ctx.scale), None
 
 
 class FastDropout(nn.Dropout):
