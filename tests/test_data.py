@@ -207,3 +207,49 @@ def test_token_cache_skips_tokenizers_it_cannot_fingerprint(monkeypatch, tmp_pat
     texts = ["the movie was good", "a dull film"]
     assert tokenize(lambda *a, **k: inner(*a, **k), texts, 8, cache=True) == tokenize(inner, texts, 8)
     assert not (tmp_path / "tokens").exists()
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "jsonl.gz", "jsonl.bz2", "jsonl.xz"])
+def test_json_lines_are_read_without_datasets_and_match_it(kind, tmp_path):
+    import bz2
+    import lzma
+
+    import datasets
+
+    from peftkit.data import column_lists, read_json_lines
+
+    rows = [{"text": "a \u00e9", "label": 1, "extra": [1, 2]}, {"text": "b", "label": 0}, {"label": 1, "text": None}]
+    body = "".join(json.dumps(r) + "\n" for r in rows) + "\n"  # a trailing blank line is allowed
+    path = tmp_path / f"d.{kind}"
+    opener = {"jsonl": open, "jsonl.gz": gzip.open, "jsonl.bz2": bz2.open, "jsonl.xz": lzma.open}[kind]
+    with opener(path, "wt", encoding="utf-8") as f:
+        f.write(body)
+    ours = read_json_lines(path)
+    assert ours == {"text": ["a \u00e9", "b", None], "label": [1, 0, 1], "extra": [[1, 2], None, None]}
+    theirs = datasets.load_dataset("json", data_files=str(path), split="train")
+    assert column_lists(theirs, ["text", "label", "extra"]) == ours
+
+
+@pytest.mark.parametrize("content", ['[{"text": "a", "label": 1}]', '{\n "text": "a",\n "label": 1\n}\n',
+                                     '{"text": "a", "label": 1}\n{"text": broken\n', "1\n2\n"])
+def test_other_json_layouts_are_left_to_datasets(content, tmp_path):
+    from peftkit.data import read_json_lines
+
+    path = tmp_path / "d.json"
+    path.write_text(content)
+    assert read_json_lines(path) is None
+
+
+def test_loading_json_lines_imports_no_datasets(tmp_path):
+    import subprocess
+    import sys
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write(folder / "train.jsonl", ROWS[:40], "jsonl")
+    write(folder / "validation.jsonl.gz", ROWS[40:], "jsonl.gz")
+    code = ("import sys; from peftkit.config import DataConfig; from peftkit.data import load_splits; "
+            f"s = load_splits({str(folder)!r}, DataConfig(), seed=0); "
+            "print(len(s['train']), len(s['validation']), 'datasets' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["40", "10", "False"]

@@ -7,6 +7,10 @@ files, or a hub id (through ``datasets.load_dataset``).
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import json
+import lzma
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -23,6 +27,7 @@ SUFFIXES = {
     ".csv": ("csv", {}), ".tsv": ("csv", {"delimiter": "\t"}), ".json": ("json", {}),
     ".jsonl": ("json", {}), ".parquet": ("parquet", {}),
 }
+OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open, ".json": open, ".jsonl": open}
 SPLIT_ALIASES = {"validation": ("validation", "valid", "val", "dev"), "train": ("train",), "test": ("test",)}
 
 
@@ -92,14 +97,18 @@ def _load_tables(source: str) -> dict[str, Any]:
         raise PeftkitError("dataset file not found", source, "check the path")
     else:
         return _load_hub(source)
-    import datasets
-
-    _quiet_datasets()
     tables = {}
     for split, file in files.items():
         builder, kwargs = _file_format(file)
         if file.stat().st_size == 0:
             raise PeftkitError(f"the {split} data file is empty", str(file), "give a file with examples")
+        table = read_json_lines(file) if builder == "json" else None
+        if table is not None:
+            tables[split] = table
+            continue
+        import datasets
+
+        _quiet_datasets()
         try:
             tables[split] = datasets.load_dataset(builder, data_files=str(file), split="train", **kwargs)
         except Exception as exc:  # datasets raises many types for malformed files
@@ -109,6 +118,35 @@ def _load_tables(source: str) -> dict[str, Any]:
             raise PeftkitError(f"cannot read {builder} data: {reason}", str(file),
                                "check the file is well-formed") from None
     return tables
+
+
+def read_json_lines(path: Path) -> dict[str, list] | None:
+    """A JSON Lines file (one object per line; plain, gzip, bz2 or xz) as ``{column: values}``.
+
+    Read with the standard library: going through ``datasets`` would add about 90 MiB of
+    imports to the process and write an Arrow copy of the file to its cache. A key missing
+    from a row reads as None. Returns None for anything else (a JSON array or document, a
+    malformed line, another compression); such files go through ``datasets``, which reads
+    the other layouts and words the errors.
+    """
+    opener = OPENERS.get(path.suffix.lower())
+    if opener is None:
+        return None
+    rows = []
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    if not isinstance(row, dict):
+                        return None
+                    rows.append(row)
+    except (ValueError, OSError, EOFError, lzma.LZMAError):  # ValueError: bad JSON or bad UTF-8
+        return None
+    if not rows:
+        return None
+    columns = dict.fromkeys(key for row in rows for key in row)
+    return {key: [row.get(key) for row in rows] for key in columns}
 
 
 def _load_hub(name: str) -> dict[str, Any]:
