@@ -61,8 +61,9 @@ def split_file(folder: Path, split: str) -> Path:
     raise SystemExit(f"speed.py: no {split}.jsonl(.gz) in {folder}")
 
 
-def matmul_peak(dtype_name: str, sizes=(2048, 4096)) -> float:
-    """The best of several square matrix multiplies, in FLOP/s."""
+def matmul_peak(dtype_name: str, sizes=(1024, 2048, 4096), repeats: int = 5) -> float:
+    """The best of several square matrix multiplies, in FLOP/s. The best size differs by dtype
+    (here float32 peaks at 1024, bf16 at 2048), so all three are tried."""
     import torch
 
     dtype = getattr(torch, dtype_name)
@@ -70,7 +71,7 @@ def matmul_peak(dtype_name: str, sizes=(2048, 4096)) -> float:
     for n in sizes:
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         a @ b
-        for _ in range(3):
+        for _ in range(repeats):
             began = time.perf_counter()
             a @ b
             best = max(best, 2 * n**3 / (time.perf_counter() - began))
@@ -319,15 +320,17 @@ def main() -> int:
               "validation": str(folder / "validation.jsonl"), "data": str(folder), "mixed_precision": "auto",
               "model_name": args.model, "inference_repeats": args.inference_repeats}
     bf16 = native_bf16()
-    peaks = {"float32": matmul_peak("float32")}
-    if bf16:
-        peaks["bfloat16"] = matmul_peak("bfloat16")
-    print(f"matmul peak: {', '.join(f'{k} {v / 1e9:.1f} GFLOP/s' for k, v in peaks.items())}; native bf16: {bf16}",
-          flush=True)
-
+    dtypes = ["float32"] + (["bfloat16"] if bf16 else [])
     variants = list(TRAINING) + (["peftkit_fp32"] if bf16 else [])  # without native bf16 the default is float32
     runs: dict[str, list[dict]] = {v: [] for v in variants}
+    round_peaks: dict[str, list[float]] = {d: [] for d in dtypes}
     for rnd in range(args.rounds):
+        # the peak drifts with the machine's load like the runs do: measure it each round, and
+        # rate each run against the peak of its own round
+        for d in dtypes:
+            round_peaks[d].append(matmul_peak(d))
+        print(f"round {rnd + 1} matmul peak: {', '.join(f'{d} {v[-1] / 1e9:.1f} GFLOP/s' for d, v in round_peaks.items())}"
+              f"; native bf16: {bf16}", flush=True)
         seeded = {**common, "seed": args.seed + rnd}  # each round its own seed, the same for every run in it
         for variant in (variants if rnd % 2 == 0 else variants[::-1]):
             out = work / f"{variant}-{rnd}"
@@ -335,6 +338,7 @@ def main() -> int:
                 result = run_peftkit({**seeded, "mixed_precision": "no" if variant == "peftkit_fp32" else "auto"}, out)
             else:
                 result = run_python_child(variant, {**seeded, "variant": variant, "out": str(out)}, work)
+            result["peak"] = round_peaks["bfloat16" if result.get("bf16") else "float32"][-1]
             runs[variant].append(result)
             print(f"round {rnd + 1} {variant}: loop {result['loop_seconds']:.1f} s, wall {result['wall_seconds']:.1f} s, "
                   f"accuracy {result['accuracy']:.4f}, peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
@@ -344,7 +348,9 @@ def main() -> int:
                                                "peft_adapter": runs["trainer"][0]["adapter"]}, work)
     print("inference examples/s:", {k: round(inference[k], 1) for k in INFERENCE}, flush=True)
     tutorial = run_python_child("tutorial", {**common, "tutorial_steps": args.tutorial_steps}, work)
-    results = {"settings": common, "sizes": sizes, "work": work_count, "peaks": peaks, "native_bf16": bf16,
+    peaks = {d: max(v) for d, v in round_peaks.items()}
+    results = {"settings": common, "sizes": sizes, "work": work_count, "peaks": peaks, "round_peaks": round_peaks,
+               "native_bf16": bf16,
                "runs": runs, "inference": inference, "tutorial": tutorial, "steps": steps,
                "command": command("speed.py"), "date": datetime.date.today().isoformat(), "machine": machine()}
     (work / "results.json").write_text(json.dumps(results, indent=1))
@@ -364,11 +370,11 @@ def report(res: dict) -> str:
     rows = {}
     for variant, runs in res["runs"].items():
         loop = _median(runs, "loop_seconds")
-        peak = res["peaks"]["bfloat16" if runs[0].get("bf16") else "float32"]
+        peak = res["peaks"]["bfloat16" if runs[0].get("bf16") else "float32"]  # results written before round peaks
         rows[variant] = {"loop": loop, "wall": _median(runs, "wall_seconds"), "rss": max(r["peak_rss_bytes"] for r in runs),
                          "acc": statistics.mean(r["accuracy"] for r in runs), "accs": [r["accuracy"] for r in runs],
                          "ex_s": sizes["train"] * s["epochs"] / loop, "tok_s": tokens / loop,
-                         "util": flops / loop / peak}
+                         "util": statistics.median(flops / r["loop_seconds"] / r.get("peak", peak) for r in runs)}
     tut = res["tutorial"]
     lines = [
         "# Speed and memory: peftkit against peft + transformers.Trainer", "",
@@ -381,8 +387,10 @@ def report(res: dict) -> str:
         f"model {s['model_name']}",
         f"- real training tokens: {tokens:,}; useful FLOPs counted: 4 x {w['linear_params']:,} linear parameters + "
         f"6 x {w['lora_params']:,} LoRA parameters per token = {flops / 1e12:.2f} TFLOP",
-        "- matrix-multiply peak measured in this run: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s"
-                                                                    for k, v in res["peaks"].items())
+        "- matrix-multiply peak (the best of square multiplies of 1024, 2048 and 4096), measured before each round: "
+        + ", ".join(f"{k} {' / '.join(f'{x / 1e9:.0f}' for x in res.get('round_peaks', {}).get(k, [v]))} GFLOP/s"
+                    for k, v in res["peaks"].items())
+        + "; each run's utilisation is against its own round's peak, and the table gives the median"
         + ("" if res["native_bf16"] else " (no native bf16 on this CPU: torch runs no bf16 kernel here, so the bf16 "
            "rows are absent and the tuned Trainer runs in float32)"),
         f"- every figure is the median of {len(next(iter(res['runs'].values())))} alternating runs (accuracy: the mean "
