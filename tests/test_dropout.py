@@ -140,3 +140,66 @@ def test_p_that_rounds_to_one_falls_back_to_torch():
     torch.manual_seed(0)
     y = FastDropout(0.999995).train()(x)  # would round to dropping all 65536 lane values
     assert torch.isfinite(y).all()
+
+
+def _reference_attention(q, k, v, bias, scale, p, seed):
+    """The attention core composed of autograd ops, with the mask keep_mask draws after ``seed``."""
+    torch.manual_seed(seed)
+    scores = q @ k.transpose(-1, -2) * scale
+    if bias is not None:
+        scores = scores + bias
+    probs = scores.softmax(-1)
+    keep, s = keep_mask(probs.shape, p)
+    return (probs * keep * s) @ v
+
+
+@pytest.mark.parametrize("masking", ["none", "bool", "causal"])
+def test_attention_core_backward_is_the_gradient(masking):
+    from peftkit.dropout import _AttentionCore, _additive
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    bias = None
+    if masking == "bool":
+        bias = _additive(torch.tensor([[1, 1, 1, 0, 0], [1] * 5]).bool()[:, None, None, :], torch.float64)
+    elif masking == "causal":
+        bias = _additive(torch.ones(5, 5, dtype=torch.bool).tril(), torch.float64)
+    # p under 1/65536 drops nothing, so every call sees the same function
+    assert torch.autograd.gradcheck(lambda a, b, c: _AttentionCore.apply(a, b, c, bias, 0.7, 1e-6), (q, k, v))
+
+
+def test_attention_core_matches_autograd_ops_with_dropping():
+    from peftkit.dropout import _AttentionCore
+
+    torch.manual_seed(0)
+    inputs = [torch.randn(2, 3, 7, 8, requires_grad=True) for _ in range(3)]
+    bias = torch.zeros(2, 1, 1, 7).masked_fill_(torch.arange(7) >= 5, torch.finfo(torch.float32).min)
+    grad = torch.randn(2, 3, 7, 8)
+    torch.manual_seed(9)
+    ours = _AttentionCore.apply(*inputs, bias, 0.35, 0.3)
+    ours_grads = torch.autograd.grad(ours, inputs, grad)
+    ref = _reference_attention(*inputs, bias, 0.35, 0.3, seed=9)
+    ref_grads = torch.autograd.grad(ref, inputs, grad)
+    assert (ours - ref).abs().max() < 1e-5
+    for a, b in zip(ours_grads, ref_grads):
+        assert (a - b).abs().max() < 1e-5
+
+
+def test_attention_under_bf16_autocast_stays_close_to_float32():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 9, 16, requires_grad=True) for _ in range(3))
+    mask = torch.tensor([[1] * 6 + [0] * 3, [1] * 9]).bool()[:, None, None, :].expand(2, 1, 9, 9)
+    module = _Attn().train()
+    results = []
+    for bf16 in (False, True):
+        torch.manual_seed(4)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out, _ = _attention(module, q, k, v, mask, dropout=0.2, scaling=0.25)
+        assert out.dtype == (torch.bfloat16 if bf16 else torch.float32)
+        grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+        assert all(g.dtype == torch.float32 for g in grads)
+        results.append((out.float(), grads))
+    (out32, g32), (out16, g16) = results
+    assert (out16 - out32).abs().max() < 0.05 * out32.abs().max()
+    for a, b in zip(g16, g32):
+        assert (a - b).abs().max() < 0.05 * b.abs().max()

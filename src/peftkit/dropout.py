@@ -15,6 +15,8 @@ cost several times the arithmetic itself, most of all in bf16.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
@@ -85,31 +87,76 @@ def use_fast_dropout(model: nn.Module) -> int:
 ATTENTION = "peftkit_sdpa"
 
 
+class _AttentionCore(torch.autograd.Function):
+    """``dropout(softmax(q k^T * scale + bias)) v`` as one autograd node, with its backward
+    written out. Composed of autograd ops it saved the float32 softmax output, a cast of it and
+    reshaped copies of every operand, and cast gradients back and forth; this keeps the
+    probabilities in the compute dtype and one contiguous copy of q, k and v.
+
+    Shapes: q ``(B, H, L, D)``, k and v ``(B, H, S, D)``, bias broadcastable to ``(B, H, L, S)``.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, scale: float, p: float):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+        if bias is not None:
+            scores.add_(bias)
+        probs = scores.softmax(-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)  # float32 sums
+        keep, keep_scale = keep_mask(probs.shape, p, probs.device)
+        ctx.save_for_backward(q, k, v, probs, keep)
+        ctx.scale, ctx.keep_scale = scale, keep_scale
+        return torch.matmul(_apply(keep, probs, keep_scale), v)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        q, k, v, probs, keep = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_v = torch.matmul(_apply(keep, probs, ctx.keep_scale).transpose(-1, -2), grad)
+        grad_probs = _apply(keep, torch.matmul(grad, v.transpose(-1, -2)), ctx.keep_scale)
+        grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype).mul_(ctx.scale)
+        return torch.matmul(grad_scores, k), torch.matmul(grad_scores.transpose(-1, -2), q), grad_v, None, None, None
+
+
+_bias_cache: list = [None, None, None]  # (weak reference to a bool mask, dtype, its additive form)
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True = attend) as 0 / the dtype's lowest value. Every layer of a forward
+    gets the same mask object, so the last conversion is kept for the next layer."""
+    ref, cached_dtype, bias = _bias_cache
+    if ref is not None and ref() is mask and cached_dtype == dtype:
+        return bias
+    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    _bias_cache[:] = [weakref.ref(mask), dtype, bias]
+    return bias
+
+
 def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                is_causal: bool | None = None, **kwargs):
     """transformers' SDPA attention, except that attention-probability dropout in CPU training
-    uses :func:`keep_mask`. Torch's SDPA leaves its fused kernel for a slower path when it has
-    to drop, and draws its mask element by element (at 256 tokens the mask was the costliest
-    part of a MiniLM step)."""
+    runs :class:`_AttentionCore` with :func:`keep_mask`. Torch's SDPA leaves its fused kernel for
+    a slower path when it has to drop, and draws its mask element by element (at 256 tokens the
+    mask was the costliest part of a MiniLM step)."""
     if (dropout == 0.0 or not module.training or not _cheap(dropout, query) or kwargs.get("position_bias") is not None
             or kwargs.get("softcap") is not None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    scores = torch.matmul(query, key.transpose(2, 3)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
     if attention_mask is None and causal and query.shape[2] > 1:
         q, k = query.shape[2], key.shape[2]
         attention_mask = torch.ones(q, k, dtype=torch.bool, device=query.device).tril(k - q)
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-        else:
-            scores = scores + attention_mask
-    probs = _MaskedScale.apply(scores.softmax(-1, dtype=torch.float32).to(query.dtype), dropout)
-    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+    dtype = torch.get_autocast_dtype(query.device.type) if torch.is_autocast_enabled(query.device.type) else query.dtype
+    bias = attention_mask
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        bias = _additive(attention_mask, dtype)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    out = _AttentionCore.apply(query.to(dtype), key.to(dtype), value.to(dtype), bias, scale, dropout)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def use_fast_attention_dropout(model: nn.Module) -> bool:
