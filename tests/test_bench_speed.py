@@ -46,9 +46,12 @@ def test_speed_benchmark_runs_end_to_end(tmp_path, tiny_bert_dir):
                                                  "peft_merged"))
     assert res["tutorial"]["steps"] == 4 and res["tutorial"]["seconds_per_step"] > 0
     assert res["peaks"]["float32"] > 1e9 and all(math.isfinite(v) for v in res["peaks"].values())
+    assert all(len(v) == 2 for v in res["round_peaks"].values()) and "float32" in res["interleaved"]
+    for r in res["interleaved"].values():
+        assert 0 < r["utilisation"] < 1.5 and r["step_seconds"] > 0 and r["peak_min"] <= r["peak_max"]
 
     text = out.read_text()
-    for needed in ("## Training", "## Inference", "## Against the targets", "peftkit LoRA", "peft + Trainer (defaults)",
+    for needed in ("## Training", "## Inference", "## Against the targets", "## Useful-FLOP utilisation with interleaved", "peftkit LoRA", "peft + Trainer (defaults)",
                    "the tutorial's way", "useful-FLOP utilisation, peftkit fp32", "peak RSS, peftkit / Trainer defaults",
                    "inference, peftkit merged / base", "training loop time, peftkit / Trainer tuned"):
         assert needed in text, needed
