@@ -11,6 +11,7 @@ turn, in a rotating order, so drift falls on all:
 
     .venv/bin/python bench/step_ablation.py                      # SST-2 subset, writes bench/RESULTS-steps.md
     .venv/bin/python bench/step_ablation.py --max-length 256 --data ../shared/data/imdb --text-column text
+    .venv/bin/python bench/step_ablation.py --precision bf16 --out bench/RESULTS-steps-bf16.md
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ def child(args: argparse.Namespace) -> dict:
 
     def step(idx: list[int]) -> float:
         began = time.perf_counter()
-        task.loss(model, task.batch(idx)).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            loss = task.loss(model, task.batch(idx))
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - began
@@ -92,6 +95,7 @@ def main() -> int:
     p.add_argument("--samples", type=int, default=4000)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: steps under bf16 autocast")
     p.add_argument("--out", default=str(ROOT / "bench" / "RESULTS-steps.md"))
     p.add_argument("--allocator", choices=["glibc default", "kept"], help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -115,7 +119,7 @@ def main() -> int:
              *header("step_ablation.py"),
              f"- the same {first['steps']} length-grouped training steps ({first['tokens']:,} real tokens, max length "
              f"{args.max_length}) per measurement, each batch under every setting in turn; seconds per pass, the mean of "
-             f"{args.rounds} passes", "",
+             f"{args.rounds} passes; {'bf16 autocast' if args.precision == 'bf16' else 'float32'}", "",
              "| allocator | dropout | seconds | relative to torch's dropout with glibc's default allocator |",
              "|---|---|---|---|"]
     for allocator, res in results.items():
