@@ -62,21 +62,32 @@ def split_file(folder: Path, split: str) -> Path:
     raise SystemExit(f"speed.py: no {split}.jsonl(.gz) in {folder}")
 
 
-def matmul_peak(dtype_name: str, sizes=(1024, 2048, 4096), repeats: int = 5) -> float:
-    """The best of several square matrix multiplies, in FLOP/s. The best size differs by dtype
-    (here float32 peaks at 1024, bf16 at 2048), so all three are tried."""
+def square_pairs(dtype_name: str, sizes) -> list:
+    """A pair of random n x n matrices for each size, multiplied once (warm-up)."""
     import torch
 
     dtype = getattr(torch, dtype_name)
-    best = 0.0
-    for n in sizes:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    pairs = [(torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)) for n in sizes]
+    for a, b in pairs:
         a @ b
+    return pairs
+
+
+def best_multiply(pairs: list, repeats: int) -> float:
+    """The fastest of ``repeats`` multiplies of each pair, in FLOP/s."""
+    best = 0.0
+    for a, b in pairs:
         for _ in range(repeats):
             began = time.perf_counter()
             a @ b
-            best = max(best, 2 * n**3 / (time.perf_counter() - began))
+            best = max(best, 2 * a.shape[0] ** 3 / (time.perf_counter() - began))
     return best
+
+
+def matmul_peak(dtype_name: str, sizes=(1024, 2048, 4096), repeats: int = 5) -> float:
+    """The best of several square matrix multiplies, in FLOP/s. The best size differs by dtype
+    (here float32 peaks at 1024, bf16 at 2048), so all three are tried."""
+    return best_multiply(square_pairs(dtype_name, sizes), repeats)
 
 
 def model_path(name: str) -> str:
@@ -215,27 +226,17 @@ def child_utilisation(s: dict) -> dict:
     from peftkit.data import LengthGroupedBatches
     from peftkit.prepare import prepare
 
-    cfg = load_recipe(RECIPE, [f"model={s['model']}", f"dataset={s['data']}", f"seed={s['seed']}",
-                               f"data.text_column={s['text_column']}", "data.test_split=null",
-                               f"data.max_length={s['max_length']}", f"method.r={s['r']}", f"method.alpha={s['alpha']}",
-                               "method.dropout=0.0", f"method.target_modules=[{','.join(s['targets'])}]"])
+    cfg = load_recipe(RECIPE, lora_overrides(s))
     prep = prepare(cfg)
     model, task = prep.model, prep.task
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=s["lr"], weight_decay=0.0)
     lengths = [len(f["input_ids"]) for f in task.features["train"]]
     batches = list(LengthGroupedBatches(lengths, s["batch_size"], seed=s["seed"]))
-    dtype = torch.bfloat16 if s["bf16"] else torch.float32
-    mats = {n: (torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)) for n in (1024, 2048)}
+    pairs = square_pairs("bfloat16" if s["bf16"] else "float32", (1024, 2048))
 
     def probe() -> float:
-        best = 0.0
-        for n, (a, b) in mats.items():
-            for _ in range(2):
-                began = time.perf_counter()
-                a @ b
-                best = max(best, 2 * n**3 / (time.perf_counter() - began))
-        return best
+        return best_multiply(pairs, 2)
 
     def step(idx: list[int]) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16) if s["bf16"] else contextlib.nullcontext():
@@ -295,12 +296,16 @@ def run_python_child(name: str, settings: dict, work: Path) -> dict:
     return {**json.loads(out.read_text()), "wall_seconds": wall, "peak_rss_bytes": rss}
 
 
+def lora_overrides(s: dict) -> list[str]:
+    """The recipe overrides for the benchmark's model, data and LoRA, shared by every peftkit run."""
+    return [f"model={s['model']}", f"dataset={s['data']}", f"seed={s['seed']}", f"data.text_column={s['text_column']}",
+            "data.test_split=null", f"data.max_length={s['max_length']}", f"method.r={s['r']}",
+            f"method.alpha={s['alpha']}", "method.dropout=0.0", f"method.target_modules=[{','.join(s['targets'])}]"]
+
+
 def run_peftkit(s: dict, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "peftkit", "train", str(RECIPE), f"model={s['model']}", f"dataset={s['data']}",
-           f"output_dir={out}", "overwrite=true", f"seed={s['seed']}", f"data.text_column={s['text_column']}",
-           "data.test_split=null", f"data.max_length={s['max_length']}", f"method.r={s['r']}",
-           f"method.alpha={s['alpha']}", "method.dropout=0.0", f"method.target_modules=[{','.join(s['targets'])}]",
-           f"train.epochs={s['epochs']}", f"train.batch_size={s['batch_size']}", f"train.lr={s['lr']}",
+    cmd = [sys.executable, "-m", "peftkit", "train", str(RECIPE), *lora_overrides(s), f"output_dir={out}",
+           "overwrite=true", f"train.epochs={s['epochs']}", f"train.batch_size={s['batch_size']}", f"train.lr={s['lr']}",
            f"train.warmup_ratio={s['warmup_ratio']}", "train.weight_decay=0.0", "train.max_grad_norm=1.0",
            "train.eval_steps=null", "train.eval_batch_size=64", f"train.mixed_precision={s['mixed_precision']}"]
     wall, rss = run_child(cmd)
