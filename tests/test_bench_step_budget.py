@@ -6,24 +6,22 @@ row's parts are positive and consistent with one another.
 
 from __future__ import annotations
 
-import random
 import subprocess
 import sys
 
-from .conftest import ROOT, review, write_jsonl
+from .conftest import ROOT, sentiment_rows, write_jsonl
 
 
 def test_step_budget_reports_every_part(tmp_path, tiny_bert_dir):
-    rng = random.Random(0)
     data = tmp_path / "data"
     data.mkdir()
-    rows = lambda n: [{"sentence": review(rng, y), "label": y} for y in (rng.randint(0, 1) for _ in range(n))]  # noqa: E731
-    write_jsonl(data / "train.jsonl", rows(96))
-    write_jsonl(data / "validation.jsonl", rows(8))
+    write_jsonl(data / "train.jsonl", sentiment_rows(96, seed=0, names=False))
+    write_jsonl(data / "validation.jsonl", sentiment_rows(8, seed=1, names=False))
     out = tmp_path / "budget.md"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "step_budget.py"), "--data", str(data), "--model",
-                           str(tiny_bert_dir), "--samples", "96", "--batch-size", "8", "--max-length", "32",
-                           "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+                           str(tiny_bert_dir), "--text-column", "text", "--samples", "96", "--batch-size", "8",
+                           "--max-length", "32", "--out", str(out)], capture_output=True, text=True, timeout=600,
+                          cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = [line for line in out.read_text().splitlines() if line.startswith(("| float32", "| bf16"))]
     assert table and table[0].startswith("| float32")
