@@ -209,6 +209,21 @@ def child_tutorial(s: dict) -> dict:
             "timed_steps": s["tutorial_steps"], "padded_to": width}
 
 
+def train_step(model, task, params: list, optimizer, idx: list[int], bf16: bool) -> None:
+    """One training step as ``peftkit train`` takes it: the task's loss (under bf16 autocast for
+    a bf16 run), backward, clipping to norm 1, the optimizer's step."""
+    import contextlib
+
+    import torch
+
+    with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+        loss = task.loss(model, task.batch(idx))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def child_utilisation(s: dict) -> dict:
     """peftkit's training steps and matrix-multiply probes in turn, in one process.
 
@@ -218,8 +233,6 @@ def child_utilisation(s: dict) -> dict:
     of 2 multiplies of 1024 and of 2048 squares. The steps are those of ``peftkit train``:
     the task's loss (under bf16 autocast for a bf16 run), backward, clipping, AdamW.
     """
-    import contextlib
-
     import torch
 
     from peftkit.config import load_recipe
@@ -239,12 +252,7 @@ def child_utilisation(s: dict) -> dict:
         return best_multiply(pairs, 2)
 
     def step(idx: list[int]) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16) if s["bf16"] else contextlib.nullcontext():
-            loss = task.loss(model, task.batch(idx))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, task, params, optimizer, idx, s["bf16"])
 
     model.train()
     for idx in batches[:3]:  # warm-up, not counted

@@ -18,14 +18,13 @@ every chunk of batches so that drift falls on all three:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import time
 from pathlib import Path
 
 from _shared import header, write_report
-from speed import best_multiply, square_pairs
+from speed import best_multiply, lora_overrides, square_pairs, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "sentiment-minilm-lora.yaml"
@@ -39,16 +38,17 @@ def measure(args: argparse.Namespace, bf16: bool) -> dict:
     from peftkit.data import LengthGroupedBatches
     from peftkit.prepare import prepare
 
-    cfg = load_recipe(RECIPE, [f"model={args.model}", f"dataset={args.data}", f"data.text_column={args.text_column}",
-                               "data.test_split=null", f"data.max_length={args.max_length}",
-                               f"data.max_train_samples={args.samples}", "data.max_eval_samples=8", "method.r=8",
-                               "method.alpha=16", "method.dropout=0.0", "method.target_modules=[query,value]"])
+    lora = {"model": args.model, "data": args.data, "seed": 42, "text_column": args.text_column,
+            "max_length": args.max_length, "r": 8, "alpha": 16, "targets": ["query", "value"]}
+    cfg = load_recipe(RECIPE, [*lora_overrides(lora), f"data.max_train_samples={args.samples}",
+                               "data.max_eval_samples=8"])
     prep = prepare(cfg)
     model, task = prep.model, prep.task
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     lengths = [len(f["input_ids"]) for f in task.features["train"]]
     batches = list(LengthGroupedBatches(lengths, args.batch_size, seed=0))
+    rows_of = [len(idx) * max(lengths[i] for i in idx) for idx in batches]  # padded tokens per batch
     shortest = sorted(range(len(lengths)), key=lengths.__getitem__)[:2]
     dtype = torch.bfloat16 if bf16 else torch.float32
     linears = [m for name, m in model.named_modules()
@@ -57,43 +57,36 @@ def measure(args: argparse.Namespace, bf16: bool) -> dict:
     # random inputs and output gradients for every padded batch shape, made before any timing;
     # layers of the same width share them, as a step's activations are hot in cache too
     widths = {n for w in weights for n in w.shape}
-    inputs = {rows: {n: torch.randn(rows, n, dtype=dtype) for n in widths}
-              for rows in {len(idx) * max(lengths[i] for i in idx) for idx in batches}}
+    inputs = {rows: {n: torch.randn(rows, n, dtype=dtype) for n in widths} for rows in set(rows_of)}
 
-    def step(idx: list[int]) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-            loss = task.loss(model, task.batch(idx))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def step(b: int) -> None:
+        train_step(model, task, params, optimizer, batches[b], bf16)
 
-    def multiplies(idx: list[int]) -> None:
-        rows = inputs[len(idx) * max(lengths[i] for i in idx)]
+    def multiplies(b: int) -> None:
+        rows = inputs[rows_of[b]]
         for w in weights:
             rows[w.shape[1]] @ w.t()  # forward
             rows[w.shape[0]] @ w  # gradient of the input; a frozen weight needs no gradient of its own
 
-    parts = {"steps": step, "multiplies": multiplies, "fixed": lambda idx: step(shortest)}
+    parts = {"steps": step, "multiplies": multiplies,
+             "fixed": lambda b: train_step(model, task, params, optimizer, shortest, bf16)}
     pairs = square_pairs("bfloat16" if bf16 else "float32", (1024, 2048))
     probes = []
     model.train()
-    for idx in batches[:3]:  # warm-up, not counted
+    for b in range(min(3, len(batches))):  # warm-up, not counted
         for run in parts.values():
-            run(idx)
+            run(b)
     seconds = dict.fromkeys(parts, 0.0)
     for start in range(0, len(batches), CHUNK):
         names = list(parts) if (start // CHUNK) % 2 == 0 else list(parts)[::-1]
         for name in names:
             began = time.perf_counter()
-            for idx in batches[start:start + CHUNK]:
-                parts[name](idx)
+            for b in range(start, min(start + CHUNK, len(batches))):
+                parts[name](b)
             seconds[name] += time.perf_counter() - began
         probes.append(best_multiply(pairs, 2))
-    padded = sum(len(idx) * max(lengths[i] for i in idx) for idx in batches)
-    linear_params = sum(w.numel() for w in weights)
     return {"seconds": seconds, "peak": statistics.median(probes), "steps": len(batches), "real_tokens": sum(lengths),
-            "padded_tokens": padded, "linear_params": linear_params, "layers": len(weights)}
+            "padded_tokens": sum(rows_of), "linear_params": sum(w.numel() for w in weights), "layers": len(weights)}
 
 
 def main() -> int:
