@@ -89,7 +89,7 @@ def main() -> int:
         print(f"compile.py: no data folder {args.data} (see ../shared/data/README.md)", file=sys.stderr)
         return 2
     sys.path.insert(0, str(ROOT / "src"))
-    from peftkit.prepare import native_bf16
+    from peftkit.precision import native_bf16
 
     rows = []
     for precision in ["fp32"] + (["bf16"] if native_bf16() else []):

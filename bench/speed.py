@@ -38,7 +38,7 @@ from pathlib import Path
 
 from _shared import command, machine, write_report
 
-from peftkit.prepare import native_bf16  # the test mixed_precision=auto makes (torch loads on first call)
+from peftkit.precision import native_bf16  # the test mixed_precision=auto makes (torch loads on first call)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "sentiment-minilm-lora.yaml"
@@ -209,16 +209,18 @@ def child_tutorial(s: dict) -> dict:
             "timed_steps": s["tutorial_steps"], "padded_to": width}
 
 
-def train_step(model, task, params: list, optimizer, idx: list[int], bf16: bool) -> None:
+def train_step(model, task, params: list, optimizer, idx: list[int], frozen, bf16: bool) -> None:
     """One training step as ``peftkit train`` takes it: the task's loss (under bf16 autocast for
-    a bf16 run), backward, clipping to norm 1, the optimizer's step."""
+    a bf16 run) with the frozen layers' prepared products lent from the forward through the
+    backward (``frozen``, a ``FrozenLinears``), clipping to norm 1, the optimizer's step."""
     import contextlib
 
     import torch
 
-    with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-        loss = task.loss(model, task.batch(idx))
-    loss.backward()
+    with frozen:
+        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            loss = task.loss(model, task.batch(idx))
+        loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -237,6 +239,7 @@ def child_utilisation(s: dict) -> dict:
 
     from peftkit.config import load_recipe
     from peftkit.data import LengthGroupedBatches
+    from peftkit.frozen import FrozenLinears
     from peftkit.prepare import prepare
 
     cfg = load_recipe(RECIPE, lora_overrides(s))
@@ -251,8 +254,10 @@ def child_utilisation(s: dict) -> dict:
     def probe() -> float:
         return best_multiply(pairs, 2)
 
+    frozen = FrozenLinears(model, torch.bfloat16 if s["bf16"] else torch.float32)
+
     def step(idx: list[int]) -> None:
-        train_step(model, task, params, optimizer, idx, s["bf16"])
+        train_step(model, task, params, optimizer, idx, frozen, s["bf16"])
 
     model.train()
     for idx in batches[:3]:  # warm-up, not counted

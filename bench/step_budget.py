@@ -6,11 +6,12 @@ peftkit's training steps (LoRA r=8 on query/value, batch 32, length-grouped, as 
 every chunk of batches so that drift falls on all three:
 
 - the multiplies alone: for every batch, each frozen linear layer of the encoder's forward
-  product and input-gradient product at that batch's padded shape, on random inputs of the
+  product and input-gradient product at that batch's padded shape, taken as the steps take
+  them (``peftkit.frozen``: oneDNN-packed weights where it can), on random inputs of the
   compute dtype made beforehand, with nothing else around them;
 - the fixed cost: the same number of steps on a batch of the two shortest examples, where the
-  arithmetic is negligible: what is left is per-step and per-op overhead, and reading (in bf16,
-  casting) every weight.
+  arithmetic is negligible: what is left is per-step and per-op overhead, and reading every
+  weight.
 
     .venv/bin/python bench/step_budget.py             # SST-2 subset, writes bench/RESULTS-step-budget.md
 """
@@ -36,6 +37,7 @@ def measure(args: argparse.Namespace, bf16: bool) -> dict:
 
     from peftkit.config import load_recipe
     from peftkit.data import LengthGroupedBatches
+    from peftkit.frozen import FrozenLinears, FrozenProduct, can_pack
     from peftkit.prepare import prepare
 
     lora = {"model": args.model, "data": args.data, "seed": 42, "text_column": args.text_column,
@@ -53,23 +55,27 @@ def measure(args: argparse.Namespace, bf16: bool) -> dict:
     dtype = torch.bfloat16 if bf16 else torch.float32
     linears = [m for name, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and ".encoder." in f".{name}." and "lora_" not in name]
-    weights = [m.weight.detach().to(dtype) for m in linears]
+    # the products the steps take (prepacked where oneDNN can), each layer's own
+    products = [FrozenProduct.of(m, dtype, pack=can_pack(dtype)) for m in linears]
     # random inputs and output gradients for every padded batch shape, made before any timing;
     # layers of the same width share them, as a step's activations are hot in cache too
-    widths = {n for w in weights for n in w.shape}
+    shapes = [tuple(m.weight.shape) for m in linears]  # (out, in)
+    widths = {n for shape in shapes for n in shape}
     inputs = {rows: {n: torch.randn(rows, n, dtype=dtype) for n in widths} for rows in set(rows_of)}
 
+    frozen = FrozenLinears(model, torch.bfloat16 if bf16 else torch.float32)
+
     def step(b: int) -> None:
-        train_step(model, task, params, optimizer, batches[b], bf16)
+        train_step(model, task, params, optimizer, batches[b], frozen, bf16)
 
     def multiplies(b: int) -> None:
         rows = inputs[rows_of[b]]
-        for w in weights:
-            rows[w.shape[1]] @ w.t()  # forward
-            rows[w.shape[0]] @ w  # gradient of the input; a frozen weight needs no gradient of its own
+        for product, (out_f, in_f) in zip(products, shapes, strict=True):
+            product.forward(rows[in_f])
+            product.input_grad(rows[out_f])  # a frozen weight needs no gradient of its own
 
     parts = {"steps": step, "multiplies": multiplies,
-             "fixed": lambda b: train_step(model, task, params, optimizer, shortest, bf16)}
+             "fixed": lambda b: train_step(model, task, params, optimizer, shortest, frozen, bf16)}
     pairs = square_pairs("bfloat16" if bf16 else "float32", (1024, 2048))
     probes = []
     model.train()
@@ -86,7 +92,7 @@ def measure(args: argparse.Namespace, bf16: bool) -> dict:
             seconds[name] += time.perf_counter() - began
         probes.append(best_multiply(pairs, 2))
     return {"seconds": seconds, "peak": statistics.median(probes), "steps": len(batches), "real_tokens": sum(lengths),
-            "padded_tokens": sum(rows_of), "linear_params": sum(w.numel() for w in weights), "layers": len(weights)}
+            "padded_tokens": sum(rows_of), "linear_params": sum(m.weight.numel() for m in linears), "layers": len(linears)}
 
 
 def main() -> int:
@@ -102,7 +108,7 @@ def main() -> int:
     if not Path(args.data).exists():
         print(f"step_budget.py: no data at {args.data}; pass --data", file=sys.stderr)
         return 2
-    from peftkit.prepare import native_bf16
+    from peftkit.precision import native_bf16
 
     precisions = [False] + ([True] if native_bf16() else [])
     results = {bf16: measure(args, bf16) for bf16 in precisions}

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from peftkit.cli import main
-from peftkit.prepare import native_bf16
+from peftkit.precision import native_bf16
 
 from .conftest import run_cli, tiny_recipe, write_jsonl
 

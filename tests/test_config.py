@@ -81,13 +81,13 @@ def test_malformed_yaml(tmp_path):
 
 
 def test_auto_mixed_precision_follows_the_hardware(monkeypatch):
-    from peftkit import prepare
+    from peftkit import precision
 
     for native, expected in ((True, "bf16"), (False, "no")):
-        monkeypatch.setattr(prepare, "native_bf16", lambda native=native: native)
-        assert prepare.resolve_mixed_precision("auto") == expected
-        assert prepare.resolve_mixed_precision("no") == "no"  # explicit settings are kept
-        assert prepare.resolve_mixed_precision("bf16") == "bf16"
+        monkeypatch.setattr(precision, "native_bf16", lambda native=native: native)
+        assert precision.resolve_mixed_precision("auto") == expected
+        assert precision.resolve_mixed_precision("no") == "no"  # explicit settings are kept
+        assert precision.resolve_mixed_precision("bf16") == "bf16"
     assert load_recipe(None, []).train.mixed_precision == "auto"
 
 

@@ -31,6 +31,49 @@ def test_forward_matches_formula():
     torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
 
 
+def composed_and_fused(x: torch.Tensor, bias: bool = True, autocast: bool = False):
+    """Output and gradients of one frozen-base LoRA layer, through the modules one by one
+    (a zero-dropout module forces that path) and through the fused autograd node."""
+    torch.manual_seed(0)
+    base = nn.Linear(12, 7, bias=bias).requires_grad_(False)
+    layer = LoRALinear(base, r=3, scaling=2.5)
+    nn.init.normal_(layer.lora_B.weight)
+    results = []
+    for dropout in (nn.Dropout(0.0), nn.Identity()):
+        layer.lora_dropout = dropout
+        assert layer._fused() == isinstance(dropout, nn.Identity)
+        inp = x.detach().clone().requires_grad_(x.requires_grad)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = layer(inp)
+        out.backward(torch.linspace(-1, 1, out.numel()).view(out.shape).to(out.dtype))
+        results.append({"out": out.detach(), "x": inp.grad, "A": layer.lora_A.weight.grad,
+                        "B": layer.lora_B.weight.grad})
+        layer.zero_grad(set_to_none=True)
+    return results
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_fused_layer_matches_the_composed_one(bias):
+    composed, fused = composed_and_fused(torch.randn(4, 5, 12, requires_grad=True), bias)
+    assert all(t is not None for t in fused.values())
+    for name in composed:
+        torch.testing.assert_close(fused[name], composed[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_the_fused_layer_under_autocast_multiplies_in_bf16():
+    composed, fused = composed_and_fused(torch.randn(4, 5, 12, requires_grad=True), autocast=True)
+    assert fused["out"].dtype == composed["out"].dtype == torch.bfloat16
+    assert fused["x"].dtype == torch.float32 and fused["A"].dtype == torch.float32  # as the tensors they belong to
+    for name in composed:  # the two round at different points: a bf16 step apart
+        torch.testing.assert_close(fused[name].float(), composed[name].float(), atol=0.1, rtol=0.02, msg=name)
+
+
+def test_the_fused_layer_skips_the_input_gradient_nobody_needs():
+    composed, fused = composed_and_fused(torch.randn(4, 5, 12))  # a frozen model's first layer: no grad for x
+    assert fused["x"] is None and composed["x"] is None
+    torch.testing.assert_close(fused["A"], composed["A"], atol=1e-5, rtol=1e-5)
+
+
 def test_zero_init_leaves_output_unchanged():
     base = nn.Linear(8, 8)
     layer = LoRALinear(base, r=4, scaling=1.0)

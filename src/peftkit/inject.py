@@ -29,8 +29,18 @@ def is_linear(module: nn.Module) -> bool:
     """True for modules LoRA can wrap: ``nn.Linear`` (and subclasses) and ``Conv1D``."""
     from torch import nn
 
-    if isinstance(module, nn.Linear):
-        return True
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """``nn.Linear`` itself or ``Conv1D``: layers whose forward is one product with their own
+    float weight. Subclasses, quantized layers among them, have forwards of their own."""
+    from torch import nn
+
+    return type(module) is nn.Linear or _is_conv1d(module)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 

@@ -19,9 +19,10 @@ import torch
 
 from .config import RunConfig, dump_config
 from .errors import Interrupted, PeftkitError
+from .frozen import FrozenLinears
 from .fsio import atomic_write_text, write_json
-from .prepare import (build_optimizer, check_output_dir, check_resume_config, clear_run_outputs, prepare,
-                      resolve_mixed_precision)
+from .precision import compute_dtype, resolve_mixed_precision
+from .prepare import build_optimizer, check_output_dir, check_resume_config, clear_run_outputs, prepare
 
 
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -259,6 +260,9 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
             return contextlib.nullcontext()
         return torch.autocast(acc.device.type, dtype=torch.bfloat16)
 
+    frozen = FrozenLinears(model, compute_dtype(precision))  # cast and packed once, not at every step
+    say(frozen.describe())
+
     model.train()
     seen, window_start = 0, time.perf_counter()
     trained, eval_seconds = 0, 0.0  # examples this process trained on, and the time evaluations took
@@ -283,9 +287,10 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
                     batch = {k: v.to(acc.device) for k, v in batch.items()}
                     sync = (i + 1) % tc.grad_accum == 0
                     with contextlib.nullcontext() if sync else acc.no_sync(ddp_model):
-                        with autocast():
-                            loss = task.loss(ddp_model, batch)
-                        acc.backward(loss / tc.grad_accum)
+                        with frozen:  # from the forward through the backward, which multiplies with them too
+                            with autocast():
+                                loss = task.loss(ddp_model, batch)
+                            acc.backward(loss / tc.grad_accum)
                     value = loss.detach().float().item()
                     if not math.isfinite(value):  # stop before a bad update reaches the weights
                         raise PeftkitError(f"training loss became {value} at step {loop['step'] + 1}", "train",
@@ -335,6 +340,7 @@ def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]
         log.close()
         raise
     progress.close()
+    del frozen  # evaluation multiplies with the layers' own weights
     train_seconds = time.perf_counter() - start
     best = loop["best"]
     with torch.no_grad():  # test with the best adapter, which is also what adapter/ holds
