@@ -46,7 +46,9 @@ class _LinearPlusLoRA(torch.autograd.Function):
     def backward(ctx, grad):
         x2, a, b, h = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1]).to(a.dtype)
-        gh = (g @ b).mul_(ctx.scaling)  # gradient of h = x A^T
+        # the skinny products with the long side as the inner dimension of a row-major
+        # operand: as written out plainly (g @ b, g^T @ h) they took 1.7-3.9x as long in float32
+        gh = (g @ b.t().contiguous().t()).mul_(ctx.scaling)  # gradient of h = x A^T
         want_x, _, want_a, want_b, _ = ctx.needs_input_grad
         grad_x = grad_a = grad_b = None
         if want_x:
@@ -55,7 +57,7 @@ class _LinearPlusLoRA(torch.autograd.Function):
         if want_a:
             grad_a = (gh.t() @ x2).to(ctx.lora_dtype)
         if want_b:
-            grad_b = (g.t() @ h).mul_(ctx.scaling).to(ctx.lora_dtype)
+            grad_b = (h.t() @ g).mul_(ctx.scaling).t().contiguous().to(ctx.lora_dtype)
         return grad_x, None, grad_a, grad_b, None
 
 
