@@ -24,10 +24,9 @@ from functools import partial
 from pathlib import Path
 
 from _shared import header, write_report
-from speed import lora_overrides, train_step
+from speed import lora_job, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "recipes" / "sentiment-minilm-lora.yaml"
 SHAPES = [(384, 384), (1536, 384), (384, 1536)]  # (out, in)
 
 
@@ -77,21 +76,10 @@ def products(dtype, rows_list: list[int]) -> list[str]:
 def steps(args: argparse.Namespace, bf16: bool) -> dict:
     import torch
 
-    from peftkit.config import load_recipe
-    from peftkit.data import LengthGroupedBatches
     from peftkit.frozen import FrozenLinears
-    from peftkit.prepare import prepare
 
-    lora = {"model": args.model, "data": args.data, "seed": 42, "text_column": args.text_column,
-            "max_length": args.max_length, "r": 8, "alpha": 16, "targets": ["query", "value"]}
-    cfg = load_recipe(RECIPE, [*lora_overrides(lora), f"data.max_train_samples={args.samples}",
-                               "data.max_eval_samples=8"])
-    prep = prepare(cfg)
-    model, task = prep.model, prep.task
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    lengths = [len(f["input_ids"]) for f in task.features["train"]]
-    batches = list(LengthGroupedBatches(lengths, args.batch_size, seed=0))[:args.batches]
+    model, task, params, optimizer, lengths, batches = lora_job(args)
+    batches = batches[:args.batches]
     frozen = FrozenLinears(model, torch.bfloat16 if bf16 else torch.float32)
     blocks = {"own": contextlib.nullcontext(), "prepared": frozen}
     model.train()

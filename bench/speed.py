@@ -226,6 +226,29 @@ def train_step(model, task, params: list, optimizer, idx: list[int], frozen, bf1
     optimizer.zero_grad(set_to_none=True)
 
 
+def lora_job(args, batches_seed: int = 0):
+    """The MiniLM LoRA job the step benchmarks time (r=8 on query/value, ``args.samples``
+    training examples, AdamW at lr 1e-4): model, task, its trainable parameters, the optimizer,
+    the examples' token lengths and one epoch of length-grouped batches."""
+    import torch
+
+    from peftkit.config import load_recipe
+    from peftkit.data import LengthGroupedBatches
+    from peftkit.prepare import prepare
+
+    lora = {"model": args.model, "data": args.data, "seed": 42, "text_column": args.text_column,
+            "max_length": args.max_length, "r": 8, "alpha": 16, "targets": ["query", "value"]}
+    cfg = load_recipe(RECIPE, [*lora_overrides(lora), f"data.max_train_samples={args.samples}",
+                               "data.max_eval_samples=8"])
+    prep = prepare(cfg)
+    model, task = prep.model, prep.task
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    lengths = [len(f["input_ids"]) for f in task.features["train"]]
+    batches = list(LengthGroupedBatches(lengths, args.batch_size, seed=batches_seed))
+    return model, task, params, optimizer, lengths, batches
+
+
 def child_utilisation(s: dict) -> dict:
     """peftkit's training steps and matrix-multiply probes in turn, in one process.
 

@@ -25,31 +25,18 @@ import time
 from pathlib import Path
 
 from _shared import header, write_report
-from speed import best_multiply, lora_overrides, square_pairs, train_step
+from speed import best_multiply, lora_job, square_pairs, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "recipes" / "sentiment-minilm-lora.yaml"
 CHUNK = 5
 
 
 def measure(args: argparse.Namespace, bf16: bool) -> dict:
     import torch
 
-    from peftkit.config import load_recipe
-    from peftkit.data import LengthGroupedBatches
     from peftkit.frozen import FrozenLinears, FrozenProduct, can_pack
-    from peftkit.prepare import prepare
 
-    lora = {"model": args.model, "data": args.data, "seed": 42, "text_column": args.text_column,
-            "max_length": args.max_length, "r": 8, "alpha": 16, "targets": ["query", "value"]}
-    cfg = load_recipe(RECIPE, [*lora_overrides(lora), f"data.max_train_samples={args.samples}",
-                               "data.max_eval_samples=8"])
-    prep = prepare(cfg)
-    model, task = prep.model, prep.task
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    lengths = [len(f["input_ids"]) for f in task.features["train"]]
-    batches = list(LengthGroupedBatches(lengths, args.batch_size, seed=0))
+    model, task, params, optimizer, lengths, batches = lora_job(args)
     rows_of = [len(idx) * max(lengths[i] for i in idx) for idx in batches]  # padded tokens per batch
     shortest = sorted(range(len(lengths)), key=lengths.__getitem__)[:2]
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -92,7 +79,8 @@ def measure(args: argparse.Namespace, bf16: bool) -> dict:
             seconds[name] += time.perf_counter() - began
         probes.append(best_multiply(pairs, 2))
     return {"seconds": seconds, "peak": statistics.median(probes), "steps": len(batches), "real_tokens": sum(lengths),
-            "padded_tokens": sum(rows_of), "linear_params": sum(m.weight.numel() for m in linears), "layers": len(linears)}
+            "padded_tokens": sum(rows_of), "linear_params": sum(m.weight.numel() for m in linears),
+            "layers": len(linears)}
 
 
 def main() -> int:
