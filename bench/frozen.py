@@ -24,7 +24,7 @@ from functools import partial
 from pathlib import Path
 
 from _shared import header, write_report
-from speed import lora_job, train_step
+from speed import add_job_options, lora_job, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(384, 384), (1536, 384), (384, 1536)]  # (out, in)
@@ -99,12 +99,7 @@ def steps(args: argparse.Namespace, bf16: bool) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "sst2"))
-    p.add_argument("--text-column", default="sentence")
-    p.add_argument("--model", default="minilm")
-    p.add_argument("--samples", type=int, default=4000)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=32)
+    add_job_options(p)
     p.add_argument("--batches", type=int, default=125, help="steps per variant and precision (125: one epoch)")
     p.add_argument("--out", default=str(ROOT / "bench" / "RESULTS-frozen.md"))
     args = p.parse_args()

@@ -226,6 +226,16 @@ def train_step(model, task, params: list, optimizer, idx: list[int], frozen, bf1
     optimizer.zero_grad(set_to_none=True)
 
 
+def add_job_options(parser) -> None:
+    """The command-line options :func:`lora_job` reads: the data, model and batch shape."""
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "sst2"))
+    parser.add_argument("--text-column", default="sentence")
+    parser.add_argument("--model", default="minilm")
+    parser.add_argument("--samples", type=int, default=4000)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=32)
+
+
 def lora_job(args, batches_seed: int = 0):
     """The MiniLM LoRA job the step benchmarks time (r=8 on query/value, ``args.samples``
     training examples, AdamW at lr 1e-4): model, task, its trainable parameters, the optimizer,

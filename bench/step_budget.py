@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from _shared import header, write_report
-from speed import best_multiply, lora_job, square_pairs, train_step
+from speed import add_job_options, best_multiply, lora_job, square_pairs, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 CHUNK = 5
@@ -85,12 +85,7 @@ def measure(args: argparse.Namespace, bf16: bool) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "sst2"))
-    p.add_argument("--text-column", default="sentence")
-    p.add_argument("--model", default="minilm")
-    p.add_argument("--samples", type=int, default=4000)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=32)
+    add_job_options(p)
     p.add_argument("--out", default=str(ROOT / "bench" / "RESULTS-step-budget.md"))
     args = p.parse_args()
     if not Path(args.data).exists():
