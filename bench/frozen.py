@@ -67,9 +67,9 @@ def products(dtype, rows_list: list[int]) -> list[str]:
                  "packed": best_of(partial(packed.forward, x), calls),
                  "grad": best_of(partial(plain.input_grad, g), calls),
                  "grad_packed": best_of(partial(packed.input_grad, g), calls)}
-            lines.append(f"| {name} | {in_f} → {out_f} | {rows} | {t['own']:.0f} | {t['plain']:.0f} | "
-                         f"{t['packed']:.0f} | {t['packed'] / t['own']:.3f} | {t['grad']:.0f} | "
-                         f"{t['grad_packed']:.0f} | {t['grad_packed'] / t['grad']:.3f} |")
+            lines.append(f"| {name} | {in_f} → {out_f} | {rows} | {t['own']:.1f} | {t['plain']:.1f} | "
+                         f"{t['packed']:.1f} | {t['packed'] / t['own']:.3f} | {t['grad']:.1f} | "
+                         f"{t['grad_packed']:.1f} | {t['grad_packed'] / t['grad']:.3f} |")
     return lines
 
 
@@ -134,7 +134,7 @@ def main() -> int:
               "|---|---|---|---|---|"]
     for bf16, res in results.items():
         sec = res["seconds"]
-        lines.append(f"| {'bf16 autocast' if bf16 else 'float32'} | {sec['own']:.3g} | {sec['prepared']:.3g} | "
+        lines.append(f"| {'bf16 autocast' if bf16 else 'float32'} | {sec['own']:.4g} | {sec['prepared']:.4g} | "
                      f"{sec['prepared'] / sec['own']:.3f} | {res['describe']} |")
     write_report(args.out, lines)
     return 0

@@ -236,7 +236,7 @@ def add_job_options(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
 
 
-def lora_job(args, batches_seed: int = 0):
+def lora_job(args):
     """The MiniLM LoRA job the step benchmarks time (r=8 on query/value, ``args.samples``
     training examples, AdamW at lr 1e-4): model, task, its trainable parameters, the optimizer,
     the examples' token lengths and one epoch of length-grouped batches."""
@@ -255,7 +255,7 @@ def lora_job(args, batches_seed: int = 0):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     lengths = [len(f["input_ids"]) for f in task.features["train"]]
-    batches = list(LengthGroupedBatches(lengths, args.batch_size, seed=batches_seed))
+    batches = list(LengthGroupedBatches(lengths, args.batch_size, seed=0))
     return model, task, params, optimizer, lengths, batches
 
 

@@ -14,18 +14,15 @@ import torch
 
 from peftkit.frozen import can_pack
 
-from .conftest import ROOT, sentiment_rows, write_jsonl
+from .conftest import ROOT
 
 
 @pytest.mark.skipif(not can_pack(torch.float32), reason="this torch build cannot prepack weights with oneDNN")
-def test_frozen_bench_reports_products_and_steps(tmp_path, tiny_bert_dir):
-    data = tmp_path / "data"
-    data.mkdir()
-    write_jsonl(data / "train.jsonl", sentiment_rows(96, seed=0, names=False))
-    write_jsonl(data / "validation.jsonl", sentiment_rows(8, seed=1, names=False))
+def test_frozen_bench_reports_products_and_steps(tmp_path, tiny_bert_dir, sentiment_dir):
     out = tmp_path / "frozen.md"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "frozen.py"), "--data", str(data), "--model",
-                           str(tiny_bert_dir), "--text-column", "text", "--samples", "96", "--batch-size", "8",
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "frozen.py"), "--data", str(sentiment_dir),
+                           "--model", str(tiny_bert_dir), "--text-column", "text", "--samples", "96",
+                           "--batch-size", "8",
                            "--max-length", "32", "--batches", "10", "--out", str(out)], capture_output=True, text=True,
                           timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]

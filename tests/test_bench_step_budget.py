@@ -9,17 +9,14 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from .conftest import ROOT, sentiment_rows, write_jsonl
+from .conftest import ROOT
 
 
-def test_step_budget_reports_every_part(tmp_path, tiny_bert_dir):
-    data = tmp_path / "data"
-    data.mkdir()
-    write_jsonl(data / "train.jsonl", sentiment_rows(96, seed=0, names=False))
-    write_jsonl(data / "validation.jsonl", sentiment_rows(8, seed=1, names=False))
+def test_step_budget_reports_every_part(tmp_path, tiny_bert_dir, sentiment_dir):
     out = tmp_path / "budget.md"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "step_budget.py"), "--data", str(data), "--model",
-                           str(tiny_bert_dir), "--text-column", "text", "--samples", "96", "--batch-size", "8",
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "step_budget.py"), "--data", str(sentiment_dir),
+                           "--model", str(tiny_bert_dir), "--text-column", "text", "--samples", "96",
+                           "--batch-size", "8",
                            "--max-length", "32", "--out", str(out)], capture_output=True, text=True, timeout=600,
                           cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
