@@ -1,12 +1,14 @@
 """Dropout with a cheaper random mask, for the frozen model's own dropout layers in training.
 
 ``nn.Dropout`` draws one Bernoulli sample per element from the CPU generator (about 12 ns
-each here): on a MiniLM step that was 13% of the time. :class:`FastDropout` draws one 64-bit
-word per four elements and compares each 16-bit lane with a threshold, so an element is
-dropped with probability ``round(p * 65536) / 65536`` (within 8e-6 of ``p``) and kept ones are
-scaled by the exact inverse of the keep rate. It keeps a 1-byte mask for backward instead of a
-float one. The draws come from torch's default generator, so seeding and a checkpoint's RNG
-state cover them as before.
+each here): on a MiniLM step that was 13% of the time. Here every element reads a 16-bit lane
+of a counter-based hash (splitmix64 of the counter, four lanes per word) and is dropped when
+the lane falls among ``round(p * 65536)`` of its 65536 values, so with probability within 8e-6
+of ``p``; kept ones are scaled by the exact inverse of the keep rate. Each mask takes the
+counter's base from one draw of torch's default generator, so seeding and a checkpoint's RNG
+state cover it. The kernels of :mod:`peftkit.native` draw, mask and rescale in one pass on
+torch's threads; without them the same numbers come from torch ops. A 1-byte mask is kept for
+backward instead of a float one.
 
 The mask is written as bytes and only viewed as ``bool``: torch's CPU kernels that read or
 write ``bool`` tensors are not vectorised, and converting a bool mask (or multiplying by one)
@@ -21,23 +23,90 @@ import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
+from . import native
+
 _LANES = 65536  # values of one 16-bit lane
+_MASK64 = 2**64 - 1
+
+
+def _signed(c: int) -> int:
+    return c - 2**64 if c >= 2**63 else c
+
+
+_STEP, _MUL1, _MUL2 = (_signed(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def _shr(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's ``>>`` keeps the sign)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _hashed_lanes(seed: int, n: int, device: torch.device | str) -> torch.Tensor:
+    """The ``n`` int16 lanes ``native.c`` reads, in torch ops: splitmix64 of the counters
+    ``seed + (w + 1) * 0x9E3779B97F4A7C15`` (int64 arithmetic wraps as uint64 does)."""
+    z = torch.arange(1, (n + 3) // 4 + 1, dtype=torch.int64, device=device).mul_(_STEP).add_(_signed(seed))
+    z.bitwise_xor_(_shr(z, 30)).mul_(_MUL1)
+    z.bitwise_xor_(_shr(z, 27)).mul_(_MUL2)
+    z.bitwise_xor_(_shr(z, 31))
+    return z.view(torch.int16)[:n]
+
+
+def _draw(p: float) -> tuple[int, int, float]:
+    """A mask's seed (one draw of torch's default generator), the lane threshold at and above
+    which an element is kept, and the factor that rescales kept elements."""
+    seed = int(torch.empty((), dtype=torch.int64).random_(-2**63, None)) & _MASK64
+    dropped = round(p * _LANES)
+    return seed, dropped - _LANES // 2, _LANES / (_LANES - dropped)
+
+
+def _kernel(x: torch.Tensor):
+    """The native kernel for ``x`` and its thread count, or None (torch ops then)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or not x.is_contiguous():
+        return None
+    kernels = native.kernels()
+    if kernels is None:
+        return None
+    lib = kernels.lib
+    return (lib.peftkit_dropout_f32 if x.dtype == torch.float32 else lib.peftkit_dropout_bf16), kernels.threads()
 
 
 def keep_mask(shape: torch.Size, p: float, device: torch.device | str = "cpu") -> tuple[torch.Tensor, float]:
     """A boolean mask of ``shape`` (True = keep) and the factor that rescales kept elements."""
+    seed, threshold, scale = _draw(p)
     n = shape.numel()
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, None)
-    lanes = words.view(torch.int16)[:n]  # 16 uniform bits each; any fixed set of K values has chance K/65536
-    dropped = round(p * _LANES)
-    keep = torch.ge(lanes, dropped - _LANES // 2, out=torch.empty(n, dtype=torch.uint8, device=device))
-    return keep.view(torch.bool).view(shape), _LANES / (_LANES - dropped)
+    keep = torch.empty(n, dtype=torch.uint8, device=device)
+    kernels = native.kernels() if keep.device.type == "cpu" else None
+    if kernels is not None:
+        kernels.lib.peftkit_keep_mask(keep.data_ptr(), n, seed, threshold, kernels.threads())
+    else:
+        torch.ge(_hashed_lanes(seed, n, device), threshold, out=keep)
+    return keep.view(torch.bool).view(shape), scale
 
 
 def _apply(keep: torch.Tensor, x: torch.Tensor, scale: float) -> torch.Tensor:
     """``x * keep * scale`` in one new tensor; the scale is applied last, in the op's float math,
     so the result is exactly that of multiplying by the mask and then by the Python float."""
-    return keep.view(torch.uint8).to(x.dtype).mul_(x).mul_(scale)
+    kernel = _kernel(x)
+    if kernel is None:
+        return keep.view(torch.uint8).to(x.dtype).mul_(x).mul_(scale)
+    fn, threads = kernel
+    out = torch.empty_like(x)
+    fn(out.data_ptr(), x.data_ptr(), keep.data_ptr(), x.numel(), 0, 0, 0, scale, threads)
+    return out
+
+
+def _drop(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``x`` with a new mask applied: the result, the mask (``keep_mask``'s) and its scale."""
+    kernel = _kernel(x)
+    if kernel is None:
+        keep, scale = keep_mask(x.shape, p, x.device)
+        return _apply(keep, x, scale), keep, scale
+    fn, threads = kernel
+    seed, threshold, scale = _draw(p)
+    keep = torch.empty(x.shape, dtype=torch.uint8)
+    out = torch.empty_like(x)
+    fn(out.data_ptr(), x.data_ptr(), keep.data_ptr(), x.numel(), 1, seed, threshold, scale, threads)
+    return out, keep.view(torch.bool), scale
 
 
 def _cheap(p: float, x: torch.Tensor) -> bool:
@@ -49,10 +118,9 @@ def _cheap(p: float, x: torch.Tensor) -> bool:
 class _MaskedScale(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
-        keep, scale = keep_mask(x.shape, p, x.device)
+        out, keep, ctx.scale = _drop(x, p)
         ctx.save_for_backward(keep)
-        ctx.scale = scale
-        return _apply(keep, x, scale)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -103,10 +171,10 @@ class _AttentionCore(torch.autograd.Function):
         if bias is not None:
             scores.add_(bias)
         probs = scores.softmax(-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)  # float32 sums
-        keep, keep_scale = keep_mask(probs.shape, p, probs.device)
+        dropped, keep, keep_scale = _drop(probs, p)
         ctx.save_for_backward(q, k, v, probs, keep)
         ctx.scale, ctx.keep_scale = scale, keep_scale
-        return torch.matmul(_apply(keep, probs, keep_scale), v)
+        return torch.matmul(dropped, v)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
