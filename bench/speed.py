@@ -240,11 +240,9 @@ def lora_job(args):
     """The MiniLM LoRA job the step benchmarks time (r=8 on query/value, ``args.samples``
     training examples, AdamW at lr 1e-4): model, task, its trainable parameters, the optimizer,
     the examples' token lengths and one epoch of length-grouped batches."""
-    import torch
-
     from peftkit.config import load_recipe
     from peftkit.data import LengthGroupedBatches
-    from peftkit.prepare import prepare
+    from peftkit.prepare import adamw, prepare
 
     lora = {"model": args.model, "data": args.data, "seed": 42, "text_column": args.text_column,
             "max_length": args.max_length, "r": 8, "alpha": 16, "targets": ["query", "value"]}
@@ -253,7 +251,7 @@ def lora_job(args):
     prep = prepare(cfg)
     model, task = prep.model, prep.task
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = adamw(params, lr=1e-4)
     lengths = [len(f["input_ids"]) for f in task.features["train"]]
     batches = list(LengthGroupedBatches(lengths, args.batch_size, seed=0))
     return model, task, params, optimizer, lengths, batches
@@ -273,13 +271,13 @@ def child_utilisation(s: dict) -> dict:
     from peftkit.config import load_recipe
     from peftkit.data import LengthGroupedBatches
     from peftkit.frozen import FrozenLinears
-    from peftkit.prepare import prepare
+    from peftkit.prepare import adamw, prepare
 
     cfg = load_recipe(RECIPE, lora_overrides(s))
     prep = prepare(cfg)
     model, task = prep.model, prep.task
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=s["lr"], weight_decay=0.0)
+    optimizer = adamw(params, lr=s["lr"], weight_decay=0.0)
     lengths = [len(f["input_ids"]) for f in task.features["train"]]
     batches = list(LengthGroupedBatches(lengths, s["batch_size"], seed=s["seed"]))
     pairs = square_pairs("bfloat16" if s["bf16"] else "float32", (1024, 2048))
