@@ -10,7 +10,8 @@ whether a compiler was found.
 The library is built on first use into ``$XDG_CACHE_HOME/peftkit`` (``~/.cache/peftkit``)
 under a name that hashes the source, the flags and the CPU's feature flags (it is compiled for
 this CPU). ``PEFTKIT_NATIVE=0`` turns it off; ``CC`` picks the compiler (default ``cc``). A
-failed build is remembered in the cache, so it is tried once per machine.
+failed build is remembered in the cache (a ``native-*.failed`` file; delete it to try again
+after installing a compiler), so it is tried once per machine.
 """
 
 from __future__ import annotations
