@@ -112,11 +112,10 @@ def kernels() -> Kernels | None:
             if failed.exists() or not _build(target):
                 failed.touch()
                 return None
-        before = _openmp_runtimes()
         lib = ctypes.CDLL(str(target))
     except OSError:
         return None
     # Parallel only when the library shares torch's OpenMP runtime (and so its threads): a second
     # runtime would bring a second set of spinning threads onto the same cores.
-    parallel = len(_openmp_runtimes() | before) == 1
+    parallel = len(_openmp_runtimes()) == 1
     return Kernels(lib, parallel)
