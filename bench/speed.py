@@ -149,7 +149,7 @@ def child_inference(s: dict) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from peftkit.methods import merge_and_unload
+    from peftkit.methods.base import merge_and_unload
     from peftkit.predict import load_adapted_classifier
 
     tok = AutoTokenizer.from_pretrained(s["model"])
@@ -209,15 +209,15 @@ def child_tutorial(s: dict) -> dict:
             "timed_steps": s["tutorial_steps"], "padded_to": width}
 
 
-def train_step(model, task, params: list, optimizer, idx: list[int], frozen, bf16: bool) -> None:
+def train_step(model, task, params: list, optimizer, idx: list[int], speedups, bf16: bool) -> None:
     """One training step as ``peftkit train`` takes it: the task's loss (under bf16 autocast for
-    a bf16 run) with the frozen layers' prepared products lent from the forward through the
-    backward (``frozen``, a ``FrozenLinears``), clipping to norm 1, the optimizer's step."""
+    a bf16 run) inside the speed layer from the forward through the backward (``speedups``, a
+    ``peftkit.accel.StepSpeedups``), clipping to norm 1, the optimizer's step."""
     import contextlib
 
     import torch
 
-    with frozen:
+    with speedups:
         with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
             loss = task.loss(model, task.batch(idx))
         loss.backward()
@@ -270,7 +270,7 @@ def child_utilisation(s: dict) -> dict:
 
     from peftkit.config import load_recipe
     from peftkit.data import LengthGroupedBatches
-    from peftkit.frozen import FrozenLinears
+    from peftkit.accel import StepSpeedups
     from peftkit.prepare import adamw, prepare
 
     cfg = load_recipe(RECIPE, lora_overrides(s))
@@ -285,10 +285,10 @@ def child_utilisation(s: dict) -> dict:
     def probe() -> float:
         return best_multiply(pairs, 2)
 
-    frozen = FrozenLinears(model, torch.bfloat16 if s["bf16"] else torch.float32)
+    speedups = StepSpeedups(model, torch.bfloat16 if s["bf16"] else torch.float32)
 
     def step(idx: list[int]) -> None:
-        train_step(model, task, params, optimizer, idx, frozen, s["bf16"])
+        train_step(model, task, params, optimizer, idx, speedups, s["bf16"])
 
     model.train()
     for idx in batches[:3]:  # warm-up, not counted

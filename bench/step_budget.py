@@ -7,7 +7,7 @@ every chunk of batches so that drift falls on all three:
 
 - the multiplies alone: for every batch, each frozen linear layer of the encoder's forward
   product and input-gradient product at that batch's padded shape, taken as the steps take
-  them (``peftkit.frozen``: oneDNN-packed weights where it can), on random inputs of the
+  them (``peftkit.accel.frozen``: oneDNN-packed weights where it can), on random inputs of the
   compute dtype made beforehand, with nothing else around them;
 - the fixed cost: the same number of steps on a batch of the two shortest examples, where the
   arithmetic is negligible: what is left is per-step and per-op overhead, and reading every
@@ -34,7 +34,8 @@ CHUNK = 5
 def measure(args: argparse.Namespace, bf16: bool) -> dict:
     import torch
 
-    from peftkit.frozen import FrozenLinears, FrozenProduct, can_pack
+    from peftkit.accel import StepSpeedups
+    from peftkit.accel.frozen import FrozenProduct, can_pack
 
     model, task, params, optimizer, lengths, batches = lora_job(args)
     rows_of = [len(idx) * max(lengths[i] for i in idx) for idx in batches]  # padded tokens per batch
@@ -50,7 +51,7 @@ def measure(args: argparse.Namespace, bf16: bool) -> dict:
     widths = {n for shape in shapes for n in shape}
     inputs = {rows: {n: torch.randn(rows, n, dtype=dtype) for n in widths} for rows in set(rows_of)}
 
-    frozen = FrozenLinears(model, torch.bfloat16 if bf16 else torch.float32)
+    frozen = StepSpeedups(model, dtype)
 
     def step(b: int) -> None:
         train_step(model, task, params, optimizer, batches[b], frozen, bf16)

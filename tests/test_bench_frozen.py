@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from peftkit.frozen import can_pack
+from peftkit.accel.frozen import can_pack
 
 from .conftest import ROOT
 

@@ -7,7 +7,9 @@ import json
 import pytest
 import torch
 
-from peftkit.causal import IGNORE, LMEncoder, Rows, collate_lm, exact_match, generate, pack
+from peftkit.causal import IGNORE, LMEncoder, Rows, collate_lm, pack
+from peftkit.evaluate import exact_match
+from peftkit.generation import generate
 from peftkit.config import DataConfig
 from peftkit.errors import PeftkitError
 from peftkit.lm_loss import causal_lm_loss

@@ -1,5 +1,5 @@
-"""FastDropout and the attention function with the same mask: drop rate, scaling, gradients,
-and equality with transformers' SDPA attention wherever nothing is dropped."""
+"""The speed layer's dropout and the attention function with the same mask: drop rate, scaling,
+gradients, and equality with transformers' SDPA attention wherever nothing is dropped."""
 
 from __future__ import annotations
 
@@ -7,7 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from peftkit.dropout import FastDropout, _attention, keep_mask, use_fast_attention_dropout, use_fast_dropout
+from peftkit.accel import StepSpeedups
+from peftkit.accel.dropout import _attention, fast_dropout, keep_mask
+
+
+def fast(p: float, training: bool = True):
+    """The speed layer's forward for an ``nn.Dropout(p)`` in training (or eval) mode."""
+    return fast_dropout(nn.Dropout(p).train(training))
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -32,7 +38,7 @@ def test_mask_is_not_a_repeating_pattern():
 
 def test_forward_and_backward_use_one_mask():
     torch.manual_seed(0)
-    drop = FastDropout(0.3).train()
+    drop = fast(0.3)
     x = torch.randn(64, 48, requires_grad=True)
     y = drop(x)
     kept = y != 0
@@ -48,7 +54,7 @@ def test_output_and_gradient_match_masking_then_scaling(dtype):
     x = torch.randn(8, 33, 40).to(dtype).requires_grad_()
     grad = torch.randn(8, 33, 40).to(dtype)
     torch.manual_seed(5)
-    y = FastDropout(0.1).train()(x)
+    y = fast(0.1)(x)
     y.backward(grad)
     torch.manual_seed(5)
     keep, scale = keep_mask(x.shape, 0.1)
@@ -58,20 +64,24 @@ def test_output_and_gradient_match_masking_then_scaling(dtype):
 
 def test_eval_mode_and_p_zero_are_the_identity_and_seeding_repeats():
     x = torch.randn(8, 8)
-    assert FastDropout(0.5).eval()(x) is x
-    assert FastDropout(0.0).train()(x) is x
+    assert fast(0.5, training=False)(x) is x
+    assert fast(0.0)(x) is x
     torch.manual_seed(3)
-    a = FastDropout(0.5).train()(x)
+    a = fast(0.5)(x)
     torch.manual_seed(3)
-    b = FastDropout(0.5).train()(x)
+    b = fast(0.5)(x)
     assert torch.equal(a, b)
 
 
-def test_use_fast_dropout_swaps_only_active_plain_dropouts():
+def test_the_speed_layer_takes_only_active_plain_dropouts_and_gives_them_back():
     model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1), nn.Dropout(0.0), nn.Dropout2d(0.1))
-    assert use_fast_dropout(model) == 1
-    assert type(model[1]) is FastDropout and isinstance(model[1], nn.Dropout) and model[1].p == 0.1
+    layer = StepSpeedups(model, torch.float32)
+    assert layer.dropouts == 1
+    with layer:
+        assert "forward" in vars(model[1]) and type(model[1]) is nn.Dropout and model[1].p == 0.1
+        assert "forward" not in vars(model[2]) and "forward" not in vars(model[3])
     assert type(model[2]) is nn.Dropout and type(model[3]) is nn.Dropout2d
+    assert not any("forward" in vars(m) for m in model)
 
 
 class _Attn(nn.Module):
@@ -122,23 +132,27 @@ def test_model_switch_keeps_outputs_and_trains(tiny_bert_dir):
     mask = (ids != 0).long()
     model.eval()
     ref = model(input_ids=ids, attention_mask=mask).logits
-    assert use_fast_attention_dropout(model) and use_fast_dropout(model) > 0
-    assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, ref)
-    model.train()
-    torch.manual_seed(1)
-    a = model(input_ids=ids, attention_mask=mask).logits
-    torch.manual_seed(1)
-    b = model(input_ids=ids, attention_mask=mask).logits
-    assert torch.equal(a, b) and not torch.equal(a, ref)  # seeded, and dropout is on
-    a.sum().backward()
+    layer = StepSpeedups(model, torch.float32)
+    assert layer.attention is not None and layer.dropouts > 0
+    with layer:
+        assert model.config._attn_implementation == layer.attention
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, ref)
+        model.train()
+        torch.manual_seed(1)
+        a = model(input_ids=ids, attention_mask=mask).logits
+        torch.manual_seed(1)
+        b = model(input_ids=ids, attention_mask=mask).logits
+        assert torch.equal(a, b) and not torch.equal(a, ref)  # seeded, and dropout is on
+        a.sum().backward()
     assert model.classifier.weight.grad is not None
+    assert model.config._attn_implementation == "sdpa"  # given back
 
 
 def test_p_that_rounds_to_one_falls_back_to_torch():
     x = torch.randn(16, 16)
-    assert torch.equal(FastDropout(1.0).train()(x), torch.zeros_like(x))
+    assert torch.equal(fast(1.0)(x), torch.zeros_like(x))
     torch.manual_seed(0)
-    y = FastDropout(0.999995).train()(x)  # would round to dropping all 65536 lane values
+    y = fast(0.999995)(x)  # would round to dropping all 65536 lane values
     assert torch.isfinite(y).all()
 
 
@@ -155,7 +169,7 @@ def _reference_attention(q, k, v, bias, scale, p, seed):
 
 @pytest.mark.parametrize("masking", ["none", "bool", "causal"])
 def test_attention_core_backward_is_the_gradient(masking):
-    from peftkit.dropout import _AttentionCore, _additive
+    from peftkit.accel.dropout import _AttentionCore, _additive
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
@@ -169,7 +183,7 @@ def test_attention_core_backward_is_the_gradient(masking):
 
 
 def test_attention_core_matches_autograd_ops_with_dropping():
-    from peftkit.dropout import _AttentionCore
+    from peftkit.accel.dropout import _AttentionCore
 
     torch.manual_seed(0)
     inputs = [torch.randn(2, 3, 7, 8, requires_grad=True) for _ in range(3)]

@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-import peftkit.frozen as frozen
+import peftkit.accel.frozen as frozen
 from peftkit import LoraConfig, apply_method
-from peftkit.frozen import FrozenLinears, FrozenProduct, can_pack
+from peftkit.accel import StepSpeedups
+from peftkit.accel.frozen import FrozenLinears, FrozenProduct, can_pack
 from peftkit.lm_loss import causal_lm_loss
 
 from .conftest import _new_lm, tiny_bert_config
@@ -84,13 +85,21 @@ def test_unpacked_products_give_bit_for_bit_the_steps_of_the_layers_own_forward(
     build, loss_of = MODELS[name]
     model = build()
     own = step(model, loss_of, None, bf16)
-    block = FrozenLinears(model, torch.bfloat16 if bf16 else torch.float32)
-    assert len(block) > 0
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    block = StepSpeedups(model, dtype, fuse_lora=False, dropout=False, attention=False)  # GPT-2 drops: torch's masks in both
+    assert len(block.frozen) > 0
     lent = step(model, loss_of, block, bf16)
     assert torch.equal(own[0], lent[0])
     assert own[1].keys() == lent[1].keys() and own[1]
     for param, grad in own[1].items():
         assert torch.equal(grad, lent[1][param]), param
+    # LoRA layers fused with the prepared products: the same step up to the order of the sums
+    fused = step(model, loss_of, StepSpeedups(model, dtype, dropout=False, attention=False), bf16)
+    tol = dict(atol=0.03, rtol=0.03) if bf16 else dict(atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fused[0], own[0], **tol)
+    for param, grad in own[1].items():
+        scale = grad.abs().max().item()
+        torch.testing.assert_close(fused[1][param] / scale, grad / scale, **tol, msg=param)
 
 
 @pytest.mark.skipif(not can_pack(torch.float32), reason="this torch build cannot prepack weights with oneDNN")
@@ -102,7 +111,7 @@ def test_packed_products_give_the_steps_of_the_layers_own_forward(name, bf16):
     build, loss_of = MODELS[name]
     model = build()
     own = step(model, loss_of, None, bf16)
-    block = FrozenLinears(model, torch.bfloat16 if bf16 else torch.float32)
+    block = StepSpeedups(model, torch.bfloat16 if bf16 else torch.float32, dropout=False, attention=False)
     assert "oneDNN-packed" in block.describe()
     lent = step(model, loss_of, block, bf16)
     tol = dict(atol=0.03, rtol=0.03) if bf16 else dict(atol=1e-5, rtol=1e-4)  # sums taken in another order
@@ -130,25 +139,24 @@ def test_a_product_and_its_input_gradient(dtype, pack):
 
 def test_which_layers_multiply_with_prepared_products_and_that_the_block_leaves_nothing_behind():
     model = lora_bert()
-    block = FrozenLinears(model, torch.bfloat16)
-    loras = [m for m in model.modules() if hasattr(m, "base_product")]
+    block = StepSpeedups(model, torch.bfloat16)
+    loras = {n for n, m in model.named_modules() if type(m).__name__ == "LoRALinear"}
     with block:
         lent = {n for n, m in model.named_modules() if "forward" in vars(m)}
-        assert all(m.base_product is not None for m in loras)
+        assert loras and loras <= lent  # the LoRA layers compute as one node with their prepared base
     # the frozen linear layers: 4 in attention and 2 in the feed-forward part of each layer, and the pooler;
     # not the trained LoRA factors nor the trained classifier
-    assert lent == {f"bert.encoder.layer.{i}.{m}" for i in range(2) for m in (
+    assert lent - loras == {f"bert.encoder.layer.{i}.{m}" for i in range(2) for m in (
         "attention.self.query.base_layer", "attention.self.key", "attention.self.value.base_layer",
         "attention.output.dense", "intermediate.dense", "output.dense")} | {"bert.pooler.dense"}
-    assert len(block) == len(lent)
+    assert len(block.frozen) == len(lent - loras)
     assert not any("forward" in vars(m) for m in model.modules())
-    assert all(m.base_product is None for m in loras)
 
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_a_decoder_keeps_its_embeddings_and_output_head_as_they_are(tied):
     model = lora_lm("llama", ["q_proj", "v_proj"], tied=tied)
-    with FrozenLinears(model, torch.bfloat16):
+    with StepSpeedups(model, torch.bfloat16):
         assert "forward" not in vars(model.get_output_embeddings())
         assert "forward" in vars(model.model.layers[0].mlp.down_proj)
 
@@ -159,7 +167,7 @@ def test_subclasses_and_trainable_layers_are_left_out():
 
     model = nn.Sequential(nn.Linear(4, 4), Quantized(4, 4), nn.Linear(4, 4)).requires_grad_(False)
     model[2].bias.requires_grad_(True)
-    block = FrozenLinears(model, torch.float32)
+    block = StepSpeedups(model, torch.float32)
     with block:
         assert ["forward" in vars(m) for m in model] == [True, False, False]
 
@@ -167,7 +175,7 @@ def test_subclasses_and_trainable_layers_are_left_out():
 def test_an_error_inside_the_block_restores_the_layers():
     model = lora_bert()
     with pytest.raises(RuntimeError, match="mid-step"):
-        with FrozenLinears(model, torch.bfloat16):
+        with StepSpeedups(model, torch.bfloat16):
             raise RuntimeError("mid-step")
     assert not any("forward" in vars(m) for m in model.modules())
     x = torch.randn(2, 32)

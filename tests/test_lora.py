@@ -32,19 +32,20 @@ def test_forward_matches_formula():
 
 
 def composed_and_fused(x: torch.Tensor, bias: bool = True, autocast: bool = False):
-    """Output and gradients of one frozen-base LoRA layer, through the modules one by one
-    (a zero-dropout module forces that path) and through the fused autograd node."""
+    """Output and gradients of one frozen-base LoRA layer, through its own forward (the modules
+    one by one) and through the speed layer's fused autograd node (peftkit.accel.frozen)."""
+    from peftkit.accel.frozen import FrozenProduct, fused_lora
+
     torch.manual_seed(0)
     base = nn.Linear(12, 7, bias=bias).requires_grad_(False)
     layer = LoRALinear(base, r=3, scaling=2.5)
     nn.init.normal_(layer.lora_B.weight)
+    fused = fused_lora(layer, FrozenProduct.of(base, torch.bfloat16 if autocast else torch.float32))
     results = []
-    for dropout in (nn.Dropout(0.0), nn.Identity()):
-        layer.lora_dropout = dropout
-        assert layer._fused() == isinstance(dropout, nn.Identity)
+    for forward in (layer, fused):
         inp = x.detach().clone().requires_grad_(x.requires_grad)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = layer(inp)
+            out = forward(inp)
         out.backward(torch.linspace(-1, 1, out.numel()).view(out.shape).to(out.dtype))
         results.append({"out": out.detach(), "x": inp.grad, "A": layer.lora_A.weight.grad,
                         "B": layer.lora_B.weight.grad})

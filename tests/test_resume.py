@@ -146,6 +146,63 @@ def test_changed_config_resume(reference, tiny_bert_dir, sentiment_dir, capsys):
     assert summary["steps"] == 60
 
 
+def test_sigkill_before_the_first_checkpoint_then_resume_auto_starts_over(reference, tiny_bert_dir, sentiment_dir):
+    tmp, _ = reference  # the shared reference may have been resumed further by now: this test makes its own
+    ref_recipe = recipe_for(tmp, tiny_bert_dir, sentiment_dir, "early-ref")
+    done = subprocess.run([sys.executable, "-m", "peftkit", "train", str(ref_recipe), "train.save_steps=1000"],
+                          capture_output=True, text=True, env=ENV, timeout=600)
+    assert done.returncode == 0, done.stderr
+    ref = tmp / "early-ref"
+    recipe = recipe_for(tmp, tiny_bert_dir, sentiment_dir, "early")
+    run = tmp / "early"
+    proc = start(recipe, "train.save_steps=1000")  # the first checkpoint comes at the end of epoch 1
+    hit = wait_until(lambda: (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().strip(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert hit and not list_checkpoints(run) and (run / "config.yaml").is_file()
+    # another run's config in this folder is not resumed, nor restarted over it
+    other = subprocess.run([sys.executable, "-m", "peftkit", "train", str(recipe), "train.save_steps=1000",
+                            "method.r=8", "resume=auto"], capture_output=True, text=True, env=ENV, timeout=600)
+    assert other.returncode == 2 and "output_dir exists and is not empty" in other.stderr
+    resumed = subprocess.run([sys.executable, "-m", "peftkit", "train", str(recipe), "train.save_steps=1000",
+                              "resume=auto"], capture_output=True, text=True, env=ENV, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "no complete checkpoint; starting from step 0" in resumed.stdout
+    assert_same_run(run, ref)
+
+
+class _Planted:
+    """Unpickling this writes a file: the proof that a loader ran code from a checkpoint."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "ran"))
+
+
+@pytest.mark.parametrize("planted", ["state.json", "state.safetensors", "state.pt"])
+def test_a_checkpoint_with_a_planted_pickle_is_refused_and_nothing_runs(reference, tmp_path, planted):
+    import pickle
+    import shutil
+
+    _, ref = reference
+    run = tmp_path / "handed"
+    shutil.copytree(ref, run)
+    ckpt = list_checkpoints(run)[-1][1]
+    marker = tmp_path / "marker"
+    if planted == "state.pt":  # a checkpoint in the old pickled layout, state.json absent
+        (ckpt / "state.json").unlink()
+    (ckpt / planted).write_bytes(pickle.dumps(_Planted(marker)))
+    recipe = tmp_path / "handed.yaml"
+    recipe.write_text((run / "config.yaml").read_text().replace(str(ref), str(run)))
+    done = subprocess.run([sys.executable, "-m", "peftkit", "train", str(recipe), f"resume={ckpt}"],
+                          capture_output=True, text=True, env=ENV, timeout=600)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("peftkit: error: the checkpoint") and done.stderr.count("\n") == 1
+    assert not marker.exists()
+
+
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_bert_dir, sentiment_dir, tmp_path, monkeypatch):
     import peftkit.train as train_module
 
@@ -176,20 +233,20 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_bert_dir, sentiment_d
 def test_unwritable_checkpoint_keeps_the_previous_one(tiny_bert_dir, sentiment_dir, tmp_path, monkeypatch):
     import peftkit.checkpoint as ck
 
-    real_save = torch.save
+    real_encode = ck.encode_tree
     calls = {"n": 0}
 
-    def failing_save(obj, path, *a, **k):
+    def failing_encode(value):  # the third checkpoint's state cannot be written
         calls["n"] += 1
         if calls["n"] == 3:
-            raise OSError(28, "No space left on device", str(path))
-        return real_save(obj, path, *a, **k)
+            raise OSError(28, "No space left on device", "state.json")
+        return real_encode(value)
 
-    monkeypatch.setattr(ck.torch, "save", failing_save)
+    monkeypatch.setattr(ck, "encode_tree", failing_encode)
     recipe = tiny_recipe(tmp_path, tiny_bert_dir, sentiment_dir, **{"train.save_steps": 4})
     with pytest.raises(PeftkitError, match="No space left"):
         train(load_recipe(recipe), echo=lambda _: None)
-    monkeypatch.setattr(ck.torch, "save", real_save)
+    monkeypatch.setattr(ck, "encode_tree", real_encode)
     run = tmp_path / "run"
     assert [s for s, _ in list_checkpoints(run)] == [4, 8]
     assert not writing_checkpoint(run)

@@ -52,7 +52,7 @@ def test_lr_schedule(kind, expected):
 
 
 def test_overfitting_is_detected_where_it_starts():
-    from peftkit.train import _overfitting_since
+    from peftkit.train import overfitting_since as _overfitting_since
 
     # [step, validation loss, training loss]
     falling = [[10, 0.5, 0.6], [20, 0.4, 0.5], [30, 0.35, 0.4], [40, 0.33, 0.3]]

@@ -24,8 +24,8 @@ _EXPORTS = {
     "apply_method": "methods", "merge": "methods", "unmerge": "methods", "merge_and_unload": "methods",
     "parameter_report": "methods", "count_parameters": "methods", "trainable_parameters": "methods",
     "adapter_state_dict": "methods", "default_modules_to_save": "methods",
-    "save_adapter": "adapter_io", "read_adapter": "adapter_io", "load_adapter_weights": "adapter_io",
-    "load_adapter": "adapter_io",
+    "save_adapter": "methods.saving", "read_adapter": "adapter_io", "load_adapter_weights": "methods.saving",
+    "load_adapter": "methods.saving",
     "RunConfig": "config", "load_recipe": "config",
     "load_adapted_classifier": "predict", "evaluate_adapter": "predict", "merge_to_folder": "predict",
 }

@@ -7,6 +7,9 @@ paths, ``base_model.model.classifier.weight``; prompt and prefix tuning use ``pe
 ``peftkit.json`` with what ``peft`` has no field for (task, label names, max length).
 ``peft.PeftModel.from_pretrained`` loads the folder; folders written by ``peft`` load here
 (without ``peftkit.json``, labels are inferred from the head's shape).
+
+This module is the file format alone: reading and writing folders of config and tensors.
+Putting an adapter onto a model is :mod:`peftkit.methods.saving`'s work.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from torch import nn
 
 from .errors import PeftkitError
 from .fsio import atomic_dir
-from .methods import METHODS, PEFT_TYPES, Injection, MethodConfig, adapter_state_dict, apply_method, injection_of
+from .methods.configs import MethodConfig
+from .methods.registry import METHODS, PEFT_TYPES
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -37,44 +41,38 @@ class AdapterFiles:
     path: Path
     config: dict[str, Any]
     meta: dict[str, Any] = field(default_factory=dict)
+    _method: Any = field(default=None, repr=False, compare=False)
 
     @property
     def base_model(self) -> str | None:
         return self.meta.get("base_model") or self.config.get("base_model_name_or_path")
 
     def method_config(self) -> Any:
-        """The peftkit method config the adapter describes."""
+        """The peftkit method config the adapter describes (read from the config once)."""
+        if self._method is None:
+            self._method = self._read_method()
+        return self._method
+
+    def _read_method(self) -> Any:
         peft_type = self.config.get("peft_type")
         name = PEFT_TYPES.get(peft_type)
         if name is None:
             raise PeftkitError(f"adapter type {peft_type!r} is not supported", str(self.path / CONFIG_FILE),
                                f"supported: {', '.join(PEFT_TYPES)}")
-        return METHODS[name].from_peft(self.config)
+        return METHODS[name].config.from_peft(self.config)
 
 
-def save_adapter(model: nn.Module, directory: str | Path, *, base_model: str,
-                 task: str = "classification", meta: dict[str, Any] | None = None) -> Path:
-    """Write the adapter of ``model`` (see :func:`peftkit.apply_method`) to ``directory``.
-
-    Args:
-        model: an adapted model (unwrapped from DDP).
-        directory: the folder to write; replaced atomically if it exists.
-        base_model: the base's name or path, stored as ``base_model_name_or_path``.
-        task: the peftkit task; mapped to ``peft``'s ``task_type``.
-        meta: extra facts for ``peftkit.json`` (``id2label``, ``max_length``...).
-    """
+def write_adapter(directory: str | Path, config: dict[str, Any], state: dict[str, torch.Tensor],
+                  meta: dict[str, Any]) -> Path:
+    """Write an adapter folder atomically: ``config`` as adapter_config.json, ``state`` (file keys)
+    as adapter_model.safetensors and ``meta`` as peftkit.json; an existing folder is replaced whole."""
     from safetensors.torch import save_file
 
-    inj = injection_of(model)
-    config = inj.method.to_peft(inj, model)
-    config.update(task_type=TASK_TYPES.get(task, task), base_model_name_or_path=base_model,
-                  inference_mode=True, revision=None)
-    state = {inj.method.file_key(k): v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
-    info = {"format": 1, "task": task, "base_model": base_model, **(meta or {})}
     with atomic_dir(directory) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        (tmp / META_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(tmp / WEIGHTS_FILE),
+                  metadata={"format": "pt"})
     return Path(directory)
 
 
@@ -130,50 +128,6 @@ def read_adapter_weights(directory: str | Path, method: MethodConfig | None = No
     if method is None:
         method = read_adapter(path).method_config()
     return {method.model_key(k): v for k, v in state.items()}
-
-
-def load_adapter_weights(model: nn.Module, directory: str | Path,
-                         state: dict[str, torch.Tensor] | None = None) -> None:
-    """Copy an adapter's tensors into an adapted ``model``, checking every name and shape.
-
-    Args:
-        model: a model with the adapter's method applied (same targets).
-        directory: the adapter folder.
-        state: its tensors if already read (:func:`read_adapter_weights`).
-
-    Raises:
-        PeftkitError: tensors missing, unexpected, or of the wrong shape for this base.
-    """
-    if state is None:
-        state = read_adapter_weights(directory, injection_of(model).method)
-    expected = adapter_state_dict(model)
-    fix = "load it onto the base model it was trained with (--model)"
-    for key, target in expected.items():
-        if key not in state:
-            raise PeftkitError(f"the adapter has no tensor for {key}", str(directory), fix)
-        if tuple(state[key].shape) != tuple(target.shape):
-            raise PeftkitError(
-                f"adapter tensor {key} has shape {tuple(state[key].shape)}, the model expects "
-                f"{tuple(target.shape)}", str(directory), fix)
-    unexpected = sorted(set(state) - set(expected))
-    if unexpected:
-        raise PeftkitError(f"the adapter has {len(unexpected)} tensors this model has no place for "
-                           f"(first: {unexpected[0]})", str(directory), fix)
-    with torch.no_grad():
-        for key, target in expected.items():
-            target.copy_(state[key].to(target.dtype))
-
-
-def load_adapter(model: nn.Module, directory: str | Path,
-                 state: dict[str, torch.Tensor] | None = None) -> Injection:
-    """Apply the method an adapter folder describes to ``model`` and load its weights.
-
-    Works for folders written by peftkit and by ``peft``. Returns the :class:`Injection`.
-    """
-    method = read_adapter(directory).method_config()
-    injection = apply_method(model, method, list(method.modules_to_save or []))
-    load_adapter_weights(model, directory, state if state is not None else read_adapter_weights(directory, method))
-    return injection
 
 
 def head_size(state: dict[str, torch.Tensor], modules_to_save: list[str]) -> int | None:

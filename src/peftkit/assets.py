@@ -15,11 +15,11 @@ import bz2
 import csv
 import hashlib
 import importlib.util
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import PeftkitError
+from .fsio import cache_dir
 
 
 @dataclass(frozen=True)
@@ -52,17 +52,12 @@ class PackagedAsset:
         return path
 
 
-def cache_dir() -> Path:
-    """Where converted assets are kept: ``$PEFTKIT_CACHE``, else ``~/.cache/peftkit``."""
-    return Path(os.environ.get("PEFTKIT_CACHE") or Path.home() / ".cache" / "peftkit")
-
-
 @dataclass(frozen=True)
 class GGUFAsset(PackagedAsset):
     """A packaged GGUF file, converted once to a transformers folder (float32 safetensors).
 
     transformers reads GGUF itself (with the ``gguf`` package) but dequantizes every tensor
-    on each load; the converted folder under :func:`cache_dir` loads in a fraction of that.
+    on each load; the converted folder under peftkit's cache (:func:`peftkit.fsio.cache_dir`) loads in a fraction of that.
     """
 
     def path(self, name: str) -> Path:

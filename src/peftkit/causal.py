@@ -1,6 +1,4 @@
-"""Causal language modelling: records into token sequences with a loss mask, packing, and
-what a decoder is evaluated on (loss and perplexity; for labelled prompts, label scoring
-and exact match of the generated answer).
+"""Causal language modelling records: records into token sequences with a loss mask, and packing.
 
 Record formats, the first that fits a split's columns:
 
@@ -17,24 +15,24 @@ and its completion the assistant's reply. ``data.train_on_prompt`` puts loss on 
 Truncation to ``data.max_length`` shortens the prompt first (a labelled prompt loses the
 end of its text, any other prompt its beginning), so a completion stays whole whenever it
 fits at all; examples that lose part of their completion are counted and reported.
+
+What a decoder is evaluated on lives in :mod:`peftkit.evaluate`; generation in
+:mod:`peftkit.generation`.
 """
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
 
+from .config import IGNORE_INDEX as IGNORE
 from .config import DataConfig
 from .errors import PeftkitError
 
 ROLES = ("system", "user", "assistant")
-IGNORE = -100
 
 
 @dataclass
@@ -313,85 +311,3 @@ def collate_lm(features: list[dict[str, list[int]]], pad_id: int) -> dict[str, t
     batch["attention_mask"] = mask[:, None]
     batch["position_ids"] = pad("position_ids", 0)
     return batch
-
-
-# ---- evaluation ----
-@torch.inference_mode()
-def lm_eval_loss(model: nn.Module, features: list[dict[str, list[int]]], pad_id: int, batch_size: int,
-                 device: Any = "cpu") -> dict[str, float]:
-    """Mean next-token loss over the labelled tokens, and its perplexity."""
-    from .data import LengthGroupedBatches
-    from .lm_loss import causal_lm_loss
-
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for idx in LengthGroupedBatches([len(f["input_ids"]) for f in features], batch_size, shuffle=False):
-        batch = {k: v.to(device) for k, v in collate_lm([features[i] for i in idx], pad_id).items()}
-        total += causal_lm_loss(model, num_items=1, **batch).item()
-        count += int((batch["labels"][:, 1:] != IGNORE).sum())
-    model.train(was_training)
-    loss = total / max(count, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
-
-
-@torch.inference_mode()
-def label_probs(model: nn.Module, prompts: list[list[int]], label_tokens: list[int], pad_id: int,
-                batch_size: int, device: Any = "cpu") -> np.ndarray:
-    """``(len(prompts), len(label_tokens))``: the softmax, over the label words only, of the
-    next-token scores after each prompt (prompts right-padded; each read at its last token)."""
-    from .data import LengthGroupedBatches
-    from .lm_loss import final_hidden_states
-
-    was_training = model.training
-    model.eval()
-    head = model.get_output_embeddings()
-    out = np.zeros((len(prompts), len(label_tokens)), dtype=np.float32)
-    for idx in LengthGroupedBatches([len(p) for p in prompts], batch_size, shuffle=False):
-        batch = collate_lm([{"input_ids": prompts[i], "labels": prompts[i]} for i in idx], pad_id)
-        hidden = final_hidden_states(model, input_ids=batch["input_ids"].to(device),
-                                     attention_mask=batch["attention_mask"].to(device))
-        last = batch["attention_mask"].sum(1) - 1 + (hidden.shape[1] - batch["input_ids"].shape[1])
-        scores = head(hidden[torch.arange(len(idx)), last.to(hidden.device)]).float()[:, label_tokens]
-        out[idx] = scores.softmax(-1).cpu().numpy()
-    model.train(was_training)
-    return out
-
-
-def normalise_answer(text: str) -> str:
-    return text.strip().strip(".!\"'").strip().lower()
-
-
-@torch.inference_mode()
-def generate(model: nn.Module, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int,
-             batch_size: int = 16, temperature: float = 0.0, top_p: float = 1.0, streamer: Any = None,
-             stop_ids: list[int] | None = None) -> list[str]:
-    """The decoded continuation of each prompt (greedy when ``temperature`` is 0), up to the
-    first of ``stop_ids`` (default: the tokenizer's end of sequence)."""
-    was_training = model.training
-    model.eval()
-    pad_id = tokenizer.pad_token_id
-    answers: list[str] = [""] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    device = next(model.parameters()).device
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.tensor([[pad_id] * (width - len(prompts[i])) + prompts[i] for i in idx], device=device)
-        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx], device=device)
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
-            {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        new = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
-                             eos_token_id=stop_ids or tokenizer.eos_token_id, streamer=streamer, **sampling)[:, width:]
-        for row, i in zip(new, idx):
-            answers[i] = tokenizer.decode(row, skip_special_tokens=True)
-    model.train(was_training)
-    return answers
-
-
-def exact_match(answers: list[str], classes: list[int], label_names: list[str]) -> dict[str, float]:
-    """Accuracy of generated answers against the label names, and the share that is a valid label."""
-    names = [normalise_answer(n) for n in label_names]
-    said = [normalise_answer(a) for a in answers]
-    return {"exact_match": float(np.mean([s == names[c] for s, c in zip(said, classes)])) if said else 0.0,
-            "valid_label_rate": float(np.mean([s in names for s in said])) if said else 0.0}

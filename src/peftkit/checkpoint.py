@@ -6,6 +6,11 @@ process's RNG states (Python, NumPy, torch), the loop position (epoch, batch, lo
 window), the metrics history so far, and the run's config. It is
 written under a temporary name and renamed into place, so a folder with the final name is
 always complete; temporaries left by a killed process are removed when the run resumes.
+
+Nothing in a checkpoint is a pickle: tensors are safetensors files and everything else is JSON
+(``state.json`` holds the optimizer, scheduler, scaler and RNG states with each tensor replaced
+by a reference into ``state.safetensors``). Loading one never runs code from the folder, so a
+checkpoint someone handed you is as safe to resume as your own.
 """
 
 from __future__ import annotations
@@ -25,6 +30,59 @@ from .fsio import atomic_dir
 
 CHECKPOINTS = "checkpoints"
 NAME = re.compile(r"^step-(\d{8})$")
+STATE_JSON, STATE_TENSORS = "state.json", "state.safetensors"
+
+
+def encode_tree(value: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """A nest of dicts, lists, tuples, numbers, strings, tensors and numpy arrays as JSON-ready
+    data plus the tensors it refers to (``{"__tensor__": key}``); :func:`decode_tree` inverts it.
+    Tuples, numpy arrays and dicts with non-string keys (optimizer states by parameter index)
+    are tagged so they come back as they were."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def enc(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            key = str(len(tensors))
+            tensors[key] = v.detach().cpu().contiguous()
+            return {"__tensor__": key}
+        if isinstance(v, np.ndarray):
+            return {"__ndarray__": enc(torch.from_numpy(np.ascontiguousarray(v).astype(np.int64)))
+                    if v.dtype.kind in "iu" else enc(torch.from_numpy(np.ascontiguousarray(v))), "dtype": v.dtype.str}
+        if isinstance(v, np.generic):
+            return v.item()
+        if isinstance(v, tuple):
+            return {"__tuple__": [enc(x) for x in v]}
+        if isinstance(v, list):
+            return [enc(x) for x in v]
+        if isinstance(v, dict):
+            if all(isinstance(k, str) and not k.startswith("__") for k in v):
+                return {k: enc(x) for k, x in v.items()}
+            return {"__items__": [[enc(k), enc(x)] for k, x in v.items()]}
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        raise TypeError(f"cannot store a {type(v).__name__} in a checkpoint")
+
+    return enc(value), tensors
+
+
+def decode_tree(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The value :func:`encode_tree` encoded."""
+    def dec(v: Any) -> Any:
+        if isinstance(v, list):
+            return [dec(x) for x in v]
+        if not isinstance(v, dict):
+            return v
+        if "__tensor__" in v:
+            return tensors[v["__tensor__"]]
+        if "__ndarray__" in v:
+            return dec(v["__ndarray__"]).numpy().astype(np.dtype(v["dtype"]))
+        if "__tuple__" in v:
+            return tuple(dec(x) for x in v["__tuple__"])
+        if "__items__" in v:
+            return {dec(k): dec(x) for k, x in v["__items__"]}
+        return {k: dec(x) for k, x in v.items()}
+
+    return dec(tree)
 
 
 def rng_state() -> dict[str, Any]:
@@ -54,9 +112,11 @@ def save_checkpoint(out: Path, step: int, *, trainable: dict[str, torch.Tensor],
             save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
             if best:
                 save_file({k: v.detach().cpu().contiguous() for k, v in best.items()}, str(tmp / "best.safetensors"))
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict() if scaler is not None else None, "rngs": rngs},
-                       tmp / "state.pt")
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict() if scaler is not None else None, "rngs": rngs}
+            tree, tensors = encode_tree(state)
+            save_file(tensors, str(tmp / STATE_TENSORS))
+            (tmp / STATE_JSON).write_text(json.dumps(tree))
             (tmp / "metrics.jsonl").write_text(metrics)  # the history up to this step
             (tmp / "config.yaml").write_text(config)
             (tmp / "loop.json").write_text(json.dumps(loop, indent=1))
@@ -105,12 +165,26 @@ def find_resume(out: Path, resume: str) -> Path | None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Everything :func:`save_checkpoint` wrote, as tensors and plain values."""
+    """Everything :func:`save_checkpoint` wrote, as tensors and plain values.
+
+    Raises:
+        PeftkitError: a file is missing or is not what a checkpoint holds (a pickle in place of
+            the state, say): nothing from it is executed, and the run does not start.
+    """
     from safetensors.torch import load_file
 
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)  # our own file
-    state["trainable"] = load_file(str(path / "trainable.safetensors"))
-    state["best"] = load_file(str(path / "best.safetensors")) if (path / "best.safetensors").is_file() else {}
-    state["loop"] = json.loads((path / "loop.json").read_text())
-    state["metrics"] = (path / "metrics.jsonl").read_text()
+    fix = "resume from another checkpoint (resume=PATH), or start the run afresh in a new output_dir"
+    if not (path / STATE_JSON).is_file():
+        found = " (a state.pt pickle, which peftkit never unpickles)" if (path / "state.pt").exists() else ""
+        raise PeftkitError(f"the checkpoint has no {STATE_JSON}{found}", str(path), fix)
+    try:
+        state = decode_tree(json.loads((path / STATE_JSON).read_text(encoding="utf-8")),
+                            load_file(str(path / STATE_TENSORS)))
+        state["trainable"] = load_file(str(path / "trainable.safetensors"))
+        state["best"] = load_file(str(path / "best.safetensors")) if (path / "best.safetensors").is_file() else {}
+        state["loop"] = json.loads((path / "loop.json").read_text(encoding="utf-8"))
+        state["metrics"] = (path / "metrics.jsonl").read_text(encoding="utf-8")
+    except Exception as exc:  # a damaged or foreign file, whatever its kind: one line, nothing run
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise PeftkitError(f"the checkpoint cannot be read ({type(exc).__name__}: {first})", str(path), fix) from None
     return state

@@ -132,7 +132,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .causal import generate
+    from .generation import generate
     from .fsio import atomic_write_text
     from .models import quiet_transformers
     from .predict import load_adapted_lm, read_texts
@@ -143,7 +143,7 @@ def _generate(args: argparse.Namespace) -> int:
     quiet_transformers()
     lm = load_adapted_lm(args.adapter, args.model, quantize=args.quantize)
     if args.merge:
-        from .methods import check_mergeable, merge_and_unload
+        from .methods.base import check_mergeable, merge_and_unload
 
         check_mergeable(lm.model)
         merge_and_unload(lm.model)

@@ -15,7 +15,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import PeftkitError
-from .methods import METHODS, AnyMethod, LoraConfig
+from .methods.configs import AnyMethod, LoraConfig
+from .methods.registry import METHODS
+
+
+#: the label of a position that carries no loss (prompt, padding, virtual tokens): PyTorch's
+#: ``cross_entropy`` default ``ignore_index``, which transformers' losses use too
+IGNORE_INDEX = -100
 
 
 class _Strict(BaseModel):
@@ -50,8 +56,8 @@ class DataConfig(_Strict):
     validation_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     max_train_samples: int | None = Field(None, gt=0, description="subsample train (quick runs)")
     max_eval_samples: int | None = Field(None, gt=0, description="subsample validation and test")
-    token_cache: bool = Field(True, description="classification: keep tokenized splits on disk "
-                              "($PEFTKIT_CACHE, default ~/.cache/peftkit) and reuse them in later runs")
+    token_cache: bool = Field(True, description="classification: keep tokenized splits in peftkit's cache "
+                              "folder and reuse them in later runs")
     # task causal_lm: which columns hold what, and how they become one token sequence
     prompt_column: str = Field("prompt", description="causal_lm: prompt/completion data")
     completion_column: str = "completion"
@@ -104,11 +110,19 @@ class TrainConfig(_Strict):
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=list, description="also send metrics to these (metrics.jsonl is always written)")
     group_by_length: bool = Field(True, description="batch similar lengths together (less padding)")
+    accel: Literal["auto", "on", "off"] = Field(
+        "auto", description="the CPU speed layer around training steps (peftkit.accel): auto turns it on for "
+        "CPU runs, where it pays; off trains with the model's own modules")
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
     def _yaml_no(cls, value: Any) -> Any:
         return "no" if value is False else value  # YAML 1.1 reads a bare `no` as false
+
+    @field_validator("accel", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 class RunConfig(_Strict):
@@ -183,7 +197,7 @@ def _submodel(model: type[BaseModel], key: str, value: Any) -> type[BaseModel] |
             raise PeftkitError(
                 f"unknown method '{name}'", "method.name", f"choose one of: {', '.join(METHODS)}"
             )
-        return METHODS[name]
+        return METHODS[name].config
     ann = model.model_fields[key].annotation
     for option in (ann, *typing.get_args(ann)):  # X, or X | None
         if isinstance(option, type) and issubclass(option, BaseModel):

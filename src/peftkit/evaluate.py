@@ -1,7 +1,10 @@
-"""Classification metrics and batched inference over tokenized examples."""
+"""Evaluation: classification metrics and batched inference over tokenized examples, and what a
+decoder is measured on (loss and perplexity; for labelled prompts, label scoring and exact match
+of the generated answer). The tasks (:mod:`peftkit.tasks`) call these for every split."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -9,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import IGNORE_INDEX as IGNORE
 from .data import LengthGroupedBatches, collate
 
 
@@ -69,3 +73,59 @@ def predict_probs(model: nn.Module, features: list[dict[str, list[int]]], *, pad
     probs = np.stack([r[1] for r in rows]) if rows else np.zeros((0, 0))
     loss = float(np.mean([r[2] for r in rows])) if labels is not None and rows else None
     return probs, loss
+
+
+# ---- decoders ----
+@torch.inference_mode()
+def lm_eval_loss(model: nn.Module, features: list[dict[str, list[int]]], pad_id: int, batch_size: int,
+                 device: Any = "cpu") -> dict[str, float]:
+    """Mean next-token loss over the labelled tokens, and its perplexity."""
+    from .causal import collate_lm
+    from .lm_loss import causal_lm_loss
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for idx in LengthGroupedBatches([len(f["input_ids"]) for f in features], batch_size, shuffle=False):
+        batch = {k: v.to(device) for k, v in collate_lm([features[i] for i in idx], pad_id).items()}
+        total += causal_lm_loss(model, num_items=1, **batch).item()
+        count += int((batch["labels"][:, 1:] != IGNORE).sum())
+    model.train(was_training)
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+
+
+@torch.inference_mode()
+def label_probs(model: nn.Module, prompts: list[list[int]], label_tokens: list[int], pad_id: int,
+                batch_size: int, device: Any = "cpu") -> np.ndarray:
+    """``(len(prompts), len(label_tokens))``: the softmax, over the label words only, of the
+    next-token scores after each prompt (prompts right-padded; each read at its last token)."""
+    from .causal import collate_lm
+    from .inject import output_embedding
+    from .lm_loss import final_hidden_states
+
+    was_training = model.training
+    model.eval()
+    head = output_embedding(model)
+    out = np.zeros((len(prompts), len(label_tokens)), dtype=np.float32)
+    for idx in LengthGroupedBatches([len(p) for p in prompts], batch_size, shuffle=False):
+        batch = collate_lm([{"input_ids": prompts[i], "labels": prompts[i]} for i in idx], pad_id)
+        hidden = final_hidden_states(model, input_ids=batch["input_ids"].to(device),
+                                     attention_mask=batch["attention_mask"].to(device))
+        last = batch["attention_mask"].sum(1) - 1 + (hidden.shape[1] - batch["input_ids"].shape[1])
+        scores = head(hidden[torch.arange(len(idx)), last.to(hidden.device)]).float()[:, label_tokens]
+        out[idx] = scores.softmax(-1).cpu().numpy()
+    model.train(was_training)
+    return out
+
+
+def normalise_answer(text: str) -> str:
+    return text.strip().strip(".!\"'").strip().lower()
+
+
+def exact_match(answers: list[str], classes: list[int], label_names: list[str]) -> dict[str, float]:
+    """Accuracy of generated answers against the label names, and the share that is a valid label."""
+    names = [normalise_answer(n) for n in label_names]
+    said = [normalise_answer(a) for a in answers]
+    return {"exact_match": float(np.mean([s == names[c] for s, c in zip(said, classes)])) if said else 0.0,
+            "valid_label_rate": float(np.mean([s in names for s in said])) if said else 0.0}

@@ -64,3 +64,13 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def cache_dir() -> Path:
+    """peftkit's one cache folder: ``$PEFTKIT_CACHE``, else ``$XDG_CACHE_HOME/peftkit``, else
+    ``~/.cache/peftkit``. Converted assets, tokenized splits (``tokens/``) and the native
+    kernels live under it; deleting it is always safe."""
+    root = os.environ.get("PEFTKIT_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "peftkit"

@@ -18,11 +18,10 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from .errors import PeftkitError
+from .methods.configs import ALL_LINEAR
 
-if TYPE_CHECKING:  # torch loads on first use: the method configs import the patterns below
+if TYPE_CHECKING:  # torch loads on first use
     from torch import nn
-
-ALL_LINEAR = "all-linear"
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -54,15 +53,6 @@ def linear_shape(layer: nn.Module) -> tuple[int, int, bool]:
     return in_f, out_f, True
 
 
-#: The output projection of each attention block, in the families peftkit knows
-#: (BERT/RoBERTa/ELECTRA/DeBERTa-v2, DistilBERT, LLaMA/Qwen2/Mistral, GPT-2); regexes.
-ATTENTION_OUTPUT = r".*(\.attention\.output\.dense|\.attention\.out_lin|\.self_attn\.o_proj|\.attn\.c_proj)"
-#: The output projection of each feed-forward block, same families.
-FFN_OUTPUT = r".*(\.layer\.\d+\.output\.dense|\.ffn\.lin2|\.mlp\.down_proj|\.mlp\.c_proj)"
-#: Key and value projections, same families (GPT-2 fuses q, k and v in ``c_attn``).
-KEY_VALUE = r".*\.(key|value|k_proj|v_proj|k_lin|v_lin|key_proj|value_proj|c_attn)"
-
-
 def name_matches(name: str, patterns: str | Sequence[str] | None) -> bool:
     """PEFT's matching rule for one module name (see the module docstring)."""
     if patterns is None:
@@ -82,10 +72,15 @@ def linear_layer_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if n and is_linear(m)]
 
 
+def output_embedding(model: nn.Module) -> nn.Module | None:
+    """The model's LM head (its output embedding), or None: the one place that asks."""
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if callable(get) else None
+
+
 def output_embedding_name(model: nn.Module) -> str | None:
     """The name of the LM head, if the model has one (it is never a LoRA target)."""
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
+    head = output_embedding(model)
     if head is None:
         return None
     return next((n for n, m in model.named_modules() if m is head), None)

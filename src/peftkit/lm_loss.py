@@ -17,7 +17,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE = -100
+from .config import IGNORE_INDEX as IGNORE
+from .inject import output_embedding
 CHUNK_ELEMENTS = 2**22  # logits per chunk (16 MiB in float32)
 
 
@@ -42,7 +43,7 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     keep = targets != IGNORE
     states, targets = states[keep], targets[keep]
     count = num_items if num_items is not None else max(int(keep.sum()), 1)
-    head = model.get_output_embeddings()
+    head = output_embedding(model)
     rows = max(1, chunk_elements // head.weight.shape[0])
     if type(head) is nn.Linear:
         total = _ChunkedLinearCrossEntropy.apply(states, head.weight, head.bias, targets, rows)
@@ -61,7 +62,7 @@ def final_hidden_states(model: nn.Module, **inputs: Any) -> torch.Tensor:
         captured.append(args[0])
         return (args[0][..., :0, :],)
 
-    handle = model.get_output_embeddings().register_forward_pre_hook(take)
+    handle = output_embedding(model).register_forward_pre_hook(take)
     try:
         model(**inputs, use_cache=False)
     finally:

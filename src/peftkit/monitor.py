@@ -95,19 +95,44 @@ def open_reporters(names: list[str], out: Path, config: dict[str, Any]) -> list[
     return [REPORTERS[name](out, config) for name in names]
 
 
+def peak_rss_bytes() -> int:
+    """The highest resident memory this process has had, in bytes, on any platform.
+
+    ``resource`` reports it in KiB on Linux and in bytes on macOS; where there is no
+    ``resource`` module (Windows) psutil gives the peak working set (or the current resident
+    size where it has no peak); 0 when neither is available.
+    """
+    try:
+        import resource
+    except ImportError:
+        resource = None
+    if resource is not None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak if sys.platform == "darwin" else peak * 1024)
+    try:
+        import psutil
+    except ImportError:
+        return 0
+    info = psutil.Process().memory_info()
+    return int(getattr(info, "peak_wset", 0) or info.rss)
+
+
 class Progress:
-    """A progress bar on a terminal; plain lines (every ``log_steps``) otherwise.
+    """Where a run's messages go: a progress bar and printed lines on a terminal, plain printed
+    lines elsewhere, or a caller's ``echo`` function (and no bar).
 
     Args:
-        total: optimizer steps in the run.
-        initial: steps already done (resume).
-        enabled: False on processes other than 0.
+        enabled: False on processes other than 0 (they say nothing).
+        echo: receives every message instead of the terminal; None for the terminal.
     """
 
-    def __init__(self, total: int, initial: int = 0, enabled: bool = True):
-        self.enabled = enabled
+    def __init__(self, enabled: bool = True, echo: Any = None):
+        self.enabled, self.echo = enabled, echo
         self.bar = None
-        if enabled and sys.stdout.isatty():
+
+    def start(self, total: int, initial: int = 0) -> None:
+        """Open the bar (on a terminal) for ``total`` optimizer steps, ``initial`` of them done."""
+        if self.enabled and self.echo is None and sys.stdout.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=True)
@@ -121,10 +146,12 @@ class Progress:
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", ex_s=f"{rate:.0f}")
 
     def say(self, message: str, *, line_only: bool = False) -> None:
-        """Print a message; ``line_only`` messages are the plain-line progress (hidden under a bar)."""
+        """Show a message; ``line_only`` messages are the plain-line progress (hidden under a bar)."""
         if not self.enabled:
             return
-        if self.bar is None:
+        if self.echo is not None:
+            self.echo(message)
+        elif self.bar is None:
             print(message, flush=True)
         elif not line_only:
             self.bar.write(message)
@@ -132,3 +159,4 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None

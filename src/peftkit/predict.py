@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .adapter_io import AdapterFiles, head_size, load_adapter, read_adapter, read_adapter_weights
+from .adapter_io import AdapterFiles, head_size, read_adapter, read_adapter_weights
 from .errors import PeftkitError
 
 
@@ -36,7 +36,6 @@ class AdaptedClassifier:
         return predict_probs(self.model, features, pad_id=self.tokenizer.pad_token_id,
                              batch_size=batch_size, labels=labels)
 
-
     @torch.no_grad()
     def logits(self, texts: list[str]) -> torch.Tensor:
         """Raw float32 logits ``(len(texts), num_labels)``, one forward pass."""
@@ -58,36 +57,39 @@ def load_adapted_classifier(adapter_dir: str | Path, model: str | None = None,
     """
     from .models import load_classifier
 
-    files, method_cfg, base, state = _read_for_loading(adapter_dir, model)
-    keep = list(method_cfg.modules_to_save or [])
-    names = _label_names(files, state, keep, base)
+    files, base, state = _read_for_loading(adapter_dir, model)
+    names = _label_names(files, state, list(files.method_config().modules_to_save or []), base)
     loaded = load_classifier(base, names)
-    _attach(loaded.model, adapter_dir, method_cfg, state, quantize)
+    _attach(loaded.model, files, state, quantize)
     max_length = int(files.meta.get("max_length") or min(512, loaded.tokenizer.model_max_length))
     return AdaptedClassifier(loaded.model, loaded.tokenizer, names, max_length, files, base)
 
 
-def _read_for_loading(adapter_dir: str | Path, model: str | None) -> tuple[AdapterFiles, Any, str, dict]:
-    """The adapter's files, method config, base model name (``model`` wins) and weights."""
+def _read_for_loading(adapter_dir: str | Path, model: str | None) -> tuple[AdapterFiles, str, dict]:
+    """The adapter's files (its config read once), base model name (``model`` wins) and weights."""
     files = read_adapter(adapter_dir)
-    method_cfg = files.method_config()
     base = model or files.base_model
     if not base:
         raise PeftkitError("the adapter does not name its base model", str(adapter_dir), "pass --model")
-    return files, method_cfg, base, read_adapter_weights(adapter_dir, method_cfg)
+    return files, base, read_adapter_weights(adapter_dir, files.method_config())
 
 
-def _attach(model: Any, adapter_dir: str | Path, method_cfg: Any, state: dict, quantize: int | None) -> None:
+def _attach(model: Any, files: AdapterFiles, state: dict, quantize: int | None) -> None:
     """Quantize the base's linear layers if asked (saved modules stay full precision), load the
     adapter's weights onto it, and switch to eval mode."""
-    if quantize:
-        from .methods import resolve_modules_to_save
-        from .quantize import QuantizationConfig, check_method, quantize_model
+    from .methods.saving import load_adapter
 
-        check_method(method_cfg.name)
+    if quantize:
+        from .config import QuantizationConfig
+        from .methods.base import resolve_modules_to_save
+        from .methods.registry import check_quantizable
+        from .quantize import quantize_model
+
+        method_cfg = files.method_config()
+        check_quantizable(method_cfg)
         keep = list(method_cfg.modules_to_save or [])
         quantize_model(model, QuantizationConfig(bits=quantize), skip=resolve_modules_to_save(model, keep))
-    load_adapter(model, adapter_dir, state)
+    load_adapter(model, files, state)
     model.eval()
 
 
@@ -175,7 +177,7 @@ def merge_to_folder(clf: AdaptedClassifier, output: str | Path, overwrite: bool 
         PeftkitError: ``output`` exists and is not empty (unless ``overwrite``); method cannot merge.
     """
     from .fsio import atomic_dir
-    from .methods import check_mergeable, merge_and_unload
+    from .methods.base import check_mergeable, merge_and_unload
     from .quantize import DTYPES, dequantize_model
 
     output = check_merge_output(output, overwrite)
@@ -204,8 +206,8 @@ def evaluate_adapter(clf: AdaptedClassifier, source: str, split: str = "test", *
     import random
 
     from .config import DataConfig
-    from .data import encode_labels, load_one_split
-    from .evaluate import classification_metrics
+    from .data import encode_labels, load_one_split, tokenize
+    from .tasks import ClassificationTask
 
     meta = clf.adapter.meta
     cfg = DataConfig(text_column=text_column or meta.get("text_column") or "text",
@@ -215,9 +217,10 @@ def evaluate_adapter(clf: AdaptedClassifier, source: str, split: str = "test", *
     if max_samples and len(data) > max_samples:
         data = data.subset(sorted(random.Random(0).sample(range(len(data)), max_samples)))
     labels = encode_labels(data, clf.label_names, f"{source}, {split} split")
-    probs, loss = clf.predict_proba(data.texts, data.pairs, batch_size, labels)
-    return {"dataset": source, "split": split, "label_names": clf.label_names,
-            **classification_metrics(labels, probs, clf.label_names, loss)}
+    features = tokenize(clf.tokenizer, data.texts, clf.max_length, data.pairs)
+    task = ClassificationTask(clf.label_names, {split: features}, {split: labels}, clf.tokenizer.pad_token_id)
+    metrics = task.evaluate(clf.model, split, batch_size, next(clf.model.parameters()).device)
+    return {"dataset": source, "split": split, "label_names": clf.label_names, **metrics}
 
 
 @dataclass
@@ -250,9 +253,9 @@ def load_adapted_lm(adapter_dir: str | Path, model: str | None = None, quantize:
     from .config import DataConfig
     from .models import load_causal_lm
 
-    files, method_cfg, base, state = _read_for_loading(adapter_dir, model)
+    files, base, state = _read_for_loading(adapter_dir, model)
     loaded = load_causal_lm(base)
-    _attach(loaded.model, adapter_dir, method_cfg, state, quantize)
+    _attach(loaded.model, files, state, quantize)
     meta = files.meta
     cfg = DataConfig(max_length=int(meta.get("max_length") or 1024), prompt_template=meta.get("prompt_template"),
                      chat_template=meta.get("chat_template"), system_prompt=meta.get("system_prompt"))

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from .config import RunConfig, TrainConfig
 from .errors import PeftkitError
+from .methods.registry import check_quantizable, method_of
 
 if TYPE_CHECKING:  # torch loads when a run starts, not for the output-folder checks
     import torch
@@ -58,45 +59,36 @@ def prepare(cfg: RunConfig) -> Prepared:
     from accelerate.utils import set_seed
 
     from .causal import to_rows
-    from .data import load_splits
-    from .dropout import use_fast_attention_dropout, use_fast_dropout
-    from .methods import apply_method, default_modules_to_save, resolve_modules_to_save
+    from .data import infer_label_names, load_splits
+    from .methods.base import apply_method, default_modules_to_save, resolve_modules_to_save
     from .models import load_causal_lm, load_classifier
     from .tasks import build_task
 
     if cfg.train.low_memory:
         release_freed_memory()
     lm = cfg.task == "causal_lm"
-    if lm and cfg.data.packing and cfg.method.name in ("prefix", "prompt"):
+    if lm and cfg.data.packing and method_of(cfg.method).virtual_tokens:
         raise PeftkitError(f"data.packing cannot be combined with {cfg.method.name} tuning", "data.packing",
                            "set data.packing: false (virtual tokens would be shared across packed examples)")
     splits = load_splits(cfg.dataset, cfg.data, cfg.seed, convert=to_rows if lm else None)
+    labelled = not lm or splits["train"].kind == "labelled"
+    names = infer_label_names(splits["train"], cfg.data.label_names) if labelled else None
     set_seed(cfg.seed)  # a new head's initialisation is part of the run
-    if lm:
-        base = load_causal_lm(cfg.model)
-        task = build_task(cfg, base.model, base.tokenizer, splits)
-    else:
-        from .data import infer_label_names
-
-        base = load_classifier(cfg.model, infer_label_names(splits["train"], cfg.data.label_names))
-        task = None
+    base = load_causal_lm(cfg.model) if lm else load_classifier(cfg.model, names)
+    task = build_task(cfg, base.tokenizer, splits, names)
     keep = cfg.method.modules_to_save
     if keep is None:
         keep = default_modules_to_save(base.model, base.newly_initialized)
     report = None
     if cfg.quantization is not None:
-        from .quantize import check_method, quantize_model
+        from .quantize import quantize_model
 
-        check_method(cfg.method.name)
+        check_quantizable(cfg.method)
         report = quantize_model(base.model, cfg.quantization, skip=resolve_modules_to_save(base.model, keep))
     apply_method(base.model, cfg.method, keep, tokenizer=base.tokenizer)
-    use_fast_dropout(base.model)  # training only: the model is not saved whole from here
-    use_fast_attention_dropout(base.model)
     if cfg.train.gradient_checkpointing:
         base.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.model.enable_input_require_grads()
-    if task is None:
-        task = build_task(cfg, base.model, base.tokenizer, splits)
     return Prepared(base.model, base.tokenizer, task, report)
 
 
@@ -119,8 +111,9 @@ def release_freed_memory(threshold: int = 256 * 1024) -> bool:
     return bool(mallopt(-3, threshold))  # M_MMAP_THRESHOLD; setting it also stops glibc raising it
 
 
-def check_resume_config(out: Path, cfg: RunConfig, say: Callable[[str], None]) -> None:
-    """Refuse a resume whose config changes what the checkpoint holds; log what may change."""
+def _changed_key(out: Path, cfg: RunConfig) -> tuple[str | None, dict[str, Any]]:
+    """The first of model/dataset/method/data/quantization that ``cfg`` changes against the run in
+    ``out`` (None if none), and that run's config."""
     import yaml
 
     try:
@@ -128,25 +121,47 @@ def check_resume_config(out: Path, cfg: RunConfig, say: Callable[[str], None]) -
     except (OSError, yaml.YAMLError):
         raise PeftkitError("the run to resume has no readable config.yaml", str(out),
                            "resume from a complete peftkit run folder") from None
+    if not isinstance(old, dict):
+        raise PeftkitError("the run's config.yaml is not a mapping", str(out), "resume from a complete peftkit run folder")
     new = cfg.model_dump(mode="json")
     for run in (old, new):  # the token cache changes no token: a run may resume with it either way
         if isinstance(run.get("data"), dict):
             run["data"] = {k: v for k, v in run["data"].items() if k != "token_cache"}
-    for key in ("model", "dataset", "method", "data", "quantization"):
-        if old.get(key) != new.get(key):
-            raise PeftkitError(f"cannot resume with a different '{key}'", str(out / "config.yaml"),
-                               f"keep {key} as it was, or start a new run in another output_dir")
+    changed = next((k for k in ("model", "dataset", "method", "data", "quantization") if old.get(k) != new.get(k)),
+                   None)
+    return changed, old
+
+
+def check_resume_config(out: Path, cfg: RunConfig, say: Callable[[str], None]) -> None:
+    """Refuse a resume whose config changes what the checkpoint holds; log what may change."""
+    key, old = _changed_key(out, cfg)
+    if key is not None:
+        raise PeftkitError(f"cannot resume with a different '{key}'", str(out / "config.yaml"),
+                           f"keep {key} as it was, or start a new run in another output_dir")
+    new = cfg.model_dump(mode="json")
     changed = sorted(k for k in set(old.get("train", {})) | set(new["train"])
                      if old.get("train", {}).get(k) != new["train"].get(k))
     if changed:
         say("resuming with changed settings: " + ", ".join(
-            f"train.{k} {old.get('train', {}).get(k)!r} -> {new['train'][k]!r}" for k in changed))
+            f"train.{k} {old.get('train', {}).get(k)!r} -> {new['train'].get(k)!r}" for k in changed))
+
+
+def is_own_unfinished_run(out: Path, cfg: RunConfig) -> bool:
+    """Whether ``out`` holds nothing but the outputs of this same run (same model, data, method
+    and quantization), killed before its first complete checkpoint: ``resume=auto`` then
+    starts it again from step 0."""
+    if not (out / "config.yaml").is_file() or any(p.name not in RUN_OUTPUTS for p in out.iterdir()):
+        return False
+    try:
+        return _changed_key(out, cfg)[0] is None
+    except PeftkitError:
+        return False
 
 
 def param_groups(model: torch.nn.Module, lr: float, head_lr: float | None) -> list[dict[str, Any]]:
     """Optimizer groups: the method's parameters at ``lr``; the saved heads at ``head_lr`` if set."""
     from .inject import is_under
-    from .methods import injection_of, trainable_parameters
+    from .methods.base import injection_of, trainable_parameters
 
     params = trainable_parameters(model)
     if head_lr is None:

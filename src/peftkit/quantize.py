@@ -265,9 +265,3 @@ def prepare_for_kbit_training(model: nn.Module) -> None:
     for module in model.modules():
         if "norm" in type(module).__name__.lower():
             module.float()
-
-
-def check_method(method_name: str) -> None:
-    if method_name == "full":
-        raise PeftkitError("full fine-tuning cannot train a quantized base", "quantization",
-                           "remove the quantization block, or choose a parameter-efficient method")

@@ -97,8 +97,8 @@ class CausalLMTask:
                  process_index: int = 0, final: bool = False) -> dict[str, Any]:
         """Loss and perplexity; labelled prompts add label-scoring accuracy and F1 (and, when
         ``final``, exact match of greedy answers). Every process computes the whole split."""
-        from .causal import exact_match, generate, label_probs, lm_eval_loss
-        from .evaluate import classification_metrics
+        from .evaluate import classification_metrics, exact_match, label_probs, lm_eval_loss
+        from .generation import generate
 
         unwrapped = getattr(model, "module", model)
         metrics = lm_eval_loss(unwrapped, self.features[split], self.pad_id, batch_size, device)
@@ -127,32 +127,34 @@ class CausalLMTask:
                                for s, e in self.encoded.items()}}
 
 
-def build_task(cfg: RunConfig, model: nn.Module, tokenizer: Any, splits: dict[str, Any]) -> Any:
-    """The task object for ``cfg.task`` over loaded splits (tokenizing them)."""
+def build_task(cfg: RunConfig, tokenizer: Any, splits: dict[str, Any], label_names: list[str] | None) -> Any:
+    """The task object for ``cfg.task`` over loaded splits (tokenizing them).
+
+    ``label_names``: the run's labels (inferred once, by the caller), or None for unlabelled
+    causal-LM data.
+    """
+    from .data import encode_labels
+
     meta = {"max_length": cfg.data.max_length, "text_column": cfg.data.text_column,
             "label_column": cfg.data.label_column, "text_pair_column": cfg.data.text_pair_column}
+    classes = None
+    if label_names is not None:
+        classes = {s: encode_labels(sp, label_names, f"{cfg.dataset}, {s} split") for s, sp in splits.items()}
     if cfg.task == "classification":
-        from .data import encode_labels, infer_label_names, tokenize
+        from .data import tokenize
 
-        names = infer_label_names(splits["train"], cfg.data.label_names)
-        labels = {s: encode_labels(sp, names, f"{cfg.dataset}, {s} split") for s, sp in splits.items()}
         features = {s: tokenize(tokenizer, sp.texts, cfg.data.max_length, sp.pairs, cache=cfg.data.token_cache)
                     for s, sp in splits.items()}
-        return ClassificationTask(names, features, labels, tokenizer.pad_token_id,
-                                  {"id2label": dict(enumerate(names)), **meta})
+        return ClassificationTask(label_names, features, classes, tokenizer.pad_token_id,
+                                  {"id2label": dict(enumerate(label_names)), **meta})
     from .causal import LMEncoder, pack
-    from .data import encode_labels, infer_label_names
 
-    names = classes = None
-    if splits["train"].kind == "labelled":
-        names = infer_label_names(splits["train"], cfg.data.label_names)
-        classes = {s: encode_labels(sp, names, f"{cfg.dataset}, {s} split") for s, sp in splits.items()}
-    encoder = LMEncoder(tokenizer, cfg.data, names)
+    encoder = LMEncoder(tokenizer, cfg.data, label_names)
     encoded = {s: encoder.encode_split(sp, f"{cfg.dataset}, {s} split", classes and classes[s])
                for s, sp in splits.items()}
     features = {s: e.features for s, e in encoded.items()}
     if cfg.data.packing:
         features["train"] = pack(features["train"], cfg.data.max_length, cfg.seed)
     meta.update(chat_template=encoder.chat, prompt_template=cfg.data.prompt_template,
-                system_prompt=cfg.data.system_prompt, label_names=names)
+                system_prompt=cfg.data.system_prompt, label_names=label_names)
     return CausalLMTask(encoder, features, encoded, tokenizer.pad_token_id, tokenizer, meta)

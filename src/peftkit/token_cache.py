@@ -5,8 +5,8 @@ serialised definition, truncation side and class), ``max_length``, the texts (an
 order, and the ``tokenizers`` / ``transformers`` versions. A changed text, setting or
 tokenizer is simply another entry; nothing is ever stale. Entries are ``.npz`` files (token
 ids and token type ids as int32, per-example lengths; attention masks, all ones without
-padding, are not stored) under ``$PEFTKIT_CACHE/tokens`` (default
-``~/.cache/peftkit/tokens``), written under a temporary name and renamed. Only fast
+padding, are not stored) under ``tokens/`` in peftkit's cache folder (``$PEFTKIT_CACHE``, else
+``$XDG_CACHE_HOME/peftkit``, else ``~/.cache/peftkit``), written under a temporary name and renamed. Only fast
 (Rust-backed) tokenizers are cached: a slow one has no definition to hash.
 Deleting the folder is always safe; ``data.token_cache: false`` turns the cache off.
 """
@@ -14,23 +14,21 @@ Deleting the folder is always safe; ``data.token_cache: false`` turns the cache 
 from __future__ import annotations
 
 import hashlib
-import os
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from . import fsio
 from .fsio import atomic_path
 
 FORMAT = "peftkit-tokens-1"  # part of every key: a new layout never reads an old file
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("PEFTKIT_CACHE")
-    if not root:
-        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "peftkit"
-    return Path(root) / "tokens"
+    """The ``tokens/`` folder of peftkit's cache (:func:`peftkit.fsio.cache_dir`)."""
+    return fsio.cache_dir() / "tokens"
 
 
 def cache_key(tokenizer: Any, texts: list[str], max_length: int, pairs: list[str] | None = None) -> str | None:

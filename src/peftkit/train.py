@@ -1,17 +1,27 @@
 """One readable training loop (on ``accelerate``), from a validated :class:`RunConfig`.
 
+:class:`Trainer` holds a run's state on the object and does one thing per method: ``setup``
+loads and checks everything (nothing is written before every input is checked), ``run`` walks
+the epochs, ``step`` takes one micro-batch, ``evaluate`` watches validation (best adapter,
+overfitting, early stopping), ``save_checkpoint`` writes where the loop stands, and ``finish``
+tests the best adapter and writes the summary. The loop's position is one dataclass,
+:class:`LoopState`, which checkpoints store as JSON.
+
 Runs unchanged in one process or several (``accelerate launch`` / ``torchrun``; DDP, gloo on
-CPU): each process takes its share of every epoch's batches, and process 0 alone writes.
+CPU): each process takes its share of every epoch's batches, and process 0 alone writes. The
+CPU speed layer (:mod:`peftkit.accel`) is applied from here, around each step, and nowhere else.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import signal
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,10 +29,9 @@ import torch
 
 from .config import RunConfig, dump_config
 from .errors import Interrupted, PeftkitError
-from .frozen import FrozenLinears
 from .fsio import atomic_write_text, write_json
 from .precision import compute_dtype, resolve_mixed_precision
-from .prepare import build_optimizer, check_output_dir, check_resume_config, clear_run_outputs, prepare
+from .prepare import check_output_dir, check_resume_config, is_own_unfinished_run, prepare
 
 
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -107,288 +116,31 @@ def improved(new: float, ref: float | None, metric: str, min_delta: float = 0.0)
     return new < ref - min_delta if metric == "loss" else new > ref + min_delta
 
 
-def train(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train, evaluate, checkpoint, and write the run's outputs; returns the summary.
+@dataclass
+class LoopState:
+    """Where the loop stands: all a checkpoint needs to continue it exactly."""
 
-    Outputs under ``cfg.output_dir``: ``adapter/`` (best validation score, PEFT layout),
-    ``checkpoints/``, ``metrics.jsonl``, ``summary.json``, ``config.yaml``.
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0  # the epoch the next batch belongs to
+    next_batch: int = 0  # that batch's index in the epoch's order
+    window_loss: float = 0.0  # summed micro-batch losses since the last logged step
+    window_n: int = 0
+    last_train_loss: float | None = None  # the last logged mean
+    best: dict[str, Any] | None = None  # metrics of the best evaluation, with its step and epoch
+    history: list[list] = field(default_factory=list)  # [step, validation loss, training loss] per evaluation
+    warned_at: int | None = None  # the step overfitting was reported from
+    es_best: float | None = None  # early stopping's reference value
+    bad_evals: int = 0  # evaluations since early stopping's metric last improved
+    early_stopped_at: int | None = None
 
-    Raises:
-        PeftkitError: bad input, a NaN loss, or an unwritable checkpoint.
-        Interrupted: SIGINT/SIGTERM; a checkpoint to resume from was written first.
-    """
-    from accelerate import Accelerator
-    from accelerate.utils import gather_object
-
-    from .adapter_io import save_adapter
-    from .checkpoint import find_resume, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-    from .data import LengthGroupedBatches
-    from .methods import count_parameters, parameter_report, trainable_state
-
-    # accelerate only runs several CPU processes (DDP over gloo) when told it is on the CPU
-    tc = cfg.train
-    precision = resolve_mixed_precision(tc.mixed_precision)
-    # bf16 autocast covers the training steps only (``autocast`` below): evaluation runs in
-    # float32, so its metrics are the ones ``peftkit eval`` and ``predict`` reproduce. fp16
-    # needs a gradient scaler, which accelerate brings along with its own autocast.
-    acc = Accelerator(mixed_precision="fp16" if precision == "fp16" else "no", cpu=not _has_accelerator())
-    main = acc.is_main_process
-    say = echo if main else (lambda _msg: None)
-    out = Path(cfg.output_dir)
-    resume_from = find_resume(out, cfg.resume) if cfg.resume and out.is_dir() else None
-    if resume_from is None:
-        check_output_dir(cfg)
-    else:
-        check_resume_config(out, cfg, say)
-    acc.wait_for_everyone()  # every process has checked before process 0 writes anything
-
-    prep = prepare(cfg)
-    model, task = prep.model, prep.task
-    trainable, total = count_parameters(model)
-    say(f"model {cfg.model}: {parameter_report(model)}")
-    if prep.quantization is not None:
-        say(prep.quantization.line())
-    say(f"data {cfg.dataset}: {task.describe()}")
-    if tc.mixed_precision == "auto":
-        say("mixed precision: bf16 autocast (native bf16 here; train.mixed_precision=no for float32)"
-            if precision == "bf16" else "mixed precision: none, float32 (no native bf16 here)")
-    best_metric = task.best_metric(tc.metric_for_best)
-    if best_metric != tc.metric_for_best:
-        say(f"train.metric_for_best {tc.metric_for_best} does not apply to this data: the best adapter is "
-            f"chosen by validation {best_metric}")
-
-    optimizer = build_optimizer(model, tc)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    lrs = [g["lr"] for g in optimizer.param_groups]  # this run's, whatever a checkpoint says
-    train_feats = task.features["train"]
-    sampler = LengthGroupedBatches([len(f["input_ids"]) for f in train_feats], tc.batch_size, seed=cfg.seed,
-                                   group_by_length=tc.group_by_length, num_processes=acc.num_processes,
-                                   process_index=acc.process_index)
-    steps_per_epoch = max(1, len(sampler) // tc.grad_accum)
-    total_steps = tc.max_steps or max(1, int(steps_per_epoch * tc.epochs))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(tc.scheduler, int(tc.warmup_ratio * total_steps), total_steps))
-
-    # the loop's whole position; a checkpoint stores it and a resume restores it
-    loop: dict[str, Any] = {"step": 0, "epoch": 0, "next_batch": 0, "window_loss": 0.0, "window_n": 0,
-                            "best": None, "bad_evals": 0, "history": [], "warned_at": None}
-    best_state: dict[str, torch.Tensor] = {}
-    if resume_from is not None:
-        ck = load_checkpoint(resume_from)
-        with torch.no_grad():
-            for k, v in trainable_state(model).items():
-                v.copy_(ck["trainable"][k])
-        best_state = ck["best"]
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        scheduler.base_lrs = lrs  # a changed lr applies from here on
-        set_rng_state(ck["rngs"][acc.process_index])
-        if ck.get("scaler") is not None and acc.scaler is not None:
-            acc.scaler.load_state_dict(ck["scaler"])
-        loop = ck["loop"]
-        say(f"resuming from {resume_from} (step {loop['step']})")
-
-    if main:  # every input is checked: from here on we write
-        if resume_from is None:
-            if out.exists() and cfg.overwrite:
-                clear_run_outputs(out)
-            out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml", dump_config(cfg))
-    acc.wait_for_everyone()
-    from .monitor import Progress, open_reporters
-
-    reporters = open_reporters(tc.report_to, out, cfg.model_dump(mode="json")) if main else []
-    log = MetricsLog(out / "metrics.jsonl" if main else None, history=ck["metrics"] if resume_from else "",
-                     reporters=reporters)
-    ddp_model, optimizer = acc.prepare(model, optimizer)
-
-    def evaluate(split: str, final: bool = False) -> dict[str, Any]:
-        return task.evaluate(ddp_model, split, tc.eval_batch_size, acc.device, acc.num_processes,
-                             acc.process_index, final=final)
-
-    def run_eval(step: int, epoch: float, train_loss: float | None) -> bool:
-        """Evaluate, keep the best adapter, watch for overfitting; True when early stopping fires."""
-        nonlocal best_state, eval_seconds
-        began = time.perf_counter()
-        metrics = evaluate("validation")
-        eval_seconds += time.perf_counter() - began
-        log.write({"type": "eval", "split": "validation", "step": step, "epoch": round(epoch, 4),
-                   **{k: v for k, v in metrics.items() if k != "confusion_matrix"}})
-        best = loop["best"]
-        is_best = improved(metrics[best_metric], best and best[best_metric], best_metric)
-        say(f"eval step {step} epoch {epoch:.2f}: {task.line(metrics)}" + (" (best)" if is_best else ""))
-        if is_best:
-            loop["best"] = {**metrics, "step": step, "epoch": round(epoch, 4)}
-            best_state = {k: v.detach().clone() for k, v in trainable_state(model).items()}
-            if main:
-                save_adapter(model, out / "adapter", base_model=cfg.model, task=task.name, meta=task.meta)
-        history = loop["history"]
-        history.append([step, metrics["loss"], train_loss])
-        rising = _overfitting_since(history)
-        if rising is not None and loop["warned_at"] is None:
-            loop["warned_at"] = rising
-            say(f"warning: validation loss has risen since step {rising} while training loss kept falling "
-                "(overfitting); the adapter of the best evaluation is kept")
-        es = tc.early_stopping
-        if es is None:
-            return False
-        ref = loop.get("es_best")
-        es_metric = task.best_metric(es.metric)
-        if improved(metrics[es_metric], ref, es_metric, es.min_delta):
-            loop["es_best"], loop["bad_evals"] = metrics[es_metric], 0
-            return False
-        loop["bad_evals"] += 1
-        if loop["bad_evals"] >= es.patience:
-            say(f"early stopping at step {step}: no {es_metric} improvement in {es.patience} evaluations")
-            loop["early_stopped_at"] = step
-            return True
-        return False
-
-    def checkpoint(epoch: int, next_batch: int) -> None:
-        rngs = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
-        loop.update(epoch=epoch, next_batch=next_batch)
-        if main:
-            best = loop["best"]
-            save_checkpoint(out, loop["step"], trainable=trainable_state(model), best=best_state,
-                            optimizer=optimizer, scheduler=scheduler, scaler=acc.scaler, rngs=rngs, loop=loop,
-                            metrics=log.text, config=dump_config(cfg), keep=tc.save_total_limit,
-                            best_step=best and best["step"])
-        acc.wait_for_everyone()
-
-    def autocast() -> contextlib.AbstractContextManager:
-        if precision != "bf16":
-            return contextlib.nullcontext()
-        return torch.autocast(acc.device.type, dtype=torch.bfloat16)
-
-    frozen = FrozenLinears(model, compute_dtype(precision))  # cast and packed once, not at every step
-    say(frozen.describe())
-
-    model.train()
-    seen, window_start = 0, time.perf_counter()
-    trained, eval_seconds = 0, 0.0  # examples this process trained on, and the time evaluations took
-    start = time.perf_counter()
-    epochs = math.ceil(total_steps / steps_per_epoch)
-    stop = False
-    progress = Progress(total_steps, loop["step"], enabled=main and echo is print)
-    if echo is print:
-        say = progress.say
-    try:
-        with StopSignals() as signals:
-            for epoch in range(loop["epoch"], epochs):
-                if stop or loop["step"] >= total_steps:
-                    break
-                sampler.set_epoch(epoch)
-                batches = list(sampler)
-                usable = len(batches) - len(batches) % tc.grad_accum
-                first = loop["next_batch"] if epoch == loop["epoch"] else 0
-                for i in range(first, usable):
-                    idx = batches[i]
-                    batch = task.batch(idx)
-                    batch = {k: v.to(acc.device) for k, v in batch.items()}
-                    sync = (i + 1) % tc.grad_accum == 0
-                    with contextlib.nullcontext() if sync else acc.no_sync(ddp_model):
-                        with frozen:  # from the forward through the backward, which multiplies with them too
-                            with autocast():
-                                loss = task.loss(ddp_model, batch)
-                            acc.backward(loss / tc.grad_accum)
-                    value = loss.detach().float().item()
-                    if not math.isfinite(value):  # stop before a bad update reaches the weights
-                        raise PeftkitError(f"training loss became {value} at step {loop['step'] + 1}", "train",
-                                           "lower train.lr, or check the data; the last checkpoint is intact")
-                    loop["window_loss"] += value
-                    loop["window_n"] += 1
-                    seen += len(idx) * acc.num_processes
-                    trained += len(idx) * acc.num_processes
-                    if not sync:
-                        continue
-                    if tc.max_grad_norm:
-                        acc.clip_grad_norm_(params, tc.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    loop["step"] = step = loop["step"] + 1
-                    progress.step()
-                    ep = step / steps_per_epoch
-                    last, epoch_end = step >= total_steps, i + tc.grad_accum >= usable
-                    if step % tc.log_steps == 0 or last:
-                        mean = acc.reduce(torch.tensor(loop["window_loss"] / loop["window_n"], device=acc.device),
-                                          "mean").item()
-                        rate = seen / max(1e-9, time.perf_counter() - window_start)
-                        lr = scheduler.get_last_lr()[0]
-                        log.write({"type": "train", "step": step, "epoch": round(ep, 4), "loss": mean, "lr": lr,
-                                   "examples_per_s": rate})
-                        progress.show(mean, lr, rate)
-                        if echo is print:
-                            progress.say(f"step {step}/{total_steps} epoch {ep:.2f} loss {mean:.4f} lr {lr:.2e} "
-                                         f"{rate:.0f} examples/s", line_only=True)
-                        else:
-                            say(f"step {step}/{total_steps} epoch {ep:.2f} loss {mean:.4f}")
-                        loop["last_train_loss"] = mean
-                        loop["window_loss"], loop["window_n"], seen, window_start = 0.0, 0, 0, time.perf_counter()
-                    if (tc.eval_steps and step % tc.eval_steps == 0) or (epoch_end and not tc.eval_steps) or last:
-                        stop = run_eval(step, ep, loop.get("last_train_loss")) or stop
-                    if (tc.save_steps and step % tc.save_steps == 0) or epoch_end or signals.received or stop:
-                        checkpoint(epoch, i + 1)
-                    if signals.received:
-                        code = StopSignals.CODES[signals.received]
-                        name = signal.Signals(signals.received).name
-                        raise Interrupted(f"stopped by {name} at step {step}; checkpoint written", code)
-                    if last or stop:
-                        break
-    except BaseException:
-        progress.close()
-        log.close()
-        raise
-    progress.close()
-    del frozen  # evaluation multiplies with the layers' own weights
-    train_seconds = time.perf_counter() - start
-    best = loop["best"]
-    with torch.no_grad():  # test with the best adapter, which is also what adapter/ holds
-        for k, v in trainable_state(model).items():
-            v.copy_(best_state[k])
-    summary: dict[str, Any] = {
-        "validation": dict(best),
-        "best_step": best["step"],
-        "steps": loop["step"],
-        "early_stopped_at": loop.get("early_stopped_at"),
-        "overfitting_since": loop["warned_at"],
-        "trainable_params": trainable,
-        "total_params": total,
-        "trainable_percent": 100.0 * trainable / total,
-        "mixed_precision": precision,
-        "train_seconds": round(train_seconds, 2),
-        "eval_seconds": round(eval_seconds, 2),
-        "examples_per_s": round(trained / max(1e-9, train_seconds - eval_seconds), 2),
-        "peak_rss_bytes": peak_rss_bytes(),
-        "quantization": prep.quantization.as_dict() if prep.quantization is not None else None,
-        "train_examples": len(train_feats),
-        **task.summary(),
-        "adapter": str(out / "adapter"),
-    }
-    if "test" in task.features:
-        began = time.perf_counter()
-        summary["test"] = evaluate("test", final=True)
-        summary["test_seconds"] = round(time.perf_counter() - began, 2)
-        log.write({"type": "eval", "split": "test", "step": loop["step"],
-                   **{k: v for k, v in summary["test"].items() if k != "confusion_matrix"}})
-    log.close()
-    if main:
-        write_json(out / "summary.json", summary)
-        from .plot import plot_runs
-
-        plot_runs([out], out / "curves.png")
-    acc.wait_for_everyone()
-    return summary
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LoopState:
+        """The state a checkpoint's ``loop.json`` holds (keys it lacks take their defaults)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
 
 
-def peak_rss_bytes() -> int:
-    """The highest resident memory this process has had (Linux reports it in KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _overfitting_since(history: list[list], evals: int = 3) -> int | None:
+def overfitting_since(history: list[list], evals: int = 3) -> int | None:
     """The step where validation loss started rising, if it rose for ``evals`` evaluations
     in a row while the training loss fell over the same stretch."""
     if len(history) <= evals:
@@ -399,3 +151,378 @@ def _overfitting_since(history: list[list], evals: int = 3) -> int | None:
     if all(b > a for a, b in zip(val, val[1:])) and None not in train and train[-1] < train[0]:
         return recent[0][0]
     return None
+
+
+class Trainer:
+    """One training run of ``cfg``.
+
+    Args:
+        cfg: the validated run config.
+        echo: receives every message; None prints them (with a progress bar on a terminal).
+    """
+
+    def __init__(self, cfg: RunConfig, echo: Callable[[str], None] | None = None):
+        from .monitor import Progress
+
+        self.cfg, self.tc = cfg, cfg.train
+        self.out = Path(cfg.output_dir)
+        self.state = LoopState()
+        self.best_state: dict[str, torch.Tensor] = {}
+        self.precision = resolve_mixed_precision(self.tc.mixed_precision)
+        # bf16 autocast covers the training steps only (``autocast`` below): evaluation runs in
+        # float32, so its metrics are the ones ``peftkit eval`` and ``predict`` reproduce. fp16
+        # needs a gradient scaler, which accelerate brings along with its own autocast.
+        from accelerate import Accelerator
+
+        self.acc = Accelerator(mixed_precision="fp16" if self.precision == "fp16" else "no",
+                               cpu=not _has_accelerator())
+        self.main = self.acc.is_main_process
+        self.progress = Progress(enabled=self.main, echo=echo)
+        self.trained = self.seen = 0  # examples trained on (in all), and since the last logged step
+        self.eval_seconds = 0.0
+
+    def say(self, message: str) -> None:
+        self.progress.say(message)
+
+    # ---- setup: everything is loaded and checked before anything is written ----
+    def setup(self) -> None:
+        """Check the output folder, load data, model and method, build the optimizer and schedule,
+        restore a checkpoint when resuming, then write the config and open the logs."""
+        from .checkpoint import find_resume
+
+        cfg, out = self.cfg, self.out
+        resume_from = find_resume(out, cfg.resume) if cfg.resume and out.is_dir() else None
+        restart = False
+        if resume_from is None and cfg.resume == "auto" and out.is_dir() and any(out.iterdir()):
+            restart = is_own_unfinished_run(out, cfg)
+        if resume_from is not None:
+            check_resume_config(out, cfg, self.say)
+        elif not restart:
+            check_output_dir(cfg)
+        self.acc.wait_for_everyone()  # every process has checked before process 0 writes anything
+
+        self.prep = prepare(cfg)
+        self.model, self.task = self.prep.model, self.prep.task
+        self._report_setup()
+        self._build_schedule()
+        if resume_from is not None:
+            self._restore(resume_from)
+        elif restart:
+            self.say(f"resume=auto: {out} holds this run's outputs but no complete checkpoint; "
+                     "starting from step 0")
+        self._open_outputs(fresh=resume_from is None, clear=cfg.overwrite or restart,
+                           history=self._history if resume_from is not None else "")
+
+    def _report_setup(self) -> None:
+        from .methods.base import count_parameters, parameter_report
+
+        cfg, tc = self.cfg, self.tc
+        self.counts = count_parameters(self.model)
+        self.say(f"model {cfg.model}: {parameter_report(self.model)}")
+        if self.prep.quantization is not None:
+            self.say(self.prep.quantization.line())
+        self.say(f"data {cfg.dataset}: {self.task.describe()}")
+        if tc.mixed_precision == "auto":
+            self.say("mixed precision: bf16 autocast (native bf16 here; train.mixed_precision=no for float32)"
+                     if self.precision == "bf16" else "mixed precision: none, float32 (no native bf16 here)")
+        self.best_metric = self.task.best_metric(tc.metric_for_best)
+        if self.best_metric != tc.metric_for_best:
+            self.say(f"train.metric_for_best {tc.metric_for_best} does not apply to this data: the best adapter "
+                     f"is chosen by validation {self.best_metric}")
+
+    def _build_schedule(self) -> None:
+        from .data import LengthGroupedBatches
+        from .prepare import build_optimizer
+
+        tc, acc = self.tc, self.acc
+        self.optimizer = build_optimizer(self.model, tc)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.lrs = [g["lr"] for g in self.optimizer.param_groups]  # this run's, whatever a checkpoint says
+        lengths = [len(f["input_ids"]) for f in self.task.features["train"]]
+        self.sampler = LengthGroupedBatches(lengths, tc.batch_size, seed=self.cfg.seed,
+                                            group_by_length=tc.group_by_length, num_processes=acc.num_processes,
+                                            process_index=acc.process_index)
+        self.steps_per_epoch = max(1, len(self.sampler) // tc.grad_accum)
+        self.total_steps = tc.max_steps or max(1, int(self.steps_per_epoch * tc.epochs))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(tc.scheduler, int(tc.warmup_ratio * self.total_steps), self.total_steps))
+
+    def _restore(self, path: Path) -> None:
+        from .checkpoint import load_checkpoint, set_rng_state
+        from .methods.base import trainable_state
+
+        ck = load_checkpoint(path)
+        with torch.no_grad():
+            for k, v in trainable_state(self.model).items():
+                v.copy_(ck["trainable"][k])
+        self.best_state = ck["best"]
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        self.scheduler.base_lrs = self.lrs  # a changed lr applies from here on
+        set_rng_state(ck["rngs"][self.acc.process_index])
+        if ck.get("scaler") is not None and self.acc.scaler is not None:
+            self.acc.scaler.load_state_dict(ck["scaler"])
+        self.state = LoopState.from_json(ck["loop"])
+        self._history = ck["metrics"]
+        self.say(f"resuming from {path} (step {self.state.step})")
+
+    def _open_outputs(self, fresh: bool, clear: bool, history: str) -> None:
+        """Every input is checked: from here on process 0 writes."""
+        from .monitor import open_reporters
+        from .prepare import clear_run_outputs
+
+        cfg, out = self.cfg, self.out
+        if self.main:
+            if fresh and clear and out.exists():
+                clear_run_outputs(out)
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out / "config.yaml", dump_config(cfg))
+        self.acc.wait_for_everyone()
+        reporters = open_reporters(self.tc.report_to, out, cfg.model_dump(mode="json")) if self.main else []
+        self.log = MetricsLog(out / "metrics.jsonl" if self.main else None, history=history, reporters=reporters)
+        self.ddp_model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+        self.speedups = self._speed_layer()
+
+    def _speed_layer(self) -> contextlib.AbstractContextManager:
+        """The CPU speed layer (:mod:`peftkit.accel`) to enter around each step, or a null context."""
+        from . import accel
+
+        if not accel.wanted(self.tc.accel, self.acc.device):
+            self.say(f"speed layer: off (train.accel={self.tc.accel} on {self.acc.device.type})")
+            return contextlib.nullcontext()
+        layer = accel.StepSpeedups(self.model, compute_dtype(self.precision))  # cast and packed once
+        self.say(layer.describe())
+        return layer
+
+    # ---- the loop ----
+    def run(self) -> dict[str, Any]:
+        """Train, evaluate, checkpoint, and write the run's outputs; returns the summary.
+
+        Outputs under ``cfg.output_dir``: ``adapter/`` (best validation score, PEFT layout),
+        ``checkpoints/``, ``metrics.jsonl``, ``summary.json``, ``config.yaml``.
+
+        Raises:
+            PeftkitError: bad input, a NaN loss, or an unwritable checkpoint.
+            Interrupted: SIGINT/SIGTERM; a checkpoint to resume from was written first.
+        """
+        self.setup()
+        self.model.train()
+        self.progress.start(self.total_steps, self.state.step)
+        start = self.window_start = time.perf_counter()
+        try:
+            with StopSignals() as signals:
+                epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+                for epoch in range(self.state.epoch, epochs):
+                    if self.train_epoch(epoch, signals):
+                        break
+        except BaseException:
+            self.progress.close()
+            self.log.close()
+            raise
+        self.progress.close()
+        return self.finish(time.perf_counter() - start)
+
+    def train_epoch(self, epoch: int, signals: StopSignals) -> bool:
+        """One epoch's batches from where the state stands; True when the run is over."""
+        tc, st = self.tc, self.state
+        if st.step >= self.total_steps:
+            return True
+        self.sampler.set_epoch(epoch)
+        batches = list(self.sampler)
+        usable = len(batches) - len(batches) % tc.grad_accum
+        first = st.next_batch if epoch == st.epoch else 0
+        for i in range(first, usable):
+            sync = (i + 1) % tc.grad_accum == 0
+            self.step(batches[i], sync)
+            if not sync:
+                continue
+            self.update()
+            last, epoch_end = st.step >= self.total_steps, i + tc.grad_accum >= usable
+            if st.step % tc.log_steps == 0 or last:
+                self.log_train()
+            stop = False
+            if (tc.eval_steps and st.step % tc.eval_steps == 0) or (epoch_end and not tc.eval_steps) or last:
+                stop = self.evaluate_validation()
+            if (tc.save_steps and st.step % tc.save_steps == 0) or epoch_end or signals.received or stop:
+                self.save_checkpoint(epoch, i + 1)
+            if signals.received:
+                name = signal.Signals(signals.received).name
+                raise Interrupted(f"stopped by {name} at step {st.step}; checkpoint written",
+                                  StopSignals.CODES[signals.received])
+            if last or stop:
+                return True
+        return False
+
+    def step(self, indices: list[int], sync: bool) -> None:
+        """Forward and backward of one micro-batch (gradients synchronised across processes when
+        ``sync``), inside the speed layer; refuses a non-finite loss before it reaches the weights."""
+        acc = self.acc
+        batch = {k: v.to(acc.device) for k, v in self.task.batch(indices).items()}
+        with contextlib.nullcontext() if sync else acc.no_sync(self.ddp_model):
+            with self.speedups:  # from the forward through the backward, which uses it too
+                with self._autocast():
+                    loss = self.task.loss(self.ddp_model, batch)
+                acc.backward(loss / self.tc.grad_accum)
+        value = loss.detach().float().item()
+        if not math.isfinite(value):
+            raise PeftkitError(f"training loss became {value} at step {self.state.step + 1}", "train",
+                               "lower train.lr, or check the data; the last checkpoint is intact")
+        self.state.window_loss += value
+        self.state.window_n += 1
+        self.seen += len(indices) * acc.num_processes
+        self.trained += len(indices) * acc.num_processes
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(self.acc.device.type, dtype=torch.bfloat16)
+
+    def update(self) -> None:
+        """Clip, step the optimizer and the schedule, and count the step."""
+        if self.tc.max_grad_norm:
+            self.acc.clip_grad_norm_(self.params, self.tc.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.progress.step()
+
+    def log_train(self) -> None:
+        """The mean training loss since the last logged step, the lr and the speed."""
+        st, acc = self.state, self.acc
+        mean = acc.reduce(torch.tensor(st.window_loss / st.window_n, device=acc.device), "mean").item()
+        rate = self.seen / max(1e-9, time.perf_counter() - self.window_start)
+        lr = self.scheduler.get_last_lr()[0]
+        epoch = st.step / self.steps_per_epoch
+        self.log.write({"type": "train", "step": st.step, "epoch": round(epoch, 4), "loss": mean, "lr": lr,
+                        "examples_per_s": rate})
+        self.progress.show(mean, lr, rate)
+        self.progress.say(f"step {st.step}/{self.total_steps} epoch {epoch:.2f} loss {mean:.4f} lr {lr:.2e} "
+                          f"{rate:.0f} examples/s", line_only=True)
+        st.last_train_loss = mean
+        st.window_loss, st.window_n, self.seen, self.window_start = 0.0, 0, 0, time.perf_counter()
+
+    # ---- evaluation ----
+    def evaluate(self, split: str, final: bool = False) -> dict[str, Any]:
+        acc = self.acc
+        return self.task.evaluate(self.ddp_model, split, self.tc.eval_batch_size, acc.device, acc.num_processes,
+                                  acc.process_index, final=final)
+
+    def evaluate_validation(self) -> bool:
+        """Evaluate, keep the best adapter, watch for overfitting; True when early stopping fires."""
+        st = self.state
+        epoch = st.step / self.steps_per_epoch
+        began = time.perf_counter()
+        metrics = self.evaluate("validation")
+        self.eval_seconds += time.perf_counter() - began
+        self.log.write({"type": "eval", "split": "validation", "step": st.step, "epoch": round(epoch, 4),
+                        **{k: v for k, v in metrics.items() if k != "confusion_matrix"}})
+        metric = self.best_metric
+        is_best = improved(metrics[metric], st.best and st.best[metric], metric)
+        self.say(f"eval step {st.step} epoch {epoch:.2f}: {self.task.line(metrics)}" + (" (best)" if is_best else ""))
+        if is_best:
+            self.keep_best(metrics, epoch)
+        st.history.append([st.step, metrics["loss"], st.last_train_loss])
+        rising = overfitting_since(st.history)
+        if rising is not None and st.warned_at is None:
+            st.warned_at = rising
+            self.say(f"warning: validation loss has risen since step {rising} while training loss kept falling "
+                     "(overfitting); the adapter of the best evaluation is kept")
+        return self.early_stop(metrics)
+
+    def keep_best(self, metrics: dict[str, Any], epoch: float) -> None:
+        """Remember the trainable tensors of a new best evaluation and write them as ``adapter/``."""
+        from .methods.base import trainable_state
+        from .methods.saving import save_adapter
+
+        self.state.best = {**metrics, "step": self.state.step, "epoch": round(epoch, 4)}
+        self.best_state = {k: v.detach().clone() for k, v in trainable_state(self.model).items()}
+        if self.main:
+            save_adapter(self.model, self.out / "adapter", base_model=self.cfg.model, task=self.task.name,
+                         meta=self.task.meta)
+
+    def early_stop(self, metrics: dict[str, Any]) -> bool:
+        es, st = self.tc.early_stopping, self.state
+        if es is None:
+            return False
+        metric = self.task.best_metric(es.metric)
+        if improved(metrics[metric], st.es_best, metric, es.min_delta):
+            st.es_best, st.bad_evals = metrics[metric], 0
+            return False
+        st.bad_evals += 1
+        if st.bad_evals < es.patience:
+            return False
+        self.say(f"early stopping at step {st.step}: no {metric} improvement in {es.patience} evaluations")
+        st.early_stopped_at = st.step
+        return True
+
+    # ---- checkpoints and the end of the run ----
+    def save_checkpoint(self, epoch: int, next_batch: int) -> None:
+        from accelerate.utils import gather_object
+
+        from .checkpoint import rng_state, save_checkpoint
+        from .methods.base import trainable_state
+
+        acc, st = self.acc, self.state
+        rngs = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
+        st.epoch, st.next_batch = epoch, next_batch
+        if self.main:
+            save_checkpoint(self.out, st.step, trainable=trainable_state(self.model), best=self.best_state,
+                            optimizer=self.optimizer, scheduler=self.scheduler, scaler=acc.scaler, rngs=rngs,
+                            loop=dataclasses.asdict(st), metrics=self.log.text, config=dump_config(self.cfg),
+                            keep=self.tc.save_total_limit, best_step=st.best and st.best["step"])
+        acc.wait_for_everyone()
+
+    def finish(self, train_seconds: float) -> dict[str, Any]:
+        """Test the best adapter (what ``adapter/`` holds) and write ``summary.json`` and the curves."""
+        from .methods.base import trainable_state
+        from .monitor import peak_rss_bytes
+
+        st = self.state
+        self.speedups = None  # its prepared weights are not needed any more
+        with torch.no_grad():
+            for k, v in trainable_state(self.model).items():
+                v.copy_(self.best_state[k])
+        summary = self.summary(train_seconds, peak_rss_bytes())
+        if "test" in self.task.features:
+            began = time.perf_counter()
+            summary["test"] = self.evaluate("test", final=True)
+            summary["test_seconds"] = round(time.perf_counter() - began, 2)
+            self.log.write({"type": "eval", "split": "test", "step": st.step,
+                            **{k: v for k, v in summary["test"].items() if k != "confusion_matrix"}})
+        self.log.close()
+        if self.main:
+            from .plot import plot_runs
+
+            write_json(self.out / "summary.json", summary)
+            plot_runs([self.out], self.out / "curves.png")
+        self.acc.wait_for_everyone()
+        return summary
+
+    def summary(self, train_seconds: float, peak_rss: int) -> dict[str, Any]:
+        st, (trainable, total) = self.state, self.counts
+        quantization = self.prep.quantization
+        return {
+            "validation": dict(st.best),
+            "best_step": st.best["step"],
+            "steps": st.step,
+            "early_stopped_at": st.early_stopped_at,
+            "overfitting_since": st.warned_at,
+            "trainable_params": trainable,
+            "total_params": total,
+            "trainable_percent": 100.0 * trainable / total,
+            "mixed_precision": self.precision,
+            "train_seconds": round(train_seconds, 2),
+            "eval_seconds": round(self.eval_seconds, 2),
+            "examples_per_s": round(self.trained / max(1e-9, train_seconds - self.eval_seconds), 2),
+            "peak_rss_bytes": peak_rss,
+            "quantization": quantization.as_dict() if quantization is not None else None,
+            "train_examples": len(self.task.features["train"]),
+            **self.task.summary(),
+            "adapter": str(self.out / "adapter"),
+        }
+
+
+def train(cfg: RunConfig, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run :class:`Trainer` on ``cfg``; returns the summary (see :meth:`Trainer.run`)."""
+    return Trainer(cfg, echo).run()

@@ -1,12 +1,12 @@
-"""The method registry and the operations every method shares.
+"""Methods: what an adapter is. The registry, every method's config, and (loaded lazily, with
+torch) the operations they share.
 
-``METHODS`` maps a recipe's ``method.name`` to its config class, whose ``apply`` changes a
-model in place. Merging is defined by the adapter modules themselves (``merge``/``unmerge``
-and a ``base_layer`` to restore); a config's ``mergeable`` says whether the method can merge
-at all (BitFit and full fine-tuning trained the base in place: nothing to fold).
-
-The configs (:mod:`.configs`) import without torch, so validating a recipe is quick; the
-modules and operations below load torch on first use.
+:mod:`.registry` maps a recipe's ``method.name`` to its config, its implementation and what it
+can do; :mod:`.configs` holds the torch-free options; :mod:`.base` applies, freezes, reports
+and merges; :mod:`.saving` writes and reads adapters in the PEFT file layout. One module per
+method implements it (``lora``, ``bottleneck``, ``prefix``, ``prompt``, ``ia3``, ``inplace``
+for BitFit and full fine-tuning). Nothing in this package imports the training loop, the
+entry points or the speed layer (:mod:`peftkit.accel`).
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ import importlib
 from typing import Any
 
 from .configs import (
-    METHODS,
-    PEFT_TYPES,
     AnyMethod,
     BitFitConfig,
     BottleneckConfig,
@@ -27,13 +25,15 @@ from .configs import (
     PrefixTuningConfig,
     PromptTuningConfig,
 )
+from .registry import METHODS, PEFT_TYPES, Method
 
 #: names that need torch -> the module that defines them
 _LAZY = {
-    **dict.fromkeys(["AdapterModule", "Injection", "adapter_state_dict", "apply_method", "check_mergeable",
-                     "count_parameters", "default_modules_to_save", "injection_of", "merge", "merge_and_unload",
-                     "parameter_report", "resolve_modules_to_save", "set_trainable", "trainable_parameters",
-                     "trainable_state", "unmerge", "HEAD_NAMES"], "base"),
+    **dict.fromkeys(["AdapterModule", "Injection", "adapter_state_dict", "apply_method", "count_parameters",
+                     "default_modules_to_save", "injection_of", "merge", "merge_and_unload", "parameter_report",
+                     "resolve_modules_to_save", "set_trainable", "trainable_parameters", "trainable_state",
+                     "unmerge", "HEAD_NAMES", "check_mergeable"], "base"),
+    **dict.fromkeys(["save_adapter", "load_adapter", "load_adapter_weights"], "saving"),
     "BottleneckAdapter": "bottleneck", "IA3Linear": "ia3", "LoRALinear": "lora",
 }
 
@@ -46,5 +46,5 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["METHODS", "PEFT_TYPES", "AnyMethod", "BitFitConfig", "BottleneckConfig", "FullConfig", "IA3Config",
-           "LoraConfig", "MethodConfig", "PrefixTuningConfig", "PromptTuningConfig"]
+           "LoraConfig", "Method", "MethodConfig", "PrefixTuningConfig", "PromptTuningConfig"]
 __all__ += sorted(_LAZY)

@@ -17,6 +17,8 @@ from torch import nn
 from ..errors import PeftkitError
 from ..inject import is_under, replace_module
 from .configs import MethodConfig
+from .registry import check_mergeable as _refuse_unmergeable
+from .registry import method_of
 
 
 @runtime_checkable
@@ -24,8 +26,9 @@ class AdapterModule(Protocol):
     """A module that owns trainable adapter parameters.
 
     It may also define ``export_state()`` (the tensors written to an adapter file, when
-    they differ from the parameters, like prefix tuning's projected prefixes) and set
-    ``top_level = True`` when those keys are not under the module's own path.
+    they differ from the parameters, like prefix tuning's projected prefixes), set
+    ``top_level = True`` when those keys are not under the module's own path, and define
+    ``peft_fields()`` (adapter_config.json fields only the applied module knows, such as widths).
     """
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
@@ -155,7 +158,7 @@ def apply_method(model: nn.Module, cfg: MethodConfig, modules_to_save: list[str]
         modules_to_save = cfg.modules_to_save
     if modules_to_save is None:
         modules_to_save = default_modules_to_save(model)
-    return cfg.apply(model, resolve_modules_to_save(model, modules_to_save), tokenizer=tokenizer)
+    return method_of(cfg).apply(model, cfg, resolve_modules_to_save(model, modules_to_save), tokenizer)
 
 
 def resolve_modules_to_save(model: nn.Module, entries: list[str]) -> list[str]:
@@ -193,10 +196,7 @@ def default_modules_to_save(model: nn.Module, newly_initialized: list[str] = ())
 
 def check_mergeable(model: nn.Module) -> None:
     """Raise the one-line error when the method on ``model`` cannot merge into the base."""
-    method = injection_of(model).method
-    if not method.mergeable:
-        raise PeftkitError(f"{method.name} adapters cannot be merged into the base weights", "method",
-                           "use the adapter unmerged (predict and eval load it as it is)")
+    _refuse_unmergeable(injection_of(model).method)
 
 
 def _mergeable(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -87,7 +87,7 @@ class BottleneckAdapter(nn.Module):
         return f"activation={self.activation}, scaling={self.scaling:g}, parallel={self.parallel}"
 
 
-def apply_bottleneck(model: nn.Module, cfg: BottleneckConfig, modules_to_save: list[str]) -> Injection:
+def apply_bottleneck(model: nn.Module, cfg: BottleneckConfig, modules_to_save: list[str], tokenizer: Any = None) -> Injection:
     """Wrap the places ``cfg.placement`` names with :class:`BottleneckAdapter`, in place."""
     if cfg.placement == "parallel":
         patterns = [cfg.ffn_blocks]

@@ -1,11 +1,13 @@
 """Every method's options (a recipe's ``method:`` block), importable without torch.
 
 Validating a recipe needs only these classes, so a config error answers before torch and
-transformers are loaded. A config's ``apply`` imports its method's implementation
-(``lora.py``, ``bottleneck.py``, ``ia3.py``, ``prompt.py``, ``prefix.py``) when it runs;
-``to_peft`` / ``from_peft`` write and read the Hugging Face PEFT ``adapter_config.json``
-fields. BitFit and full fine-tuning train the base's own parameters in place and need no
-module of their own.
+transformers are loaded. Nothing here imports an implementation: :mod:`.registry` says which
+module applies each method. ``to_peft`` / ``from_peft`` write and read the Hugging Face PEFT
+``adapter_config.json`` fields; the sizes only an applied method knows (prompt and prefix
+tuning's widths) come from the method's own modules (their ``peft_fields()``).
+
+The default target patterns below name the layers of the families peftkit knows
+(BERT/RoBERTa/ELECTRA/DeBERTa-v2, DistilBERT, LLaMA/Qwen2/Mistral, GPT-2), as regexes.
 """
 
 from __future__ import annotations
@@ -16,12 +18,18 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import PeftkitError
-from ..inject import ALL_LINEAR, ATTENTION_OUTPUT, FFN_OUTPUT, KEY_VALUE, is_under
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from .base import Injection
+#: every linear layer except the model's output embedding (LM head)
+ALL_LINEAR = "all-linear"
+#: the output projection of each attention block
+ATTENTION_OUTPUT = r".*(\.attention\.output\.dense|\.attention\.out_lin|\.self_attn\.o_proj|\.attn\.c_proj)"
+#: the output projection of each feed-forward block
+FFN_OUTPUT = r".*(\.layer\.\d+\.output\.dense|\.ffn\.lin2|\.mlp\.down_proj|\.mlp\.c_proj)"
+#: key and value projections (GPT-2 fuses q, k and v in ``c_attn``)
+KEY_VALUE = r".*\.(key|value|k_proj|v_proj|k_lin|v_lin|key_proj|value_proj|c_attn)"
 
 #: file keys of peft-format adapters start with this, then the module path in the model
 KEY_PREFIX = "base_model.model."
@@ -39,24 +47,18 @@ class MethodConfig(BaseModel):
     Class attributes:
         peft_type: what ``adapter_config.json`` calls the method (peft's name, or a
             ``PEFTKIT_*`` name for methods peft does not have).
-        mergeable: whether :func:`peftkit.methods.merge_and_unload` can fold it into the base.
     """
 
     model_config = ConfigDict(extra="forbid")
 
     peft_type: ClassVar[str] = ""
-    mergeable: ClassVar[bool] = False
 
     name: str
     modules_to_save: list[str] | None = Field(
         None, description="modules trained and saved whole; default: the task head"
     )
 
-    def apply(self, model: nn.Module, modules_to_save: list[str], tokenizer: Any = None) -> "Injection":
-        """Change ``model`` in place (see :func:`peftkit.methods.apply_method`)."""
-        raise NotImplementedError
-
-    def to_peft(self, injection: "Injection", model: nn.Module) -> dict[str, Any]:
+    def to_peft(self, injection: Any, model: nn.Module) -> dict[str, Any]:
         """adapter_config.json fields for this method (``task_type`` and base are added by the writer)."""
         return {"peft_type": self.peft_type, **self.model_dump(exclude={"name"}),
                 "modules_to_save": injection.modules_to_save or None}
@@ -79,7 +81,6 @@ class LoraConfig(MethodConfig):
     """LoRA options, as written in a recipe's ``method:`` block."""
 
     peft_type: ClassVar[str] = "LORA"
-    mergeable: ClassVar[bool] = True
 
     name: Literal["lora"] = "lora"
     r: int = Field(8, gt=0, description="rank of the update")
@@ -91,16 +92,11 @@ class LoraConfig(MethodConfig):
     exclude_modules: str | list[str] | None = None
     use_rslora: bool = Field(False, description="scale by alpha / sqrt(r) (rank-stabilised)")
 
-    def apply(self, model: nn.Module, modules_to_save: list[str], tokenizer: Any = None) -> "Injection":
-        from .lora import apply_lora
-
-        return apply_lora(model, self, modules_to_save)
-
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     # --- the Hugging Face PEFT file format -------------------------------------------
-    def to_peft(self, injection: "Injection", model: nn.Module) -> dict[str, Any]:
+    def to_peft(self, injection: Any, model: nn.Module) -> dict[str, Any]:
         """adapter_config.json fields as ``peft`` writes them for a LoRA adapter."""
         targets, modules_to_save = injection.replaced, injection.modules_to_save
         conv1d = any(getattr(model.get_submodule(n), "fan_in_fan_out", False) for n in targets)
@@ -177,12 +173,7 @@ class BottleneckConfig(MethodConfig):
                                "method.reduction_factor", f"use a value up to {dim}, or set bottleneck_size")
         return max(1, int(dim // self.reduction_factor))
 
-    def apply(self, model: nn.Module, modules_to_save: list[str], tokenizer: Any = None) -> "Injection":
-        from .bottleneck import apply_bottleneck
-
-        return apply_bottleneck(model, self, modules_to_save)
-
-    def to_peft(self, injection: "Injection", model: nn.Module) -> dict[str, Any]:
+    def to_peft(self, injection: Any, model: nn.Module) -> dict[str, Any]:
         return {**super().to_peft(injection, model), "target_modules": injection.replaced}
 
 
@@ -190,7 +181,6 @@ class IA3Config(MethodConfig):
     """IA3 options, as written in a recipe's ``method:`` block."""
 
     peft_type: ClassVar[str] = "IA3"
-    mergeable: ClassVar[bool] = True
 
     name: Literal["ia3"] = "ia3"
     target_modules: str | list[str] = Field(
@@ -201,12 +191,7 @@ class IA3Config(MethodConfig):
     )
     exclude_modules: str | list[str] | None = None
 
-    def apply(self, model: nn.Module, modules_to_save: list[str], tokenizer: Any = None) -> "Injection":
-        from .ia3 import apply_ia3
-
-        return apply_ia3(model, self, modules_to_save)
-
-    def to_peft(self, injection: "Injection", model: nn.Module) -> dict[str, Any]:
+    def to_peft(self, injection: Any, model: nn.Module) -> dict[str, Any]:
         layers = [model.get_submodule(n) for n in injection.replaced]
         return {
             "peft_type": "IA3",
@@ -260,17 +245,12 @@ class PromptTuningConfig(PromptLearningConfig):
             raise ValueError("init: text needs init_text")
         return self
 
-    def apply(self, model: nn.Module, modules_to_save: list[str], tokenizer: Any = None) -> "Injection":
-        from .prompt import apply_prompt
-
-        return apply_prompt(model, self, modules_to_save, tokenizer)
-
-    def to_peft(self, injection: "Injection", model: nn.Module) -> dict[str, Any]:
+    def to_peft(self, injection: Any, model: nn.Module) -> dict[str, Any]:
         config = model.config
         return {
             "peft_type": self.peft_type,
             "num_virtual_tokens": self.num_virtual_tokens,
-            "token_dim": model.peftkit_prompt.embedding.shape[1],
+            **module_fields(model),  # token_dim
             "num_transformer_submodules": 1,
             "num_attention_heads": getattr(config, "num_attention_heads", None),
             "num_layers": getattr(config, "num_hidden_layers", None),
@@ -301,21 +281,12 @@ class PrefixTuningConfig(PromptLearningConfig):
     init: Literal["random", "vocab"] = Field(
         "vocab", description="start from the keys/values of random vocabulary tokens, or from noise")
 
-    def apply(self, model: nn.Module, modules_to_save: list[str], tokenizer: Any = None) -> "Injection":
-        from .prefix import apply_prefix
-
-        return apply_prefix(model, self, modules_to_save)
-
-    def to_peft(self, injection: "Injection", model: nn.Module) -> dict[str, Any]:
-        enc = model.peftkit_prefix
+    def to_peft(self, injection: Any, model: nn.Module) -> dict[str, Any]:
         return {
             "peft_type": self.peft_type,
             "num_virtual_tokens": self.num_virtual_tokens,
-            "token_dim": enc.kv_heads * enc.head_dim,
+            **module_fields(model),  # token_dim, num_attention_heads, num_layers, encoder_hidden_size
             "num_transformer_submodules": 1,
-            "num_attention_heads": enc.kv_heads,
-            "num_layers": enc.num_layers,
-            "encoder_hidden_size": enc.encoder_hidden_size,
             "prefix_projection": self.prefix_projection,
             "modules_to_save": injection.modules_to_save or None,
         }
@@ -333,44 +304,32 @@ class BitFitConfig(MethodConfig):
     """BitFit: train the bias terms only (plus the saved modules)."""
 
     peft_type: ClassVar[str] = "PEFTKIT_BITFIT"
-    mergeable: ClassVar[bool] = True
 
     name: Literal["bitfit"] = "bitfit"
-
-    def apply(self, model: nn.Module, modules_to_save: list[str], tokenizer: Any = None) -> "Injection":
-        from .base import finish
-
-        names = [n for n, _ in model.named_parameters()
-                 if n.rsplit(".", 1)[-1] == "bias" and not is_under(n, modules_to_save)]
-        if not names:
-            raise PeftkitError(f"{type(model).__name__} has no bias terms for BitFit to train", "method.name",
-                               "choose another method (lora, ia3...) for this model")
-        return finish(model, self, modules_to_save=modules_to_save, params=names)
 
 
 class FullConfig(MethodConfig):
     """Full fine-tuning: every parameter trains; the "adapter" is the whole model's weights."""
 
     peft_type: ClassVar[str] = "PEFTKIT_FULL"
-    mergeable: ClassVar[bool] = True
 
     name: Literal["full"] = "full"
 
-    def apply(self, model: nn.Module, modules_to_save: list[str], tokenizer: Any = None) -> "Injection":
-        from .base import finish
 
-        names = [n for n, _ in model.named_parameters() if not is_under(n, modules_to_save)]
-        return finish(model, self, modules_to_save=modules_to_save, params=names)
-
-
-#: a recipe's ``method.name`` -> its config class (whose ``apply`` changes the model)
-METHODS: dict[str, type[MethodConfig]] = {
-    cls.model_fields["name"].default: cls
-    for cls in (LoraConfig, BottleneckConfig, PrefixTuningConfig, PromptTuningConfig, IA3Config,
-                BitFitConfig, FullConfig)
-}
-#: the ``peft_type`` written in adapter_config.json -> our method name
-PEFT_TYPES = {cls.peft_type: name for name, cls in METHODS.items()}
+#: every method's config class, in the order recipes and tables list them
+CONFIGS: tuple[type[MethodConfig], ...] = (LoraConfig, BottleneckConfig, PrefixTuningConfig, PromptTuningConfig,
+                                           IA3Config, BitFitConfig, FullConfig)
 
 #: the type of a recipe's ``method:`` block: one of the configs, chosen by ``name``
-AnyMethod = Annotated[Union[tuple(METHODS.values())], Field(discriminator="name")]
+AnyMethod = Annotated[Union[CONFIGS], Field(discriminator="name")]
+
+
+def module_fields(model: Any) -> dict[str, Any]:
+    """adapter_config.json fields that a method's own modules report (``peft_fields()``): the
+    sizes only an applied method knows, such as prompt and prefix tuning's widths."""
+    fields: dict[str, Any] = {}
+    for module in model.modules():
+        report = getattr(module, "peft_fields", None)
+        if callable(report):
+            fields.update(report())
+    return fields

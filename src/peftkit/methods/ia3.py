@@ -10,12 +10,15 @@ File layout and semantics follow ``peft``'s ``IA3`` type (``ia3_l`` of shape
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from ..inject import is_linear, linear_shape, name_matches, replace_module, select_targets
 from .base import Injection, finish
 from .configs import IA3Config
+
 
 class IA3Linear(nn.Module):
     """A frozen linear layer (``nn.Linear`` or ``Conv1D``) with an IA3 scaling vector.
@@ -71,7 +74,7 @@ class IA3Linear(nn.Module):
         return f"feedforward={self.feedforward}, merged={self.merged}"
 
 
-def apply_ia3(model: nn.Module, cfg: IA3Config, modules_to_save: list[str]) -> Injection:
+def apply_ia3(model: nn.Module, cfg: IA3Config, modules_to_save: list[str], tokenizer: Any = None) -> Injection:
     """Wrap the targeted linear layers of ``model`` with :class:`IA3Linear`, in place."""
     targets = select_targets(model, cfg.target_modules, cfg.exclude_modules, skip=modules_to_save)
     for name in targets:

@@ -9,56 +9,14 @@ leaves the model unchanged. Merging adds ``s * B A`` into ``W``; unmerging subtr
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..frozen import FrozenProduct
-from ..inject import is_linear, is_plain_linear, linear_shape, replace_module, select_targets
+from ..inject import is_linear, linear_shape, replace_module, select_targets
 from .base import Injection, finish
 from .configs import LoraConfig
-
-
-class _LinearPlusLoRA(torch.autograd.Function):
-    """``x W^T + b + s (x A^T) B^T`` with a frozen ``W`` and ``b``, as one autograd node.
-
-    Composed of modules, the update costs a cast of ``x`` of its own, a full-size product
-    ``(x A^T) B^T`` and a pass adding it to the base output; its backward a full-size scaled
-    gradient, a second input gradient and a pass summing the two. Here the update accumulates
-    into the base product's output and the second input gradient into the first, and only the
-    ``(N, r)`` tensors are scaled. Everything runs in ``base.dtype``.
-
-    Shapes: x ``(..., in)``, a ``(r, in)``, b ``(out, r)``; ``base`` maps ``in`` to ``out``.
-    """
-
-    @staticmethod
-    def forward(ctx, x, base: FrozenProduct, a, b, scaling: float):
-        ctx.base, ctx.scaling, ctx.x_meta, ctx.lora_dtype = base, scaling, (x.shape, x.dtype), a.dtype
-        x2 = x.reshape(-1, x.shape[-1]).to(base.dtype)
-        a, b = a.to(base.dtype), b.to(base.dtype)
-        h = x2 @ a.t()
-        out = base.forward(x2).addmm_(h, b.t(), alpha=scaling)
-        ctx.save_for_backward(x2, a, b, h)
-        return out.view(*x.shape[:-1], out.shape[-1])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        x2, a, b, h = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1]).to(a.dtype)
-        # the skinny products with the long side as the inner dimension of a row-major
-        # operand: as written out plainly (g @ b, g^T @ h) they took 1.7-3.9x as long in float32
-        gh = (g @ b.t().contiguous().t()).mul_(ctx.scaling)  # gradient of h = x A^T
-        want_x, _, want_a, want_b, _ = ctx.needs_input_grad
-        grad_x = grad_a = grad_b = None
-        if want_x:
-            shape, dtype = ctx.x_meta
-            grad_x = ctx.base.input_grad(g).addmm_(gh, a).view(shape).to(dtype)
-        if want_a:
-            grad_a = (gh.t() @ x2).to(ctx.lora_dtype)
-        if want_b:
-            grad_b = (h.t() @ g).mul_(ctx.scaling).t().contiguous().to(ctx.lora_dtype)
-        return grad_x, None, grad_a, grad_b, None
 
 
 class LoRALinear(nn.Module):
@@ -79,7 +37,6 @@ class LoRALinear(nn.Module):
         in_f, out_f, self.fan_in_fan_out = linear_shape(base_layer)
         self.base_layer = base_layer
         self.r, self.scaling, self.merged = r, scaling, False
-        self.base_product: FrozenProduct | None = None  # lent by FrozenLinears during a training step
         weight = base_layer.weight
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         self.lora_A = nn.Linear(in_f, r, bias=False, device=weight.device, dtype=dtype)
@@ -92,28 +49,16 @@ class LoRALinear(nn.Module):
         return {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
+        out = self.base_layer(x)
         if self.merged:
-            return base(x)
-        if self._fused():
-            product = self.base_product
-            if product is None:  # nothing lent (outside a peftkit training step): the weight as it is
-                device = x.device.type
-                dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-                product = FrozenProduct.of(base, dtype)
-            return _LinearPlusLoRA.apply(x, product, self.lora_A.weight, self.lora_B.weight, self.scaling)
-        out = base(x)
-        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
-        if update.dtype == out.dtype:
-            return torch.add(out, update, alpha=self.scaling)  # one pass, no scaled copy of the update
-        return out + (update * self.scaling).to(out.dtype)
-
-    def _fused(self) -> bool:
-        """Whether :class:`_LinearPlusLoRA` computes this layer: a frozen ``nn.Linear`` or
-        ``Conv1D`` base (quantized layers have forwards of their own) and no dropout."""
-        base = self.base_layer
-        return (is_plain_linear(base) and type(self.lora_dropout) is nn.Identity
-                and not any(p.requires_grad for p in base.parameters(recurse=False)))
+            return out
+        h = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))
+        if out.dtype != h.dtype and not torch.is_autocast_enabled(out.device.type):
+            return out + (self.lora_B(h) * self.scaling).to(out.dtype)
+        # out + s * h B^T in one product that accumulates into a copy of the base output
+        flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, self.r), self.lora_B.weight.t(),
+                           alpha=self.scaling)
+        return flat.view(out.shape)
 
     def delta_weight(self) -> torch.Tensor:
         """``s * B A`` in the base weight's layout (transposed for ``Conv1D``)."""
@@ -140,7 +85,7 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, scaling={self.scaling:g}, merged={self.merged}"
 
 
-def apply_lora(model: nn.Module, cfg: LoraConfig, modules_to_save: list[str]) -> Injection:
+def apply_lora(model: nn.Module, cfg: LoraConfig, modules_to_save: list[str], tokenizer: Any = None) -> Injection:
     """Wrap the targeted linear layers of ``model`` with :class:`LoRALinear`, in place.
 
     Args:

@@ -18,7 +18,9 @@ use the adapter.
 
 from __future__ import annotations
 
+import functools
 import inspect
+import weakref
 from typing import Any
 
 import torch
@@ -30,6 +32,9 @@ from .configs import PROMPT_KEY, PrefixTuningConfig
 from .prompt import as_kwargs, cache_length
 
 IMPLEMENTATION = "peftkit_prefix"
+#: each prefixed attention layer -> a weak reference to its model's encoder (the attention function
+#: gets only the layer); weak both ways, so a model with prefixes is freed like any other
+_ENCODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def attention_layers(model: nn.Module) -> list[nn.Module]:
@@ -87,6 +92,8 @@ class PrefixEncoder(nn.Module):
             self.embedding = nn.Parameter(torch.randn(cfg.num_virtual_tokens, width, **opts) * 0.02)
             self.transform = None
         self.layers: list[nn.Module] = []
+        self.current: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}  # this forward's (key, value) per layer
+        self.seen: dict[nn.Module, list[torch.Tensor]] | None = None  # recording a frozen forward's keys/values
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         params = {"embedding": self.embedding}
@@ -100,6 +107,10 @@ class PrefixEncoder(nn.Module):
     def export_state(self) -> dict[str, torch.Tensor]:
         return {PROMPT_KEY: self.flat()}
 
+    def peft_fields(self) -> dict[str, Any]:
+        return {"token_dim": self.kv_heads * self.head_dim, "num_attention_heads": self.kv_heads,
+                "num_layers": self.num_layers, "encoder_hidden_size": self.encoder_hidden_size}
+
     def key_values(self) -> torch.Tensor:
         """``(layers, 2, kv_heads, P, head_dim)``."""
         flat = self.flat().view(self.num_virtual_tokens, self.num_layers, 2, self.kv_heads, self.head_dim)
@@ -110,29 +121,27 @@ class PrefixEncoder(nn.Module):
         """Start from the keys and values the frozen model computes for random vocabulary tokens."""
         vocab = model.get_input_embeddings().weight.shape[0]
         ids = torch.randint(0, vocab, (1, self.num_virtual_tokens), device=self.embedding.device)
-        for layer in self.layers:
-            layer._peftkit_record = True
+        self.seen = {}
         was_training = model.training
         model.eval()
         try:
             model(input_ids=ids, attention_mask=torch.ones_like(ids))
-            kv = torch.stack([torch.stack(layer._peftkit_seen) for layer in self.layers])  # (L, 2, kv, P, d)
+            kv = torch.stack([torch.stack(self.seen[layer]) for layer in self.layers])  # (L, 2, kv, P, d)
         finally:
-            for layer in self.layers:
-                layer.__dict__.pop("_peftkit_record", None)
-                layer.__dict__.pop("_peftkit_seen", None)
+            self.seen = None
             model.train(was_training)
         self.embedding.copy_(kv.permute(3, 0, 1, 2, 4).reshape(self.num_virtual_tokens, -1))
 
 
-def _set_prefixes(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+def _set_prefixes(enc: PrefixEncoder, model: nn.Module, args: tuple, kwargs: dict[str, Any]
+                  ) -> tuple[tuple, dict[str, Any]]:
+    """The model's forward pre-hook: this forward's prefixes for every layer, and positions after them."""
     kwargs = as_kwargs(model, args, kwargs)
-    enc = model.peftkit_prefix
-    if getattr(enc.layers[0], "_peftkit_record", False):
+    if enc.seen is not None:  # recording the frozen model's own keys and values
+        enc.current = {}
         return (), kwargs
     kv = enc.key_values()
-    for i, layer in enumerate(enc.layers):
-        layer._peftkit_prefix = (kv[i, 0], kv[i, 1])
+    enc.current = {layer: (kv[i, 0], kv[i, 1]) for i, layer in enumerate(enc.layers)}
     if any(getattr(layer, "is_causal", False) for layer in enc.layers):
         ref = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
         positions = kwargs.get("position_ids")
@@ -157,23 +166,38 @@ def _widen_mask(mask: torch.Tensor | None, n: int, q_len: int, kv_len: int, caus
     return torch.cat([front, mask[..., :kv_len]], dim=-1)
 
 
+def add_prefix(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, kwargs: dict[str, Any]) -> tuple:
+    """``(key, value, attention_mask, kwargs)`` with the layer's prefix keys/values in front and
+    the mask widened to match; unchanged for a layer without prefixes. Any attention function
+    that reads these (SDPA here; the speed layer's) computes prefix attention."""
+    ref = _ENCODERS.get(module)
+    enc = ref() if ref is not None else None
+    if enc is None:
+        return key, value, attention_mask, kwargs
+    if enc.seen is not None:
+        enc.seen[module] = [key[0].clone(), value[0].clone()]
+    prefix = enc.current.get(module)
+    if prefix is None:
+        return key, value, attention_mask, kwargs
+    pk, pv = prefix
+    batch, n, kv_len = key.shape[0], pk.shape[1], key.shape[2]
+    kwargs = dict(kwargs)
+    causal = kwargs.pop("is_causal", None)
+    causal = getattr(module, "is_causal", True) if causal is None else causal
+    attention_mask = _widen_mask(attention_mask, n, query.shape[2], kv_len, causal, query.device)
+    key = torch.cat([pk.to(key.dtype).unsqueeze(0).expand(batch, -1, -1, -1), key], dim=2)
+    value = torch.cat([pv.to(value.dtype).unsqueeze(0).expand(batch, -1, -1, -1), value], dim=2)
+    kwargs["is_causal"] = False
+    return key, value, attention_mask, kwargs
+
+
 def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
     """SDPA attention with the layer's prefix keys/values in front (see the module docstring)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if getattr(module, "_peftkit_record", False):
-        module._peftkit_seen = [key[0].clone(), value[0].clone()]
-    prefix = module.__dict__.get("_peftkit_prefix")
-    if prefix is not None:
-        pk, pv = prefix
-        batch, n, kv_len = key.shape[0], pk.shape[1], key.shape[2]
-        causal = kwargs.pop("is_causal", None)
-        causal = getattr(module, "is_causal", True) if causal is None else causal
-        attention_mask = _widen_mask(attention_mask, n, query.shape[2], kv_len, causal, query.device)
-        key = torch.cat([pk.to(key.dtype).unsqueeze(0).expand(batch, -1, -1, -1), key], dim=2)
-        value = torch.cat([pv.to(value.dtype).unsqueeze(0).expand(batch, -1, -1, -1), value], dim=2)
-        kwargs["is_causal"] = False
+    key, value, attention_mask, kwargs = add_prefix(module, query, key, value, attention_mask, kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -186,16 +210,18 @@ def _register_implementation() -> None:
         AttentionMaskInterface.register(IMPLEMENTATION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
-def apply_prefix(model: nn.Module, cfg: PrefixTuningConfig, modules_to_save: list[str]) -> Injection:
+def apply_prefix(model: nn.Module, cfg: PrefixTuningConfig, modules_to_save: list[str], tokenizer: Any = None) -> Injection:
     """Give every self-attention layer of ``model`` learned key/value prefixes, in place."""
     layers = attention_layers(model)
     kv_heads, head_dim = _kv_shape(model)
     encoder = PrefixEncoder(cfg, len(layers), kv_heads, head_dim, model)
     _register_implementation()
     model.config._attn_implementation = IMPLEMENTATION
-    model.peftkit_prefix = encoder
+    model.add_module("peftkit_prefix", encoder)  # moves and saves with the model
     encoder.layers = layers  # a plain list: the layers stay registered where they are
+    for layer in layers:
+        _ENCODERS[layer] = weakref.ref(encoder)
+    model.register_forward_pre_hook(functools.partial(_set_prefixes, encoder), with_kwargs=True)
     if cfg.init == "vocab" and not cfg.prefix_projection:
         encoder.init_from_activations(model)
-    model.register_forward_pre_hook(_set_prefixes, with_kwargs=True)
     return finish(model, cfg, modules_to_save=modules_to_save)

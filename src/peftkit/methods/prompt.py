@@ -2,7 +2,7 @@
 
 A forward pre-hook on the model turns ``input_ids`` into ``inputs_embeds`` with the
 ``num_virtual_tokens`` learned vectors in front, and extends ``attention_mask``,
-``token_type_ids`` (zeros) and token-level ``labels`` (-100) to match; ``position_ids`` are
+``token_type_ids`` (zeros) and token-level ``labels`` (ignored) to match; ``position_ids`` are
 dropped so the model numbers the longer sequence itself. That is ``peft``'s
 ``PROMPT_TUNING`` computation, and its files (``prompt_embeddings``, heads under
 ``base_model.<path>``) are read and written as ``peft`` does. On a BERT-style classifier the
@@ -11,14 +11,17 @@ first virtual token takes the place the pooler reads.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..config import IGNORE_INDEX
 from ..errors import PeftkitError
 from .base import Injection, finish
 from .configs import PROMPT_KEY, PromptTuningConfig
+
 
 class PromptEmbedding(nn.Module):
     """The learned virtual tokens, ``(num_virtual_tokens, hidden)``; saved as ``prompt_embeddings``."""
@@ -34,6 +37,9 @@ class PromptEmbedding(nn.Module):
 
     def export_state(self) -> dict[str, torch.Tensor]:
         return {PROMPT_KEY: self.embedding}
+
+    def peft_fields(self) -> dict[str, Any]:
+        return {"token_dim": self.embedding.shape[1]}
 
 
 def as_kwargs(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -52,11 +58,12 @@ def cache_length(kwargs: dict[str, Any]) -> int:
     return int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
 
 
-def _prepend_prompt(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+def _prepend_prompt(prompt_module: PromptEmbedding, model: nn.Module, args: tuple, kwargs: dict[str, Any]
+                    ) -> tuple[tuple, dict[str, Any]]:
     kwargs = as_kwargs(model, args, kwargs)
     if cache_length(kwargs):  # a later generation step: the prompt is already in the cache
         return (), kwargs
-    prompt = model.peftkit_prompt.embedding
+    prompt = prompt_module.embedding
     embeds = kwargs.pop("inputs_embeds", None)
     ids = kwargs.pop("input_ids", None)
     if embeds is None:
@@ -73,7 +80,7 @@ def _prepend_prompt(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tu
         kwargs["position_ids"] = None
     labels = kwargs.get("labels")
     if labels is not None and labels.dim() == 2 and labels.shape[1] == embeds.shape[1]:
-        kwargs["labels"] = torch.cat([labels.new_full((batch, n), -100), labels], 1)
+        kwargs["labels"] = torch.cat([labels.new_full((batch, n), IGNORE_INDEX), labels], 1)
     return (), kwargs
 
 
@@ -100,6 +107,7 @@ def apply_prompt(model: nn.Module, cfg: PromptTuningConfig, modules_to_save: lis
             init = weight[ids].clone()
         else:
             init = torch.randn(cfg.num_virtual_tokens, weight.shape[1], device=weight.device) * weight.std()
-    model.peftkit_prompt = PromptEmbedding(init.to(weight.dtype))
-    model.register_forward_pre_hook(_prepend_prompt, with_kwargs=True)
+    prompt = PromptEmbedding(init.to(weight.dtype))
+    model.add_module("peftkit_prompt", prompt)  # moves and saves with the model
+    model.register_forward_pre_hook(functools.partial(_prepend_prompt, prompt), with_kwargs=True)
     return finish(model, cfg, modules_to_save=modules_to_save)

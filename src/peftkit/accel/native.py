@@ -1,13 +1,12 @@
 """The CPU dropout kernels of ``native.c``, built once per machine with its C compiler.
 
-Drawing a dropout mask from torch's CPU generator runs on one core at about 3 ns per 64-bit
-word, and applying it took three passes over the tensor; on a bf16 MiniLM step that was about
-8% of the time. ``native.c`` hashes a counter instead (splitmix64, vectorised, on torch's
+Drawing a dropout mask from torch's CPU generator runs on one core, and applying it took three
+passes over the tensor. ``native.c`` hashes a counter instead (splitmix64, vectorised, on torch's
 OpenMP threads) and masks and rescales in the same pass. :mod:`peftkit.dropout` computes the
 very same mask with torch ops when this module gives nothing, so results do not depend on
 whether a compiler was found.
 
-The library is built on first use into ``$XDG_CACHE_HOME/peftkit`` (``~/.cache/peftkit``)
+The library is built on first use into peftkit's cache folder (:func:`peftkit.fsio.cache_dir`)
 under a name that hashes the source, the flags and the CPU's feature flags (it is compiled for
 this CPU). ``PEFTKIT_NATIVE=0`` turns it off; ``CC`` picks the compiler (default ``cc``). A
 failed build is remembered in the cache (a ``native-*.failed`` file; delete it to try again
@@ -24,6 +23,8 @@ import platform
 import subprocess
 import tempfile
 from pathlib import Path
+
+from ..fsio import cache_dir
 
 SOURCE = Path(__file__).with_name("native.c")
 # the first flags that build; OpenMP and -march=native are what make it fast, neither is required
@@ -57,11 +58,6 @@ def _cpu_flags() -> str:
     except OSError:
         pass
     return platform.processor()
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "peftkit"
 
 
 def _build(target: Path) -> bool:
@@ -105,7 +101,7 @@ def kernels() -> Kernels | None:
 
     key = hashlib.sha256("\0".join([SOURCE.read_text(), repr(_FLAG_SETS), os.environ.get("CC", "cc"),
                                     platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"native-{key}.so"
+    target = cache_dir() / f"native-{key}.so"
     failed = target.with_suffix(".failed")
     try:
         if not target.exists():

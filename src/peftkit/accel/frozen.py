@@ -1,4 +1,4 @@
-"""The frozen linear layers' products in training: prepared once, lent to the layers per step.
+"""The frozen linear layers' products in training: prepared once, used by the layers per step.
 
 A frozen weight never changes during a run, yet eager PyTorch redoes work for it at every
 call. Under bf16 autocast it casts the float32 weight to bf16 again: autocast keeps a cast only
@@ -6,9 +6,9 @@ for weights that require grad. On the CPU every matmul also repacks the weight i
 blocked layout. :class:`FrozenLinears` does both once. For every frozen linear layer it keeps
 a :class:`FrozenProduct`: the weight in the step's compute dtype, prepacked by oneDNN on CPUs
 that have it (once for the forward product and once, transposed, for the input gradient).
-While a step runs, the layers multiply with those. On this project's CPU the prepacked
-products of MiniLM's layer shapes took 0.80-0.92 of the time of ``nn.Linear``'s forward in
-float32 and 0.65-0.94 under bf16 autocast (``bench/RESULTS-frozen.md``).
+While a step runs, the layers multiply with those (``bench/frozen.py`` measures the gain).
+A LoRA layer over such a frozen layer becomes one autograd node (:class:`_LinearPlusLoRA`) that
+adds its update into the prepared product.
 
 The prepared weights stay in memory for the run: two copies of every frozen linear weight in
 the compute dtype on the CPU, one on other devices (none there when the dtypes agree).
@@ -20,11 +20,13 @@ import functools
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
-from .inject import is_plain_linear, linear_shape
+from ..inject import is_plain_linear, linear_shape, output_embedding
+from ..methods.lora import LoRALinear
 
 if TYPE_CHECKING:
-    from torch import nn
+    from collections.abc import Callable
 
 _BATCH_HINT = 512  # rows oneDNN packs for; the packed products ran as fast from 6 rows to 4,096
 
@@ -116,72 +118,114 @@ class _FrozenLinear(torch.autograd.Function):
         return product.input_grad(grad.to(product.dtype)).to(ctx.x_dtype), None
 
 
+class _LinearPlusLoRA(torch.autograd.Function):
+    """``x W^T + b + s (x A^T) B^T`` with a frozen ``W`` and ``b``, as one autograd node.
+
+    Composed of modules, the update costs a cast of ``x`` of its own, a full-size product
+    ``(x A^T) B^T`` and a pass adding it to the base output; its backward a full-size scaled
+    gradient, a second input gradient and a pass summing the two. Here the update accumulates
+    into the base product's output and the second input gradient into the first, and only the
+    ``(N, r)`` tensors are scaled. Everything runs in ``base.dtype``.
+
+    Shapes: x ``(..., in)``, a ``(r, in)``, b ``(out, r)``; ``base`` maps ``in`` to ``out``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, base: FrozenProduct, a, b, scaling: float):
+        ctx.base, ctx.scaling, ctx.x_meta, ctx.lora_dtype = base, scaling, (x.shape, x.dtype), a.dtype
+        x2 = x.reshape(-1, x.shape[-1]).to(base.dtype)
+        a, b = a.to(base.dtype), b.to(base.dtype)
+        h = x2 @ a.t()
+        out = base.forward(x2).addmm_(h, b.t(), alpha=scaling)
+        ctx.save_for_backward(x2, a, b, h)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x2, a, b, h = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1]).to(a.dtype)
+        # the skinny products with the long side as the inner dimension of a row-major
+        # operand: as written out plainly (g @ b, g^T @ h) they took 1.7-3.9x as long in float32
+        gh = (g @ b.t().contiguous().t()).mul_(ctx.scaling)  # gradient of h = x A^T
+        want_x, _, want_a, want_b, _ = ctx.needs_input_grad
+        grad_x = grad_a = grad_b = None
+        if want_x:
+            shape, dtype = ctx.x_meta
+            grad_x = ctx.base.input_grad(g).addmm_(gh, a).view(shape).to(dtype)
+        if want_a:
+            grad_a = (gh.t() @ x2).to(ctx.lora_dtype)
+        if want_b:
+            grad_b = (h.t() @ g).mul_(ctx.scaling).t().contiguous().to(ctx.lora_dtype)
+        return grad_x, None, grad_a, grad_b, None
+
+
+def fused_lora(lora: LoRALinear, product: FrozenProduct) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A forward for ``lora`` that computes base product and update as one :class:`_LinearPlusLoRA`."""
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return _LinearPlusLoRA.apply(x, product, lora.lora_A.weight, lora.lora_B.weight, lora.scaling)
+
+    return forward
+
+
+def frozen_forward(product: FrozenProduct) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A frozen layer's forward through its prepared product."""
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return _FrozenLinear.apply(x, product)
+
+    return forward
+
+
 class FrozenLinears:
-    """Every frozen float linear layer of ``model`` multiplying with its :class:`FrozenProduct`
-    inside ``with``.
+    """The prepared products of every frozen float linear layer of ``model``, and the forwards
+    that use them (:meth:`forwards`), for :class:`peftkit.accel.StepSpeedups` to install.
 
-    Enter it around a step's forward and backward (autocast around the forward only). Outside
-    the block the layers run their own forward again, on their float32 weights, for evaluation
-    and saving. The products are prepared once: the frozen weights must not change while this
-    object is in use.
-
+    The products are prepared once: the frozen weights must not change while they are in use.
     Left out: layers with a trainable weight or bias, quantized layers (subclasses of
     ``nn.Linear``), the output embedding (a causal LM's loss multiplies by it itself) and any
-    layer whose weight another module shares (a tied input embedding).
+    layer whose weight another module shares (a tied input embedding). A LoRA layer without
+    dropout over a prepared layer computes as one node (:func:`fused_lora`).
 
     Args:
         model: the model being trained.
         dtype: the dtype the step multiplies in (autocast's, or float32).
+        fuse_lora: fuse LoRA layers with their prepared base (off: they run their own forward
+            over it, which multiplies exactly as without this layer when nothing is packed).
     """
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype):
-        from .methods.lora import LoRALinear
-
-        get_head = getattr(model, "get_output_embeddings", None)
-        head = get_head() if callable(get_head) else None
+    def __init__(self, model: nn.Module, dtype: torch.dtype, fuse_lora: bool = True):
+        head = output_embedding(model)
         layers = {id(m): m for m in model.modules() if is_plain_linear(m) and m is not head}
         others = {id(p) for m in model.modules() if id(m) not in layers for p in m.parameters(recurse=False)}
-        owners = {id(m.base_layer): m for m in model.modules() if isinstance(m, LoRALinear)}
-        self._layers: list[tuple[nn.Module, FrozenProduct, LoRALinear | None]] = []
+        self.products: list[tuple[nn.Module, FrozenProduct]] = []
         for m in layers.values():
             params = list(m.parameters(recurse=False))
             if any(p.requires_grad or not p.is_floating_point() or id(p) in others for p in params):
                 continue
             pack = m.weight.device.type == "cpu" and can_pack(dtype)
-            self._layers.append((m, FrozenProduct.of(m, dtype, pack), owners.get(id(m))))
+            self.products.append((m, FrozenProduct.of(m, dtype, pack)))
+        by_layer = {id(layer): product for layer, product in self.products}
+        self.fused = [(m, by_layer[id(m.base_layer)]) for m in model.modules()
+                      if isinstance(m, LoRALinear) and id(m.base_layer) in by_layer
+                      and type(m.lora_dropout) is nn.Identity] if fuse_lora else []
 
     def __len__(self) -> int:
-        return len(self._layers)
+        return len(self.products)
+
+    def forwards(self) -> list[tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]]:
+        """(module, the forward it runs inside a step) for every prepared layer and fused LoRA layer."""
+        return ([(layer, frozen_forward(product)) for layer, product in self.products]
+                + [(lora, fused_lora(lora, product)) for lora, product in self.fused])
 
     def nbytes(self) -> int:
         """Memory the prepared weights hold."""
-        return sum(product.nbytes() for _, product, _ in self._layers)
+        return sum(product.nbytes() for _, product in self.products)
 
     def describe(self) -> str:
         """One line for the run's log."""
-        if not self._layers:
+        if not self.products:
             return "frozen linear layers: none"
-        packed = " oneDNN-packed" if self._layers[0][1].weight is None else ""
-        dtype = str(self._layers[0][1].dtype).removeprefix("torch.")
+        packed = " oneDNN-packed" if self.products[0][1].weight is None else ""
+        dtype = str(self.products[0][1].dtype).removeprefix("torch.")
         return (f"frozen linear layers: {len(self)} multiply with{packed} {dtype} weights prepared once "
-                f"({self.nbytes() / 2**20:.0f} MiB)")
-
-    def __enter__(self) -> FrozenLinears:
-        for layer, product, lora in self._layers:
-            layer.forward = _bound(product)
-            if lora is not None:
-                lora.base_product = product  # the LoRA layer adds its update into this product
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for layer, _product, lora in self._layers:
-            del layer.forward
-            if lora is not None:
-                lora.base_product = None
-
-
-def _bound(product: FrozenProduct):
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return _FrozenLinear.apply(x, product)
-
-    return forward
+                f"({self.nbytes() / 2**20:.0f} MiB); {len(self.fused)} LoRA layers fused with them")

@@ -1,7 +1,7 @@
 """Dropout with a cheaper random mask, for the frozen model's own dropout layers in training.
 
-``nn.Dropout`` draws one Bernoulli sample per element from the CPU generator (about 12 ns
-each here): on a MiniLM step that was 13% of the time. Here every element reads a 16-bit lane
+``nn.Dropout`` draws one Bernoulli sample per element from the CPU generator, one core at a
+time (``bench/step_ablation.py`` measures what that costs a step). Here every element reads a 16-bit lane
 of a counter-based hash (splitmix64 of the counter, four lanes per word) and is dropped when
 the lane falls among ``round(p * 65536)`` of its 65536 values, so with probability within 8e-6
 of ``p``; kept ones are scaled by the exact inverse of the keep rate. Each mask takes the
@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
+from ..methods.prefix import IMPLEMENTATION as PREFIX_IMPLEMENTATION
+from ..methods.prefix import add_prefix
 from . import native
 
 _LANES = 65536  # values of one 16-bit lane
@@ -128,28 +130,22 @@ class _MaskedScale(torch.autograd.Function):
         return _apply(keep, grad, ctx.scale), None
 
 
-class FastDropout(nn.Dropout):
-    """``nn.Dropout`` (same ``p``, same module type for isinstance checks) with the cheaper mask."""
+def fast_dropout(module: nn.Dropout):
+    """A forward for an ``nn.Dropout`` module (its own ``p``, ``inplace`` and training flag)
+    that draws the cheaper mask; where that mask does not apply it runs the module's own."""
+    own = type(module).forward.__get__(module)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if not module.training or module.p == 0.0:
             return x
-        if not _cheap(self.p, x):
-            return super().forward(x)
-        out = _MaskedScale.apply(x, self.p)
-        if self.inplace:
+        if not _cheap(module.p, x):
+            return own(x)
+        out = _MaskedScale.apply(x, module.p)
+        if module.inplace:
             return x.copy_(out)
         return out
 
-
-def use_fast_dropout(model: nn.Module) -> int:
-    """Turn every ``nn.Dropout`` in ``model`` into a :class:`FastDropout`, in place; returns how many."""
-    count = 0
-    for module in model.modules():
-        if type(module) is nn.Dropout and module.p > 0:
-            module.__class__ = FastDropout
-            count += 1
-    return count
+    return forward
 
 
 ATTENTION = "peftkit_sdpa"
@@ -227,16 +223,28 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
     return out.transpose(1, 2).contiguous(), None
 
 
-def use_fast_attention_dropout(model: nn.Module) -> bool:
-    """Switch a model that runs transformers' SDPA attention to :func:`_attention` (the same
-    masks, the same result without dropout). Returns False, changing nothing, otherwise."""
+def _prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, **kwargs):
+    """Prefix tuning's attention (:func:`peftkit.methods.prefix.add_prefix`) through :func:`_attention`."""
+    key, value, attention_mask, kwargs = add_prefix(module, query, key, value, attention_mask, kwargs)
+    return _attention(module, query, key, value, attention_mask, **kwargs)
+
+
+#: a model's attention implementation -> the name and function that replace it in CPU training steps
+REPLACEMENTS = {"sdpa": (ATTENTION, _attention), PREFIX_IMPLEMENTATION: ("peftkit_prefix_fast", _prefix_attention)}
+
+
+def attention_replacement(model: nn.Module) -> str | None:
+    """The attention implementation that computes ``model``'s attention with the cheap dropout
+    mask in training (registered with transformers), or None when there is none for it."""
     config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) != "sdpa":
-        return False
+    found = REPLACEMENTS.get(getattr(config, "_attn_implementation", None))
+    if found is None:
+        return None
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    AttentionInterface.register(ATTENTION, _attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
-    config._attn_implementation = ATTENTION
-    return True
+    name, function = found
+    AttentionInterface.register(name, function)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
+    return name

@@ -1,0 +1,97 @@
+"""The one registry of methods: a recipe's ``method.name`` -> its config, its implementation
+and what it can do. Importable without torch.
+
+Every file that needs to know something about a method asks here (can it merge, does it add
+virtual tokens, can it train on a quantized base) instead of comparing method names. The
+implementation is named, not imported: :meth:`Method.apply` imports it on first use, so
+validating a recipe never loads torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..errors import PeftkitError
+from .configs import (
+    BitFitConfig,
+    BottleneckConfig,
+    FullConfig,
+    IA3Config,
+    LoraConfig,
+    MethodConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+)
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method.
+
+    Attributes:
+        config: its options class (a recipe's ``method:`` block).
+        implementation: ``"module:function"`` under :mod:`peftkit.methods`; the function takes
+            ``(model, cfg, modules_to_save, tokenizer)``, changes the model in place and
+            returns the :class:`~peftkit.methods.base.Injection` (typed ``Any`` here: this
+            module stays beneath the implementations).
+        mergeable: its update folds into the base weights (``merge``, ``merge_and_unload``).
+        virtual_tokens: it prepends learned positions to every sequence (prompt, prefix), so
+            packed sequences would share them.
+        quantized_base: it can train on a quantized (frozen) base.
+    """
+
+    config: type[MethodConfig]
+    implementation: str
+    mergeable: bool = False
+    virtual_tokens: bool = False
+    quantized_base: bool = True
+
+    @property
+    def name(self) -> str:
+        return self.config.model_fields["name"].default
+
+    def apply(self, model: nn.Module, cfg: MethodConfig, modules_to_save: list[str], tokenizer: Any = None
+              ) -> Any:
+        module, function = self.implementation.split(":")
+        return getattr(importlib.import_module(f"{__package__}.{module}"), function)(
+            model, cfg, modules_to_save, tokenizer)
+
+
+_ALL = (
+    Method(LoraConfig, "lora:apply_lora", mergeable=True),
+    Method(BottleneckConfig, "bottleneck:apply_bottleneck"),
+    Method(PrefixTuningConfig, "prefix:apply_prefix", virtual_tokens=True),
+    Method(PromptTuningConfig, "prompt:apply_prompt", virtual_tokens=True),
+    Method(IA3Config, "ia3:apply_ia3", mergeable=True),
+    Method(BitFitConfig, "inplace:apply_bitfit", mergeable=True),
+    Method(FullConfig, "inplace:apply_full", mergeable=True, quantized_base=False),
+)
+
+#: a recipe's ``method.name`` -> the :class:`Method`
+METHODS: dict[str, Method] = {m.name: m for m in _ALL}
+#: the ``peft_type`` written in adapter_config.json -> our method name
+PEFT_TYPES: dict[str, str] = {m.config.peft_type: m.name for m in _ALL}
+
+
+def method_of(cfg: MethodConfig) -> Method:
+    """The registry entry of a method config."""
+    return METHODS[cfg.name]
+
+
+def check_quantizable(cfg: MethodConfig) -> None:
+    """The one-line error for a method that cannot train on a quantized base."""
+    if not method_of(cfg).quantized_base:
+        raise PeftkitError(f"{cfg.name} fine-tuning cannot train a quantized base", "quantization",
+                           "remove the quantization block, or choose a parameter-efficient method")
+
+
+def check_mergeable(cfg: MethodConfig) -> None:
+    """The one-line error for a method whose update cannot fold into the base weights."""
+    if not method_of(cfg).mergeable:
+        raise PeftkitError(f"{cfg.name} adapters cannot be merged into the base weights", "method",
+                           "use the adapter unmerged (predict and eval load it as it is)")
