@@ -123,8 +123,8 @@ def _load_tables(source: str) -> dict[str, Any]:
 def read_json_lines(path: Path) -> dict[str, list] | None:
     """A JSON Lines file (one object per line; plain, gzip, bz2 or xz) as ``{column: values}``.
 
-    Read with the standard library: going through ``datasets`` would add about 90 MiB of
-    imports to the process and write an Arrow copy of the file to its cache. A key missing
+    Read with the standard library: going through ``datasets`` would add its large import
+    tree to the process and write an Arrow copy of the file to its cache. A key missing
     from a row reads as None. Returns None for anything else (a JSON array or document, a
     malformed line, another compression); such files go through ``datasets``, which reads
     the other layouts and words the errors.

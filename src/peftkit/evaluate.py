@@ -22,7 +22,7 @@ def classification_metrics(labels: list[int], probs: np.ndarray, label_names: li
 
     Computed with numpy, with scikit-learn's definitions (a class's F1 is ``2 tp / (2 tp + fp +
     fn)``, 0 where it never occurs nor is predicted; the macro average weighs every label
-    alike); importing ``sklearn.metrics`` would add about 140 MiB to the process.
+    alike); importing ``sklearn.metrics`` would add its large import tree to the process.
     """
     k = len(label_names)
     truth = np.asarray(labels, dtype=np.int64)
