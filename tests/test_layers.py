@@ -4,7 +4,7 @@ import cycle, on an import against the direction below, or on a module no layer 
 Top to bottom; a module may import its own layer and the layers beneath it, never above:
 
     cli
-    entry points    train, predict, compare, prepare        (orchestrate; own no maths)
+    entry points    train, predict, multi, compare, prepare (orchestrate; own no maths)
     run parts       tasks, data, causal, evaluate, ...      (what a run feeds and measures)
     methods         methods.base, methods.lora, ...         (what an adapter is)
     surgery         inject, models, quantize, adapter_io    (surgery, loading, the file format)
@@ -26,11 +26,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "peftkit"
 
 LAYERS = [
     {"cli", "__main__"},
-    {"train", "predict", "compare", "prepare"},
+    {"train", "predict", "multi", "compare", "prepare"},
     {"tasks", "data", "causal", "evaluate", "generation", "lm_loss", "token_cache", "checkpoint", "monitor",
      "plot"},
     {"methods.base", "methods.saving", "methods.lora", "methods.bottleneck", "methods.prefix", "methods.prompt",
-     "methods.ia3", "methods.inplace"},
+     "methods.ia3", "methods.inplace", "methods.named"},
     {"inject", "models", "quantize", "adapter_io", "assets", "precision"},
     {"config", "errors", "fsio", "methods", "methods.configs", "methods.registry", "__init__"},
 ]

@@ -70,17 +70,52 @@ def _load(args: argparse.Namespace):
     return load_adapted_classifier(args.adapter, args.model, quantize=args.quantize)
 
 
+def _named_specs(args: argparse.Namespace) -> list | None:
+    """The named adapters ``--adapter`` asks for, or None for one plain adapter folder (then
+    ``args.adapter`` becomes that folder)."""
+    from .multi import parse_specs
+
+    specs = parse_specs(args.adapter)
+    if len(args.adapter) == 1 and len(specs) == 1 and specs[0][1] == Path(args.adapter[0]):
+        args.adapter = args.adapter[0]
+        return None
+    return specs
+
+
+def _load_named(args: argparse.Namespace, specs: list):
+    from .models import quiet_transformers
+    from .multi import load_named
+
+    quiet_transformers()
+    return load_named(specs, args.model, quantize=args.quantize)
+
+
 def _predict(args: argparse.Namespace) -> int:
     from .fsio import atomic_write_text
-    from .predict import read_texts
+    from .predict import read_rows
 
-    texts = read_texts(args.input, args.text_field)
-    clf = _load(args)
-    probs, _ = clf.predict_proba(texts, batch_size=args.batch_size)
+    rows = read_rows(args.input, args.text_field)
+    texts = [str(r[args.text_field]) for r in rows]
+    specs = _named_specs(args)
+    if specs is None:
+        clf = _load(args)
+        probs, _ = clf.predict_proba(texts, batch_size=args.batch_size)
+        labels, names = [clf.label_names] * len(rows), [None] * len(rows)
+    else:
+        from .multi import predict_rows, row_adapters
+
+        names = row_adapters(rows, [n for n, _ in specs], args.input)  # before the slow load
+        named = _load_named(args, specs)
+        probs = predict_rows(named, texts, names, batch_size=args.batch_size)
+        labels = [named.label_names[n] for n in names]
     lines = []
-    for row in probs:
-        scores = {name: round(float(p), 6) for name, p in zip(clf.label_names, row)}
-        lines.append(json.dumps({"label": clf.label_names[int(row.argmax())], "scores": scores}))
+    for row, p, label_names, name in zip(rows, probs, labels, names):
+        out = {"id": row["id"]} if "id" in row else {}
+        if name is not None:
+            out["adapter"] = name
+        out["label"] = label_names[int(p.argmax())]
+        out["scores"] = {n: round(float(v), 6) for n, v in zip(label_names, p)}
+        lines.append(json.dumps(out))
     atomic_write_text(args.output, "\n".join(lines) + "\n")
     print(f"wrote {len(lines)} predictions to {args.output}")
     return 0
@@ -90,6 +125,9 @@ def _eval(args: argparse.Namespace) -> int:
     from .fsio import write_json
     from .predict import evaluate_adapter, is_causal_lm_adapter
 
+    specs = _named_specs(args)
+    if specs is not None:
+        return _eval_named(args, specs)
     output = args.output or str(Path(args.adapter).resolve().parent / f"eval-{args.split}.json")
     if is_causal_lm_adapter(args.adapter):
         from .models import quiet_transformers
@@ -107,15 +145,40 @@ def _eval(args: argparse.Namespace) -> int:
     result = evaluate_adapter(clf, args.data, args.split, text_column=args.text_column,
                               label_column=args.label_column, max_samples=args.max_samples,
                               batch_size=args.batch_size)
-    print(f"{result['dataset']} [{result['split']}] n={result['n']}: accuracy {result['accuracy']:.4f}  "
-          f"macro-F1 {result['f1']:.4f}  loss {result['loss']:.4f}")
-    width = max(len(n) for n in clf.label_names) + 2
-    print("confusion matrix (rows: true, columns: predicted)")
-    print(" " * width + "".join(f"{n:>{width}}" for n in clf.label_names))
-    for name, row in zip(clf.label_names, result["confusion_matrix"]):
-        print(f"{name:>{width}}" + "".join(f"{v:>{width}}" for v in row))
+    _print_classification(result)
     write_json(output, result)
     print(f"wrote {output}")
+    return 0
+
+
+def _print_classification(result: dict) -> None:
+    names = result["label_names"]
+    print(f"{result['dataset']} [{result['split']}] n={result['n']}: accuracy {result['accuracy']:.4f}  "
+          f"macro-F1 {result['f1']:.4f}  loss {result['loss']:.4f}")
+    width = max(len(n) for n in names) + 2
+    print("confusion matrix (rows: true, columns: predicted)")
+    print(" " * width + "".join(f"{n:>{width}}" for n in names))
+    for name, row in zip(names, result["confusion_matrix"]):
+        print(f"{name:>{width}}" + "".join(f"{v:>{width}}" for v in row))
+
+
+def _eval_named(args: argparse.Namespace, specs: list) -> int:
+    from .fsio import write_json
+    from .multi import evaluate_each
+
+    if not args.output:
+        raise PeftkitError("several adapters need --output", "eval", "pass --output FILE.json")
+    named = _load_named(args, specs)
+    result = evaluate_each(named, args.data, args.split, text_column=args.text_column,
+                           label_column=args.label_column, max_samples=args.max_samples, batch_size=args.batch_size)
+    for name, one in result["adapters"].items():
+        print(f"== {name}")
+        if "confusion_matrix" in one:
+            _print_classification(one)
+        else:
+            print(f"{one['dataset']} [{one['split']}] {_metrics_line(one)}")
+    write_json(args.output, result)
+    print(f"wrote {args.output}")
     return 0
 
 
@@ -140,6 +203,9 @@ def _generate(args: argparse.Namespace) -> int:
     texts = [args.prompt] if args.prompt is not None else read_texts(args.input, args.text_field)
     if args.output and Path(args.output).exists() and not args.overwrite:
         raise PeftkitError("output exists", args.output, "choose another --output or pass --overwrite")
+    specs = _named_specs(args)
+    if specs is not None:
+        return _generate_named(args, specs)
     quiet_transformers()
     lm = load_adapted_lm(args.adapter, args.model, quantize=args.quantize)
     if args.merge:
@@ -164,6 +230,29 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         for a in answers:
             print(json.dumps(a))
+    return 0
+
+
+def _generate_named(args: argparse.Namespace, specs: list) -> int:
+    from .fsio import atomic_write_text
+    from .multi import generate_rows, row_adapters
+    from .predict import read_rows
+
+    rows = [{args.text_field: args.prompt}] if args.prompt is not None else read_rows(args.input, args.text_field)
+    names = row_adapters(rows, [n for n, _ in specs], args.input or "--prompt")
+    if args.merge:
+        raise PeftkitError("--merge takes one adapter", "generate", "drop --merge to generate with several adapters")
+    named = _load_named(args, specs)
+    prompts = [str(r[args.text_field]) for r in rows]
+    answers = generate_rows(named, prompts, names, raw=args.raw, batch_size=args.batch_size,
+                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    lines = [json.dumps({**({"id": r["id"]} if "id" in r else {}), "adapter": n, "prompt": p, "answer": a})
+             for r, n, p, a in zip(rows, names, prompts, answers)]
+    if args.output:
+        atomic_write_text(args.output, "".join(line + "\n" for line in lines))
+        print(f"wrote {len(answers)} answers to {args.output}")
+    else:
+        print("\n".join(lines))
     return 0
 
 
@@ -202,8 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--only", help="comma-separated run names to run (default: all)")
     c.set_defaults(run=_compare)
 
-    def adapter_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--adapter", required=True, help="adapter folder (a run's adapter/, or one saved by peft)")
+    def adapter_args(sp: argparse.ArgumentParser, several: bool = True) -> None:
+        if several:
+            sp.add_argument("--adapter", required=True, action="append",
+                            help="adapter folder (a run's adapter/, or one saved by peft); repeat as NAME=DIR to "
+                                 "load several onto one base (input rows name theirs in an 'adapter' field)")
+        else:
+            sp.add_argument("--adapter", required=True, help="adapter folder (a run's adapter/, or one saved by peft)")
         sp.add_argument("--model", help="base model; overrides the adapter's base_model_name_or_path")
         sp.add_argument("--batch-size", type=int, default=64)
         sp.add_argument("--quantize", type=int, choices=[4, 8], help="quantize the base's linear layers (bitsandbytes)")
@@ -226,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(run=_eval)
 
     m = sub.add_parser("merge", help="merge the adapter into its base and save a plain transformers model")
-    adapter_args(m)
+    adapter_args(m, several=False)
     m.add_argument("--output", required=True)
     m.add_argument("--overwrite", action="store_true")
     m.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the merged model")

@@ -58,7 +58,7 @@ def load_adapted_classifier(adapter_dir: str | Path, model: str | None = None,
     from .models import load_classifier
 
     files, base, state = _read_for_loading(adapter_dir, model)
-    names = _label_names(files, state, list(files.method_config().modules_to_save or []), base)
+    names = label_names_of(files, state, list(files.method_config().modules_to_save or []), base)
     loaded = load_classifier(base, names)
     _attach(loaded.model, files, state, quantize)
     max_length = int(files.meta.get("max_length") or min(512, loaded.tokenizer.model_max_length))
@@ -93,7 +93,9 @@ def _attach(model: Any, files: AdapterFiles, state: dict, quantize: int | None) 
     model.eval()
 
 
-def _label_names(files: AdapterFiles, state: dict[str, torch.Tensor], keep: list[str], base: str) -> list[str]:
+def label_names_of(files: AdapterFiles, state: dict[str, torch.Tensor], keep: list[str], base: str) -> list[str]:
+    """A classification adapter's label names: from peftkit.json, else the base's config when
+    its head has as many labels, else LABEL_0, LABEL_1, ..."""
     id2label = files.meta.get("id2label")
     if id2label:
         return [id2label[k] for k in sorted(id2label, key=int)]
@@ -115,42 +117,49 @@ def _label_names(files: AdapterFiles, state: dict[str, torch.Tensor], keep: list
 
 
 def read_texts(path: str | Path, field: str = "text") -> list[str]:
-    """Texts from JSON Lines (``{"text": ...}`` per line) or plain text (one per line).
+    """Texts from JSON Lines (``{"text": ...}`` per line) or plain text (one per line); see
+    :func:`read_rows`."""
+    return [str(r[field]) for r in read_rows(path, field)]
+
+
+def read_rows(path: str | Path, field: str = "text") -> list[dict[str, Any]]:
+    """Rows from JSON Lines (objects with a ``field``; other fields such as ``id`` and ``adapter``
+    kept) or plain text (one row ``{field: line}`` per line).
 
     A file whose name ends in .jsonl/.json (optionally .gz) is JSON Lines; anything else
     is plain text. Blank lines are skipped.
 
     Raises:
-        PeftkitError: missing or unreadable file, a JSON line without ``field``, no texts.
+        PeftkitError: missing or unreadable file, a JSON line without ``field``, no rows.
     """
     path = Path(path)
     if not path.is_file():
         raise PeftkitError("input file not found", str(path), "check the path")
     opener = gzip.open if path.suffix == ".gz" else open
     is_json = any(s in (".jsonl", ".json") for s in path.suffixes)
-    texts = []
+    rows: list[dict[str, Any]] = []
     try:
         with opener(path, "rt", encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                if not is_json:
-                    texts.append(line.rstrip("\r\n"))
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise PeftkitError(f"line {lineno} is not valid JSON ({exc.msg})", str(path),
-                                       "write one JSON object per line") from None
-                if not isinstance(record, dict) or field not in record:
-                    raise PeftkitError(f"line {lineno} has no '{field}' field", str(path),
-                                       f"give each line a '{field}' field, or use --text-field") from None
-                texts.append(str(record[field]))
+                if line.strip():
+                    rows.append(_json_row(line, lineno, field, path) if is_json else {field: line.rstrip("\r\n")})
     except (OSError, UnicodeDecodeError) as exc:
         raise PeftkitError(f"cannot read the input: {exc}", str(path), "give a UTF-8 text or JSONL file") from None
-    if not texts:
+    if not rows:
         raise PeftkitError("the input has no texts", str(path), "give at least one line")
-    return texts
+    return rows
+
+
+def _json_row(line: str, lineno: int, field: str, path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise PeftkitError(f"line {lineno} is not valid JSON ({exc.msg})", str(path),
+                           "write one JSON object per line") from None
+    if not isinstance(record, dict) or field not in record:
+        raise PeftkitError(f"line {lineno} has no '{field}' field", str(path),
+                           f"give each line a '{field}' field, or use --text-field") from None
+    return record
 
 
 def check_merge_output(output: str | Path, overwrite: bool) -> Path:
@@ -249,18 +258,23 @@ def load_adapted_lm(adapter_dir: str | Path, model: str | None = None, quantize:
     Raises:
         PeftkitError: unreadable adapter, unknown base, or an adapter that does not fit the base.
     """
-    from .causal import LMEncoder
-    from .config import DataConfig
     from .models import load_causal_lm
 
     files, base, state = _read_for_loading(adapter_dir, model)
     loaded = load_causal_lm(base)
     _attach(loaded.model, files, state, quantize)
+    return AdaptedLM(loaded.model, loaded.tokenizer, lm_encoder(loaded.tokenizer, files), files, base)
+
+
+def lm_encoder(tokenizer: Any, files: AdapterFiles) -> Any:
+    """The prompt format a causal-LM adapter was trained with (template, chat template, labels)."""
+    from .causal import LMEncoder
+    from .config import DataConfig
+
     meta = files.meta
     cfg = DataConfig(max_length=int(meta.get("max_length") or 1024), prompt_template=meta.get("prompt_template"),
                      chat_template=meta.get("chat_template"), system_prompt=meta.get("system_prompt"))
-    encoder = LMEncoder(loaded.tokenizer, cfg, meta.get("label_names"))
-    return AdaptedLM(loaded.model, loaded.tokenizer, encoder, files, base)
+    return LMEncoder(tokenizer, cfg, meta.get("label_names"))
 
 
 def is_causal_lm_adapter(adapter_dir: str | Path) -> bool:

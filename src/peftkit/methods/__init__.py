@@ -34,7 +34,7 @@ _LAZY = {
                      "resolve_modules_to_save", "set_trainable", "trainable_parameters", "trainable_state",
                      "unmerge", "HEAD_NAMES", "check_mergeable"], "base"),
     **dict.fromkeys(["save_adapter", "load_adapter", "load_adapter_weights"], "saving"),
-    "BottleneckAdapter": "bottleneck", "IA3Linear": "ia3", "LoRALinear": "lora",
+    "BottleneckAdapter": "bottleneck", "IA3Linear": "ia3", "LoRALinear": "lora", "NamedAdapters": "named",
 }
 
 

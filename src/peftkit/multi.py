@@ -1,0 +1,260 @@
+"""Several adapters of one base, by name: load them (``NAME=DIR`` each, or a peft multi-adapter
+folder), classify rows that each name their adapter in mixed batches, evaluate every adapter, and
+generate with each.
+
+The adapters share one copy of the base; each keeps its own head, label names and prompt format
+(:mod:`peftkit.methods.named` does the layer work).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .adapter_io import CONFIG_FILE, AdapterFiles, read_adapter
+from .errors import PeftkitError
+from .methods.named import NAME, NamedAdapters, check_name
+
+#: the adapter name peft gives the adapter it saves at a folder's root
+DEFAULT_NAME = "default"
+
+
+def parse_specs(values: list[str]) -> list[tuple[str, Path]]:
+    """``(name, folder)`` per ``--adapter`` value: ``NAME=DIR``, or ``DIR`` alone (named after its
+    folder, or, for a peft multi-adapter folder, every adapter in it under peft's names).
+
+    Raises:
+        PeftkitError: a name given twice or not allowed, or a folder that holds no adapter.
+    """
+    specs: list[tuple[str, Path]] = []
+    for value in values:
+        name, sep, rest = value.partition("=")
+        if sep and NAME.fullmatch(name) and not Path(value).exists():
+            specs.append((check_name(name), Path(rest)))
+            read_adapter(rest)  # a folder that is not an adapter is named now
+        else:
+            specs += folder_adapters(Path(value))
+    seen: set[str] = set()
+    for name, _ in specs:
+        if name in seen:
+            raise PeftkitError(f"adapter name {name!r} is given twice", "--adapter",
+                               "give each adapter its own name: --adapter NAME=DIR")
+        seen.add(name)
+    return specs
+
+
+def folder_adapters(path: Path) -> list[tuple[str, Path]]:
+    """The adapters of one folder: itself when it is an adapter, and, as peft saves several, each
+    subfolder holding an adapter_config.json (named after the subfolder; the root is "default")."""
+    subs = sorted(p for p in path.iterdir() if (p / CONFIG_FILE).is_file()) if path.is_dir() else []
+    found = ([(DEFAULT_NAME if subs else check_name(_folder_name(path)), path)]
+             if (path / CONFIG_FILE).is_file() else [])
+    found += [(check_name(p.name), p) for p in subs]
+    if not found:
+        read_adapter(path)  # says what is missing, on one line
+    return found
+
+
+def _folder_name(path: Path) -> str:
+    """A run's adapter folder is named after its run (runs/NAME/adapter -> NAME)."""
+    path = path.resolve()
+    name = path.parent.name if path.name == "adapter" else path.name
+    return name if NAME.fullmatch(name) else DEFAULT_NAME
+
+
+def row_adapters(rows: list[dict[str, Any]], known: list[str], where: str) -> list[str]:
+    """The adapter each input row names in its ``adapter`` field (the first loaded one where it
+    names none), checked against the loaded ones."""
+    names = [r.get("adapter", known[0]) for r in rows]
+    check_rows(names, known, where)
+    return names
+
+
+def check_rows(names: list[Any], known: list[str], where: str) -> None:
+    """Every row names a loaded adapter; else a one-line error naming the first row that does not."""
+    loaded = set(known)
+    for i, name in enumerate(names, 1):
+        if not isinstance(name, str) or name not in loaded:
+            raise PeftkitError(f"row {i} names adapter {name!r}, which is not loaded", where,
+                               f"loaded: {', '.join(known)}; load it with --adapter NAME=DIR")
+
+
+@dataclass
+class _Loaded:
+    files: AdapterFiles
+    state: dict[str, torch.Tensor]
+
+
+@dataclass
+class NamedModel:
+    """One base with several named adapters; ``files[name]`` says what each adapter's folder says."""
+
+    model: Any
+    tokenizer: Any
+    adapters: NamedAdapters
+    files: dict[str, AdapterFiles]
+    base_model: str
+    label_names: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return self.adapters.names
+
+    def check_rows(self, names: list[str], where: str) -> None:
+        check_rows(names, self.names, where)
+
+    def max_length(self, name: str) -> int:
+        return int(self.files[name].meta.get("max_length") or min(512, self.tokenizer.model_max_length))
+
+
+def read_specs(specs: list[tuple[str, Path]], model: str | None) -> tuple[str, str, dict[str, _Loaded]]:
+    """The base (``model`` wins), the task (classification or causal_lm) and each adapter's files and
+    tensors, checked to belong together before anything is loaded.
+
+    Raises:
+        PeftkitError: adapters of different bases or tasks, a base no adapter names, unreadable files.
+    """
+    from .adapter_io import read_adapter_weights
+
+    loaded: dict[str, _Loaded] = {}
+    bases: dict[str, str] = {}
+    tasks: dict[str, str] = {}
+    for name, path in specs:
+        files = read_adapter(path)
+        if files.base_model:
+            bases[name] = files.base_model
+        causal = files.meta.get("task") == "causal_lm" or files.config.get("task_type") == "CAUSAL_LM"
+        tasks[name] = "causal_lm" if causal else "classification"
+        loaded[name] = _Loaded(files, read_adapter_weights(path, files.method_config()))
+    if len(set(tasks.values())) > 1:
+        shown = ", ".join(f"{n}: {t}" for n, t in tasks.items())
+        raise PeftkitError(f"the adapters are for different tasks ({shown})", "--adapter",
+                           "load classifiers and causal-LM adapters separately")
+    if model is None and len(set(bases.values())) > 1:
+        shown = ", ".join(f"{n}: {b}" for n, b in bases.items())
+        raise PeftkitError(f"the adapters were trained on different bases ({shown})", "--adapter",
+                           "load adapters of one base together (--model names the base if they only differ "
+                           "in how they name it)")
+    base = model or next(iter(bases.values()), None)
+    if not base:
+        raise PeftkitError("no adapter names its base model", "--adapter", "pass --model")
+    return base, next(iter(tasks.values())), loaded
+
+
+def load_named(specs: list[tuple[str, Path]], model: str | None = None, quantize: int | None = None) -> NamedModel:
+    """Load the adapters ``specs`` (:func:`parse_specs`) onto one copy of their base.
+
+    Raises:
+        PeftkitError: bad names, mixed bases or tasks, methods that cannot share a base, tensors
+            that do not fit it.
+    """
+    from .models import load_causal_lm, load_classifier
+    from .predict import label_names_of
+
+    base, task, loaded = read_specs(specs, model)
+    labels = {}
+    if task == "classification":
+        for name, item in loaded.items():
+            keep = list(item.files.method_config().modules_to_save or [])
+            labels[name] = label_names_of(item.files, item.state, keep, base)
+        base_model = load_classifier(base, next(iter(labels.values())))
+    else:
+        base_model = load_causal_lm(base)
+    if quantize:
+        _quantize(base_model.model, [item.files for item in loaded.values()], quantize)
+    adapters = NamedAdapters(base_model.model)
+    for name, item in loaded.items():
+        adapters.add(name, item.files.method_config(), item.state, where=str(item.files.path))
+    adapters.set_active(next(iter(loaded)))
+    base_model.model.eval()
+    return NamedModel(base_model.model, base_model.tokenizer, adapters, {n: i.files for n, i in loaded.items()},
+                      base, labels)
+
+
+def _quantize(model: Any, files: list[AdapterFiles], bits: int) -> None:
+    from .config import QuantizationConfig
+    from .methods.base import resolve_modules_to_save
+    from .methods.registry import check_quantizable
+    from .quantize import quantize_model
+
+    keep: list[str] = []
+    for f in files:
+        check_quantizable(f.method_config())
+        keep += [m for m in (f.method_config().modules_to_save or []) if m not in keep]
+    quantize_model(model, QuantizationConfig(bits=bits), skip=resolve_modules_to_save(model, keep))
+
+
+@torch.inference_mode()
+def predict_rows(named: NamedModel, texts: list[str], names: list[str], batch_size: int = 64) -> list[np.ndarray]:
+    """Each text's class probabilities under its own adapter (and head), in mixed batches: one
+    forward pass per batch, whatever adapters its rows name."""
+    from .data import LengthGroupedBatches, collate, tokenize
+
+    named.check_rows(names, "input")
+    features: list[dict[str, list[int]]] = [{}] * len(texts)
+    for name in dict.fromkeys(names):
+        idx = [i for i, n in enumerate(names) if n == name]
+        for i, f in zip(idx, tokenize(named.tokenizer, [texts[i] for i in idx], named.max_length(name))):
+            features[i] = f
+    out: list[np.ndarray] = [np.zeros(0)] * len(texts)
+    device = next(named.model.parameters()).device
+    for idx in LengthGroupedBatches([len(f["input_ids"]) for f in features], batch_size, shuffle=False):
+        batch = collate([features[i] for i in idx], named.tokenizer.pad_token_id)
+        with named.adapters.per_row([names[i] for i in idx]):
+            probs = named.model(**{k: v.to(device) for k, v in batch.items()}).logits.float().softmax(-1)
+        for row, i in zip(probs.cpu().numpy(), idx):
+            out[i] = row[:len(named.label_names[names[i]])]
+    return out
+
+
+def evaluate_each(named: NamedModel, source: str, split: str = "test", **options: Any) -> dict[str, Any]:
+    """Every adapter's metrics on the split (accuracy, macro-F1, loss, confusion matrix for
+    classifiers; loss and perplexity, and label scores, for causal LMs), keyed by adapter."""
+    results = {}
+    for name in named.names:
+        with named.adapters.using(name):
+            results[name] = _evaluate_one(named, name, source, split, **options)
+    return {"dataset": source, "split": split, "adapters": results}
+
+
+def _evaluate_one(named: NamedModel, name: str, source: str, split: str, **options: Any) -> dict[str, Any]:
+    from .predict import AdaptedClassifier, evaluate_adapter, evaluate_lm_adapter
+
+    if name in named.label_names:
+        clf = AdaptedClassifier(named.model, named.tokenizer, named.label_names[name], named.max_length(name),
+                                named.files[name], named.base_model)
+        return evaluate_adapter(clf, source, split, **options)
+    options = {k: v for k, v in options.items() if k in ("max_samples", "batch_size")}
+    return evaluate_lm_adapter(language_model(named, name), source, split, **options)
+
+
+def language_model(named: NamedModel, name: str) -> Any:
+    """The adapter ``name`` seen as one adapted causal LM (its own prompt format); the caller makes
+    it active (``named.adapters.using(name)``)."""
+    from .predict import AdaptedLM, lm_encoder
+
+    return AdaptedLM(named.model, named.tokenizer, lm_encoder(named.tokenizer, named.files[name]),
+                     named.files[name], named.base_model)
+
+
+def generate_rows(named: NamedModel, prompts: list[str], names: list[str], *, raw: bool = False,
+                  batch_size: int = 16, **options: Any) -> list[str]:
+    """Each prompt's answer from its own adapter (in its prompt format); the rows of one adapter
+    are generated together."""
+    from .generation import generate
+
+    named.check_rows(names, "input")
+    answers = [""] * len(prompts)
+    for name in dict.fromkeys(names):
+        idx = [i for i, n in enumerate(names) if n == name]
+        lm = language_model(named, name)
+        with named.adapters.using(name):
+            got = generate(named.model, named.tokenizer, [lm.prompt_ids(prompts[i], raw=raw) for i in idx],
+                           batch_size=batch_size, stop_ids=None if raw else lm.encoder.stop_ids, **options)
+        for i, answer in zip(idx, got):
+            answers[i] = answer
+    return answers
