@@ -256,6 +256,20 @@ def _generate_named(args: argparse.Namespace, specs: list) -> int:
     return 0
 
 
+def _combine(args: argparse.Namespace) -> int:
+    from .multi import combine_folders, parse_specs
+
+    try:
+        weights = [float(w) for w in args.weights.split(",")]
+    except ValueError:
+        raise PeftkitError(f"weights {args.weights!r} are not numbers", "--weights",
+                           "give comma-separated numbers, e.g. 0.6,0.4") from None
+    made = combine_folders(parse_specs(args.adapter), weights, args.combination, args.output, density=args.density,
+                           rank=args.rank, seed=args.seed, head=args.head, overwrite=args.overwrite)
+    print(f"combined {len(made['adapters'])} adapters ({args.combination}) into {args.output}")
+    return 0
+
+
 def _plot(args: argparse.Namespace) -> int:
     from .plot import plot_runs
 
@@ -340,6 +354,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--merge", action="store_true", help="merge the adapter into the base first")
     g.add_argument("--raw", action="store_true", help="send prompts as they are: no prompt or chat template")
     g.set_defaults(run=_generate)
+
+    cb = sub.add_parser("combine", help="combine LoRA adapters of one base into one adapter (peft's weighted adapters)")
+    cb.add_argument("--adapter", required=True, action="append", help="an adapter folder, or NAME=DIR; repeat")
+    cb.add_argument("--weights", required=True, help="one weight per adapter, comma-separated, e.g. 0.6,0.4")
+    cb.add_argument("--combination", default="linear",
+                    help="linear (default), cat, svd, ties, dare_linear, dare_ties, magnitude_prune, or the last four "
+                         "with _svd (peft's combination types)")
+    cb.add_argument("--density", type=float, help="fraction of values kept by the pruning combinations (0, 1]")
+    cb.add_argument("--rank", type=int, help="rank of the svd combinations' result (default: the largest)")
+    cb.add_argument("--seed", type=int, default=0, help="seed of the dare_* masks")
+    cb.add_argument("--head", help="take the classification head of this adapter (default: heads combined too)")
+    cb.add_argument("--output", required=True)
+    cb.add_argument("--overwrite", action="store_true")
+    cb.set_defaults(run=_combine)
 
     pl = sub.add_parser("plot", help="loss and metric curves of one run, or several overlaid")
     pl.add_argument("runs", nargs="+", metavar="RUN_DIR")

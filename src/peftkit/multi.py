@@ -111,12 +111,12 @@ class NamedModel:
         return int(self.files[name].meta.get("max_length") or min(512, self.tokenizer.model_max_length))
 
 
-def read_specs(specs: list[tuple[str, Path]], model: str | None) -> tuple[str, str, dict[str, _Loaded]]:
-    """The base (``model`` wins), the task (classification or causal_lm) and each adapter's files and
+def read_specs(specs: list[tuple[str, Path]], model: str | None) -> tuple[str | None, str, dict[str, _Loaded]]:
+    """The base (``model`` wins; None where no adapter names one), the task (classification or causal_lm) and each adapter's files and
     tensors, checked to belong together before anything is loaded.
 
     Raises:
-        PeftkitError: adapters of different bases or tasks, a base no adapter names, unreadable files.
+        PeftkitError: adapters of different bases or tasks, unreadable files.
     """
     from .adapter_io import read_adapter_weights
 
@@ -139,10 +139,7 @@ def read_specs(specs: list[tuple[str, Path]], model: str | None) -> tuple[str, s
         raise PeftkitError(f"the adapters were trained on different bases ({shown})", "--adapter",
                            "load adapters of one base together (--model names the base if they only differ "
                            "in how they name it)")
-    base = model or next(iter(bases.values()), None)
-    if not base:
-        raise PeftkitError("no adapter names its base model", "--adapter", "pass --model")
-    return base, next(iter(tasks.values())), loaded
+    return model or next(iter(bases.values()), None), next(iter(tasks.values())), loaded
 
 
 def load_named(specs: list[tuple[str, Path]], model: str | None = None, quantize: int | None = None) -> NamedModel:
@@ -156,6 +153,8 @@ def load_named(specs: list[tuple[str, Path]], model: str | None = None, quantize
     from .predict import label_names_of
 
     base, task, loaded = read_specs(specs, model)
+    if not base:
+        raise PeftkitError("no adapter names its base model", "--adapter", "pass --model")
     labels = {}
     if task == "classification":
         for name, item in loaded.items():
@@ -258,3 +257,108 @@ def generate_rows(named: NamedModel, prompts: list[str], names: list[str], *, ra
         for i, answer in zip(idx, got):
             answers[i] = answer
     return answers
+
+
+def combine_folders(specs: list[tuple[str, Path]], weights: list[float], combination: str, output: str | Path, *,
+                    density: float | None = None, rank: int | None = None, seed: int = 0,
+                    head: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Combine LoRA adapter folders into one adapter folder at ``output`` (peft's format), heads
+    included: weighted like the factors, or ``head``'s alone.
+
+    Returns:
+        What the new adapter's peftkit.json says of how it was made.
+
+    Raises:
+        PeftkitError: a non-empty ``output`` (unless ``overwrite``), adapters that are not LoRA or
+            of different bases, tasks or label sets, bad weights, density or rank; nothing is written.
+    """
+    from .adapter_io import write_adapter
+    from .methods.combine import check_combination, combine_heads, combine_lora
+    from .methods.configs import LoraConfig
+    from .predict import check_merge_output
+
+    output = check_merge_output(output, overwrite)
+    _, task, loaded = read_specs(specs, None)
+    for name, item in loaded.items():
+        if not isinstance(item.files.method_config(), LoraConfig):
+            raise PeftkitError(f"adapter {name!r} is {item.files.method_config().name}, not LoRA", str(item.files.path),
+                               "combine takes LoRA adapters")
+    factors, heads = {}, {}
+    for name, item in loaded.items():
+        factors[name], heads[name] = _split_lora(item)
+    check_combination(combination, len(specs), weights, density, [f.rank for f in factors.values()])
+    if rank is not None and rank < 1:
+        raise PeftkitError(f"rank {rank} is not positive", "--rank", "pass a rank of 1 or more")
+    _check_same_layers(factors)
+    labels = _same_labels(loaded, heads)
+    layers, new_rank = combine_lora(list(factors.values()), weights, combination, density=density, rank=rank,
+                                    seed=seed)
+    state = {f"{p}.lora_A.weight": a for p, (a, _) in layers.items()} | {f"{p}.lora_B.weight": b for p, (_, b) in layers.items()}
+    if head is not None:
+        if head not in heads:
+            raise PeftkitError(f"--head names {head!r}, which is not among the adapters", "--head",
+                               f"use one of: {', '.join(heads)}")
+        state |= heads[head]
+    elif any(heads.values()):
+        state |= combine_heads(list(heads.values()), weights)
+    first = next(iter(loaded.values())).files
+    method = first.method_config()
+    config = {**first.config, "r": new_rank, "lora_alpha": new_rank, "use_rslora": False,
+              "target_modules": sorted(layers), "rank_pattern": {}, "alpha_pattern": {}}
+    made = {"combination": combination, "weights": weights, "density": density, "seed": seed,
+            "adapters": [{"name": n, "path": str(p)} for n, p in specs], "head": head}
+    meta = {**first.meta, "task": task, "base_model": first.base_model, "combined": made}
+    if labels:
+        meta["id2label"] = dict(enumerate(labels))
+    write_adapter(output, config, {method.file_key(k): v for k, v in state.items()}, meta)
+    return made
+
+
+def _split_lora(item: _Loaded) -> tuple[Any, dict[str, torch.Tensor]]:
+    """An adapter's LoRA factors per layer, and its other tensors (saved modules, heads)."""
+    from .methods.combine import LoRAFactors
+
+    method = item.files.method_config()
+    layers: dict[str, list] = {}
+    rest = {}
+    for key, t in item.state.items():
+        for i, leaf in enumerate((".lora_A.weight", ".lora_B.weight")):
+            if key.endswith(leaf):
+                layers.setdefault(key[:-len(leaf)], [None, None])[i] = t.float()
+                break
+        else:
+            rest[key] = t.float()
+    broken = [p for p, (a, b) in layers.items() if a is None or b is None or a.shape[0] != b.shape[1]]
+    if broken:
+        raise PeftkitError(f"the adapter's LoRA tensors for {broken[0]} do not pair up", str(item.files.path),
+                           "save the adapter again")
+    return LoRAFactors({p: (a, b) for p, (a, b) in layers.items()}, method.scaling(), method.r), rest
+
+
+def _check_same_layers(factors: dict[str, Any]) -> None:
+    """Layers that several adapters target have one shape in all of them (else: different bases)."""
+    shapes: dict[str, tuple[str, tuple[int, int]]] = {}
+    for name, f in factors.items():
+        for path, (a, b) in f.layers.items():
+            shape = (a.shape[1], b.shape[0])
+            seen = shapes.setdefault(path, (name, shape))
+            if seen[1] != shape:
+                raise PeftkitError(f"{path} is {seen[1][0]} -> {seen[1][1]} in {seen[0]!r} and {shape[0]} -> "
+                                   f"{shape[1]} in {name!r}: the adapters are of different bases", "--adapter",
+                                   "combine adapters of one base model")
+
+
+def _same_labels(loaded: dict[str, _Loaded], heads: dict[str, dict]) -> list[str] | None:
+    """The label names the adapters share (None for adapters without labels)."""
+    named = {n: i.files.meta.get("id2label") for n, i in loaded.items()}
+    lists = {n: [v[k] for k in sorted(v, key=int)] for n, v in named.items() if v}
+    if len({tuple(v) for v in lists.values()}) > 1:
+        shown = "; ".join(f"{n}: {', '.join(v)}" for n, v in lists.items())
+        raise PeftkitError(f"the adapters' label sets differ ({shown})", "--adapter",
+                           "combine classifiers of the same labels, in the same order")
+    sizes = {n: min((t.shape[0] for k, t in h.items() if k.endswith(".weight") and t.ndim == 2), default=None)
+             for n, h in heads.items()}
+    if len({s for s in sizes.values() if s is not None}) > 1:
+        raise PeftkitError("the adapters' heads have different numbers of labels", "--adapter",
+                           "combine classifiers of the same labels")
+    return next(iter(lists.values()), None)
