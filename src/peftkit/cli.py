@@ -183,15 +183,52 @@ def _eval_named(args: argparse.Namespace, specs: list) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from .predict import check_merge_output, merge_to_folder
+    import tempfile
+
+    from .predict import check_merge_output, is_causal_lm_adapter, merge_lm_to_folder, merge_to_folder
 
     out = check_merge_output(args.output, args.overwrite)  # before the slow load
-    clf = _load(args)
-    diff = merge_to_folder(clf, out, overwrite=args.overwrite, dtype=args.dtype)
+    with tempfile.TemporaryDirectory(prefix="peftkit-merge-") as work:
+        adapter = _merge_source(args, Path(work))
+        if is_causal_lm_adapter(adapter):
+            from .models import quiet_transformers
+            from .predict import load_adapted_lm
+
+            quiet_transformers()
+            lm = load_adapted_lm(adapter, args.model, quantize=args.quantize)
+            diff, task = merge_lm_to_folder(lm, out, overwrite=args.overwrite, dtype=args.dtype), "text-generation"
+        else:
+            args.adapter = adapter
+            diff, task = merge_to_folder(_load(args), out, overwrite=args.overwrite, dtype=args.dtype), "text-classification"
     print(f"merged model written to {out} ({args.dtype}; max abs logit difference from the model as loaded: "
           f"{diff:.2e})")
-    print(f'use it with: transformers.pipeline("text-classification", model="{out}")')
+    print(f'use it with: transformers.pipeline("{task}", model="{out}")')
     return 0
+
+
+def _merge_source(args: argparse.Namespace, work: Path) -> str:
+    """The one adapter folder to merge: ``--adapter DIR``, or several adapters with ``--weights``
+    combined exactly first (``cat``: the merged update is the weighted sum of theirs)."""
+    specs = _named_specs(args)
+    if specs is None:
+        if args.weights:
+            raise PeftkitError("--weights needs several adapters", "merge", "repeat --adapter NAME=DIR")
+        return args.adapter
+    if not args.weights:
+        raise PeftkitError("merging several adapters needs --weights", "merge", "pass e.g. --weights 0.5,0.5")
+    from .multi import combine_folders
+
+    weights = _weights(args.weights)
+    combine_folders(specs, weights, "cat" if len(specs) > 1 else "linear", work / "combined", head=args.head)
+    return str(work / "combined")
+
+
+def _weights(text: str) -> list[float]:
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise PeftkitError(f"weights {text!r} are not numbers", "--weights",
+                           "give comma-separated numbers, e.g. 0.6,0.4") from None
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -259,12 +296,7 @@ def _generate_named(args: argparse.Namespace, specs: list) -> int:
 def _combine(args: argparse.Namespace) -> int:
     from .multi import combine_folders, parse_specs
 
-    try:
-        weights = [float(w) for w in args.weights.split(",")]
-    except ValueError:
-        raise PeftkitError(f"weights {args.weights!r} are not numbers", "--weights",
-                           "give comma-separated numbers, e.g. 0.6,0.4") from None
-    made = combine_folders(parse_specs(args.adapter), weights, args.combination, args.output, density=args.density,
+    made = combine_folders(parse_specs(args.adapter), _weights(args.weights), args.combination, args.output, density=args.density,
                            rank=args.rank, seed=args.seed, head=args.head, overwrite=args.overwrite)
     print(f"combined {len(made['adapters'])} adapters ({args.combination}) into {args.output}")
     return 0
@@ -305,13 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--only", help="comma-separated run names to run (default: all)")
     c.set_defaults(run=_compare)
 
-    def adapter_args(sp: argparse.ArgumentParser, several: bool = True) -> None:
-        if several:
-            sp.add_argument("--adapter", required=True, action="append",
-                            help="adapter folder (a run's adapter/, or one saved by peft); repeat as NAME=DIR to "
-                                 "load several onto one base (input rows name theirs in an 'adapter' field)")
-        else:
-            sp.add_argument("--adapter", required=True, help="adapter folder (a run's adapter/, or one saved by peft)")
+    def adapter_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--adapter", required=True, action="append",
+                        help="adapter folder (a run's adapter/, or one saved by peft); repeat as NAME=DIR to "
+                             "load several onto one base (input rows name theirs in an 'adapter' field)")
         sp.add_argument("--model", help="base model; overrides the adapter's base_model_name_or_path")
         sp.add_argument("--batch-size", type=int, default=64)
         sp.add_argument("--quantize", type=int, choices=[4, 8], help="quantize the base's linear layers (bitsandbytes)")
@@ -334,7 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(run=_eval)
 
     m = sub.add_parser("merge", help="merge the adapter into its base and save a plain transformers model")
-    adapter_args(m, several=False)
+    adapter_args(m)
+    m.add_argument("--weights", help="with several adapters: the weight of each in the merged update, e.g. 0.5,0.5")
+    m.add_argument("--head", help="with several classifiers: take this adapter's head (default: heads weighted)")
     m.add_argument("--output", required=True)
     m.add_argument("--overwrite", action="store_true")
     m.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the merged model")

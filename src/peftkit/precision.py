@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+
 
 def native_bf16() -> bool:
     """Whether this process's device multiplies bf16 matrices in hardware: a CUDA card with
@@ -11,6 +13,12 @@ def native_bf16() -> bool:
 
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
+    # on x86, oneDNN's own check also says yes on plain AVX-512 CPUs, where it emulates bf16
+    # (far slower than float32: bench/speed.py's matmul probe shows it), so ask for the
+    # instructions themselves
+    x86 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    if x86 is not None and platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+        return bool(x86() or torch.cpu._is_amx_tile_supported())
     try:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):

@@ -185,23 +185,68 @@ def merge_to_folder(clf: AdaptedClassifier, output: str | Path, overwrite: bool 
     Raises:
         PeftkitError: ``output`` exists and is not empty (unless ``overwrite``); method cannot merge.
     """
+    texts = check_texts or CHECK_TEXTS
+
+    def label_names() -> None:
+        clf.model.config.id2label = dict(enumerate(clf.label_names))
+        clf.model.config.label2id = {n: i for i, n in enumerate(clf.label_names)}
+
+    return _merge_and_save(clf.model, clf.tokenizer, lambda: clf.logits(texts), output, overwrite, dtype, label_names)
+
+
+#: what a merge's fidelity is measured on when the caller gives nothing
+CHECK_TEXTS = ["a quick check sentence", "another, somewhat longer, sentence to compare"]
+
+
+def merge_lm_to_folder(lm: "AdaptedLM", output: str | Path, overwrite: bool = False,
+                       check_texts: list[str] | None = None, dtype: str = "float32") -> float:
+    """Merge a causal-LM adapter into its base and save a plain ``...ForCausalLM`` folder: weights,
+    config, tokenizer (with its chat template) and a generation config that stops where the
+    adapter's training format stops, so ``transformers.pipeline("text-generation", model=output)``
+    runs it without peftkit. A quantized base is dequantized first.
+
+    Returns:
+        The max abs difference of the next-token logits before and after, on ``check_texts``.
+
+    Raises:
+        PeftkitError: ``output`` exists and is not empty (unless ``overwrite``); method cannot merge.
+    """
+    texts = check_texts or CHECK_TEXTS
+
+    @torch.no_grad()
+    def logits() -> torch.Tensor:
+        lm.model.eval()
+        batch = lm.tokenizer(texts, return_tensors="pt", padding=True)
+        return lm.model(**batch).logits.float()
+
+    def generation() -> None:
+        stops = lm.encoder.stop_ids
+        lm.model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else list(stops)
+        if lm.model.generation_config.pad_token_id is None:
+            lm.model.generation_config.pad_token_id = lm.tokenizer.pad_token_id
+
+    return _merge_and_save(lm.model, lm.tokenizer, logits, output, overwrite, dtype, generation)
+
+
+def _merge_and_save(model: Any, tokenizer: Any, logits: Any, output: str | Path, overwrite: bool, dtype: str,
+                    configure: Any) -> float:
+    """Dequantize, merge, cast to ``dtype``, let ``configure()`` set the config, save the model and
+    tokenizer atomically; the largest logit difference the merge made."""
     from .fsio import atomic_dir
     from .methods.base import check_mergeable, merge_and_unload
     from .quantize import DTYPES, dequantize_model
 
     output = check_merge_output(output, overwrite)
-    check_mergeable(clf.model)
-    texts = check_texts or ["a quick check sentence", "another, somewhat longer, sentence to compare"]
-    before = clf.logits(texts)
-    dequantize_model(clf.model)
-    merge_and_unload(clf.model)
-    clf.model.to(DTYPES[dtype])
-    after = clf.logits(texts)
-    clf.model.config.id2label = dict(enumerate(clf.label_names))
-    clf.model.config.label2id = {n: i for i, n in enumerate(clf.label_names)}
+    check_mergeable(model)
+    before = logits()
+    dequantize_model(model)
+    merge_and_unload(model)
+    model.to(DTYPES[dtype])
+    after = logits()
+    configure()
     with atomic_dir(output) as tmp:
-        clf.model.save_pretrained(tmp)
-        clf.tokenizer.save_pretrained(tmp)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return float((before - after).abs().max())
 
 
