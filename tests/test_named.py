@@ -331,3 +331,18 @@ def test_cli_generate_answers_each_row_with_its_adapter(tiny_llama_dir, tmp_path
     for row, o in zip(rows, out):
         assert o["answer"] == answer(row["adapter"], row["prompt"])
     assert answer("left", rows[0]["prompt"]) != out[0]["answer"]  # the adapters really differ
+
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("bitsandbytes"), reason="needs bitsandbytes")
+def test_named_adapters_on_a_quantized_base_match_each_adapter_alone(tiny_bert_dir, tmp_path):
+    from peftkit.multi import load_named, parse_specs, predict_rows
+    from peftkit.predict import load_adapted_classifier
+
+    saved_classifier(tiny_bert_dir, tmp_path / "a", ["negative", "positive"], 1)
+    saved_classifier(tiny_bert_dir, tmp_path / "b", ["x", "y", "z"], 2, ("query", "key", "dense"))
+    texts = ["the movie was great", "a dull and boring plot", "quite fun"]
+    named = load_named(parse_specs([f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}"]), quantize=8)
+    got = predict_rows(named, texts, ["b", "a", "b"])
+    for text, name, probs in zip(texts, ["b", "a", "b"], got):
+        alone, _ = load_adapted_classifier(tmp_path / name, quantize=8).predict_proba([text])
+        assert probs.shape == alone[0].shape and abs(probs - alone[0]).max() <= 1e-4

@@ -27,6 +27,7 @@ import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -275,9 +276,9 @@ class NamedAdapters:
         head_states = {h: {k[len(h) + 1:]: t for k, t in state.items() if k.startswith(h + ".")} for h in heads}
         head_copies = {h: self._head_copy(h, s, where) for h, s in head_states.items() if s}
         for path, update in updates.items():
-            self._bank(path).add(name, update)
+            self._wrapped(path, AdapterBank).add(name, update)
         for path, module in head_copies.items():
-            self._head_bank(path).copies[name] = module
+            self._wrapped(path, HeadBank).copies[name] = module
         entry = NamedAdapter(name, method, sorted(updates), sorted(head_copies))
         self.adapters[name] = entry
         self.routing.slots.append(name)
@@ -425,17 +426,11 @@ class NamedAdapters:
             p.requires_grad_(False)
         return head
 
-    def _bank(self, path: str) -> AdapterBank:
+    def _wrapped(self, path: str, kind: type) -> Any:
+        """The ``kind`` bank at ``path``, wrapping the module there on first use."""
         module = self.model.get_submodule(path)
-        if not isinstance(module, AdapterBank):
-            module = AdapterBank(module, self.routing)
-            replace_module(self.model, path, module)
-        return module
-
-    def _head_bank(self, path: str) -> HeadBank:
-        module = self.model.get_submodule(path)
-        if not isinstance(module, HeadBank):
-            module = HeadBank(module, self.routing)
+        if not isinstance(module, kind):
+            module = kind(module, self.routing)
             replace_module(self.model, path, module)
         return module
 
