@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from .errors import Interrupted, PeftkitError
 
@@ -321,6 +322,22 @@ def _assets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _combine_parser(sub: Any) -> None:
+    cb = sub.add_parser("combine", help="combine LoRA adapters of one base into one adapter (peft's weighted adapters)")
+    cb.add_argument("--adapter", required=True, action="append", help="an adapter folder, or NAME=DIR; repeat")
+    cb.add_argument("--weights", required=True, help="one weight per adapter, comma-separated, e.g. 0.6,0.4")
+    cb.add_argument("--combination", default="linear",
+                    help="linear (default), cat, svd, ties, dare_linear, dare_ties, magnitude_prune, or the last four "
+                         "with _svd (peft's combination types)")
+    cb.add_argument("--density", type=float, help="fraction of values kept by the pruning combinations (0, 1]")
+    cb.add_argument("--rank", type=int, help="rank of the svd combinations' result (default: the largest)")
+    cb.add_argument("--seed", type=int, default=0, help="seed of the dare_* masks")
+    cb.add_argument("--head", help="take the classification head of this adapter (default: heads combined too)")
+    cb.add_argument("--output", required=True)
+    cb.add_argument("--overwrite", action="store_true")
+    cb.set_defaults(run=_combine)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning of transformers.")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -386,19 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--raw", action="store_true", help="send prompts as they are: no prompt or chat template")
     g.set_defaults(run=_generate)
 
-    cb = sub.add_parser("combine", help="combine LoRA adapters of one base into one adapter (peft's weighted adapters)")
-    cb.add_argument("--adapter", required=True, action="append", help="an adapter folder, or NAME=DIR; repeat")
-    cb.add_argument("--weights", required=True, help="one weight per adapter, comma-separated, e.g. 0.6,0.4")
-    cb.add_argument("--combination", default="linear",
-                    help="linear (default), cat, svd, ties, dare_linear, dare_ties, magnitude_prune, or the last four "
-                         "with _svd (peft's combination types)")
-    cb.add_argument("--density", type=float, help="fraction of values kept by the pruning combinations (0, 1]")
-    cb.add_argument("--rank", type=int, help="rank of the svd combinations' result (default: the largest)")
-    cb.add_argument("--seed", type=int, default=0, help="seed of the dare_* masks")
-    cb.add_argument("--head", help="take the classification head of this adapter (default: heads combined too)")
-    cb.add_argument("--output", required=True)
-    cb.add_argument("--overwrite", action="store_true")
-    cb.set_defaults(run=_combine)
+    _combine_parser(sub)
 
     pl = sub.add_parser("plot", help="loss and metric curves of one run, or several overlaid")
     pl.add_argument("runs", nargs="+", metavar="RUN_DIR")
