@@ -346,3 +346,21 @@ def test_named_adapters_on_a_quantized_base_match_each_adapter_alone(tiny_bert_d
     for text, name, probs in zip(texts, ["b", "a", "b"], got):
         alone, _ = load_adapted_classifier(tmp_path / name, quantize=8).predict_proba([text])
         assert probs.shape == alone[0].shape and abs(probs - alone[0]).max() <= 1e-4
+
+
+def test_pack_writes_peft_multi_adapter_layout(tmp_path):
+    """peftkit pack: a folder peft's from_pretrained + load_adapter read, and peftkit reads back."""
+    from peftkit.cli import main
+    from peftkit.multi import folder_adapters
+
+    base, ref = peft_pair("bert", tmp_path)
+    assert main(["pack", "--adapter", f"default={tmp_path / 'p' / 'first'}", "--adapter",
+                 f"other={tmp_path / 'p' / 'second'}", "--output", str(tmp_path / "packed")]) == 0
+    assert [n for n, _ in folder_adapters(tmp_path / "packed")] == ["default", "other"]
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "packed"))
+    again.load_adapter(str(tmp_path / "packed" / "other"), adapter_name="other")
+    for theirs, ours in (("first", "default"), ("second", "other")):
+        ref.set_adapter(theirs)
+        again.set_adapter(ours)
+        assert (forward(again) - forward(ref)).abs().max() <= 1e-5
+    assert main(["pack", "--adapter", f"a={tmp_path / 'p' / 'first'}", "--output", str(tmp_path / "packed")]) == 2

@@ -322,7 +322,17 @@ def _assets(args: argparse.Namespace) -> int:
     return 0
 
 
-def _combine_parser(sub: Any) -> None:
+def _pack(args: argparse.Namespace) -> int:
+    from .multi import parse_specs, write_folder
+
+    specs = parse_specs(args.adapter)
+    write_folder(specs, args.output, overwrite=args.overwrite)
+    print(f"wrote {len(specs)} adapters ({', '.join(n for n, _ in specs)}) to {args.output} in peft's layout")
+    return 0
+
+
+def _adapter_file_commands(sub: Any) -> None:
+    """combine and pack: commands that make adapter folders from adapter folders."""
     cb = sub.add_parser("combine", help="combine LoRA adapters of one base into one adapter (peft's weighted adapters)")
     cb.add_argument("--adapter", required=True, action="append", help="an adapter folder, or NAME=DIR; repeat")
     cb.add_argument("--weights", required=True, help="one weight per adapter, comma-separated, e.g. 0.6,0.4")
@@ -336,6 +346,12 @@ def _combine_parser(sub: Any) -> None:
     cb.add_argument("--output", required=True)
     cb.add_argument("--overwrite", action="store_true")
     cb.set_defaults(run=_combine)
+
+    pk = sub.add_parser("pack", help="write several adapters as one folder in peft's multi-adapter layout")
+    pk.add_argument("--adapter", required=True, action="append", help="NAME=DIR; repeat (\"default\" goes at the root)")
+    pk.add_argument("--output", required=True)
+    pk.add_argument("--overwrite", action="store_true")
+    pk.set_defaults(run=_pack)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -403,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--raw", action="store_true", help="send prompts as they are: no prompt or chat template")
     g.set_defaults(run=_generate)
 
-    _combine_parser(sub)
+    _adapter_file_commands(sub)
 
     pl = sub.add_parser("plot", help="loss and metric curves of one run, or several overlaid")
     pl.add_argument("runs", nargs="+", metavar="RUN_DIR")

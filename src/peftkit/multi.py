@@ -362,3 +362,29 @@ def _same_labels(loaded: dict[str, _Loaded], heads: dict[str, dict]) -> list[str
         raise PeftkitError("the adapters' heads have different numbers of labels", "--adapter",
                            "combine classifiers of the same labels")
     return next(iter(lists.values()), None)
+
+
+def write_folder(specs: list[tuple[str, Path]], output: str | Path, overwrite: bool = False) -> Path:
+    """Write several adapters as one folder in peft's layout: the adapter named "default" at the
+    root, every other one in a subfolder of its name (``PeftModel.from_pretrained(model, DIR/NAME,
+    adapter_name=NAME)`` and ``load_adapter`` read them; so does :func:`folder_adapters`).
+
+    Raises:
+        PeftkitError: a non-empty ``output`` (unless ``overwrite``), unreadable adapters.
+    """
+    import shutil
+
+    from .fsio import atomic_dir
+    from .predict import check_merge_output
+
+    output = check_merge_output(output, overwrite)
+    for _, path in specs:
+        read_adapter(path)
+    with atomic_dir(output) as tmp:
+        for name, path in specs:
+            target = tmp if name == DEFAULT_NAME else tmp / name
+            target.mkdir(exist_ok=True)
+            for f in path.iterdir():
+                if f.is_file():
+                    shutil.copy2(f, target / f.name)
+    return Path(output)
