@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import nullcontext
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -11,9 +12,10 @@ from torch import nn
 @torch.inference_mode()
 def generate(model: nn.Module, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int,
              batch_size: int = 16, temperature: float = 0.0, top_p: float = 1.0, streamer: Any = None,
-             stop_ids: list[int] | None = None) -> list[str]:
+             stop_ids: list[int] | None = None, around: Callable[[list[int]], Any] | None = None) -> list[str]:
     """The decoded continuation of each prompt (greedy when ``temperature`` is 0), up to the
-    first of ``stop_ids`` (default: the tokenizer's end of sequence)."""
+    first of ``stop_ids`` (default: the tokenizer's end of sequence). ``around(indices)``, when
+    given, is a context manager entered around each batch (e.g. which adapter each row uses)."""
     was_training = model.training
     model.eval()
     pad_id = tokenizer.pad_token_id
@@ -27,8 +29,10 @@ def generate(model: nn.Module, tokenizer: Any, prompts: list[list[int]], max_new
         mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx], device=device)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
             {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        new = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
-                             eos_token_id=stop_ids or tokenizer.eos_token_id, streamer=streamer, **sampling)[:, width:]
+        with around(idx) if around else nullcontext():
+            new = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                                 eos_token_id=stop_ids or tokenizer.eos_token_id, streamer=streamer,
+                                 **sampling)[:, width:]
         for row, i in zip(new, idx):
             answers[i] = tokenizer.decode(row, skip_special_tokens=True)
     model.train(was_training)

@@ -242,18 +242,25 @@ def language_model(named: NamedModel, name: str) -> Any:
 
 def generate_rows(named: NamedModel, prompts: list[str], names: list[str], *, raw: bool = False,
                   batch_size: int = 16, **options: Any) -> list[str]:
-    """Each prompt's answer from its own adapter (in its prompt format); the rows of one adapter
-    are generated together."""
+    """Each prompt's answer from its own adapter, in its prompt format. Where the adapters stop
+    on the same tokens (always with ``raw``), rows of different adapters share batches, each row
+    routed to its adapter in every forward; otherwise each adapter's rows are generated apart."""
     from .generation import generate
 
     named.check_rows(names, "input")
+    lms = {n: language_model(named, n) for n in dict.fromkeys(names)}
+    ids = [lms[n].prompt_ids(p, raw=raw) for p, n in zip(prompts, names)]
+    stops = {tuple(lm.encoder.stop_ids) for lm in lms.values()}
+    if raw or len(stops) == 1:
+        return generate(named.model, named.tokenizer, ids, batch_size=batch_size,
+                        stop_ids=None if raw else list(stops.pop()),
+                        around=lambda idx: named.adapters.per_row([names[i] for i in idx]), **options)
     answers = [""] * len(prompts)
-    for name in dict.fromkeys(names):
+    for name, lm in lms.items():
         idx = [i for i, n in enumerate(names) if n == name]
-        lm = language_model(named, name)
         with named.adapters.using(name):
-            got = generate(named.model, named.tokenizer, [lm.prompt_ids(prompts[i], raw=raw) for i in idx],
-                           batch_size=batch_size, stop_ids=None if raw else lm.encoder.stop_ids, **options)
+            got = generate(named.model, named.tokenizer, [ids[i] for i in idx], batch_size=batch_size,
+                           stop_ids=lm.encoder.stop_ids, **options)
         for i, answer in zip(idx, got):
             answers[i] = answer
     return answers
