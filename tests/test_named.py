@@ -364,3 +364,26 @@ def test_pack_writes_peft_multi_adapter_layout(tmp_path):
         again.set_adapter(ours)
         assert (forward(again) - forward(ref)).abs().max() <= 1e-5
     assert main(["pack", "--adapter", f"a={tmp_path / 'p' / 'first'}", "--output", str(tmp_path / "packed")]) == 2
+
+
+def test_gpt2_conv1d_layers_take_named_lora_adapters(tmp_path):
+    """GPT-2's Conv1D layers (weights stored in x out): named LoRA adapters match peft's, mixed too."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    base = tf.GPT2ForSequenceClassification(tf.GPT2Config(vocab_size=40, n_embd=32, n_layer=2, n_head=2,
+                                                          n_positions=64, num_labels=3, pad_token_id=0))
+    task = peft.TaskType.SEQ_CLS
+    ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(task_type=task, r=4, target_modules=["c_attn"],
+                                                                   fan_in_fan_out=True), adapter_name="first")
+    ref.add_adapter("second", peft.LoraConfig(task_type=task, r=2, target_modules=["c_attn", "c_fc"],
+                                              fan_in_fan_out=True))
+    for name, seed in (("first", 1), ("second", 2)):
+        perturb([p for n, p in ref.named_parameters() if f".{name}." in n], seed)
+    ref.save_pretrained(str(tmp_path / "p"))
+    named = load_named(base, {"a": tmp_path / "p" / "first", "b": tmp_path / "p" / "second"})
+    expected = forward(ref, adapter_names=["second", "first", "__base__", "first"])
+    with named.per_row(["b", "a", None, "a"]):
+        got = forward(named.model)
+    assert (got.softmax(-1) - expected.softmax(-1)).abs().max() <= 1e-5
+    assert (got - forward(base)).abs().max() > 1e-2

@@ -375,8 +375,8 @@ class NamedAdapters:
                 raise PeftkitError(f"the adapter targets {path}, which is not a linear layer of this model",
                                    where, fix)
             in_f, out_f, fan = linear_shape(base)
-            if fan:
-                raise PeftkitError(f"{path} is a Conv1D layer, which named adapters do not take yet", where,
+            if fan and not isinstance(method, LoraConfig):
+                raise PeftkitError(f"{path} is a Conv1D layer, which named IA3 adapters do not take yet", where,
                                    "load this adapter alone (--adapter DIR)")
             dtype = base.weight.dtype if base.weight.dtype.is_floating_point else torch.float32
             device = base.weight.device
