@@ -14,6 +14,8 @@ from peftkit.adapter_io import read_adapter_weights
 from peftkit.cli import main
 from peftkit.methods import LoraConfig, PromptTuningConfig, apply_method, save_adapter
 
+from .test_errors import expect_error
+
 PROMPTS = ["hello how are you", "review : a fun and moving film positive or negative ?"]
 
 
@@ -88,16 +90,15 @@ def test_several_adapters_merge_with_weights(tiny_llama_dir, tmp_path):
 def test_merge_refusals_are_one_line_and_write_nothing(tiny_llama_dir, tmp_path, capsys):
     prompt = lm_adapter(tiny_llama_dir, tmp_path / "p", 1, method=PromptTuningConfig(num_virtual_tokens=2))
     a = lm_adapter(tiny_llama_dir, tmp_path / "a", 1)
+    capsys.readouterr()  # what building the adapters printed
     out = tmp_path / "m"
     cases = [([str(prompt)], [], "cannot be merged"),
              ([f"a={a}", f"b={a}"], [], "needs --weights"),
              ([str(a)], ["--weights", "1"], "--weights needs several adapters"),
              ([f"a={a}", f"b={a}"], ["--weights", "1,2,3"], "3 weights for 2 adapters")]
     for adapters, options, message in cases:
-        argv = ["merge", *[x for s in adapters for x in ("--adapter", s)], *options, "--output", str(out)]
-        assert main(argv) == 2, message
-        err = capsys.readouterr().err
-        assert message in err and err.count("\n") == 1, err
+        expect_error(capsys, ["merge", *[x for s in adapters for x in ("--adapter", s)], *options,
+                              "--output", str(out)], message)
         assert not out.exists()
 
 

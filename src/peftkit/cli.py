@@ -236,14 +236,15 @@ def _generate(args: argparse.Namespace) -> int:
     from .generation import generate
     from .fsio import atomic_write_text
     from .models import quiet_transformers
-    from .predict import load_adapted_lm, read_texts
+    from .predict import load_adapted_lm, read_rows
 
-    texts = [args.prompt] if args.prompt is not None else read_texts(args.input, args.text_field)
+    rows = [{args.text_field: args.prompt}] if args.prompt is not None else read_rows(args.input, args.text_field)
+    texts = [str(r[args.text_field]) for r in rows]
     if args.output and Path(args.output).exists() and not args.overwrite:
         raise PeftkitError("output exists", args.output, "choose another --output or pass --overwrite")
     specs = _named_specs(args)
     if specs is not None:
-        return _generate_named(args, specs)
+        return _generate_named(args, specs, rows, texts)
     quiet_transformers()
     lm = load_adapted_lm(args.adapter, args.model, quantize=args.quantize)
     if args.merge:
@@ -271,17 +272,14 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate_named(args: argparse.Namespace, specs: list) -> int:
+def _generate_named(args: argparse.Namespace, specs: list, rows: list[dict], prompts: list[str]) -> int:
     from .fsio import atomic_write_text
     from .multi import generate_rows, row_adapters
-    from .predict import read_rows
 
-    rows = [{args.text_field: args.prompt}] if args.prompt is not None else read_rows(args.input, args.text_field)
     names = row_adapters(rows, [n for n, _ in specs], args.input or "--prompt")
     if args.merge:
         raise PeftkitError("--merge takes one adapter", "generate", "drop --merge to generate with several adapters")
     named = _load_named(args, specs)
-    prompts = [str(r[args.text_field]) for r in rows]
     answers = generate_rows(named, prompts, names, raw=args.raw, batch_size=args.batch_size,
                             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     lines = [json.dumps({**({"id": r["id"]} if "id" in r else {}), "adapter": n, "prompt": p, "answer": a})

@@ -35,7 +35,8 @@ def parse_specs(values: list[str]) -> list[tuple[str, Path]]:
         name, sep, rest = value.partition("=")
         if sep and NAME.fullmatch(name) and not Path(value).exists():
             specs.append((check_name(name), Path(rest)))
-            read_adapter(rest)  # a folder that is not an adapter is named now
+            if not (Path(rest) / CONFIG_FILE).is_file():
+                read_adapter(rest)  # says on one line what is wrong with the folder
         else:
             specs += folder_adapters(Path(value))
     seen: set[str] = set()
@@ -103,9 +104,6 @@ class NamedModel:
     @property
     def names(self) -> list[str]:
         return self.adapters.names
-
-    def check_rows(self, names: list[str], where: str) -> None:
-        check_rows(names, self.names, where)
 
     def max_length(self, name: str) -> int:
         return int(self.files[name].meta.get("max_length") or min(512, self.tokenizer.model_max_length))
@@ -193,7 +191,7 @@ def predict_rows(named: NamedModel, texts: list[str], names: list[str], batch_si
     forward pass per batch, whatever adapters its rows name."""
     from .data import LengthGroupedBatches, collate, tokenize
 
-    named.check_rows(names, "input")
+    check_rows(names, named.names, "input")
     features: list[dict[str, list[int]]] = [{}] * len(texts)
     for name in dict.fromkeys(names):
         idx = [i for i, n in enumerate(names) if n == name]
@@ -247,7 +245,7 @@ def generate_rows(named: NamedModel, prompts: list[str], names: list[str], *, ra
     routed to its adapter in every forward; otherwise each adapter's rows are generated apart."""
     from .generation import generate
 
-    named.check_rows(names, "input")
+    check_rows(names, named.names, "input")
     lms = {n: language_model(named, n) for n in dict.fromkeys(names)}
     ids = [lms[n].prompt_ids(p, raw=raw) for p, n in zip(prompts, names)]
     stops = {tuple(lm.encoder.stop_ids) for lm in lms.values()}

@@ -82,8 +82,8 @@ class _IA3:
 class AdapterBank(nn.Module):
     """A frozen linear layer with the LoRA and IA3 updates of several named adapters.
 
-    Each adapter's tensors are buffers of the bank (``<name>.lora_A`` ... in ``tensors``), so
-    ``model.to(...)`` moves them and they never count as trainable parameters. Shapes: input
+    Each adapter's tensors are non-persistent buffers of the bank (``<name>__A``, ``<name>__B``
+    for LoRA, ``<name>__v`` for IA3), so ``model.to(...)`` moves them and they never count as trainable parameters. Shapes: input
     ``(batch, ..., in_features)``, output ``(batch, ..., out_features)``; in a mixed batch, row
     ``i`` uses the adapter of slot ``routing.rows[i]``.
     """
