@@ -30,7 +30,7 @@ LAYERS = [
     {"tasks", "data", "causal", "evaluate", "generation", "lm_loss", "token_cache", "checkpoint", "monitor",
      "plot"},
     {"methods.base", "methods.saving", "methods.lora", "methods.bottleneck", "methods.prefix", "methods.prompt",
-     "methods.ia3", "methods.inplace", "methods.named", "methods.combine"},
+     "methods.ia3", "methods.inplace", "methods.named", "methods.named_tokens", "methods.combine"},
     {"inject", "models", "quantize", "adapter_io", "assets", "precision"},
     {"config", "errors", "fsio", "methods", "methods.configs", "methods.registry", "__init__"},
 ]

@@ -188,7 +188,8 @@ def _quantize(model: Any, files: list[AdapterFiles], bits: int) -> None:
 @torch.inference_mode()
 def predict_rows(named: NamedModel, texts: list[str], names: list[str], batch_size: int = 64) -> list[np.ndarray]:
     """Each text's class probabilities under its own adapter (and head), in mixed batches: one
-    forward pass per batch, whatever adapters its rows name."""
+    forward pass per batch for the rows of LoRA and IA3 adapters, whatever adapters they name
+    (one more for each prompt or prefix adapter among them)."""
     from .data import LengthGroupedBatches, collate, tokenize
 
     check_rows(names, named.names, "input")
@@ -201,8 +202,8 @@ def predict_rows(named: NamedModel, texts: list[str], names: list[str], batch_si
     device = next(named.model.parameters()).device
     for idx in LengthGroupedBatches([len(f["input_ids"]) for f in features], batch_size, shuffle=False):
         batch = collate([features[i] for i in idx], named.tokenizer.pad_token_id)
-        with named.adapters.per_row([names[i] for i in idx]):
-            probs = named.model(**{k: v.to(device) for k, v in batch.items()}).logits.float().softmax(-1)
+        logits = named.adapters.forward_rows([names[i] for i in idx], **{k: v.to(device) for k, v in batch.items()})
+        probs = logits.float().softmax(-1)
         for row, i in zip(probs.cpu().numpy(), idx):
             out[i] = row[:len(named.label_names[names[i]])]
     return out
@@ -241,15 +242,16 @@ def language_model(named: NamedModel, name: str) -> Any:
 def generate_rows(named: NamedModel, prompts: list[str], names: list[str], *, raw: bool = False,
                   batch_size: int = 16, **options: Any) -> list[str]:
     """Each prompt's answer from its own adapter, in its prompt format. Where the adapters stop
-    on the same tokens (always with ``raw``), rows of different adapters share batches, each row
-    routed to its adapter in every forward; otherwise each adapter's rows are generated apart."""
+    on the same tokens (always with ``raw``) and none adds tokens (prompt, prefix), rows of
+    different adapters share batches, each row routed to its adapter in every forward; otherwise
+    each adapter's rows are generated apart."""
     from .generation import generate
 
     check_rows(names, named.names, "input")
     lms = {n: language_model(named, n) for n in dict.fromkeys(names)}
     ids = [lms[n].prompt_ids(p, raw=raw) for p, n in zip(prompts, names)]
     stops = {tuple(lm.encoder.stop_ids) for lm in lms.values()}
-    if raw or len(stops) == 1:
+    if (raw or len(stops) == 1) and not any(named.adapters.adds_tokens(n) for n in lms):
         return generate(named.model, named.tokenizer, ids, batch_size=batch_size,
                         stop_ids=None if raw else list(stops.pop()),
                         around=lambda idx: named.adapters.per_row([names[i] for i in idx]), **options)

@@ -16,8 +16,10 @@ over the whole width equals the one over its own labels.
 
 LoRA and IA3 adapters compose here, on the same linear layers too, because a row uses one
 adapter: a row of a LoRA adapter sees IA3 vectors of ones, a row of an IA3 adapter a zero
-update. Methods that add tokens or layers (prompt, prefix, bottleneck) and in-place methods
-(BitFit, full fine-tuning) do not: they are refused on one line.
+update. Prompt and prefix adapters sit beside them (:mod:`.named_tokens`); their rows take a
+forward pass of their own (:meth:`NamedAdapters.forward_rows`). Methods that add layers
+(bottleneck) and in-place methods (BitFit, full fine-tuning) change what every adapter's rows
+see, so they are refused on one line.
 """
 
 from __future__ import annotations
@@ -36,11 +38,12 @@ from ..errors import PeftkitError
 from ..inject import is_linear, linear_shape, name_matches, replace_module
 from .base import resolve_modules_to_save
 from .configs import IA3Config, LoraConfig, MethodConfig
+from .named_tokens import TOKEN_METHODS, TokenAdapters
 
 #: what a name may look like: it becomes a module key, a file folder and a served model id
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,63}")
 #: the methods whose adapters share one base here
-COMPOSABLE = (LoraConfig, IA3Config)
+COMPOSABLE = (LoraConfig, IA3Config, *TOKEN_METHODS)
 
 
 def check_name(name: str) -> str:
@@ -207,15 +210,21 @@ class HeadBank(nn.Module):
         for slot in present:
             idx = (rows == slot).nonzero().squeeze(1)
             parts.append((idx, self._module(self.routing.slots[slot])(x[idx], *args, **kwargs)))
-        width = max(p.shape[-1] for _, p in parts)
-        first = parts[0][1]
-        out = first.new_full((x.shape[0], *first.shape[1:-1], width), float("-inf"))
-        for idx, p in parts:
-            out[idx, ..., :p.shape[-1]] = p
-        return out
+        return gather_rows(parts, x.shape[0])
 
     def _module(self, name: str | None) -> nn.Module:
         return self.copies[name] if name is not None and name in self.copies else self.base_module
+
+
+def gather_rows(parts: list[tuple[Any, torch.Tensor]], n: int) -> torch.Tensor:
+    """One ``(n, ..., width)`` output from each group's rows ``(indices, outputs)``; a narrower
+    group's missing logits are ``-inf``, so its softmax over the full width is its own."""
+    width = max(p.shape[-1] for _, p in parts)
+    first = parts[0][1]
+    out = first.new_full((n, *first.shape[1:-1], width), float("-inf"))
+    for idx, p in parts:
+        out[idx, ..., :p.shape[-1]] = p
+    return out
 
 
 @dataclass
@@ -229,7 +238,8 @@ class NamedAdapter:
 
 
 class NamedAdapters:
-    """Named LoRA and IA3 adapters on one model (changed in place); one active, or one per row.
+    """Named LoRA, IA3, prompt and prefix adapters on one model (changed in place); one active,
+    or one per row.
 
     Example::
 
@@ -246,6 +256,7 @@ class NamedAdapters:
                                "load named adapters onto a fresh base model")
         self.model = model
         self.routing = Routing()
+        self.tokens = TokenAdapters(model, self.routing)
         self.adapters: dict[str, NamedAdapter] = {}
 
     @property
@@ -270,11 +281,17 @@ class NamedAdapters:
                                "give each adapter its own name (NAME=DIR)")
         if not isinstance(method, COMPOSABLE):
             raise PeftkitError(f"{method.name} adapters cannot share a base with other adapters", where,
-                               "named adapters take LoRA and IA3 adapters; load this one alone (--adapter DIR)")
+                               "named adapters take LoRA, IA3, prompt and prefix adapters; load this one alone "
+                               "(--adapter DIR)")
         heads = resolve_modules_to_save(self._plain_view(), list(method.modules_to_save or []))
-        updates = self._updates(method, state, heads, where)
+        if isinstance(method, TOKEN_METHODS):
+            tokens, updates = self.tokens.check(method, state, where), {}
+        else:
+            tokens, updates = None, self._updates(method, state, heads, where)
         head_states = {h: {k[len(h) + 1:]: t for k, t in state.items() if k.startswith(h + ".")} for h in heads}
         head_copies = {h: self._head_copy(h, s, where) for h, s in head_states.items() if s}
+        if tokens is not None:
+            self.tokens.add(name, method, tokens)
         for path, update in updates.items():
             self._wrapped(path, AdapterBank).add(name, update)
         for path, module in head_copies.items():
@@ -302,6 +319,7 @@ class NamedAdapters:
             self.model.get_submodule(path).remove(name)
         for path in entry.heads:
             del self.model.get_submodule(path).copies[name]
+        self.tokens.remove(name)
         del self.adapters[name]
         self.routing.slots.remove(name)
         if self.routing.active == name:
@@ -310,9 +328,19 @@ class NamedAdapters:
 
     @contextmanager
     def per_row(self, names: Sequence[str | None]) -> Iterator[None]:
-        """Inside, row ``i`` of every forward pass uses adapter ``names[i]`` (None: the base)."""
+        """Inside, row ``i`` of every forward pass uses adapter ``names[i]`` (None: the base).
+
+        Raises:
+            PeftkitError: an unknown name, or rows of a prompt or prefix adapter among other
+                adapters' rows (:meth:`forward_rows` runs those apart).
+        """
         for n in set(names) - {None}:
             self._known(n)
+        apart = [n for n in dict.fromkeys(names) if n in self.tokens]
+        if apart and len(set(names)) > 1:
+            raise PeftkitError(f"rows of the {self.adapters[apart[0]].method.name} adapter {apart[0]!r} cannot "
+                               "share a forward pass with other adapters' rows", "adapter",
+                               "call NamedAdapters.forward_rows, which gives them a pass of their own")
         slot = {n: i for i, n in enumerate(self.routing.slots)}
         device = next(self.model.parameters()).device
         self.routing.rows = torch.tensor([slot[n] for n in names], dtype=torch.long, device=device)
@@ -330,6 +358,32 @@ class NamedAdapters:
             yield
         finally:
             self.routing.active = before
+
+    def forward_rows(self, names: Sequence[str | None], **batch: torch.Tensor) -> torch.Tensor:
+        """The model's logits for ``batch`` (batch-first tensors), row ``i`` under adapter
+        ``names[i]``: one pass for the rows of LoRA/IA3 adapters and the base, one more per
+        prompt or prefix adapter among the rows. Token-level logits are the real tokens' (a
+        prompt adapter's virtual positions are dropped)."""
+        groups: dict[str | None, list[int]] = {}
+        for i, n in enumerate(names):
+            groups.setdefault(n if n in self.tokens else None, []).append(i)
+        parts = []
+        for idx in groups.values():
+            index = torch.tensor(idx, device=next(iter(batch.values())).device)
+            rows = batch if len(groups) == 1 else {k: v[index] for k, v in batch.items()}
+            with self.per_row([names[i] for i in idx]):
+                logits = self.model(**rows).logits
+            prompt = self.tokens.prompts.get(names[idx[0]])
+            if prompt is not None and logits.ndim == 3:
+                logits = logits[:, prompt.shape[0]:]
+            if len(groups) == 1:
+                return logits
+            parts.append((index, logits))
+        return gather_rows(parts, len(names))
+
+    def adds_tokens(self, name: str | None) -> bool:
+        """Whether ``name`` is a prompt or prefix adapter (its rows take passes of their own)."""
+        return name in self.tokens
 
     # ---- the pieces ----
     def _known(self, name: str) -> NamedAdapter:

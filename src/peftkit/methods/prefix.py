@@ -58,7 +58,7 @@ def attention_layers(model: nn.Module) -> list[nn.Module]:
     return found
 
 
-def _kv_shape(model: nn.Module) -> tuple[int, int]:
+def kv_shape(model: nn.Module) -> tuple[int, int]:
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -140,16 +140,26 @@ def _set_prefixes(enc: PrefixEncoder, model: nn.Module, args: tuple, kwargs: dic
     if enc.seen is not None:  # recording the frozen model's own keys and values
         enc.current = {}
         return (), kwargs
-    kv = enc.key_values()
-    enc.current = {layer: (kv[i, 0], kv[i, 1]) for i, layer in enumerate(enc.layers)}
-    if any(getattr(layer, "is_causal", False) for layer in enc.layers):
+    return (), route_prefixes(enc, enc.key_values(), enc.layers, kwargs)
+
+
+def route_prefixes(router: Any, kv: torch.Tensor | None, layers: list[nn.Module], kwargs: dict[str, Any]
+                   ) -> dict[str, Any]:
+    """Point ``router.current`` (what :func:`add_prefix` reads) at this forward's prefixes ``kv``
+    ``(layers, 2, kv_heads, P, head_dim)``, or at none; on decoders the real tokens' positions
+    then start after the ``P`` prefixes."""
+    if kv is None:
+        router.current = {}
+        return kwargs
+    router.current = {layer: (kv[i, 0], kv[i, 1]) for i, layer in enumerate(layers)}
+    if any(getattr(layer, "is_causal", False) for layer in layers):
         ref = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
         positions = kwargs.get("position_ids")
         if positions is None:
             start = cache_length(kwargs)
             positions = torch.arange(start, start + ref.shape[1], device=ref.device).unsqueeze(0)
-        kwargs["position_ids"] = positions + enc.num_virtual_tokens
-    return (), kwargs
+        kwargs["position_ids"] = positions + kv.shape[3]
+    return kwargs
 
 
 def _widen_mask(mask: torch.Tensor | None, n: int, q_len: int, kv_len: int, causal: bool,
@@ -201,26 +211,28 @@ def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def _register_implementation() -> None:
+def use_prefix_attention(model: nn.Module, router: Any, layers: list[nn.Module]) -> None:
+    """Make ``model`` attend through :func:`prefix_attention`, each of ``layers`` reading its
+    prefixes from ``router`` (an object with ``current`` and ``seen``, held elsewhere: the link is weak)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
     if IMPLEMENTATION not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
         AttentionInterface.register(IMPLEMENTATION, prefix_attention)
         AttentionMaskInterface.register(IMPLEMENTATION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    model.config._attn_implementation = IMPLEMENTATION
+    for layer in layers:
+        _ENCODERS[layer] = weakref.ref(router)
 
 
 def apply_prefix(model: nn.Module, cfg: PrefixTuningConfig, modules_to_save: list[str], tokenizer: Any = None) -> Injection:
     """Give every self-attention layer of ``model`` learned key/value prefixes, in place."""
     layers = attention_layers(model)
-    kv_heads, head_dim = _kv_shape(model)
+    kv_heads, head_dim = kv_shape(model)
     encoder = PrefixEncoder(cfg, len(layers), kv_heads, head_dim, model)
-    _register_implementation()
-    model.config._attn_implementation = IMPLEMENTATION
     model.add_module("peftkit_prefix", encoder)  # moves and saves with the model
     encoder.layers = layers  # a plain list: the layers stay registered where they are
-    for layer in layers:
-        _ENCODERS[layer] = weakref.ref(encoder)
+    use_prefix_attention(model, encoder, layers)
     model.register_forward_pre_hook(functools.partial(_set_prefixes, encoder), with_kwargs=True)
     if cfg.init == "vocab" and not cfg.prefix_projection:
         encoder.init_from_activations(model)

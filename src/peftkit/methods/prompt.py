@@ -58,12 +58,13 @@ def cache_length(kwargs: dict[str, Any]) -> int:
     return int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
 
 
-def _prepend_prompt(prompt_module: PromptEmbedding, model: nn.Module, args: tuple, kwargs: dict[str, Any]
-                    ) -> tuple[tuple, dict[str, Any]]:
+def prepend_prompt(prompt: torch.Tensor, model: nn.Module, args: tuple, kwargs: dict[str, Any]
+                   ) -> tuple[tuple, dict[str, Any]]:
+    """A forward call's arguments with the virtual tokens ``prompt`` ``(n, hidden)`` in front of
+    every row's embeddings (the masks, token types and labels widened to match)."""
     kwargs = as_kwargs(model, args, kwargs)
     if cache_length(kwargs):  # a later generation step: the prompt is already in the cache
         return (), kwargs
-    prompt = prompt_module.embedding
     embeds = kwargs.pop("inputs_embeds", None)
     ids = kwargs.pop("input_ids", None)
     if embeds is None:
@@ -82,6 +83,11 @@ def _prepend_prompt(prompt_module: PromptEmbedding, model: nn.Module, args: tupl
     if labels is not None and labels.dim() == 2 and labels.shape[1] == embeds.shape[1]:
         kwargs["labels"] = torch.cat([labels.new_full((batch, n), IGNORE_INDEX), labels], 1)
     return (), kwargs
+
+
+def _prompt_hook(module: PromptEmbedding, model: nn.Module, args: tuple, kwargs: dict[str, Any]
+                 ) -> tuple[tuple, dict[str, Any]]:
+    return prepend_prompt(module.embedding, model, args, kwargs)
 
 
 def apply_prompt(model: nn.Module, cfg: PromptTuningConfig, modules_to_save: list[str],
@@ -109,5 +115,5 @@ def apply_prompt(model: nn.Module, cfg: PromptTuningConfig, modules_to_save: lis
             init = torch.randn(cfg.num_virtual_tokens, weight.shape[1], device=weight.device) * weight.std()
     prompt = PromptEmbedding(init.to(weight.dtype))
     model.add_module("peftkit_prompt", prompt)  # moves and saves with the model
-    model.register_forward_pre_hook(functools.partial(_prepend_prompt, prompt), with_kwargs=True)
+    model.register_forward_pre_hook(functools.partial(_prompt_hook, prompt), with_kwargs=True)
     return finish(model, cfg, modules_to_save=modules_to_save)
