@@ -365,8 +365,8 @@ def test_pack_writes_peft_multi_adapter_layout(tmp_path):
     assert main(["pack", "--adapter", f"a={tmp_path / 'p' / 'first'}", "--output", str(tmp_path / "packed")]) == 2
 
 
-def test_gpt2_conv1d_layers_take_named_lora_adapters(tmp_path):
-    """GPT-2's Conv1D layers (weights stored in x out): named LoRA adapters match peft's, mixed too."""
+def test_gpt2_conv1d_layers_take_named_lora_and_ia3_adapters(tmp_path):
+    """GPT-2's Conv1D layers (weights stored in x out): named LoRA and IA3 adapters match peft's, mixed too."""
     import transformers as tf
 
     torch.manual_seed(0)
@@ -386,3 +386,18 @@ def test_gpt2_conv1d_layers_take_named_lora_adapters(tmp_path):
         got = forward(named.model)
     assert (got.softmax(-1) - expected.softmax(-1)).abs().max() <= 1e-5
     assert (got - forward(base)).abs().max() > 1e-2
+
+
+    # an IA3 adapter on the same Conv1D layers, by peft, beside the LoRA ones
+    ia3 = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(task_type=task, target_modules=["c_attn", "mlp.c_proj"],
+                                                                  feedforward_modules=["mlp.c_proj"], fan_in_fan_out=True))
+    perturb([p for p in ia3.parameters() if p.requires_grad], 3)
+    ia3.save_pretrained(str(tmp_path / "ia3"))
+    files = read_adapter(tmp_path / "ia3")
+    named.add("c", files.method_config(), read_adapter_weights(tmp_path / "ia3", files.method_config()))
+    ia3_logits = forward(ia3)
+    with named.per_row(["c", "a", "c", None]):
+        got = forward(named.model)
+    assert (got[[0, 2]].softmax(-1) - ia3_logits[[0, 2]].softmax(-1)).abs().max() <= 1e-5
+    assert (got[1].softmax(-1) - expected[1].softmax(-1)).abs().max() <= 1e-5
+    assert (ia3_logits - forward(base)).abs().max() > 1e-2

@@ -428,10 +428,7 @@ class NamedAdapters:
             if base is None or not is_linear(base):
                 raise PeftkitError(f"the adapter targets {path}, which is not a linear layer of this model",
                                    where, fix)
-            in_f, out_f, fan = linear_shape(base)
-            if fan and not isinstance(method, LoraConfig):
-                raise PeftkitError(f"{path} is a Conv1D layer, which named IA3 adapters do not take yet", where,
-                                   "load this adapter alone (--adapter DIR)")
+            in_f, out_f, _ = linear_shape(base)
             dtype = base.weight.dtype if base.weight.dtype.is_floating_point else torch.float32
             device = base.weight.device
             if isinstance(method, LoraConfig):
