@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import PeftkitError
-from .methods.configs import AnyMethod, LoraConfig
+from .methods.configs import AnyMethod, LoraConfig, MethodConfig
 from .methods.registry import METHODS
 
 
@@ -94,6 +94,8 @@ class TrainConfig(_Strict):
     low_memory: bool = Field(False, description="hand freed tensor memory back to the OS at once (Linux): "
                              "lower peak memory, slower steps")
     head_lr: float | None = Field(None, gt=0, description="lr of the saved modules (task head); default: lr")
+    loraplus_lr_ratio: float | None = Field(
+        None, gt=0, description="LoRA+: the B factors of LoRA layers train at lr times this (16 in the paper)")
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
@@ -141,6 +143,12 @@ class RunConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 
+    @model_validator(mode="after")
+    def _loraplus_needs_lora(self) -> "RunConfig":
+        if self.train.loraplus_lr_ratio is not None and self.method.name != "lora":
+            raise ValueError(f"train.loraplus_lr_ratio needs method lora, not {self.method.name}")
+        return self
+
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"train.lr=3e-4"`` -> (``["train", "lr"]``, ``0.0003``); values are read as YAML."""
@@ -180,6 +188,9 @@ def _check_keys(data: Any, model: type[BaseModel], prefix: str, where: str) -> N
     fields = model.model_fields
     for key, value in data.items():
         if key not in fields:
+            if model is not LoraConfig and issubclass(model, MethodConfig) and key in LoraConfig.model_fields:
+                raise PeftkitError(f"'{prefix}{key}' is a LoRA option; method {model.model_fields['name'].default} "
+                                   "does not take it", where, f"use method.name: lora, or remove '{prefix}{key}'")
             known = sorted(fields)
             close = [SYNONYMS[key]] if SYNONYMS.get(key) in fields else []
             close = close or difflib.get_close_matches(str(key), known, n=1)
@@ -228,9 +239,10 @@ def build_config(data: dict[str, Any], where: str = "recipe") -> RunConfig:
             del loc[1]  # the union's tag
         key = ".".join(str(p) for p in loc if not str(p).startswith(("function-", "union[")))
         value = err.get("input")
-        raise PeftkitError(
-            f"invalid value {value!r} for '{key}'", where, err["msg"].replace("\n", " ")
-        ) from None
+        msg = err["msg"].replace("\n", " ")
+        if isinstance(value, dict):  # a check across options: its own words say what is wrong
+            raise PeftkitError(msg.removeprefix("Value error, "), where, f"change the {key or 'recipe'} options") from None
+        raise PeftkitError(f"invalid value {value!r} for '{key}'", where, msg) from None
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:

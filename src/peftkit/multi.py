@@ -326,6 +326,10 @@ def _split_lora(item: _Loaded) -> tuple[Any, dict[str, torch.Tensor]]:
     from .methods.combine import LoRAFactors
 
     method = item.files.method_config()
+    if method.variant():
+        raise PeftkitError(f"combine takes plain LoRA adapters; this one uses {method.variant()}",
+                           str(item.files.path), "combine adapters without DoRA, lora_bias, residual inits "
+                           "or rank/alpha patterns")
     layers: dict[str, list] = {}
     rest = {}
     for key, t in item.state.items():

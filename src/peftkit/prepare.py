@@ -158,23 +158,31 @@ def is_own_unfinished_run(out: Path, cfg: RunConfig) -> bool:
         return False
 
 
-def param_groups(model: torch.nn.Module, lr: float, head_lr: float | None) -> list[dict[str, Any]]:
-    """Optimizer groups: the method's parameters at ``lr``; the saved heads at ``head_lr`` if set."""
+def param_groups(model: torch.nn.Module, lr: float, head_lr: float | None,
+                 loraplus_lr_ratio: float | None = None) -> list[dict[str, Any]]:
+    """Optimizer groups: the method's parameters at ``lr``; the saved heads at ``head_lr`` if set;
+    with LoRA+ (``loraplus_lr_ratio``) the ``B`` factors of LoRA layers at ``lr * ratio``."""
     from .inject import is_under
     from .methods.base import injection_of, trainable_parameters
 
     params = trainable_parameters(model)
-    if head_lr is None:
-        return [{"params": list(params.values()), "lr": lr}]
-    heads = injection_of(model).modules_to_save
-    method = [p for n, p in params.items() if not is_under(n, heads)]
-    head = [p for n, p in params.items() if is_under(n, heads)]
-    return [g for g in ({"params": method, "lr": lr}, {"params": head, "lr": head_lr}) if g["params"]]
+    heads = injection_of(model).modules_to_save if head_lr is not None else []
+    groups: dict[str, dict[str, Any]] = {"method": {"params": [], "lr": lr},
+                                         "b": {"params": [], "lr": lr * (loraplus_lr_ratio or 1.0)},
+                                         "head": {"params": [], "lr": head_lr}}
+    for name, p in params.items():
+        if is_under(name, heads):
+            groups["head"]["params"].append(p)
+        elif loraplus_lr_ratio is not None and ".lora_B." in f".{name}":
+            groups["b"]["params"].append(p)
+        else:
+            groups["method"]["params"].append(p)
+    return [g for g in groups.values() if g["params"]]
 
 
 def build_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
     """AdamW (or bitsandbytes' 8-bit AdamW) over the trainable parameters' groups."""
-    groups = param_groups(model, tc.lr, tc.head_lr)
+    groups = param_groups(model, tc.lr, tc.head_lr, tc.loraplus_lr_ratio)
     if tc.optimizer == "adamw_8bit":
         from .quantize import require_bitsandbytes
 

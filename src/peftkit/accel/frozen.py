@@ -206,7 +206,7 @@ class FrozenLinears:
             self.products.append((m, FrozenProduct.of(m, dtype, pack)))
         by_layer = {id(layer): product for layer, product in self.products}
         self.fused = [(m, by_layer[id(m.base_layer)]) for m in model.modules()
-                      if isinstance(m, LoRALinear) and id(m.base_layer) in by_layer
+                      if isinstance(m, LoRALinear) and m.plain and id(m.base_layer) in by_layer
                       and type(m.lora_dropout) is nn.Identity] if fuse_lora else []
 
     def __len__(self) -> int:

@@ -13,6 +13,7 @@ The default target patterns below name the layers of the families peftkit knows
 from __future__ import annotations
 
 import math
+import re
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -77,8 +78,26 @@ class MethodConfig(BaseModel):
         return file_key.removeprefix(KEY_PREFIX)
 
 
+#: ``init_lora_weights`` values that start LoRA beside the base weights as they are
+PLAIN_INITS = (True, False, "gaussian")
+#: peft's layer-index patterns look for ``<pattern>.<index>.`` in a module name
+_DEFAULT_LAYER_INDEX = r".*?\.[^.]*\.(?P<idx>\d+)\."
+#: adapter_config.json keys that say nothing about the computation (metadata, defaults of other methods)
+_LORA_METADATA = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
+                  "peft_version", "auto_mapping", "megatron_core", "qalora_group_size", "layers_pattern"}
+
+
+def pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
+    """peft's ``rank_pattern`` / ``alpha_pattern`` rule: the first key that matches the end of
+    the module name (as a regex after a dot, or the whole name) gives the value."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
 class LoraConfig(MethodConfig):
-    """LoRA options, as written in a recipe's ``method:`` block."""
+    """LoRA options, as written in a recipe's ``method:`` block (peft's names where peft has them)."""
 
     peft_type: ClassVar[str] = "LORA"
 
@@ -91,62 +110,149 @@ class LoraConfig(MethodConfig):
     )
     exclude_modules: str | list[str] | None = None
     use_rslora: bool = Field(False, description="scale by alpha / sqrt(r) (rank-stabilised)")
+    use_dora: bool = Field(False, description="DoRA: a learned magnitude per output row times the "
+                                              "direction of W + s B A")
+    init_lora_weights: bool | str = Field(
+        True, description="true (A Kaiming-uniform, B zero), gaussian (A normal), false (both random), "
+                          "pissa / pissa_niter_N (the top singular directions of W; the base keeps the "
+                          "residual), olora (a QR factorisation of W; same)")
+    rank_pattern: dict[str, int] = Field(default_factory=dict, description="module pattern -> its own rank")
+    alpha_pattern: dict[str, float] = Field(default_factory=dict, description="module pattern -> its own alpha")
+    layers_to_transform: int | list[int] | None = Field(
+        None, description="only the blocks with these indices (with a list of target_modules)")
+    layers_pattern: str | list[str] | None = Field(None, description="what precedes the block index in a name")
+    lora_bias: bool = Field(False, description="B gets a trainable bias")
+
+    @model_validator(mode="after")
+    def _check_init(self) -> "LoraConfig":
+        init = self.init_lora_weights
+        if isinstance(init, str) and not (init in ("gaussian", "pissa", "olora")
+                                          or re.fullmatch(r"pissa_niter_[1-9]\d*", init)):
+            raise ValueError(f"init_lora_weights {init!r} is not one of true, false, gaussian, pissa, "
+                             "pissa_niter_N, olora")
+        if any(r <= 0 for r in self.rank_pattern.values()):
+            raise ValueError("rank_pattern ranks must be positive")
+        if self.use_dora and self.lora_bias:
+            raise ValueError("use_dora and lora_bias do not go together (a merged DoRA layer could not keep the bias)")
+        if self.use_dora and isinstance(init, str) and init.startswith("pissa_niter_"):
+            raise ValueError("use_dora needs init_lora_weights pissa (exact SVD), not a randomised pissa_niter_N")
+        return self
+
+    @property
+    def residual_init(self) -> str | None:
+        """``pissa``, ``pissa_niter_N`` or ``olora`` when the init changes the base weights, else None."""
+        return None if self.init_lora_weights in PLAIN_INITS else str(self.init_lora_weights)
+
+    def rank_for(self, name: str) -> int:
+        return int(pattern_value(self.rank_pattern, name, self.r))
+
+    def scaling_for(self, name: str) -> float:
+        """``s`` of the layer ``name``: its alpha over its rank (or the rank's square root)."""
+        r, alpha = self.rank_for(name), float(pattern_value(self.alpha_pattern, name, self.alpha))
+        return alpha / (math.sqrt(r) if self.use_rslora else r)
 
     def scaling(self) -> float:
+        """``s`` of layers that no pattern names."""
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def variant(self) -> str | None:
+        """The first option that makes this more than a pair of factors per layer with one scale
+        (``use_dora``, ``lora_bias``, a residual init, rank or alpha patterns), or None."""
+        for key, plain in (("use_dora", False), ("lora_bias", False), ("rank_pattern", {}),
+                           ("alpha_pattern", {})):
+            if getattr(self, key) != plain:
+                return key
+        return f"init_lora_weights={self.residual_init}" if self.residual_init else None
+
+    def in_layers(self, name: str) -> bool:
+        """peft's ``layers_to_transform`` rule for a targeted module ``name``."""
+        wanted = self.layers_to_transform
+        if wanted is None or wanted == [] or isinstance(self.target_modules, str):
+            return True
+        patterns = self.layers_pattern
+        patterns = [patterns] if isinstance(patterns, str) else patterns
+        found = None
+        if not patterns:
+            found = re.match(_DEFAULT_LAYER_INDEX, name)
+        else:
+            for pattern in patterns:
+                if (found := re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)) is not None:
+                    break
+        if found is None:
+            return False
+        index = int(found.group("idx"))
+        return index == wanted if isinstance(wanted, int) else index in wanted
 
     # --- the Hugging Face PEFT file format -------------------------------------------
     def to_peft(self, injection: Any, model: nn.Module) -> dict[str, Any]:
         """adapter_config.json fields as ``peft`` writes them for a LoRA adapter."""
         targets, modules_to_save = injection.replaced, injection.modules_to_save
         conv1d = any(getattr(model.get_submodule(n), "fan_in_fan_out", False) for n in targets)
+        listed = self.target_modules == ALL_LINEAR
         return {
             "peft_type": "LORA",
             "r": self.r,
             "lora_alpha": self.alpha,
             "lora_dropout": self.dropout,
             # all-linear is stored as the layers it chose, so any reader gets the same set
-            "target_modules": targets if self.target_modules == ALL_LINEAR else self.target_modules,
+            "target_modules": targets if listed else self.target_modules,
             "exclude_modules": self.exclude_modules,
             "modules_to_save": modules_to_save or None,
             "use_rslora": self.use_rslora,
             "fan_in_fan_out": conv1d,  # GPT-2's Conv1D stores weights transposed
             "bias": "none",
-            "init_lora_weights": True,
-            "use_dora": False,
-            "layers_to_transform": None,
-            "layers_pattern": None,
-            "rank_pattern": {},
-            "alpha_pattern": {},
+            "init_lora_weights": self.init_lora_weights,
+            "use_dora": self.use_dora,
+            # the chosen layers already honour layers_to_transform when they are listed
+            "layers_to_transform": None if listed else self.layers_to_transform,
+            "layers_pattern": None if listed else self.layers_pattern,
+            "rank_pattern": dict(self.rank_pattern),
+            "alpha_pattern": dict(self.alpha_pattern),
+            "lora_bias": self.lora_bias,
         }
 
     @classmethod
     def from_peft(cls, cfg: dict[str, Any]) -> "LoraConfig":
-        """Read a ``peft`` LoRA adapter_config.json; refuses options peftkit does not implement."""
-        unsupported = {
-            "use_dora": False, "bias": "none", "layers_to_transform": None, "lora_bias": False,
-            "rank_pattern": {}, "alpha_pattern": {}, "target_parameters": None,
-            "trainable_token_indices": None, "layer_replication": None, "use_qalora": False,
-        }
-        for key, neutral in unsupported.items():
-            if cfg.get(key, neutral) not in (neutral, None, {}, False):
-                raise PeftkitError(
-                    f"the adapter uses LoRA option {key}={cfg[key]!r}, which peftkit does not support",
-                    "adapter_config.json",
-                    "retrain without it, or load this adapter with peft",
-                )
+        """Read a ``peft`` LoRA adapter_config.json; refuses, naming it, any option whose effect
+        peftkit does not reproduce exactly."""
+        known = {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "modules_to_save",
+                 "use_rslora", "fan_in_fan_out", "init_lora_weights", "use_dora", "layers_to_transform",
+                 "rank_pattern", "alpha_pattern", "lora_bias"}
+        neutral = (None, False, {}, [], "none", "", "megatron.core")
+        for key, value in cfg.items():
+            if key not in known and key not in _LORA_METADATA and value not in neutral:
+                cls._refuse(key, value)
+        if cfg.get("bias", "none") != "none":
+            cls._refuse("bias", cfg["bias"])
+        init = cfg.get("init_lora_weights", True)
+        if init not in PLAIN_INITS and not (isinstance(init, str) and (init in ("pissa", "olora")
+                                                                       or init.startswith("pissa_niter_"))):
+            cls._refuse("init_lora_weights", init)
+        if isinstance(init, str) and init.startswith("pissa_niter_"):
+            cls._refuse("init_lora_weights", init, "its residual base comes from a randomised SVD that cannot "
+                        "be recomputed on load; convert it to a plain LoRA adapter with peft")
         targets = cfg.get("target_modules")
         if isinstance(targets, (list, tuple, set)):
             targets = sorted(targets)
-        return cls(
-            r=cfg["r"],
-            alpha=cfg.get("lora_alpha", 8),
-            dropout=cfg.get("lora_dropout", 0.0),
-            target_modules=targets,
-            exclude_modules=cfg.get("exclude_modules"),
-            modules_to_save=list(cfg.get("modules_to_save") or []),
-            use_rslora=bool(cfg.get("use_rslora", False)),
-        )
+        try:
+            return cls(
+                r=cfg["r"], alpha=cfg.get("lora_alpha", 8), dropout=cfg.get("lora_dropout", 0.0),
+                target_modules=targets, exclude_modules=cfg.get("exclude_modules"),
+                modules_to_save=list(cfg.get("modules_to_save") or []),
+                use_rslora=bool(cfg.get("use_rslora", False)), use_dora=bool(cfg.get("use_dora", False)),
+                init_lora_weights=init, rank_pattern=dict(cfg.get("rank_pattern") or {}),
+                alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
+                layers_to_transform=cfg.get("layers_to_transform"), layers_pattern=cfg.get("layers_pattern"),
+                lora_bias=bool(cfg.get("lora_bias", False)))
+        except ValueError as exc:
+            raise PeftkitError(f"the adapter's LoRA options are not valid ({str(exc).splitlines()[-1].strip()})",
+                               "adapter_config.json", "save the adapter again") from None
+
+    @staticmethod
+    def _refuse(key: str, value: Any, why: str = "") -> None:
+        raise PeftkitError(f"the adapter uses LoRA option {key}={value!r}, which peftkit does not reproduce"
+                           + (f" ({why})" if why else ""), "adapter_config.json",
+                           "retrain without it, or load this adapter with peft")
 
 
 class BottleneckConfig(MethodConfig):

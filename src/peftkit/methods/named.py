@@ -283,6 +283,10 @@ class NamedAdapters:
             raise PeftkitError(f"{method.name} adapters cannot share a base with other adapters", where,
                                "named adapters take LoRA, IA3, prompt and prefix adapters; load this one alone "
                                "(--adapter DIR)")
+        variant = method.variant() if isinstance(method, LoraConfig) else None
+        if variant not in (None, "rank_pattern", "alpha_pattern"):
+            raise PeftkitError(f"LoRA adapters with {variant} cannot share a base with other adapters yet", where,
+                               "load this one alone (--adapter DIR)")
         heads = resolve_modules_to_save(self._plain_view(), list(method.modules_to_save or []))
         if isinstance(method, TOKEN_METHODS):
             tokens, updates = self.tokens.check(method, state, where), {}
@@ -437,7 +441,7 @@ class NamedAdapters:
                         or b.shape[0] != out_f or a.shape[0] != b.shape[1]:
                     raise PeftkitError(f"the adapter's LoRA tensors for {path} do not fit a {in_f} -> {out_f} "
                                        "layer", where, fix)
-                updates[path] = _LoRA(a.to(device, dtype), b.to(device, dtype), method.scaling())
+                updates[path] = _LoRA(a.to(device, dtype), b.to(device, dtype), method.scaling_for(path))
             else:
                 ff = name_matches(path, method.feedforward_modules)
                 want = (1, in_f) if ff else (out_f, 1)

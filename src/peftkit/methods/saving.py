@@ -19,7 +19,8 @@ from .base import Injection, adapter_state_dict, apply_method, injection_of
 
 
 def save_adapter(model: nn.Module, directory: str | Path, *, base_model: str,
-                 task: str = "classification", meta: dict[str, Any] | None = None) -> Path:
+                 task: str = "classification", meta: dict[str, Any] | None = None,
+                 plain_lora: bool = False) -> Path:
     """Write the adapter of ``model`` (see :func:`peftkit.apply_method`) to ``directory``.
 
     Args:
@@ -28,12 +29,22 @@ def save_adapter(model: nn.Module, directory: str | Path, *, base_model: str,
         base_model: the base's name or path, stored as ``base_model_name_or_path``.
         task: the peftkit task; mapped to ``peft``'s ``task_type``.
         meta: extra facts for ``peftkit.json`` (``id2label``, ``max_length``...).
+        plain_lora: write a PiSSA/OLoRA adapter as a plain LoRA adapter of the original base
+            (:func:`~.lora.as_plain_lora`); always done for ``pissa_niter_N``, whose residual base
+            no reader could recompute.
     """
     inj = injection_of(model)
-    config = inj.method.to_peft(inj, model)
+    method, state = inj.method, adapter_state_dict(model)
+    niter = str(getattr(method, "residual_init", None) or "").startswith("pissa_niter_")
+    if plain_lora or niter:
+        from .lora import as_plain_lora
+
+        method, lora_state = as_plain_lora(model, method)
+        state = {**state, **lora_state}
+    config = method.to_peft(inj, model)
     config.update(task_type=TASK_TYPES.get(task, task), base_model_name_or_path=base_model,
                   inference_mode=True, revision=None)
-    state = {inj.method.file_key(k): v for k, v in adapter_state_dict(model).items()}
+    state = {method.file_key(k): v for k, v in state.items()}
     info = {"format": 1, "task": task, "base_model": base_model, **(meta or {})}
     return write_adapter(directory, config, state, info)
 
