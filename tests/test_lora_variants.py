@@ -245,3 +245,25 @@ def test_dora_loraplus_and_pissa_runs_train_save_and_predict(options, tuned_bert
     assert probs.shape == (2, 2)
     config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert config["use_dora"] == ("method.use_dora=true" in options)
+
+
+def test_named_adapters_and_combine_refuse_variants_they_do_not_compute(tmp_path, capsys):
+    from peftkit.adapter_io import read_adapter, read_adapter_weights
+    from peftkit.methods.named import NamedAdapters
+
+    from .test_errors import expect_error
+
+    base, ours = ours_made("bert", "dora")
+    save_adapter(ours, tmp_path / "dora", base_model="tiny")
+    _, plain = ours_made("bert", "layers")
+    save_adapter(plain, tmp_path / "plain", base_model="tiny")
+
+    files = read_adapter(tmp_path / "dora")
+    named = NamedAdapters(copy.deepcopy(base))
+    with pytest.raises(PeftkitError, match="use_dora cannot share a base") as err:
+        named.add("d", files.method_config(), read_adapter_weights(tmp_path / "dora", files.method_config()))
+    assert "\n" not in str(err.value) and named.names == []
+    capsys.readouterr()
+    expect_error(capsys, ["combine", "--adapter", f"a={tmp_path / 'dora'}", "--adapter", f"b={tmp_path / 'plain'}",
+                          "--weights", "0.5,0.5", "--output", str(tmp_path / "out")], "uses use_dora")
+    assert not (tmp_path / "out").exists()
