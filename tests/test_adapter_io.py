@@ -72,9 +72,13 @@ def test_not_an_adapter_and_damaged_weights(tmp_path):
 
 
 def test_unsupported_peft_options_are_refused(tmp_path):
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "use_dora": True}))
-    with pytest.raises(PeftkitError, match="use_dora"):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "use_qalora": True}))
+    with pytest.raises(PeftkitError, match="use_qalora"):
         read_adapter(tmp_path).method_config()
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    with pytest.raises(PeftkitError, match="not valid .target_modules") as err:
+        read_adapter(tmp_path).method_config()
+    assert "\n" not in str(err.value)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA"}))
     with pytest.raises(PeftkitError, match="LOHA"):
         read_adapter(tmp_path).method_config()

@@ -244,9 +244,11 @@ class LoraConfig(MethodConfig):
                 alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
                 layers_to_transform=cfg.get("layers_to_transform"), layers_pattern=cfg.get("layers_pattern"),
                 lora_bias=bool(cfg.get("lora_bias", False)))
-        except ValueError as exc:
-            raise PeftkitError(f"the adapter's LoRA options are not valid ({str(exc).splitlines()[-1].strip()})",
-                               "adapter_config.json", "save the adapter again") from None
+        except ValueError as exc:  # pydantic's ValidationError is one
+            first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
+            where = ".".join(str(p) for p in first["loc"])
+            raise PeftkitError(f"the adapter's LoRA options are not valid ({where + ': ' if where else ''}"
+                               f"{first['msg']})", "adapter_config.json", "save the adapter again") from None
 
     @staticmethod
     def _refuse(key: str, value: Any, why: str = "") -> None:
