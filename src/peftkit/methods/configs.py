@@ -84,7 +84,7 @@ PLAIN_INITS = (True, False, "gaussian")
 _DEFAULT_LAYER_INDEX = r".*?\.[^.]*\.(?P<idx>\d+)\."
 #: adapter_config.json keys that say nothing about the computation (metadata, defaults of other methods)
 _LORA_METADATA = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
-                  "peft_version", "auto_mapping", "megatron_core", "qalora_group_size", "layers_pattern"}
+                  "peft_version", "auto_mapping", "megatron_core", "qalora_group_size"}
 
 
 def pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
@@ -217,20 +217,16 @@ class LoraConfig(MethodConfig):
         peftkit does not reproduce exactly."""
         known = {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "modules_to_save",
                  "use_rslora", "fan_in_fan_out", "init_lora_weights", "use_dora", "layers_to_transform",
-                 "rank_pattern", "alpha_pattern", "lora_bias"}
+                 "layers_pattern", "rank_pattern", "alpha_pattern", "lora_bias"}
         neutral = (None, False, {}, [], "none", "", "megatron.core")
         for key, value in cfg.items():
             if key not in known and key not in _LORA_METADATA and value not in neutral:
                 cls._refuse(key, value)
-        if cfg.get("bias", "none") != "none":
-            cls._refuse("bias", cfg["bias"])
         init = cfg.get("init_lora_weights", True)
-        if init not in PLAIN_INITS and not (isinstance(init, str) and (init in ("pissa", "olora")
-                                                                       or init.startswith("pissa_niter_"))):
-            cls._refuse("init_lora_weights", init)
-        if isinstance(init, str) and init.startswith("pissa_niter_"):
+        if init not in (*PLAIN_INITS, "pissa", "olora"):
+            niter = isinstance(init, str) and init.startswith("pissa_niter_")
             cls._refuse("init_lora_weights", init, "its residual base comes from a randomised SVD that cannot "
-                        "be recomputed on load; convert it to a plain LoRA adapter with peft")
+                        "be recomputed on load; convert it to a plain LoRA adapter with peft" if niter else "")
         targets = cfg.get("target_modules")
         if isinstance(targets, (list, tuple, set)):
             targets = sorted(targets)

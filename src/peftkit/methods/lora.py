@@ -136,6 +136,10 @@ class LoRALinear(nn.Module):
         delta = (self.lora_B.weight @ self.lora_A.weight) * self.scaling
         return delta.T if self.fan_in_fan_out else delta
 
+    def _per_output(self, factor: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``(out,)`` factors shaped to scale the output rows of ``w`` in its own layout."""
+        return (factor.view(1, -1) if self.fan_in_fan_out else factor.view(-1, 1)).to(w.dtype)
+
     def _check_bias_merge(self) -> None:
         if self.lora_B.bias is not None and getattr(self.base_layer, "bias", None) is None:
             raise PeftkitError("a LoRA layer with lora_bias cannot merge into a layer without a bias", "merge",
@@ -150,10 +154,8 @@ class LoRALinear(nn.Module):
         self._check_bias_merge()
         w = self.base_layer.weight
         if self.lora_magnitude_vector is not None:
-            factor = self.lora_magnitude_vector / self.weight_norm()
-            self._merged_factor = factor
-            column = factor.view(1, -1) if self.fan_in_fan_out else factor.view(-1, 1)
-            w.copy_(((w + self.delta_weight().to(w.dtype)) * column.to(w.dtype)))
+            self._merged_factor = self.lora_magnitude_vector / self.weight_norm()
+            w.copy_((w + self.delta_weight().to(w.dtype)) * self._per_output(self._merged_factor, w))
         else:
             w.add_(self.delta_weight().to(w.dtype))
         if self.lora_B.bias is not None:
@@ -167,9 +169,7 @@ class LoRALinear(nn.Module):
             return
         w = self.base_layer.weight
         if self._merged_factor is not None:
-            factor = self._merged_factor
-            column = factor.view(1, -1) if self.fan_in_fan_out else factor.view(-1, 1)
-            w.copy_(w / column.to(w.dtype) - self.delta_weight().to(w.dtype))
+            w.copy_(w / self._per_output(self._merged_factor, w) - self.delta_weight().to(w.dtype))
             self._merged_factor = None
         else:
             w.sub_(self.delta_weight().to(w.dtype))
@@ -198,15 +198,14 @@ def residual_init(layer: LoRALinear, init: str) -> None:
         raise PeftkitError(f"init_lora_weights={init} needs the base's full weights", "method.init_lora_weights",
                            "initialise without quantization, or use init_lora_weights: true on a quantized base")
     dtype = base.weight.dtype
+    weight = base.weight.float()
     if init == "olora":
         if layer.fan_in_fan_out:
             raise PeftkitError("init_lora_weights=olora does not take Conv1D layers", "method.init_lora_weights",
                                "use pissa or the default init for GPT-2-style models")
-        weight = base.weight.float()
         q, r_ = torch.linalg.qr(weight)
         a, b = r_[:layer.r].contiguous(), q[:, :layer.r].contiguous()
     else:
-        weight = base.weight.float()
         weight = weight.T if layer.fan_in_fan_out else weight
         if init == "pissa":
             v, s, uh = torch.linalg.svd(weight, full_matrices=False)
@@ -217,7 +216,7 @@ def residual_init(layer: LoRALinear, init: str) -> None:
         root = torch.sqrt(s / layer.scaling)
         a, b = torch.diag(root) @ uh, v @ torch.diag(root)
     residual = weight - layer.scaling * (b @ a)
-    if layer.fan_in_fan_out and init != "olora":
+    if layer.fan_in_fan_out:  # back to Conv1D's layout (OLoRA refused it above)
         residual = residual.T
     base.weight.data = residual.to(dtype).contiguous()
     layer.lora_A.weight.data = a.to(layer.lora_A.weight.dtype)
