@@ -263,6 +263,9 @@ def test_named_adapters_and_combine_refuse_variants_they_do_not_compute(tmp_path
     with pytest.raises(PeftkitError, match="use_dora cannot share a base") as err:
         named.add("d", files.method_config(), read_adapter_weights(tmp_path / "dora", files.method_config()))
     assert "\n" not in str(err.value) and named.names == []
+    pissa = LoraConfig(r=4, target_modules=["query"], init_lora_weights="pissa", rank_pattern={"query": 2})
+    with pytest.raises(PeftkitError, match="init_lora_weights=pissa cannot share a base"):
+        named.add("p", pissa, {})  # a pattern beside the residual init must not hide it
     capsys.readouterr()
     expect_error(capsys, ["combine", "--adapter", f"a={tmp_path / 'dora'}", "--adapter", f"b={tmp_path / 'plain'}",
                           "--weights", "0.5,0.5", "--output", str(tmp_path / "out")], "uses use_dora")

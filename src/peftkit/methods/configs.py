@@ -156,13 +156,15 @@ class LoraConfig(MethodConfig):
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     def variant(self) -> str | None:
-        """The first option that makes this more than a pair of factors per layer with one scale
-        (``use_dora``, ``lora_bias``, a residual init, rank or alpha patterns), or None."""
-        for key, plain in (("use_dora", False), ("lora_bias", False), ("rank_pattern", {}),
-                           ("alpha_pattern", {})):
+        """The first option that makes this more than a pair of factors per layer with one scale,
+        or None: ``use_dora``, ``lora_bias``, a residual init, then rank or alpha patterns (last,
+        so a caller that takes patterns can accept those two names and nothing heavier hides)."""
+        for key, plain in (("use_dora", False), ("lora_bias", False)):
             if getattr(self, key) != plain:
                 return key
-        return f"init_lora_weights={self.residual_init}" if self.residual_init else None
+        if self.residual_init:
+            return f"init_lora_weights={self.residual_init}"
+        return next((key for key in ("rank_pattern", "alpha_pattern") if getattr(self, key)), None)
 
     def in_layers(self, name: str) -> bool:
         """peft's ``layers_to_transform`` rule for a targeted module ``name``."""
