@@ -30,9 +30,11 @@ LAYERS = [
     {"tasks", "data", "causal", "evaluate", "generation", "lm_loss", "token_cache", "checkpoint", "monitor",
      "plot"},
     {"methods.base", "methods.saving", "methods.lora", "methods.bottleneck", "methods.prefix", "methods.prompt",
-     "methods.ia3", "methods.inplace", "methods.named", "methods.named_tokens", "methods.combine"},
+     "methods.ia3", "methods.inplace", "methods.named", "methods.named_tokens", "methods.combine", "methods.vera",
+     "methods.lycoris", "methods.adalora", "methods.ptuning"},
     {"inject", "models", "quantize", "adapter_io", "assets", "precision"},
-    {"config", "errors", "fsio", "methods", "methods.configs", "methods.registry", "__init__"},
+    {"config", "errors", "fsio", "methods", "methods.configs", "methods.tuner_configs", "methods.registry",
+     "__init__"},
 ]
 ACCEL = {"accel", "accel.frozen", "accel.dropout", "accel.native"}
 #: who may import the speed layer (besides itself)

@@ -97,7 +97,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(out: Path, step: int, *, trainable: dict[str, torch.Tensor], best: dict[str, torch.Tensor],
                     optimizer: Any, scheduler: Any, scaler: Any, rngs: list[dict[str, Any]], loop: dict[str, Any],
-                    metrics: str, config: str, keep: int, best_step: int | None) -> Path:
+                    metrics: str, config: str, keep: int, best_step: int | None, method: Any = None) -> Path:
     """Write the checkpoint for ``step`` atomically, then prune old ones (keeping the best).
 
     Raises:
@@ -113,7 +113,8 @@ def save_checkpoint(out: Path, step: int, *, trainable: dict[str, torch.Tensor],
             if best:
                 save_file({k: v.detach().cpu().contiguous() for k, v in best.items()}, str(tmp / "best.safetensors"))
             state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict() if scaler is not None else None, "rngs": rngs}
+                     "scaler": scaler.state_dict() if scaler is not None else None, "rngs": rngs,
+                     "method": method}  # a method's own training state (AdaLoRA's importance scores)
             tree, tensors = encode_tree(state)
             save_file(tensors, str(tmp / STATE_TENSORS))
             (tmp / STATE_JSON).write_text(json.dumps(tree))

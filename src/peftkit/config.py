@@ -15,7 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import PeftkitError
-from .methods.configs import AnyMethod, LoraConfig, MethodConfig
+from .methods.configs import LoraConfig, MethodConfig
+from .methods.registry import AnyMethod
 from .methods.registry import METHODS
 
 

@@ -203,6 +203,7 @@ class Trainer:
 
         self.prep = prepare(cfg)
         self.model, self.task = self.prep.model, self.prep.task
+        self.schedule = self.model.peftkit.schedule
         self._report_setup()
         self._build_schedule()
         if resume_from is not None:
@@ -246,6 +247,10 @@ class Trainer:
         self.total_steps = tc.max_steps or max(1, int(self.steps_per_epoch * tc.epochs))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(tc.scheduler, int(tc.warmup_ratio * self.total_steps), self.total_steps))
+        budget = getattr(self.cfg.method, "total_step", None)
+        if self.schedule is not None and budget is not None and budget != self.total_steps:
+            self.say(f"note: method.total_step is {budget} but this run takes {self.total_steps} optimizer steps; "
+                     "the rank budget follows method.total_step")
 
     def _restore(self, path: Path) -> None:
         from .checkpoint import load_checkpoint, set_rng_state
@@ -262,6 +267,8 @@ class Trainer:
         set_rng_state(ck["rngs"][self.acc.process_index])
         if ck.get("scaler") is not None and self.acc.scaler is not None:
             self.acc.scaler.load_state_dict(ck["scaler"])
+        if self.schedule is not None:
+            self.schedule.load_state_dict(ck.get("method") or {})
         self.state = LoopState.from_json(ck["loop"])
         self._history = ck["metrics"]
         self.say(f"resuming from {path} (step {self.state.step})")
@@ -362,7 +369,8 @@ class Trainer:
             with self.speedups:  # from the forward through the backward, which uses it too
                 with self._autocast():
                     loss = self.task.loss(self.ddp_model, batch)
-                acc.backward(loss / self.tc.grad_accum)
+                    total = loss if self.schedule is None else loss + self.schedule.penalty()
+                acc.backward(total / self.tc.grad_accum)
         value = loss.detach().float().item()
         if not math.isfinite(value):
             raise PeftkitError(f"training loss became {value} at step {self.state.step + 1}", "train",
@@ -383,8 +391,10 @@ class Trainer:
             self.acc.clip_grad_norm_(self.params, self.tc.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
+        if self.schedule is not None:  # the method's own step (AdaLoRA's rank allocation) reads the gradients
+            self.schedule.after_step(self.state.step)
+        self.optimizer.zero_grad(set_to_none=True)
         self.progress.step()
 
     def log_train(self) -> None:
@@ -469,6 +479,7 @@ class Trainer:
         if self.main:
             save_checkpoint(self.out, st.step, trainable=trainable_state(self.model), best=self.best_state,
                             optimizer=self.optimizer, scheduler=self.scheduler, scaler=acc.scaler, rngs=rngs,
+                            method=self.schedule.state_dict() if self.schedule is not None else None,
                             loop=dataclasses.asdict(st), metrics=self.log.text, config=dump_config(self.cfg),
                             keep=self.tc.save_total_limit, best_step=st.best and st.best["step"])
         acc.wait_for_everyone()

@@ -4,8 +4,9 @@ torch) the operations they share.
 :mod:`.registry` maps a recipe's ``method.name`` to its config, its implementation and what it
 can do; :mod:`.configs` holds the torch-free options; :mod:`.base` applies, freezes, reports
 and merges; :mod:`.saving` writes and reads adapters in the PEFT file layout. One module per
-method implements it (``lora``, ``bottleneck``, ``prefix``, ``prompt``, ``ia3``, ``inplace``
-for BitFit and full fine-tuning). Nothing in this package imports the training loop, the
+method implements it (``lora``, ``vera``, ``lycoris`` for LoHa and LoKr, ``adalora``,
+``bottleneck``, ``prefix``, ``prompt``, ``ptuning``, ``ia3``, ``inplace`` for BitFit and full
+fine-tuning); :mod:`.tuner_configs` holds the options of the tuners beyond LoRA's own family. Nothing in this package imports the training loop, the
 entry points or the speed layer (:mod:`peftkit.accel`).
 """
 
@@ -15,7 +16,6 @@ import importlib
 from typing import Any
 
 from .configs import (
-    AnyMethod,
     BitFitConfig,
     BottleneckConfig,
     FullConfig,
@@ -25,7 +25,8 @@ from .configs import (
     PrefixTuningConfig,
     PromptTuningConfig,
 )
-from .registry import METHODS, PEFT_TYPES, Method
+from .registry import METHODS, PEFT_TYPES, AnyMethod, Method
+from .tuner_configs import AdaLoraConfig, LoHaConfig, LoKrConfig, PTuningConfig, VeraConfig
 
 #: names that need torch -> the module that defines them
 _LAZY = {
@@ -45,6 +46,7 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(f".{module}", __name__), name)
 
 
-__all__ = ["METHODS", "PEFT_TYPES", "AnyMethod", "BitFitConfig", "BottleneckConfig", "FullConfig", "IA3Config",
-           "LoraConfig", "Method", "MethodConfig", "PrefixTuningConfig", "PromptTuningConfig"]
+__all__ = ["METHODS", "PEFT_TYPES", "AdaLoraConfig", "AnyMethod", "BitFitConfig", "BottleneckConfig", "FullConfig",
+           "IA3Config", "LoHaConfig", "LoKrConfig", "LoraConfig", "Method", "MethodConfig", "PTuningConfig",
+           "PrefixTuningConfig", "PromptTuningConfig", "VeraConfig"]
 __all__ += sorted(_LAZY)

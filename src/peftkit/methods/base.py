@@ -26,7 +26,8 @@ class AdapterModule(Protocol):
     """A module that owns trainable adapter parameters.
 
     It may also define ``export_state()`` (the tensors written to an adapter file, when
-    they differ from the parameters, like prefix tuning's projected prefixes), set
+    they differ from the parameters, like prefix tuning's projected prefixes), list an untrained
+    buffer among its parameters when checkpoints must carry it (AdaLoRA's rank mask), set
     ``top_level = True`` when those keys are not under the module's own path, and define
     ``peft_fields()`` (adapter_config.json fields only the applied module knows, such as widths).
     """
@@ -45,12 +46,17 @@ class Injection:
         replaced: full names of the modules the method replaced or wrapped.
         modules_to_save: full names of modules trained and saved whole (heads).
         params: full names of base parameters trained in place (BitFit, full fine-tuning).
+        schedule: what the method itself does during training, or None (AdaLoRA's rank
+            allocation): ``penalty()`` is added to the training loss, ``after_step(step)`` runs
+            after each optimizer step with the gradients in place, and ``state_dict()`` /
+            ``load_state_dict()`` travel with checkpoints.
     """
 
     method: Any
     replaced: list[str] = field(default_factory=list)
     modules_to_save: list[str] = field(default_factory=list)
     params: list[str] = field(default_factory=list)
+    schedule: Any = None
 
 
 def injection_of(model: nn.Module) -> Injection:
@@ -201,7 +207,7 @@ def check_mergeable(model: nn.Module) -> None:
 
 def _mergeable(model: nn.Module) -> list[tuple[str, nn.Module]]:
     check_mergeable(model)
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterModule)]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterModule) and hasattr(m, "merge")]
 
 
 def merge(model: nn.Module) -> None:
@@ -227,6 +233,8 @@ def merge_and_unload(model: nn.Module) -> list[str]:
         module.merge()
         replace_module(model, name, module.base_layer)
         restored.append(name)
+    for name in [n for n, _ in model.named_children() if n.startswith("peftkit_")]:
+        delattr(model, name)  # state the layers shared (VeRA's projections)
     if hasattr(model, "peftkit"):
         del model.peftkit
     return restored

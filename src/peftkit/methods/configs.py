@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -59,6 +59,11 @@ class MethodConfig(BaseModel):
         None, description="modules trained and saved whole; default: the task head"
     )
 
+    @property
+    def label(self) -> str:
+        """The method as tables name it (LoRA adds its variants)."""
+        return self.name
+
     def to_peft(self, injection: Any, model: nn.Module) -> dict[str, Any]:
         """adapter_config.json fields for this method (``task_type`` and base are added by the writer)."""
         return {"peft_type": self.peft_type, **self.model_dump(exclude={"name"}),
@@ -83,8 +88,60 @@ PLAIN_INITS = (True, False, "gaussian")
 #: peft's layer-index patterns look for ``<pattern>.<index>.`` in a module name
 _DEFAULT_LAYER_INDEX = r".*?\.[^.]*\.(?P<idx>\d+)\."
 #: adapter_config.json keys that say nothing about the computation (metadata, defaults of other methods)
-_LORA_METADATA = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
-                  "peft_version", "auto_mapping", "megatron_core", "qalora_group_size"}
+METADATA = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
+            "peft_version", "auto_mapping", "megatron_core", "qalora_group_size"}
+#: values of an option peftkit does not know that leave peft's computation as it is
+_NEUTRAL = (None, False, {}, [], "none", "", "megatron.core")
+
+
+def refuse_unknown(cfg: dict[str, Any], known: set[str], kind: str) -> None:
+    """Refuse, naming it, the first adapter_config.json option outside ``known`` (and metadata)
+    whose value changes what peft computes: peftkit reads configs by allow-list, so a peft
+    option it does not reproduce can never load with wrong numbers."""
+    for key, value in cfg.items():
+        if key not in known and key not in METADATA and value not in _NEUTRAL:
+            refuse_option(kind, key, value)
+
+
+def refuse_option(kind: str, key: str, value: Any, why: str = "") -> None:
+    raise PeftkitError(f"the adapter uses {kind} option {key}={value!r}, which peftkit does not reproduce"
+                       + (f" ({why})" if why else ""), "adapter_config.json",
+                       "retrain without it, or load this adapter with peft")
+
+
+def validated(cls: type[BaseModel], kind: str, **fields: Any) -> Any:
+    """``cls(**fields)`` for a config read from a file; a validation error becomes one line."""
+    try:
+        return cls(**fields)
+    except ValueError as exc:  # pydantic's ValidationError is one
+        first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
+        where = ".".join(str(p) for p in first["loc"])
+        raise PeftkitError(f"the adapter's {kind} options are not valid ({where + ': ' if where else ''}"
+                           f"{first['msg']})", "adapter_config.json", "save the adapter again") from None
+
+
+def in_layers(name: str, wanted: int | list[int] | None, patterns: str | list[str] | None) -> bool:
+    """peft's ``layers_to_transform`` rule: is the targeted module ``name`` in a chosen block?
+    The block index follows ``<pattern>.`` (default: the second name part before a number)."""
+    if wanted is None or wanted == []:
+        return True
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+    found = None
+    if not patterns:
+        found = re.match(_DEFAULT_LAYER_INDEX, name)
+    else:
+        for pattern in patterns:
+            if (found := re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)) is not None:
+                break
+    if found is None:
+        return False
+    index = int(found.group("idx"))
+    return index == wanted if isinstance(wanted, int) else index in wanted
+
+
+def sorted_targets(targets: Any) -> Any:
+    """peft writes a target list as a set in any order: read it back sorted."""
+    return sorted(targets) if isinstance(targets, (list, tuple, set)) else targets
 
 
 def pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
@@ -167,23 +224,16 @@ class LoraConfig(MethodConfig):
         return next((key for key in ("rank_pattern", "alpha_pattern") if getattr(self, key)), None)
 
     def in_layers(self, name: str) -> bool:
-        """peft's ``layers_to_transform`` rule for a targeted module ``name``."""
-        wanted = self.layers_to_transform
-        if wanted is None or wanted == [] or isinstance(self.target_modules, str):
-            return True
-        patterns = self.layers_pattern
-        patterns = [patterns] if isinstance(patterns, str) else patterns
-        found = None
-        if not patterns:
-            found = re.match(_DEFAULT_LAYER_INDEX, name)
-        else:
-            for pattern in patterns:
-                if (found := re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)) is not None:
-                    break
-        if found is None:
-            return False
-        index = int(found.group("idx"))
-        return index == wanted if isinstance(wanted, int) else index in wanted
+        """peft's ``layers_to_transform`` rule for a targeted module ``name`` (a regex target
+        string already says which blocks it wants)."""
+        return isinstance(self.target_modules, str) or in_layers(name, self.layers_to_transform,
+                                                                 self.layers_pattern)
+
+    @property
+    def label(self) -> str:
+        """The method as tables name it: ``lora``, or ``lora+dora``, ``lora+pissa``..."""
+        extra = [k for k, on in (("dora", self.use_dora), ("rslora", self.use_rslora), ("bias", self.lora_bias)) if on]
+        return "+".join(["lora", *extra, *([str(self.init_lora_weights)] if self.residual_init else [])])
 
     # --- the Hugging Face PEFT file format -------------------------------------------
     def to_peft(self, injection: Any, model: nn.Module) -> dict[str, Any]:
@@ -220,39 +270,21 @@ class LoraConfig(MethodConfig):
         known = {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "modules_to_save",
                  "use_rslora", "fan_in_fan_out", "init_lora_weights", "use_dora", "layers_to_transform",
                  "layers_pattern", "rank_pattern", "alpha_pattern", "lora_bias"}
-        neutral = (None, False, {}, [], "none", "", "megatron.core")
-        for key, value in cfg.items():
-            if key not in known and key not in _LORA_METADATA and value not in neutral:
-                cls._refuse(key, value)
+        refuse_unknown(cfg, known, "LoRA")
         init = cfg.get("init_lora_weights", True)
         if init not in (*PLAIN_INITS, "pissa", "olora"):
             niter = isinstance(init, str) and init.startswith("pissa_niter_")
-            cls._refuse("init_lora_weights", init, "its residual base comes from a randomised SVD that cannot "
-                        "be recomputed on load; convert it to a plain LoRA adapter with peft" if niter else "")
-        targets = cfg.get("target_modules")
-        if isinstance(targets, (list, tuple, set)):
-            targets = sorted(targets)
-        try:
-            return cls(
-                r=cfg["r"], alpha=cfg.get("lora_alpha", 8), dropout=cfg.get("lora_dropout", 0.0),
-                target_modules=targets, exclude_modules=cfg.get("exclude_modules"),
-                modules_to_save=list(cfg.get("modules_to_save") or []),
-                use_rslora=bool(cfg.get("use_rslora", False)), use_dora=bool(cfg.get("use_dora", False)),
-                init_lora_weights=init, rank_pattern=dict(cfg.get("rank_pattern") or {}),
-                alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
-                layers_to_transform=cfg.get("layers_to_transform"), layers_pattern=cfg.get("layers_pattern"),
-                lora_bias=bool(cfg.get("lora_bias", False)))
-        except ValueError as exc:  # pydantic's ValidationError is one
-            first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
-            where = ".".join(str(p) for p in first["loc"])
-            raise PeftkitError(f"the adapter's LoRA options are not valid ({where + ': ' if where else ''}"
-                               f"{first['msg']})", "adapter_config.json", "save the adapter again") from None
-
-    @staticmethod
-    def _refuse(key: str, value: Any, why: str = "") -> None:
-        raise PeftkitError(f"the adapter uses LoRA option {key}={value!r}, which peftkit does not reproduce"
-                           + (f" ({why})" if why else ""), "adapter_config.json",
-                           "retrain without it, or load this adapter with peft")
+            refuse_option("LoRA", "init_lora_weights", init, "its residual base comes from a randomised SVD that "
+                          "cannot be recomputed on load; convert it to a plain LoRA adapter with peft" if niter else "")
+        return validated(
+            cls, "LoRA", r=cfg["r"], alpha=cfg.get("lora_alpha", 8), dropout=cfg.get("lora_dropout", 0.0),
+            target_modules=sorted_targets(cfg.get("target_modules")), exclude_modules=cfg.get("exclude_modules"),
+            modules_to_save=list(cfg.get("modules_to_save") or []),
+            use_rslora=bool(cfg.get("use_rslora", False)), use_dora=bool(cfg.get("use_dora", False)),
+            init_lora_weights=init, rank_pattern=dict(cfg.get("rank_pattern") or {}),
+            alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
+            layers_to_transform=cfg.get("layers_to_transform"), layers_pattern=cfg.get("layers_pattern"),
+            lora_bias=bool(cfg.get("lora_bias", False)))
 
 
 class BottleneckConfig(MethodConfig):
@@ -312,19 +344,27 @@ class IA3Config(MethodConfig):
 
     @classmethod
     def from_peft(cls, cfg: dict[str, Any]) -> "IA3Config":
-        def norm(v: Any) -> Any:
-            return sorted(v) if isinstance(v, (list, tuple, set)) else v
-
-        return cls(target_modules=norm(cfg["target_modules"]),
-                   feedforward_modules=norm(cfg.get("feedforward_modules") or []),
-                   exclude_modules=norm(cfg.get("exclude_modules")),
-                   modules_to_save=list(cfg.get("modules_to_save") or []))
+        refuse_unknown(cfg, {"target_modules", "feedforward_modules", "exclude_modules", "modules_to_save",
+                             "fan_in_fan_out", "init_ia3_weights"}, "IA3")
+        return validated(cls, "IA3", target_modules=sorted_targets(cfg["target_modules"]),
+                         feedforward_modules=sorted_targets(cfg.get("feedforward_modules") or []),
+                         exclude_modules=sorted_targets(cfg.get("exclude_modules")),
+                         modules_to_save=list(cfg.get("modules_to_save") or []))
 
 
 class PromptLearningConfig(MethodConfig):
     """What prompt and prefix tuning share: virtual tokens, and peft's file keys for them."""
 
     num_virtual_tokens: int = Field(20, gt=0, description="number of learned virtual tokens")
+
+    @staticmethod
+    def check_peft(cfg: dict[str, Any], known: set[str], kind: str) -> None:
+        """The checks every virtual-token adapter_config.json passes: one transformer stack (no
+        encoder-decoder models), and no option outside what peftkit reproduces."""
+        if cfg.get("num_transformer_submodules", 1) != 1:
+            raise PeftkitError(f"{kind} for encoder-decoder models is not supported", "adapter_config.json")
+        refuse_unknown(cfg, known | {"num_virtual_tokens", "token_dim", "num_transformer_submodules",
+                                     "num_attention_heads", "num_layers", "modules_to_save"}, kind)
 
     def file_key(self, key: str) -> str:
         return key if key == PROMPT_KEY else "base_model." + key
@@ -369,8 +409,8 @@ class PromptTuningConfig(PromptLearningConfig):
 
     @classmethod
     def from_peft(cls, cfg: dict[str, Any]) -> "PromptTuningConfig":
-        if cfg.get("num_transformer_submodules", 1) != 1:
-            raise PeftkitError("prompt tuning for encoder-decoder models is not supported", "adapter_config.json")
+        cls.check_peft(cfg, {"prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path",
+                             "tokenizer_kwargs"}, "prompt tuning")
         # the file's weights replace any initialisation: loading needs no tokenizer
         return cls(num_virtual_tokens=cfg["num_virtual_tokens"], init="random",
                    modules_to_save=list(cfg.get("modules_to_save") or []))
@@ -399,8 +439,7 @@ class PrefixTuningConfig(PromptLearningConfig):
 
     @classmethod
     def from_peft(cls, cfg: dict[str, Any]) -> "PrefixTuningConfig":
-        if cfg.get("num_transformer_submodules", 1) != 1:
-            raise PeftkitError("prefix tuning for encoder-decoder models is not supported", "adapter_config.json")
+        cls.check_peft(cfg, {"prefix_projection", "encoder_hidden_size"}, "prefix tuning")
         # files hold the projected prefixes: loading needs no MLP
         return cls(num_virtual_tokens=cfg["num_virtual_tokens"], prefix_projection=False, init="random",
                    modules_to_save=list(cfg.get("modules_to_save") or []))
@@ -420,14 +459,6 @@ class FullConfig(MethodConfig):
     peft_type: ClassVar[str] = "PEFTKIT_FULL"
 
     name: Literal["full"] = "full"
-
-
-#: every method's config class, in the order recipes and tables list them
-CONFIGS: tuple[type[MethodConfig], ...] = (LoraConfig, BottleneckConfig, PrefixTuningConfig, PromptTuningConfig,
-                                           IA3Config, BitFitConfig, FullConfig)
-
-#: the type of a recipe's ``method:`` block: one of the configs, chosen by ``name``
-AnyMethod = Annotated[Union[CONFIGS], Field(discriminator="name")]
 
 
 def module_fields(model: Any) -> dict[str, Any]:

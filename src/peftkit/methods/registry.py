@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Union
+
+from pydantic import Field
 
 from ..errors import PeftkitError
 from .configs import (
@@ -24,6 +26,7 @@ from .configs import (
     PrefixTuningConfig,
     PromptTuningConfig,
 )
+from .tuner_configs import AdaLoraConfig, LoHaConfig, LoKrConfig, PTuningConfig, VeraConfig
 
 if TYPE_CHECKING:
     from torch import nn
@@ -64,9 +67,14 @@ class Method:
 
 _ALL = (
     Method(LoraConfig, "lora:apply_lora", mergeable=True),
+    Method(VeraConfig, "vera:apply_vera", mergeable=True),
+    Method(LoHaConfig, "lycoris:apply_loha", mergeable=True),
+    Method(LoKrConfig, "lycoris:apply_lokr", mergeable=True),
+    Method(AdaLoraConfig, "adalora:apply_adalora", mergeable=True),
     Method(BottleneckConfig, "bottleneck:apply_bottleneck"),
     Method(PrefixTuningConfig, "prefix:apply_prefix", virtual_tokens=True),
     Method(PromptTuningConfig, "prompt:apply_prompt", virtual_tokens=True),
+    Method(PTuningConfig, "ptuning:apply_ptuning", virtual_tokens=True),
     Method(IA3Config, "ia3:apply_ia3", mergeable=True),
     Method(BitFitConfig, "inplace:apply_bitfit", mergeable=True),
     Method(FullConfig, "inplace:apply_full", mergeable=True, quantized_base=False),
@@ -76,6 +84,8 @@ _ALL = (
 METHODS: dict[str, Method] = {m.name: m for m in _ALL}
 #: the ``peft_type`` written in adapter_config.json -> our method name
 PEFT_TYPES: dict[str, str] = {m.config.peft_type: m.name for m in _ALL}
+#: the type of a recipe's ``method:`` block: one of the configs, chosen by ``name``
+AnyMethod = Annotated[Union[tuple(m.config for m in _ALL)], Field(discriminator="name")]
 
 
 def method_of(cfg: MethodConfig) -> Method:

@@ -1,0 +1,185 @@
+"""LoHa and LoKr (from the LyCORIS family): a frozen ``nn.Linear`` plus an update matrix built
+from small factors, ``y = W x + b + dW x``.
+
+- **LoHa**: ``dW = s * (W1a W1b) * (W2a W2b)`` (element-wise product of two rank-``r`` products;
+  ``W2b`` starts at zero).
+- **LoKr**: ``dW = s * kron(W1, W2)``, where ``out = a * b`` and ``in = c * d`` are split by
+  :func:`factorization`, ``W1`` is ``a x c`` (starting at zero) and ``W2`` is ``b x d``; a factor
+  is itself a rank-``r`` product ``Wa Wb`` when ``r`` is under half its larger side (for ``W1``
+  only with ``decompose_both``).
+
+``s = alpha / r``. During training, ``module_dropout`` skips a layer's whole update and
+``rank_dropout`` drops rows of ``dW`` (rescaling the rest for LoHa, and for LoKr with
+``rank_dropout_scale``). Parameter names, shapes and file keys follow peft's ``LOHA`` and
+``LOKR`` types; both take ``nn.Linear`` layers only (not GPT-2's ``Conv1D``), as peft does.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..errors import PeftkitError
+from ..inject import linear_shape, replace_module, select_targets
+from .base import Injection, finish
+from .tuner_configs import LoHaConfig, LoKrConfig, LycorisConfig
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """peft's split of ``dimension`` into ``(m, n)`` with ``m * n == dimension``: ``(factor,
+    dimension // factor)`` when ``factor`` divides it (in that order); else the divisor pair
+    nearest the square root whose small side stays within ``factor`` (-1: no limit), small side first."""
+    if factor > 0 and dimension % factor == 0:
+        return factor, dimension // factor
+    limit = dimension if factor == -1 else factor
+    m, n = 1, dimension
+    while m < n:
+        candidate = m + 1
+        while dimension % candidate:
+            candidate += 1
+        if candidate > limit:
+            break
+        m, n = candidate, dimension // candidate
+    return (n, m) if m > n else (m, n)
+
+
+def _kaiming(*shape: int, device: Any, dtype: torch.dtype) -> nn.Parameter:
+    p = nn.Parameter(torch.empty(*shape, device=device, dtype=dtype))
+    nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+    return p
+
+
+def _zeros(*shape: int, device: Any, dtype: torch.dtype) -> nn.Parameter:
+    return nn.Parameter(torch.zeros(*shape, device=device, dtype=dtype))
+
+
+class FactoredLinear(nn.Module):
+    """A frozen ``nn.Linear`` plus ``delta_weight()`` (``out x in``); subclasses own the factors
+    (registered as parameters under peft's names, listed in ``factor_names``)."""
+
+    factor_names: tuple[str, ...] = ()
+
+    def __init__(self, base_layer: nn.Module, scaling: float, rank_dropout: float, module_dropout: float,
+                 rescale_rows: bool):
+        super().__init__()
+        self.in_features, self.out_features, fan_in_fan_out = linear_shape(base_layer)
+        if fan_in_fan_out:
+            raise PeftkitError(f"{type(self).__name__} takes nn.Linear layers, not GPT-2's Conv1D", "method.name",
+                               "use lora, vera, adalora or ia3 for GPT-2-style models")
+        self.base_layer, self.merged = base_layer, False
+        self.scaling, self.rank_dropout, self.module_dropout = scaling, rank_dropout, module_dropout
+        self.rescale_rows = rescale_rows
+        weight = base_layer.weight
+        self._dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        return {name: getattr(self, name) for name in self.factor_names if getattr(self, name, None) is not None}
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _train_delta(self) -> torch.Tensor:
+        delta = self.delta_weight()
+        if self.training and self.rank_dropout:
+            keep = (torch.rand(delta.shape[0], device=delta.device) > self.rank_dropout).to(delta.dtype)
+            if self.rescale_rows:
+                keep = keep / keep.mean()
+            delta = delta * keep[:, None]
+        return delta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.merged or (self.training and self.module_dropout and torch.rand(1).item() <= self.module_dropout):
+            return out
+        delta = self._train_delta()
+        return out + F.linear(x.to(delta.dtype), delta).to(out.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            w = self.base_layer.weight
+            w.add_(self.delta_weight().to(w.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            w = self.base_layer.weight
+            w.sub_(self.delta_weight().to(w.dtype))
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"scaling={self.scaling:g}, merged={self.merged}"
+
+
+class LoHaLinear(FactoredLinear):
+    """LoHa: ``hada_w1_a`` / ``hada_w2_a`` ``(out, r)``, ``hada_w1_b`` / ``hada_w2_b`` ``(r, in)``."""
+
+    factor_names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+
+    def __init__(self, base_layer: nn.Module, r: int, scaling: float, rank_dropout: float = 0.0,
+                 module_dropout: float = 0.0):
+        super().__init__(base_layer, scaling, rank_dropout, module_dropout, rescale_rows=True)
+        kw = {"device": base_layer.weight.device, "dtype": self._dtype}
+        self.hada_w1_a, self.hada_w1_b = _kaiming(self.out_features, r, **kw), _kaiming(r, self.in_features, **kw)
+        self.hada_w2_a, self.hada_w2_b = _kaiming(self.out_features, r, **kw), _zeros(r, self.in_features, **kw)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b) * self.scaling
+
+
+class LoKrLinear(FactoredLinear):
+    """LoKr: ``lokr_w1`` (or ``lokr_w1_a @ lokr_w1_b``) Kronecker ``lokr_w2`` (or ``lokr_w2_a @ lokr_w2_b``)."""
+
+    factor_names = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+
+    def __init__(self, base_layer: nn.Module, r: int, scaling: float, *, rank_dropout: float = 0.0,
+                 module_dropout: float = 0.0, decompose_both: bool = False, decompose_factor: int = -1,
+                 rank_dropout_scale: bool = False):
+        super().__init__(base_layer, scaling, rank_dropout, module_dropout, rescale_rows=rank_dropout_scale)
+        (a, b), (c, d) = factorization(self.out_features, decompose_factor), factorization(self.in_features,
+                                                                                             decompose_factor)
+        kw = {"device": base_layer.weight.device, "dtype": self._dtype}
+        self.lokr_w1 = self.lokr_w1_a = self.lokr_w1_b = None
+        self.lokr_w2 = self.lokr_w2_a = self.lokr_w2_b = None
+        if decompose_both and r < max(a, c) / 2:  # the small factor starts at zero either way
+            self.lokr_w1_a, self.lokr_w1_b = _zeros(a, r, **kw), _kaiming(r, c, **kw)
+        else:
+            self.lokr_w1 = _zeros(a, c, **kw)
+        if r < max(b, d) / 2:
+            self.lokr_w2_a, self.lokr_w2_b = _kaiming(b, r, **kw), _kaiming(r, d, **kw)
+        else:
+            self.lokr_w2 = _kaiming(b, d, **kw)
+
+    def delta_weight(self) -> torch.Tensor:
+        w1 = self.lokr_w1 if self.lokr_w1 is not None else self.lokr_w1_a @ self.lokr_w1_b
+        w2 = self.lokr_w2 if self.lokr_w2 is not None else self.lokr_w2_a @ self.lokr_w2_b
+        return torch.kron(w1, w2.contiguous()) * self.scaling
+
+
+def _apply(model: nn.Module, cfg: LycorisConfig, modules_to_save: list[str], build: Any) -> Injection:
+    targets = [n for n in select_targets(model, cfg.target_modules, cfg.exclude_modules, skip=modules_to_save)
+               if cfg.in_layers(n)]
+    if not targets:
+        raise PeftkitError("no layer is left to adapt", "method.layers_to_transform", "name blocks the model has")
+    for name in targets:
+        replace_module(model, name, build(model.get_submodule(name), cfg.rank_for(name), cfg.scaling_for(name)))
+    return finish(model, cfg, replaced=targets, modules_to_save=modules_to_save)
+
+
+def apply_loha(model: nn.Module, cfg: LoHaConfig, modules_to_save: list[str], tokenizer: Any = None) -> Injection:
+    """Wrap the targeted linear layers of ``model`` with :class:`LoHaLinear`, in place."""
+    return _apply(model, cfg, modules_to_save,
+                  lambda base, r, s: LoHaLinear(base, r, s, cfg.rank_dropout, cfg.module_dropout))
+
+
+def apply_lokr(model: nn.Module, cfg: LoKrConfig, modules_to_save: list[str], tokenizer: Any = None) -> Injection:
+    """Wrap the targeted linear layers of ``model`` with :class:`LoKrLinear`, in place."""
+    return _apply(model, cfg, modules_to_save, lambda base, r, s: LoKrLinear(
+        base, r, s, rank_dropout=cfg.rank_dropout, module_dropout=cfg.module_dropout,
+        decompose_both=cfg.decompose_both, decompose_factor=cfg.decompose_factor,
+        rank_dropout_scale=cfg.rank_dropout_scale))
