@@ -67,7 +67,7 @@ def test_compare_checks_every_run_before_training(tiny_bert_dir, sentiment_dir, 
     (["method.name=prompt", "method.num_virtual_tokens=0"], "method.num_virtual_tokens"),
     (["method.name=adapter", "method.reduction_factor=100"], "larger than the hidden size 32"),
     (["method.name=prefix", "method.init=text"], "method.init"),
-    (["method.name=magic"], "choose one of: lora, adapter, prefix, prompt, ia3, bitfit, full"),
+    (["method.name=magic"], "choose one of: lora, vera, loha, lokr, adalora, adapter, prefix, prompt, ptuning, ia3, bitfit, full"),
 ])
 def test_bad_method_options_from_the_cli(overrides, needle, tiny_bert_dir, sentiment_dir, tmp_path, capsys):
     recipe = tiny_recipe(tmp_path, tiny_bert_dir, sentiment_dir)

@@ -109,7 +109,7 @@ def run_comparison(out: Path, configs: dict[str, RunConfig], echo=print) -> list
     for name, cfg in configs.items():
         summary = _finished(cfg)
         if summary is None:
-            echo(f"== {name}: {cfg.method.name}, output in {cfg.output_dir}")
+            echo(f"== {name}: {cfg.method.label}, output in {cfg.output_dir}")
             recipe = out / f"{name}.recipe.yaml"
             atomic_write_text(recipe, dump_config(cfg.model_copy(update={"overwrite": True, "resume": None})))
             code = subprocess.call([sys.executable, "-m", "peftkit", "train", str(recipe)])
@@ -117,7 +117,7 @@ def run_comparison(out: Path, configs: dict[str, RunConfig], echo=print) -> list
                 raise KeyboardInterrupt
             summary = _finished(cfg) if code == 0 else None
             if summary is None:
-                rows.append({"run": name, "method": cfg.method.name, "error": f"training exited with code {code}"})
+                rows.append({"run": name, "method": cfg.method.label, "error": f"training exited with code {code}"})
                 write_report(out, rows)
                 continue
         else:
@@ -131,7 +131,7 @@ def row_of(name: str, cfg: RunConfig, summary: dict[str, Any]) -> dict[str, Any]
     val, test = summary["validation"], summary.get("test") or {}
     return {
         "run": name,
-        "method": cfg.method.name,
+        "method": cfg.method.label,
         "trainable_params": summary["trainable_params"],
         "trainable_percent": summary["trainable_percent"],
         "peak_rss_mb": round(summary.get("peak_rss_bytes", 0) / 2**20, 1),
