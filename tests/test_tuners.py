@@ -245,3 +245,20 @@ def test_the_allow_list_covers_ia3_prompt_and_prefix_configs(kind, key, value, t
     METHODS[name].config.from_peft(cfg)  # reads as it is
     with pytest.raises(PeftkitError, match=key):
         METHODS[name].config.from_peft({**cfg, key: value})
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_every_tuner_trains_on_a_quantized_base(bits):
+    pytest.importorskip("bitsandbytes")
+    from peftkit.config import QuantizationConfig
+    from peftkit.quantize import quantize_model
+
+    for case in ("vera", "loha", "lokr", "adalora", "ptuning"):
+        base, targets = build("bert")
+        quantize_model(base, QuantizationConfig(bits=bits), skip=["classifier"])
+        apply_method(base, CASES[case][1](targets))
+        base.train()
+        base(input_ids=INPUT, attention_mask=MASK, labels=torch.tensor([0, 2])).loss.backward()
+        grads = [p.grad for p in trainable_parameters(base).values()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads), case
+        assert any(g.abs().sum() > 0 for g in grads), case

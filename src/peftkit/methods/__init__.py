@@ -36,6 +36,8 @@ _LAZY = {
                      "unmerge", "HEAD_NAMES", "check_mergeable"], "base"),
     **dict.fromkeys(["save_adapter", "load_adapter", "load_adapter_weights"], "saving"),
     "BottleneckAdapter": "bottleneck", "IA3Linear": "ia3", "LoRALinear": "lora", "NamedAdapters": "named",
+    "VeraLinear": "vera", "LoHaLinear": "lycoris", "LoKrLinear": "lycoris", "SVDLinear": "adalora",
+    "RankAllocator": "adalora", "PromptEncoder": "ptuning",
 }
 
 

@@ -8,8 +8,9 @@ from small factors, ``y = W x + b + dW x``.
   is itself a rank-``r`` product ``Wa Wb`` when ``r`` is under half its larger side (for ``W1``
   only with ``decompose_both``).
 
-``s = alpha / r``. During training, ``module_dropout`` skips a layer's whole update and
-``rank_dropout`` drops rows of ``dW`` (rescaling the rest for LoHa, and for LoKr with
+``s = alpha / r``. The forward pass never builds ``dW``: LoHa's update is a rank ``r^2``
+product, LoKr's two small matrix products. During training, ``module_dropout`` skips a layer's
+whole update and ``rank_dropout`` drops rows of ``dW`` (rescaling the rest for LoHa, and for LoKr with
 ``rank_dropout_scale``). Parameter names, shapes and file keys follow peft's ``LOHA`` and
 ``LOKR`` types; both take ``nn.Linear`` layers only (not GPT-2's ``Conv1D``), as peft does.
 """
@@ -80,23 +81,22 @@ class FactoredLinear(nn.Module):
         return {name: getattr(self, name) for name in self.factor_names if getattr(self, name, None) is not None}
 
     def delta_weight(self) -> torch.Tensor:
+        """``dW`` (``out x in``), for merging."""
         raise NotImplementedError
 
-    def _train_delta(self) -> torch.Tensor:
-        delta = self.delta_weight()
-        if self.training and self.rank_dropout:
-            keep = (torch.rand(delta.shape[0], device=delta.device) > self.rank_dropout).to(delta.dtype)
-            if self.rescale_rows:
-                keep = keep / keep.mean()
-            delta = delta * keep[:, None]
-        return delta
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        """``dW x`` without building ``dW`` (``x`` in the factors' dtype)."""
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         if self.merged or (self.training and self.module_dropout and torch.rand(1).item() <= self.module_dropout):
             return out
-        delta = self._train_delta()
-        return out + F.linear(x.to(delta.dtype), delta).to(out.dtype)
+        update = self.update(x.to(self._dtype))
+        if self.training and self.rank_dropout:  # dropping rows of dW drops those outputs of dW x
+            keep = (torch.rand(update.shape[-1], device=update.device) > self.rank_dropout).to(update.dtype)
+            update = update * (keep / keep.mean() if self.rescale_rows else keep)
+        return out + update.to(out.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -131,6 +131,14 @@ class LoHaLinear(FactoredLinear):
     def delta_weight(self) -> torch.Tensor:
         return (self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b) * self.scaling
 
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        # (A1 B1) * (A2 B2) = (A1 . A2)(B1 . B2): a rank r^2 product of the row-wise Kronecker
+        # products of A1, A2 (out x r^2) and the column-wise ones of B1, B2 (r^2 x in)
+        r = self.hada_w1_b.shape[0]
+        a = (self.hada_w1_a[:, :, None] * self.hada_w2_a[:, None, :]).reshape(self.out_features, r * r)
+        b = (self.hada_w1_b[:, None, :] * self.hada_w2_b[None, :, :]).reshape(r * r, self.in_features)
+        return F.linear(F.linear(x, b), a) * self.scaling
+
 
 class LoKrLinear(FactoredLinear):
     """LoKr: ``lokr_w1`` (or ``lokr_w1_a @ lokr_w1_b``) Kronecker ``lokr_w2`` (or ``lokr_w2_a @ lokr_w2_b``)."""
@@ -155,10 +163,21 @@ class LoKrLinear(FactoredLinear):
         else:
             self.lokr_w2 = _kaiming(b, d, **kw)
 
-    def delta_weight(self) -> torch.Tensor:
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         w1 = self.lokr_w1 if self.lokr_w1 is not None else self.lokr_w1_a @ self.lokr_w1_b
         w2 = self.lokr_w2 if self.lokr_w2 is not None else self.lokr_w2_a @ self.lokr_w2_b
+        return w1, w2
+
+    def delta_weight(self) -> torch.Tensor:
+        w1, w2 = self._factors()
         return torch.kron(w1, w2.contiguous()) * self.scaling
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        # kron(W1, W2) x = vec(W1 X W2^T) with x read as the (c x d) matrix X, row-major
+        w1, w2 = self._factors()
+        grid = x.reshape(*x.shape[:-1], w1.shape[1], w2.shape[1])
+        y = torch.matmul(torch.matmul(w1, grid), w2.T)  # (..., a, b)
+        return y.reshape(*x.shape[:-1], self.out_features) * self.scaling
 
 
 def _apply(model: nn.Module, cfg: LycorisConfig, modules_to_save: list[str], build: Any) -> Injection:
