@@ -262,3 +262,24 @@ def test_every_tuner_trains_on_a_quantized_base(bits):
         grads = [p.grad for p in trainable_parameters(base).values()]
         assert all(g is not None and torch.isfinite(g).all() for g in grads), case
         assert any(g.abs().sum() > 0 for g in grads), case
+
+
+@pytest.mark.parametrize("case", ["vera", "loha", "lokr", "adalora"])
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_all_linear_targets_both_ways(case, family, tmp_path):
+    """A second target set: peft's own all-linear one way, peftkit's (stored as the layers it chose) the other."""
+    base, _ = build(family)
+    ref = peft.get_peft_model(copy.deepcopy(base), CASES[case][0]("all-linear", family))
+    perturb([p for p in ref.parameters() if p.requires_grad], seed=3)
+    ref.save_pretrained(str(tmp_path / "p"))
+    ours = copy.deepcopy(base)
+    load_adapter(ours, tmp_path / "p")
+    assert (logits(ours) - logits(ref)).abs().max() <= 1e-5
+
+    mine = copy.deepcopy(base)
+    injection = apply_method(mine, CASES[case][1]("all-linear"))
+    assert len(injection.replaced) > 6 and not any(n.endswith(("classifier", "score")) for n in injection.replaced)
+    perturb(trainable_parameters(mine).values(), seed=4)
+    save_adapter(mine, tmp_path / "a", base_model="tiny")
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "a"))
+    assert (logits(back) - logits(mine)).abs().max() <= 1e-5
