@@ -329,6 +329,34 @@ def _pack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .multi import parse_specs
+    from .serve import Limits, serve
+
+    if not args.adapter:
+        raise PeftkitError("nothing to serve", "--adapter", "name at least one adapter: --adapter NAME=DIR")
+    limits = Limits(max_body=args.max_body, max_texts=args.max_texts, max_batch=args.max_batch,
+                    batch_wait=args.batch_wait_ms / 1000, max_queue=args.max_queue, timeout=args.timeout)
+    return serve(parse_specs(args.adapter), model=args.model, host=args.host, port=args.port,
+                 api_key=args.api_key or os.environ.get("PEFTKIT_API_KEY"), limits=limits)
+
+
+def _serve_command(sub: Any) -> None:
+    sv = sub.add_parser("serve", help="an HTTP API over several classification adapters of one base")
+    sv.add_argument("--adapter", action="append", default=[], help="NAME=DIR (or a folder); repeat")
+    sv.add_argument("--model", help="the base model (default: the one the adapters name)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set PEFTKIT_API_KEY)")
+    sv.add_argument("--max-batch", type=int, default=32, help="texts per forward pass")
+    sv.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
+    sv.add_argument("--max-queue", type=int, default=256, help="requests waiting; more are answered 429")
+    sv.add_argument("--max-texts", type=int, default=64, help="texts in one request")
+    sv.add_argument("--max-body", type=int, default=1 << 20, help="bytes in one request body")
+    sv.add_argument("--timeout", type=float, default=30.0, help="seconds a request may wait for its answer")
+    sv.set_defaults(run=_serve)
+
+
 def _adapter_file_commands(sub: Any) -> None:
     """combine and pack: commands that make adapter folders from adapter folders."""
     cb = sub.add_parser("combine", help="combine LoRA adapters of one base into one adapter (peft's weighted adapters)")
@@ -419,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _adapter_file_commands(sub)
 
+    _serve_command(sub)
     pl = sub.add_parser("plot", help="loss and metric curves of one run, or several overlaid")
     pl.add_argument("runs", nargs="+", metavar="RUN_DIR")
     pl.add_argument("--output", help="PNG to write (default: RUN_DIR/curves.png for one run, ./curves.png for several)")
