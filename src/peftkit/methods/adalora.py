@@ -20,11 +20,11 @@ from torch import nn
 
 from ..errors import PeftkitError
 from ..inject import is_linear, linear_shape, replace_module, select_targets
-from .base import Injection, finish
+from .base import AdditiveMerge, Injection, finish
 from .tuner_configs import AdaLoraConfig
 
 
-class SVDLinear(nn.Module):
+class SVDLinear(AdditiveMerge, nn.Module):
     """A frozen linear layer (``nn.Linear``, quantized ones included, or ``Conv1D``) plus an
     AdaLoRA update of rank ``r`` (``init_r`` while training, the kept ranks once loaded).
 
@@ -68,20 +68,6 @@ class SVDLinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         delta = self.lora_B @ (self.lora_A * self.lora_E) * self.scaling
         return delta.T if self.fan_in_fan_out else delta
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            w = self.base_layer.weight
-            w.add_(self.delta_weight().to(w.dtype))
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            w = self.base_layer.weight
-            w.sub_(self.delta_weight().to(w.dtype))
-            self.merged = False
 
     def extra_repr(self) -> str:
         return f"r={self.r}, kept={int(self.rank_mask.sum())}/{self.rank_mask.numel()}, merged={self.merged}"

@@ -37,6 +37,31 @@ class AdapterModule(Protocol):
         ...
 
 
+class AdditiveMerge:
+    """``merge`` / ``unmerge`` for a layer whose update is a weight difference: adds
+    ``delta_weight()`` (in the base weight's layout) to ``base_layer.weight``, and takes it out."""
+
+    merged: bool
+    base_layer: nn.Module
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            w = self.base_layer.weight
+            w.add_(self.delta_weight().to(w.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            w = self.base_layer.weight
+            w.sub_(self.delta_weight().to(w.dtype))
+            self.merged = False
+
+
 @dataclass
 class Injection:
     """What applying a method did to a model; kept on the model as ``model.peftkit``.

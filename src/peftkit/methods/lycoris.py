@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from ..errors import PeftkitError
 from ..inject import linear_shape, replace_module, select_targets
-from .base import Injection, finish
+from .base import AdditiveMerge, Injection, finish
 from .tuner_configs import LoHaConfig, LoKrConfig, LycorisConfig
 
 
@@ -58,7 +58,7 @@ def _zeros(*shape: int, device: Any, dtype: torch.dtype) -> nn.Parameter:
     return nn.Parameter(torch.zeros(*shape, device=device, dtype=dtype))
 
 
-class FactoredLinear(nn.Module):
+class FactoredLinear(AdditiveMerge, nn.Module):
     """A frozen ``nn.Linear`` plus ``delta_weight()`` (``out x in``); subclasses own the factors
     (registered as parameters under peft's names, listed in ``factor_names``)."""
 
@@ -97,20 +97,6 @@ class FactoredLinear(nn.Module):
             keep = (torch.rand(update.shape[-1], device=update.device) > self.rank_dropout).to(update.dtype)
             update = update * (keep / keep.mean() if self.rescale_rows else keep)
         return out + update.to(out.dtype)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            w = self.base_layer.weight
-            w.add_(self.delta_weight().to(w.dtype))
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            w = self.base_layer.weight
-            w.sub_(self.delta_weight().to(w.dtype))
-            self.merged = False
 
     def extra_repr(self) -> str:
         return f"scaling={self.scaling:g}, merged={self.merged}"

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from ..errors import PeftkitError
 from ..inject import is_linear, linear_shape, replace_module, select_targets
-from .base import Injection, finish
+from .base import AdditiveMerge, Injection, finish
 from .tuner_configs import VeraConfig
 
 
@@ -53,7 +53,7 @@ class VeraProjections(nn.Module):
         return {"vera_A": self.vera_A, "vera_B": self.vera_B} if self.saved else {}
 
 
-class VeraLinear(nn.Module):
+class VeraLinear(AdditiveMerge, nn.Module):
     """A frozen linear layer (``nn.Linear``, quantized ones included, or ``Conv1D``) with a VeRA update.
 
     Shapes: input ``(..., in_features)``, output ``(..., out_features)``.
@@ -92,20 +92,6 @@ class VeraLinear(nn.Module):
         a, b = self._projections()
         delta = (self.vera_lambda_b[:, None] * b) @ (self.vera_lambda_d[:, None] * a)
         return delta.T if self.fan_in_fan_out else delta
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            w = self.base_layer.weight
-            w.add_(self.delta_weight().to(w.dtype))
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            w = self.base_layer.weight
-            w.sub_(self.delta_weight().to(w.dtype))
-            self.merged = False
 
     def extra_repr(self) -> str:
         return f"r={self.vera_lambda_d.numel()}, merged={self.merged}"
