@@ -22,8 +22,9 @@ def test_every_shipped_recipe_validates(recipe):
         from peftkit.compare import load_comparison
 
         out, runs = load_comparison(recipe)
-        assert {cfg.method.name for cfg in runs.values()} == {"lora", "adapter", "prefix", "prompt", "ia3",
-                                                             "bitfit", "full"}
+        assert {cfg.method.name for cfg in runs.values()} == {"lora", "vera", "loha", "adalora", "adapter", "prefix",
+                                                             "prompt", "ia3", "bitfit", "full"}
+        assert {"lora+dora", "lora+pissa"} <= {cfg.method.label for cfg in runs.values()}
         assert all(cfg.output_dir == str(out / name) for name, cfg in runs.items())
     else:
         assert load_recipe(recipe).method.name == "lora"

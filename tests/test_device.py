@@ -22,7 +22,9 @@ if DEVICE.startswith("cuda") and not torch.cuda.is_available():
     pytest.skip(f"PEFTKIT_TEST_DEVICE={DEVICE} but no CUDA device is available", allow_module_level=True)
 
 CONFIGS = {"lora": {"r": 4, "alpha": 8}, "adapter": {"reduction_factor": 4}, "prefix": {"num_virtual_tokens": 3},
-           "prompt": {"num_virtual_tokens": 3}, "ia3": {}, "bitfit": {}, "full": {}}
+           "prompt": {"num_virtual_tokens": 3}, "ia3": {}, "bitfit": {}, "full": {}, "vera": {"r": 4},
+           "loha": {"r": 2, "alpha": 4}, "lokr": {"r": 2, "alpha": 4}, "ptuning": {"num_virtual_tokens": 3},
+           "adalora": {"init_r": 4, "target_r": 2, "total_step": 10}}
 
 
 def bert(seed: int = 0):
