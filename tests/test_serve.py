@@ -168,7 +168,8 @@ def test_bad_requests_get_their_status_and_the_server_keeps_serving(server, offl
 
 
 def test_a_full_queue_answers_429_with_retry_after(adapters):
-    proc, url = start_server(adapters, "--max-queue", "1", "--batch-wait-ms", "300", "--max-batch", "1")
+    # a batch waits up to 1 s for a second request, so the one-place queue fills and the rest are turned away
+    proc, url = start_server(adapters, "--max-queue", "1", "--batch-wait-ms", "1000", "--max-batch", "2")
     try:
         with ThreadPoolExecutor(12) as pool:
             answers = list(pool.map(lambda i: classify(url, "lora", TEXTS[:1]), range(12)))
@@ -183,9 +184,9 @@ def test_a_full_queue_answers_429_with_retry_after(adapters):
 
 
 def test_sigterm_during_load_drains_and_exits_0(adapters):
-    proc, url = start_server(adapters, "--max-batch", str(len(TEXTS) + 1))
+    proc, url = start_server(adapters, "--max-batch", "61")  # about one 60-text request a forward pass
     with ThreadPoolExecutor(16) as pool:
-        futures = [pool.submit(classify, url, "ia3", TEXTS) for _ in range(48)]
+        futures = [pool.submit(classify, url, "ia3", TEXTS * 10) for _ in range(48)]
         assert wait_for(lambda: httpx.get(url + "/health").json()["queue"] >= 2)
         proc.send_signal(signal.SIGTERM)  # while requests wait in the queue
         answered_before = sum(f.done() for f in futures)
