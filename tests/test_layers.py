@@ -26,7 +26,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "peftkit"
 
 LAYERS = [
     {"cli", "__main__"},
-    {"train", "predict", "multi", "compare", "prepare", "serve"},
+    {"train", "predict", "multi", "compare", "prepare", "serve", "serve_work", "serve_api", "serve_page"},
     {"tasks", "data", "causal", "evaluate", "generation", "lm_loss", "token_cache", "checkpoint", "monitor",
      "plot"},
     {"methods.base", "methods.saving", "methods.lora", "methods.bottleneck", "methods.prefix", "methods.prompt",

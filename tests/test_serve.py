@@ -135,8 +135,8 @@ def test_concurrent_clients_for_different_adapters_are_batched_and_never_mixed_u
         assert answer.json()["adapter"] == name
         assert_matches(answer.json()["results"], texts, offline[name])
     metrics = httpx.get(server + "/metrics").text
-    batches = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("peftkit_batch_texts_count")))
-    texts = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("peftkit_batch_texts_sum")))
+    batches = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("peftkit_batch_rows_count")))
+    texts = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("peftkit_batch_rows_sum")))
     assert texts / batches > 1.5  # requests of different clients and adapters shared forward passes
     assert 'peftkit_requests_total{adapter="ia3",endpoint="classify",status="200"}' in metrics
     assert "peftkit_request_seconds_bucket" in metrics and "peftkit_queue_depth" in metrics

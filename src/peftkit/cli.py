@@ -333,27 +333,42 @@ def _serve(args: argparse.Namespace) -> int:
     from .multi import parse_specs
     from .serve import Limits, serve
 
-    if not args.adapter:
-        raise PeftkitError("nothing to serve", "--adapter", "name at least one adapter: --adapter NAME=DIR")
+    if not args.adapter and not args.adapters_dir:
+        raise PeftkitError("nothing to serve", "--adapter", "name an adapter (--adapter NAME=DIR) or a folder of "
+                           "adapters (--adapters-dir DIR)")
+    for flag in ("max_batch", "max_queue", "max_texts", "max_body", "max_tokens", "max_input_tokens", "max_adapters"):
+        if getattr(args, flag) < 1:
+            raise PeftkitError(f"--{flag.replace('_', '-')} must be at least 1", f"--{flag.replace('_', '-')}")
     limits = Limits(max_body=args.max_body, max_texts=args.max_texts, max_batch=args.max_batch,
-                    batch_wait=args.batch_wait_ms / 1000, max_queue=args.max_queue, timeout=args.timeout)
-    return serve(parse_specs(args.adapter), model=args.model, host=args.host, port=args.port,
-                 api_key=args.api_key or os.environ.get("PEFTKIT_API_KEY"), limits=limits)
+                    batch_wait=args.batch_wait_ms / 1000, max_queue=args.max_queue, timeout=args.timeout,
+                    max_tokens=args.max_tokens, max_input_tokens=args.max_input_tokens, max_adapters=args.max_adapters)
+    return serve(parse_specs(args.adapter), model=args.model, adapters_dir=args.adapters_dir, runs=args.runs,
+                 host=args.host, port=args.port, api_key=args.api_key or os.environ.get("PEFTKIT_API_KEY"),
+                 limits=limits)
 
 
 def _serve_command(sub: Any) -> None:
-    sv = sub.add_parser("serve", help="an HTTP API over several classification adapters of one base")
+    sv = sub.add_parser("serve", help="an HTTP API and a web page over many adapters of one base")
     sv.add_argument("--adapter", action="append", default=[], help="NAME=DIR (or a folder); repeat")
+    sv.add_argument("--adapters-dir", help="serve every adapter folder in DIR under its folder name, loaded on "
+                    "first use")
+    sv.add_argument("--max-adapters", type=int, default=8, help="adapters from --adapters-dir kept loaded at once")
+    sv.add_argument("--runs", help="show the training runs in DIR on the web page")
     sv.add_argument("--model", help="the base model (default: the one the adapters name)")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set PEFTKIT_API_KEY)")
-    sv.add_argument("--max-batch", type=int, default=32, help="texts per forward pass")
+    sv.add_argument("--max-batch", type=int, default=32, help="texts per forward pass; sequences generated "
+                    "together")
     sv.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
     sv.add_argument("--max-queue", type=int, default=256, help="requests waiting; more are answered 429")
     sv.add_argument("--max-texts", type=int, default=64, help="texts in one request")
     sv.add_argument("--max-body", type=int, default=1 << 20, help="bytes in one request body")
-    sv.add_argument("--timeout", type=float, default=30.0, help="seconds a request may wait for its answer")
+    sv.add_argument("--timeout", type=float, default=30.0, help="seconds a request may wait for its answer "
+                    "(a stream: for its next token)")
+    sv.add_argument("--max-tokens", type=int, default=256, help="tokens one generation request may ask for")
+    sv.add_argument("--max-input-tokens", type=int, default=2048, help="prompt tokens one generation request "
+                    "may send")
     sv.set_defaults(run=_serve)
 
 

@@ -1,8 +1,11 @@
-"""Generation with an adapted causal LM: batches of prompts, left-padded, greedy or sampled."""
+"""Generation with an adapted causal LM: batches of prompts, left-padded, greedy or sampled
+(:func:`generate`), and step by step over a batch that rows join and leave (:class:`StepDecoder`,
+for a server's continuous batching)."""
 
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -37,3 +40,147 @@ def generate(model: nn.Module, tokenizer: Any, prompts: list[list[int]], max_new
             answers[i] = tokenizer.decode(row, skip_special_tokens=True)
     model.train(was_training)
     return answers
+
+
+@dataclass
+class Sequence:
+    """One prompt being answered token by token (:class:`StepDecoder`).
+
+    ``tokens`` grows by one per step until a stop id or ``max_new`` tokens; ``adapter`` is the
+    row's adapter for ``around`` (None: the base). ``finish`` is "stop" or "length" once done.
+    """
+
+    prompt: list[int]
+    max_new: int
+    adapter: str | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop_ids: frozenset[int] = frozenset()
+    tokens: list[int] = field(default_factory=list)
+    finish: str | None = None
+
+    def push(self, token: int) -> None:
+        if token in self.stop_ids:
+            self.finish = "stop"
+            return
+        self.tokens.append(token)
+        if len(self.tokens) >= self.max_new:
+            self.finish = "length"
+
+
+class StepDecoder:
+    """Continuous batching: sequences join and leave a running batch between decoding steps.
+
+    The batch keeps one key/value cache, left-padded: ``(rows, kv_heads, T, head_dim)`` per layer
+    and a ``(rows, T)`` mask of real positions. :meth:`add` runs the new prompts' prefill and
+    pads either side's cache on the left so they stack; :meth:`step` decodes one token for every
+    row (positions counted from each row's own first token, so padding changes nothing);
+    finished rows leave and columns no row needs are cut. ``around(adapters)`` is entered around
+    each forward pass (which adapter each row uses).
+    """
+
+    def __init__(self, model: nn.Module, pad_id: int, around: Callable[[list[str | None]], Any] | None = None,
+                 seed: int | None = None):
+        self.model, self.pad_id, self.around = model, pad_id, around
+        self.rows: list[Sequence] = []
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.mask: torch.Tensor | None = None
+        self.device = next(model.parameters()).device
+        self.rng = torch.Generator(device=self.device)
+        if seed is not None:
+            self.rng.manual_seed(seed)
+
+    @torch.inference_mode()
+    def add(self, rows: list[Sequence]) -> None:
+        """Prefill ``rows`` (one forward pass) and give each its first token."""
+        if not rows:
+            return
+        width = max(len(r.prompt) for r in rows)
+        ids = torch.tensor([[self.pad_id] * (width - len(r.prompt)) + r.prompt for r in rows], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in rows], device=self.device)
+        logits, kv = self._forward(rows, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), [])
+        if self.rows:
+            old, new = self.mask.shape[1], width
+            self.kv = [(torch.cat([_pad_left(k0, new - old), _pad_left(k1, old - new)]),
+                        torch.cat([_pad_left(v0, new - old), _pad_left(v1, old - new)]))
+                       for (k0, v0), (k1, v1) in zip(self.kv, kv)]
+            self.mask = torch.cat([_pad_left(self.mask, new - old, -1), _pad_left(mask, old - new, -1)])
+        else:
+            self.kv, self.mask = kv, mask
+        self.rows += rows
+        self._choose(rows, logits)
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One token for every unfinished row."""
+        if not self.rows:
+            return
+        ids = torch.tensor([[r.tokens[-1] if r.tokens else self.pad_id] for r in self.rows], device=self.device)
+        positions = self.mask.sum(-1, keepdim=True)
+        self.mask = torch.cat([self.mask, torch.ones_like(ids)], dim=1)
+        logits, self.kv = self._forward(self.rows, ids, self.mask, positions, self.kv)
+        self._choose(self.rows, logits)
+
+    def drop(self, gone: Callable[[Sequence], bool]) -> list[Sequence]:
+        """Take the rows ``gone`` picks (finished, or no longer wanted) out of the batch."""
+        keep = [i for i, r in enumerate(self.rows) if not gone(r)]
+        if len(keep) == len(self.rows):
+            return []
+        left = [r for i, r in enumerate(self.rows) if i not in set(keep)]
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.kv, self.mask = [], None
+            return left
+        index = torch.tensor(keep, device=self.device)
+        mask = self.mask[index]
+        first = int(mask.any(0).nonzero()[0])  # columns before it are padding in every row left
+        self.mask = mask[:, first:]
+        self.kv = [(k[index, :, first:], v[index, :, first:]) for k, v in self.kv]
+        return left
+
+    def _forward(self, rows: list[Sequence], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                 kv: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, list]:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=kv) if kv else DynamicCache()
+        with self.around([r.adapter for r in rows]) if self.around else nullcontext():
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                             use_cache=True, logits_to_keep=1)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        return out.logits[:, -1].float(), [(layer.keys, layer.values) for layer in cache.layers]
+
+    def _choose(self, rows: list[Sequence], logits: torch.Tensor) -> None:
+        for row, token in zip(rows, sample(logits, [r.temperature for r in rows], [r.top_p for r in rows],
+                                           self.rng)):
+            if row.finish is None:
+                row.push(int(token))
+
+
+def sample(logits: torch.Tensor, temperature: list[float], top_p: list[float],
+           rng: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of ``(rows, vocab)`` logits: the most likely where the row's temperature
+    is 0, else drawn from the softmax at that temperature, kept to the smallest set of tokens
+    whose probability reaches ``top_p`` (at least one)."""
+    chosen = logits.argmax(-1)
+    hot = [i for i, t in enumerate(temperature) if t > 0]
+    if not hot:
+        return chosen
+    index = torch.tensor(hot, device=logits.device)
+    temp = torch.tensor([temperature[i] for i in hot], device=logits.device)[:, None]
+    keep = torch.tensor([top_p[i] for i in hot], device=logits.device)[:, None]
+    probs = (logits[index] / temp).softmax(-1)
+    ordered, order = probs.sort(-1, descending=True)
+    outside = ordered.cumsum(-1) - ordered >= keep  # the mass before a token already reaches top_p
+    ordered = ordered.masked_fill(outside, 0.0)
+    picked = torch.multinomial(ordered, 1, generator=rng)
+    chosen[index] = order.gather(-1, picked)[:, 0]
+    return chosen
+
+
+def _pad_left(t: torch.Tensor, n: int, dim: int = -2) -> torch.Tensor:
+    """``t`` with ``n`` zero columns before the others along ``dim`` (nothing when ``n`` <= 0)."""
+    if n <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = n
+    return torch.cat([t.new_zeros(shape), t], dim=dim)

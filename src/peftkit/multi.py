@@ -100,10 +100,40 @@ class NamedModel:
     files: dict[str, AdapterFiles]
     base_model: str
     label_names: dict[str, list[str]] = field(default_factory=dict)
+    task: str = "classification"  # or "causal_lm"
 
     @property
     def names(self) -> list[str]:
         return self.adapters.names
+
+    def attach(self, name: str, path: str | Path) -> None:
+        """Load one more adapter (its folder at ``path``) onto the base, under ``name``.
+
+        Raises:
+            PeftkitError: the folder is unreadable, for the other task, or does not fit the base;
+                nothing is changed then.
+        """
+        _, task, loaded = read_specs([(check_name(name), Path(path))], self.base_model)
+        if task != self.task:
+            raise PeftkitError(f"the adapter is a {task} adapter; these adapters are {self.task} ones", str(path),
+                               "serve adapters of one task together")
+        item = loaded[name]
+        labels = None
+        if task == "classification":
+            from .predict import label_names_of
+
+            keep = list(item.files.method_config().modules_to_save or [])
+            labels = label_names_of(item.files, item.state, keep, self.base_model)
+        self.adapters.add(name, item.files.method_config(), item.state, where=str(item.files.path))
+        self.files[name] = item.files
+        if labels is not None:
+            self.label_names[name] = labels
+
+    def detach(self, name: str) -> None:
+        """Take the adapter ``name`` off the base."""
+        self.adapters.delete(name)
+        self.files.pop(name, None)
+        self.label_names.pop(name, None)
 
     def max_length(self, name: str) -> int:
         return int(self.files[name].meta.get("max_length") or min(512, self.tokenizer.model_max_length))
@@ -169,7 +199,7 @@ def load_named(specs: list[tuple[str, Path]], model: str | None = None, quantize
     adapters.set_active(next(iter(loaded)))
     base_model.model.eval()
     return NamedModel(base_model.model, base_model.tokenizer, adapters, {n: i.files for n, i in loaded.items()},
-                      base, labels)
+                      base, labels, task)
 
 
 def _quantize(model: Any, files: list[AdapterFiles], bits: int) -> None:

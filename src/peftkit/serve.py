@@ -1,16 +1,20 @@
-"""``peftkit serve``: an HTTP API over several classification adapters of one base.
+"""``peftkit serve``: an HTTP API and a web page over many adapters of one base.
 
-One base is loaded once with every adapter named on the command line (:func:`~.multi.load_named`).
-Requests from any number of clients, for any of the adapters, are gathered by :class:`Batcher`
-into mixed-adapter batches under a small time and size budget, and each batch is one forward
-pass (:func:`~.multi.predict_rows`), so an answer carries exactly the numbers ``peftkit predict``
-gives for its adapter. The app is FastAPI on uvicorn (ASGI), the standard Python pair; metrics
-are Prometheus text through ``prometheus-client``.
+One base is loaded once with every adapter named on the command line (:func:`~.multi.load_named`);
+with ``--adapters-dir``, adapter folders there are loaded on first use into a bounded LRU
+(:class:`~.serve_work.AdapterStore`). One worker thread runs the model: classification requests
+for any adapters are gathered into mixed-adapter batches, one forward pass each
+(:func:`~.multi.predict_rows`, so an answer carries exactly the numbers ``peftkit predict``
+gives), and generation requests share a running batch step by step (continuous batching). The
+app is FastAPI on uvicorn (ASGI), the standard Python pair; metrics are Prometheus text through
+``prometheus-client``.
 
-Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/classify`` and ``GET /metrics``.
-Errors are ``{"error": {"message", "type"}}`` with their HTTP status. Limits: body size (413),
-texts per request (400), a bounded queue (429 with ``Retry-After``), a per-request timeout
-(504) and an optional bearer key (401, compared in constant time).
+Endpoints: ``GET /`` (the page), ``GET /health``, ``GET /v1/models``, ``POST /v1/classify``,
+OpenAI's ``POST /v1/completions`` and ``POST /v1/chat/completions`` (``stream`` as server-sent
+events), ``GET /v1/runs`` (with ``--runs``) and ``GET /metrics``. Errors are ``{"error":
+{"message", "type"}}`` with their HTTP status. Limits: body size (413), texts per request and
+``max_tokens`` (400), a bounded queue (429 with ``Retry-After``), a per-request timeout (504) and
+an optional bearer key (401, compared in constant time).
 """
 
 from __future__ import annotations
@@ -18,115 +22,217 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
-import queue
 import signal
-import threading
 import time
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastapi import Request  # at module level: FastAPI resolves the handlers' annotations here
 
 from .errors import PeftkitError
+from .serve_api import (Sampling, bad, chat_prompt, completion, new_id, parse_classify, parse_messages, parse_prompt,
+                        parse_sampling, read_json, sse)
+from .serve_work import AdapterStore, ApiError, Batcher, Generator, Job, Limits, Metrics
 
+class Service:
+    """What the endpoints do, over one :class:`~.multi.NamedModel` (classifiers or causal LMs)."""
 
-@dataclass
-class Limits:
-    """What one request may ask, and how the server batches."""
+    def __init__(self, named: Any, limits: Limits, api_key: str | None = None, adapters_dir: Path | None = None,
+                 runs: Path | None = None, fixed: list[str] | None = None):
+        from .multi import predict_rows
 
-    max_body: int = 1 << 20  # bytes
-    max_texts: int = 64
-    max_batch: int = 32  # texts per forward pass
-    batch_wait: float = 0.005  # seconds a batch waits for more requests
-    max_queue: int = 256  # requests waiting; more get 429
-    timeout: float = 30.0  # seconds a request may wait for its answer
+        self.named, self.limits, self.api_key, self.runs = named, limits, api_key, runs
+        self.metrics = Metrics()
+        self.store = AdapterStore(named, adapters_dir, limits.max_adapters, self.metrics, fixed)
+        self.causal = named.task == "causal_lm"
+        if self.causal:
+            self.worker: Any = Generator(named, self.render, self.store, limits, self.metrics)
+        else:
+            self.worker = Batcher(lambda texts, names: self._classify_rows(predict_rows, texts, names), self.store,
+                                  limits, self.metrics)
+        self._encoders: dict[Any, Any] = {}
 
+    # ---- shared by the endpoints ----
+    def error(self, exc: ApiError, endpoint: str, adapter: str = "") -> Any:
+        from fastapi.responses import JSONResponse
 
-class ApiError(Exception):
-    """An error answer: its HTTP status, OpenAI-style type, message and headers."""
+        self.metrics.requests.labels(endpoint, adapter, str(exc.status)).inc()
+        return JSONResponse({"error": {"message": exc.message, "type": exc.kind}}, exc.status, headers=exc.headers)
 
-    def __init__(self, status: int, kind: str, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.kind, self.message, self.headers = status, kind, message, headers or {}
+    def done(self, endpoint: str, adapter: str, start: float) -> None:
+        self.metrics.requests.labels(endpoint, adapter, "200").inc()
+        self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
 
+    def authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), self.api_key.encode()):
+            raise ApiError(401, "authentication_error", "a valid 'Authorization: Bearer KEY' header is required",
+                           {"WWW-Authenticate": "Bearer"})
 
-@dataclass
-class _Job:
-    adapter: str
-    texts: list[str]
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
-    enqueued: float = field(default_factory=time.perf_counter)
+    async def body(self, request: Request, shape: str) -> dict[str, Any]:
+        """The request's JSON object, read up to the body limit (413 past it)."""
+        self.authorize(request)
+        declared, limit = request.headers.get("content-length"), self.limits.max_body
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, "invalid_request_error", f"the body is over {limit} bytes")
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise ApiError(413, "invalid_request_error", f"the body is over {limit} bytes")
+        data = read_json(body, shape)
+        name = data.get("adapter", data.get("model"))
+        if isinstance(name, str) and (name in self.named.names or self.store.path(name) or
+                                      (self.causal and name == self.named.base_model)):
+            request.state.adapter = name  # the metrics' adapter label: only names that exist
+        return data
 
+    def models(self) -> list[dict[str, Any]]:
+        task = self.named.task
+        data = [{"id": name, "object": "model", "owned_by": "peftkit", "task": task,
+                 "labels": self.named.label_names.get(name), "base": self.named.base_model, "loaded":
+                 name in self.named.names} for name in self.store.available()]
+        if self.causal:
+            data.append({"id": self.named.base_model, "object": "model", "owned_by": "peftkit", "task": task,
+                         "labels": None, "base": None, "loaded": True})
+        return data
 
-class Batcher:
-    """Gathers requests for any adapters into mixed batches, computed one at a time by a worker
-    thread (the model is not shared between threads)."""
+    # ---- classification ----
+    def _classify_rows(self, predict_rows: Any, texts: list[str], names: list[str]) -> list[tuple[Any, bool]]:
+        """Each text's probabilities under its adapter, and whether it was cut to the adapter's
+        max_length (on the worker thread)."""
+        rows = predict_rows(self.named, texts, names, batch_size=self.limits.max_batch)
+        lengths = [len(ids) for ids in self.named.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+        return [(row, n > self.named.max_length(name)) for row, n, name in zip(rows, lengths, names)]
 
-    def __init__(self, compute: Any, limits: Limits, metrics: Any = None):
-        self.compute, self.limits, self.metrics = compute, limits, metrics
-        self.jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=limits.max_queue)
-        self.thread = threading.Thread(target=self._run, name="peftkit-batcher", daemon=True)
-        self.thread.start()
+    async def classify(self, data: dict[str, Any]) -> dict[str, Any]:
+        if self.causal:
+            raise bad("this server serves causal-LM adapters: use /v1/completions or /v1/chat/completions")
+        adapter, texts = parse_classify(data, self.limits)
+        self.store.check(adapter)
+        rows = await self._answer(Job(adapter, texts, asyncio.get_running_loop(), None))
+        labels = self.named.label_names[adapter]
+        results = []
+        for probs, cut in rows:
+            scores = {label: float(p) for label, p in zip(labels, probs)}
+            results.append({"label": max(scores, key=scores.get), "scores": scores, "truncated": cut})
+        return {"adapter": adapter, "max_tokens": self.named.max_length(adapter), "results": results}
 
-    def submit(self, adapter: str, texts: list[str]) -> asyncio.Future:
-        """Queue a request; its future receives one probability row per text.
-
-        Raises:
-            ApiError: the queue is full (429).
-        """
-        loop = asyncio.get_running_loop()
-        job = _Job(adapter, texts, loop, loop.create_future())
+    async def _answer(self, job: Job) -> Any:
+        future = job.loop.create_future()
+        job.deliver = lambda value, error: _settle(future, value, error)
+        self.worker.submit(job)
         try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            raise ApiError(429, "rate_limit_error", "the server is busy; retry shortly",
-                           {"Retry-After": "1"}) from None
-        return job.future
+            return await asyncio.wait_for(future, self.limits.timeout)
+        except asyncio.TimeoutError:
+            raise ApiError(504, "timeout_error", f"no answer within {self.limits.timeout:g} s") from None
+        finally:
+            job.cancelled = True
 
-    def depth(self) -> int:
-        return self.jobs.qsize()
+    # ---- generation ----
+    def encoder(self, adapter: str | None) -> Any:
+        """The prompt format of ``adapter`` (None: the base's, its chat template if it has one)."""
+        from .causal import LMEncoder
+        from .config import DataConfig
+        from .predict import lm_encoder
 
-    def close(self) -> None:
-        self.jobs.put(None)
-        self.thread.join(timeout=10)
+        files = self.named.files.get(adapter) if adapter else None
+        key = (adapter, id(files))
+        if key not in self._encoders:
+            self._encoders[key] = lm_encoder(self.named.tokenizer, files) if files else \
+                LMEncoder(self.named.tokenizer, DataConfig())
+        return self._encoders[key]
 
-    def _gather(self, first: _Job) -> list[_Job]:
-        batch, size = [first], len(first.texts)
-        deadline = time.perf_counter() + self.limits.batch_wait
-        while size < self.limits.max_batch:
-            left = deadline - time.perf_counter()
+    def render(self, work: Any, adapter: str | None) -> tuple[Any, Any]:
+        """A request's token ids, stop tokens and text stream (on the worker thread)."""
+        from .generation import Sequence
+        from .serve_work import TextStream
+
+        tok, s = self.named.tokenizer, work.sampling
+        if self.named.adapters.adds_tokens(adapter):
+            raise bad(f"{adapter!r} is a prompt or prefix adapter; serve generates with LoRA and IA3 adapters so far")
+        enc = self.encoder(adapter)
+        if work.kind == "chat" and enc.chat:
+            ids, stops = chat_prompt(tok, work.prompt, enc.cfg.system_prompt), enc.stop_ids
+        elif work.kind == "chat":  # an adapter trained without a chat template: its own prompt format
+            last = next(m["content"] for m in reversed(work.prompt) if m["role"] == "user")
+            ids, stops = enc.prompt_ids(enc.prompt_text(last) if enc.cfg.prompt_template else last), enc.stop_ids
+        else:
+            ids, stops = tok(work.prompt)["input_ids"], [tok.eos_token_id]
+        window = getattr(self.named.model.config, "max_position_embeddings", None) or 1 << 30
+        if len(ids) > self.limits.max_input_tokens or len(ids) + s.max_tokens > window:
+            raise bad(f"the prompt is {len(ids)} tokens; with max_tokens={s.max_tokens} at most "
+                      f"{min(self.limits.max_input_tokens, window - s.max_tokens)} fit")
+        seq = Sequence(ids, s.max_tokens, adapter, s.temperature, s.top_p, frozenset(t for t in stops if t is not None))
+        return seq, TextStream(tok, s.stop)
+
+    async def generate(self, data: dict[str, Any], kind: str) -> Any:
+        """A completion (``kind`` "text") or chat answer, whole or streamed."""
+        from .serve_work import GenWork
+
+        if not self.causal:
+            raise bad("this server serves classifiers: use /v1/classify")
+        s = parse_sampling(data, self.limits, 16 if kind == "text" else self.limits.max_tokens)
+        prompt = parse_messages(data) if kind == "chat" else parse_prompt(data)
+        adapter = None if s.model == self.named.base_model else self.store.check(s.model)
+        events: asyncio.Queue = asyncio.Queue()
+        job = Job(adapter, GenWork(kind, s, prompt), asyncio.get_running_loop(),
+                  lambda value, error: events.put_nowait((value, error)))
+        self.worker.submit(job)
+        try:
+            first = await self._event(events, job)
+        except BaseException:
+            job.cancelled = True
+            raise
+        if s.stream:
+            return self._stream(kind, s, job, events, first)
+        text, finish = first
+        try:
+            while finish is None:
+                delta, finish = await self._event(events, job)
+                text += delta
+        finally:
+            job.cancelled = True
+        return completion(kind, s.model, text, finish, _usage(job.payload.seq))
+
+    async def _event(self, events: asyncio.Queue, job: Job) -> tuple[str, str | None]:
+        try:
+            value, error = await asyncio.wait_for(events.get(), self.limits.timeout)
+        except asyncio.TimeoutError:
+            raise ApiError(504, "timeout_error", f"no token within {self.limits.timeout:g} s") from None
+        if error is not None:
+            raise error
+        return value
+
+    def _stream(self, kind: str, s: Sampling, job: Job, events: asyncio.Queue, first: tuple[str, str | None]) -> Any:
+        from fastapi.responses import StreamingResponse
+
+        ident = new_id(kind)
+
+        async def chunks() -> Any:
+            (delta, finish), opening = first, True
             try:
-                job = self.jobs.get(timeout=left) if left > 0 else self.jobs.get_nowait()
-            except queue.Empty:
-                break
-            if job is None:
-                self.jobs.put(None)  # seen again by the loop, after this batch
-                break
-            batch.append(job)
-            size += len(job.texts)
-        return batch
+                while True:
+                    yield sse(completion(kind, s.model, delta, None, ident=ident, chunk=True, first=opening))
+                    opening = False
+                    if finish is not None:
+                        break
+                    delta, finish = await self._event(events, job)
+                yield sse(completion(kind, s.model, "", finish, _usage(job.payload.seq), ident=ident, chunk=True))
+                yield sse("[DONE]")
+            except ApiError as exc:  # the status line has gone: the error travels as an event
+                yield sse({"error": {"message": exc.message, "type": exc.kind}})
+            finally:
+                job.cancelled = True  # a client that went away frees its place in the batch
 
-    def _run(self) -> None:
-        while (first := self.jobs.get()) is not None:
-            batch = [j for j in self._gather(first) if not j.future.cancelled()]
-            if not batch:
-                continue
-            texts = [t for j in batch for t in j.texts]
-            names = [j.adapter for j in batch for _ in j.texts]
-            try:
-                rows = self.compute(texts, names)
-            except Exception as exc:  # every waiting request learns of it; the server keeps serving
-                for j in batch:
-                    j.loop.call_soon_threadsafe(_settle, j.future, None, exc)
-                continue
-            if self.metrics is not None:
-                self.metrics.batch_size.observe(len(texts))
-            start = 0
-            for j in batch:
-                j.loop.call_soon_threadsafe(_settle, j.future, rows[start:start + len(j.texts)], None)
-                start += len(j.texts)
+        return StreamingResponse(chunks(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _usage(seq: Any) -> dict[str, int]:
+    return {"prompt_tokens": len(seq.prompt), "completion_tokens": len(seq.tokens),
+            "total_tokens": len(seq.prompt) + len(seq.tokens)}
 
 
 def _settle(future: asyncio.Future, value: Any, error: BaseException | None) -> None:
@@ -138,134 +244,66 @@ def _settle(future: asyncio.Future, value: Any, error: BaseException | None) -> 
         future.set_result(value)
 
 
-class Metrics:
-    """The Prometheus series the server exports (its own registry, so apps never collide)."""
-
-    def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-        self.registry = CollectorRegistry()
-        self.requests = Counter("peftkit_requests", "requests answered", ["endpoint", "adapter", "status"],
-                                registry=self.registry)
-        self.latency = Histogram("peftkit_request_seconds", "time to answer a request", ["endpoint"],
-                                 registry=self.registry,
-                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-        self.batch_size = Histogram("peftkit_batch_texts", "texts per forward pass", registry=self.registry,
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-        self.queue_depth = Gauge("peftkit_queue_depth", "requests waiting for a batch", registry=self.registry)
-        self.adapters = Gauge("peftkit_adapters_loaded", "adapters in memory", registry=self.registry)
-
-    def text(self) -> bytes:
-        from prometheus_client import generate_latest
-
-        return generate_latest(self.registry)
-
-
-def parse_classify(body: bytes, known: list[str], limits: Limits) -> tuple[str, list[str]]:
-    """The adapter and texts of a ``/v1/classify`` body, or the 400/404 that says what is wrong."""
-    try:
-        data = json.loads(body.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ApiError(400, "invalid_request_error", "the body is not valid UTF-8") from None
-    except json.JSONDecodeError as exc:
-        raise ApiError(400, "invalid_request_error", f"the body is not valid JSON ({exc.msg})") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "invalid_request_error", 'expected a JSON object {"adapter": ..., "texts": [...]}')
-    adapter, texts = data.get("adapter"), data.get("texts")
-    if not isinstance(adapter, str):
-        raise ApiError(400, "invalid_request_error", f"'adapter' must be a string, one of: {', '.join(known)}")
-    if adapter not in known:
-        raise ApiError(404, "not_found_error", f"no adapter named {adapter[:64]!r}; loaded: {', '.join(known)}")
-    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-        raise ApiError(400, "invalid_request_error", "'texts' must be a non-empty list of strings")
-    if len(texts) > limits.max_texts:
-        raise ApiError(400, "invalid_request_error", f"{len(texts)} texts in one request; at most {limits.max_texts}")
-    return adapter, texts
-
-
-def create_app(named: Any, limits: Limits | None = None, api_key: str | None = None) -> Any:
-    """The FastAPI app over ``named`` (a :class:`~.multi.NamedModel` of classifiers)."""
+def create_app(named: Any, limits: Limits | None = None, api_key: str | None = None,
+               adapters_dir: Path | None = None, runs: Path | None = None, fixed: list[str] | None = None) -> Any:
+    """The FastAPI app over ``named`` (a :class:`~.multi.NamedModel`); ``fixed`` are the adapters
+    that stay loaded (default: all of ``named``'s), the others came from ``adapters_dir``."""
     from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, Response
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-    from .multi import predict_rows
+    from .serve_page import page_html, read_runs
 
-    limits = limits or Limits()
-    metrics = Metrics()
-    metrics.adapters.set(len(named.names))
-    batcher = Batcher(lambda texts, names: predict_rows(named, texts, names, batch_size=limits.max_batch),
-                      limits, metrics)
+    service = Service(named, limits or Limits(), api_key, adapters_dir, runs, fixed)
     app = FastAPI(title="peftkit", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.batcher = batcher
-    tokenizer = named.tokenizer
+    app.state.service = service
 
-    def error(exc: ApiError, endpoint: str, adapter: str = "") -> JSONResponse:
-        metrics.requests.labels(endpoint, adapter, str(exc.status)).inc()
-        return JSONResponse({"error": {"message": exc.message, "type": exc.kind}}, exc.status, headers=exc.headers)
-
-    def authorize(request: Request) -> None:
-        if api_key is None:
-            return
-        sent = request.headers.get("authorization", "")
-        scheme, _, token = sent.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), api_key.encode()):
-            raise ApiError(401, "authentication_error", "a valid 'Authorization: Bearer KEY' header is required",
-                           {"WWW-Authenticate": "Bearer"})
-
-    async def read_body(request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limits.max_body:
-            raise ApiError(413, "invalid_request_error", f"the body is over {limits.max_body} bytes")
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limits.max_body:
-                raise ApiError(413, "invalid_request_error", f"the body is over {limits.max_body} bytes")
-        return body
+    def endpoint(path: str, name: str, method: str = "post") -> Any:
+        def register(handler: Any) -> Any:
+            async def run(request: Request) -> Any:
+                start = time.perf_counter()
+                try:
+                    answer = await handler(request)
+                except ApiError as exc:
+                    return service.error(exc, name, getattr(request.state, "adapter", ""))
+                service.done(name, getattr(request.state, "adapter", ""), start)
+                return answer
+            return getattr(app, method)(path)(run)
+        return register
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "adapters": len(named.names), "queue": batcher.depth()}
+        return {"status": "ok", "task": named.task, "adapters": len(named.names), "queue": service.worker.depth()}
 
-    @app.get("/v1/models")
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> str:
+        return page_html()
+
+    @endpoint("/v1/models", "models", "get")
     async def models(request: Request) -> Any:
-        try:
-            authorize(request)
-        except ApiError as exc:
-            return error(exc, "models")
-        data = [{"id": name, "object": "model", "owned_by": "peftkit", "task": "classification",
-                 "labels": named.label_names[name], "base": named.base_model} for name in named.names]
-        return {"object": "list", "data": data}
+        service.authorize(request)
+        return {"object": "list", "data": service.models()}
 
-    @app.post("/v1/classify")
+    @endpoint("/v1/runs", "runs", "get")
+    async def runs_list(request: Request) -> Any:
+        service.authorize(request)
+        return read_runs(runs)
+
+    @endpoint("/v1/classify", "classify")
     async def classify(request: Request) -> Any:
-        start, adapter = time.perf_counter(), ""
-        try:
-            authorize(request)
-            adapter, texts = parse_classify(await read_body(request), named.names, limits)
-            future = batcher.submit(adapter, texts)
-            metrics.queue_depth.set(batcher.depth())
-            try:
-                rows = await asyncio.wait_for(future, limits.timeout)
-            except asyncio.TimeoutError:
-                raise ApiError(504, "timeout_error", f"no answer within {limits.timeout:g} s") from None
-        except ApiError as exc:
-            return error(exc, "classify", adapter)
-        labels = named.label_names[adapter]
-        limit = named.max_length(adapter)
-        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
-        results = []
-        for row, n in zip(rows, lengths):
-            scores = {label: float(p) for label, p in zip(labels, row)}
-            results.append({"label": max(scores, key=scores.get), "scores": scores, "truncated": n > limit})
-        metrics.requests.labels("classify", adapter, "200").inc()
-        metrics.latency.labels("classify").observe(time.perf_counter() - start)
-        return {"adapter": adapter, "max_tokens": limit, "results": results}
+        return await service.classify(await service.body(request, '{"adapter": ..., "texts": [...]}'))
+
+    @endpoint("/v1/completions", "completions")
+    async def completions(request: Request) -> Any:
+        return await service.generate(await service.body(request, '{"model": ..., "prompt": ...}'), "text")
+
+    @endpoint("/v1/chat/completions", "chat")
+    async def chat(request: Request) -> Any:
+        return await service.generate(await service.body(request, '{"model": ..., "messages": [...]}'), "chat")
 
     @app.get("/metrics")
     async def metrics_text() -> Response:
-        metrics.queue_depth.set(batcher.depth())
-        return Response(metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        service.metrics.queue_depth.set(service.worker.depth())
+        return Response(service.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -275,30 +313,60 @@ def create_app(named: Any, limits: Limits | None = None, api_key: str | None = N
     return app
 
 
-def serve(specs: list[tuple[str, Any]], *, model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, limits: Limits | None = None, echo: Any = print) -> int:
+def serve(specs: list[tuple[str, Any]], *, model: str | None = None, adapters_dir: str | Path | None = None,
+          runs: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          limits: Limits | None = None, echo: Any = print) -> int:
     """Load the adapters and serve them until SIGINT/SIGTERM (uvicorn stops accepting, lets the
-    requests in flight finish, then returns); returns the exit code."""
+    requests in flight finish, then returns); returns the exit code.
+
+    Raises:
+        PeftkitError: nothing to serve, a folder that is not there, an adapter without
+            safetensors, adapters that cannot share the base.
+    """
     import uvicorn
 
+    from .adapter_io import CONFIG_FILE, WEIGHTS_FILE
+    from .methods.named import NAME
     from .multi import load_named
 
-    named = load_named(specs, model)
-    if any(f.meta.get("task") == "causal_lm" or f.config.get("task_type") == "CAUSAL_LM"
-           for f in named.files.values()):
-        raise PeftkitError("serve answers classification adapters so far; causal-LM adapters are not served yet",
-                           "--adapter", "serve classifiers, or use peftkit generate")
-    app = create_app(named, limits, api_key)
-    echo(f"serving {', '.join(named.names)} on {named.base_model} at http://{host}:{port}")
-    server = _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+    folder = _folder(adapters_dir, "--adapters-dir") if adapters_dir else None
+    runs = _folder(runs, "--runs") if runs else None
+    first = specs
+    if not specs:  # the base and task come from the first adapter of the folder
+        found = [(p.name, p) for p in sorted(folder.iterdir())] if folder else []
+        first = [next(((n, p) for n, p in found if NAME.fullmatch(n) and (p / CONFIG_FILE).is_file()
+                       and (p / WEIGHTS_FILE).is_file()), None)]
+        if first[0] is None:
+            raise PeftkitError("nothing to serve", "--adapter", "name an adapter (--adapter NAME=DIR), or put adapter "
+                               "folders in --adapters-dir")
+    for name, path in first:
+        if not (Path(path) / WEIGHTS_FILE).is_file():
+            raise PeftkitError(f"adapter {name!r} has no {WEIGHTS_FILE}; serve reads safetensors only", str(path),
+                               "save the adapter again with peftkit or peft (safetensors)")
+    named = load_named(first, model)
+    tokens = [n for n in named.names if named.task == "causal_lm" and named.adapters.adds_tokens(n)]
+    if tokens:
+        raise PeftkitError(f"{tokens[0]!r} is a prompt or prefix causal-LM adapter; serve generates with LoRA and "
+                           "IA3 adapters so far", "--adapter", "serve it with peftkit generate")
+    app = create_app(named, limits, api_key, folder, runs, fixed=[n for n, _ in specs])
+    shown = ", ".join(named.names) + (f" and the adapters in {folder}" if folder else "")
+    echo(f"serving {shown} on {named.base_model} at http://{host}:{port}")
+    server = _server_class()(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
     try:
         server.run()
     finally:
-        app.state.batcher.close()
+        app.state.service.worker.close()
     return 0
 
 
+def _folder(path: str | Path, flag: str) -> Path:
+    if not Path(path).is_dir():
+        raise PeftkitError(f"{path} is not a folder", flag, "pass an existing folder")
+    return Path(path)
+
+
 def _server_class() -> type:
+    """uvicorn's Server class with a clean exit (built here, once uvicorn is imported)."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -315,7 +383,3 @@ def _server_class() -> type:
                     signal.signal(sig, handler)
 
     return Server
-
-
-def _Server(config: Any) -> Any:  # noqa: N802 - builds the subclass only once uvicorn is imported
-    return _server_class()(config)
