@@ -208,3 +208,61 @@ def test_serve_refuses_bad_setups_on_one_line(capsys, tmp_path):
 
     expect_error(capsys, ["serve"], "--adapter NAME=DIR")
     expect_error(capsys, ["serve", "--adapter", f"a={tmp_path}"], "adapter_config.json")
+    expect_error(capsys, ["serve", "--adapters-dir", str(tmp_path / "missing")], "is not a folder")
+    expect_error(capsys, ["serve", "--adapters-dir", str(tmp_path)], "nothing to serve")
+    expect_error(capsys, ["serve", "--adapters-dir", str(tmp_path), "--max-batch", "0"], "--max-batch must be")
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2, "target_modules": ["query"]}')
+    (legacy / "adapter_model.bin").write_bytes(b"not read")
+    expect_error(capsys, ["serve", "--adapter", f"old={legacy}"], "serve reads safetensors only")
+
+
+def test_adapters_dir_follows_its_folder_during_traffic(adapters, offline, tmp_path):
+    import shutil
+    import threading
+
+    from .conftest import copy_tree
+
+    folder = tmp_path / "served"
+    folder.mkdir()
+    copy_tree(adapters["lora"], folder / "lora")
+    (folder / "escape").symlink_to(copy_tree(adapters["ia3"], tmp_path / "outside"), target_is_directory=True)
+    pickled = folder / "pickled"
+    pickled.mkdir()
+    shutil.copy(adapters["ia3"] / "adapter_config.json", pickled)
+    (pickled / "adapter_model.bin").write_bytes(b"never unpickled")
+    proc, url = start_server({}, "--adapters-dir", str(folder), "--max-adapters", "1")
+    stop, answers = threading.Event(), []
+
+    def traffic() -> None:  # one client keeps asking the first adapter throughout
+        while not stop.is_set():
+            answers.append(classify(url, "lora", TEXTS[:3]))
+
+    thread = threading.Thread(target=traffic)
+    thread.start()
+    try:
+        models = {m["id"]: m for m in httpx.get(url + "/v1/models", headers=auth()).json()["data"]}
+        assert set(models) == {"lora"}  # the symlink out of the folder and the pickle file are not served
+        copy_tree(adapters["ia3"], folder / "ia3.tmp").rename(folder / "ia3")  # added while serving
+        added = classify(url, "ia3", TEXTS)
+        assert added.status_code == 200, added.text
+        assert_matches(added.json()["results"], TEXTS, offline["ia3"])
+        assert {m["id"] for m in httpx.get(url + "/v1/models", headers=auth()).json()["data"]} == {"lora", "ia3"}
+        loaded = [line for line in httpx.get(url + "/metrics").text.splitlines()
+                  if line.startswith("peftkit_adapters_loaded ")]
+        assert float(loaded[0].split()[-1]) <= 2  # at most one beyond --max-adapters, while both are in use
+        shutil.rmtree(folder / "ia3")  # removed while serving
+        gone = classify(url, "ia3", TEXTS[:1])
+        assert gone.status_code == 404 and "no adapter named 'ia3'" in gone.json()["error"]["message"]
+        for name in ("escape", "pickled", "../lora", "lora/../lora", "/etc/passwd"):
+            assert classify(url, name, TEXTS[:1]).status_code == 404, name
+        assert wait_for(lambda: len(answers) >= 10, timeout=60)
+    finally:
+        stop.set()
+        thread.join()
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    assert answers and all(a.status_code == 200 for a in answers), {a.status_code for a in answers}
+    for answer in answers:
+        assert_matches(answer.json()["results"], TEXTS[:3], offline["lora"])

@@ -23,13 +23,16 @@ PROMPTS = ["hello how are you", "is it good ?", "review : fun", "hello", "great 
 
 @pytest.fixture(scope="module")
 def lm_adapters(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
+    return make_lm_adapters(tiny_llama_dir, tmp_path_factory.mktemp("lm-adapters"))
+
+
+def make_lm_adapters(tiny_llama_dir: Path, root: Path) -> dict[str, Path]:
     """Three causal-LM adapters of the tiny LLaMA: two LoRA, one IA3, each moved far enough from
     the base that its greedy tokens differ."""
     from transformers import AutoModelForCausalLM
 
     from peftkit.methods import IA3Config, LoraConfig, apply_method, save_adapter
 
-    root = tmp_path_factory.mktemp("lm-adapters")
     methods = {"left": LoraConfig(r=4, alpha=16, target_modules="all-linear"),
                "right": LoraConfig(r=4, alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]),
                "ia3": IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])}
@@ -44,6 +47,10 @@ def lm_adapters(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def offline(lm_adapters):
+    return lm_oracle(lm_adapters)
+
+
+def lm_oracle(lm_adapters: dict[str, Path]):
     """``answer(adapter, prompt, max_tokens, chat)``: the adapter's own greedy generation."""
     from peftkit.generation import generate
     from peftkit.predict import load_adapted_lm

@@ -325,17 +325,16 @@ def serve(specs: list[tuple[str, Any]], *, model: str | None = None, adapters_di
     """
     import uvicorn
 
-    from .adapter_io import CONFIG_FILE, WEIGHTS_FILE
-    from .methods.named import NAME
+    from .adapter_io import WEIGHTS_FILE
     from .multi import load_named
+    from .serve_work import served_path
 
     folder = _folder(adapters_dir, "--adapters-dir") if adapters_dir else None
     runs = _folder(runs, "--runs") if runs else None
     first = specs
     if not specs:  # the base and task come from the first adapter of the folder
-        found = [(p.name, p) for p in sorted(folder.iterdir())] if folder else []
-        first = [next(((n, p) for n, p in found if NAME.fullmatch(n) and (p / CONFIG_FILE).is_file()
-                       and (p / WEIGHTS_FILE).is_file()), None)]
+        found = sorted(p.name for p in folder.iterdir() if served_path(folder, p.name)) if folder else []
+        first = [(found[0], folder / found[0])] if found else [None]
         if first[0] is None:
             raise PeftkitError("nothing to serve", "--adapter", "name an adapter (--adapter NAME=DIR), or put adapter "
                                "folders in --adapters-dir")

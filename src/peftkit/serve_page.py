@@ -12,7 +12,7 @@ from typing import Any
 
 PAGE = Path(__file__).with_name("serve_page.html")
 #: the summary fields the page shows (the rest, such as confusion matrices, stay on disk)
-SUMMARY_KEYS = ("method", "trainable_params", "trainable_percent", "best_step", "train_seconds", "examples_per_s",
+SUMMARY_KEYS = ("trainable_params", "trainable_percent", "best_step", "train_seconds", "examples_per_s",
                 "validation", "test")
 
 
@@ -48,10 +48,24 @@ def _run(folder: Path, path: Path) -> dict[str, Any] | None:
     except (OSError, json.JSONDecodeError):
         return None
     summary = {k: _lean(summary[k]) for k in SUMMARY_KEYS if k in summary}
+    method = _config(path).get("method")
+    if isinstance(method, dict) and isinstance(method.get("name"), str):
+        summary["method"] = method["name"]
     train = [[r["step"], r["loss"]] for r in records if r.get("type") == "train" and "loss" in r]
     val = [{k: v for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
            for r in records if r.get("type") == "eval" and r.get("split") == "validation"]
     return {"name": _name(folder, path), "summary": summary, "train": train, "validation": val}
+
+
+def _config(path: Path) -> dict[str, Any]:
+    """The run's config.yaml (empty where it is missing or unreadable)."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((path / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
 
 
 def _lean(value: Any) -> Any:

@@ -99,14 +99,7 @@ class AdapterStore:
 
     def path(self, name: str) -> Path | None:
         """The adapter folder ``name`` stands for under ``folder``, or None."""
-        if self.folder is None or not isinstance(name, str) or not NAME.fullmatch(name):
-            return None
-        path = self.folder / name
-        try:
-            inside = path.resolve().is_relative_to(self.folder.resolve())
-        except OSError:
-            return None
-        return path if inside and (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file() else None
+        return served_path(self.folder, name) if self.folder else None
 
     def check(self, name: Any) -> str:
         """``name`` if a request may use it (cheap; on the event loop), else the 404."""
@@ -156,6 +149,19 @@ class AdapterStore:
     def _count(self) -> None:
         if self.metrics is not None:
             self.metrics.adapters.set(len(self.named.names))
+
+
+def served_path(folder: Path, name: Any) -> Path | None:
+    """``folder/name`` where ``name`` is a plain name (letters, digits, ``_``, ``-``) of a
+    subfolder inside ``folder`` (symlinks resolved) that holds an adapter in safetensors."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        return None
+    path = folder / name
+    try:
+        inside = path.resolve().is_relative_to(folder.resolve())
+    except OSError:
+        return None
+    return path if inside and (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file() else None
 
 
 @dataclass

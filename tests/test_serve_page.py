@@ -1,0 +1,129 @@
+"""The page `peftkit serve` shows at `/`, in a real headless browser: Debian's chromium driven by
+Selenium with the system's chromedriver (nothing downloaded). Skips where no chromium is
+installed; CI installs it (.ci/run). PEFTKIT_SCREENSHOT=DIR keeps the screenshots."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+
+from .test_serve import KEY, TEXTS, adapters, offline, start_server  # noqa: F401 - module fixtures
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="no chromium and chromedriver installed")
+webdriver = pytest.importorskip("selenium.webdriver")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not look for a browser on the network
+    options = Options()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1200,1400"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def wait(driver, predicate, timeout: float = 60):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout).until(lambda d: predicate(d))
+
+
+def screenshot(driver, name: str, tmp_path: Path) -> Path:
+    folder = Path(os.environ.get("PEFTKIT_SCREENSHOT") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    driver.save_screenshot(str(path))
+    assert path.stat().st_size > 10_000  # a rendered page, not a blank one
+    return path
+
+
+def runs_folder(adapters, tmp_path: Path) -> Path:  # noqa: F811
+    """Both training runs of the fixture, and a comparison table of them."""
+    root = tmp_path / "runs"
+    for name, adapter in adapters.items():
+        shutil.copytree(adapter.parent, root / name)
+    rows = []
+    for name in adapters:
+        summary = json.loads((root / name / "summary.json").read_text())
+        rows.append({"run": name, "trainable_params": summary["trainable_params"],
+                     "val_accuracy": summary["validation"]["accuracy"]})
+    (root / "comparison.json").write_text(json.dumps(rows))
+    return root
+
+
+def test_playground_scores_a_text_and_the_runs_show(browser, adapters, offline, tmp_path):  # noqa: F811
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    proc, url = start_server(adapters, "--runs", str(runs_folder(adapters, tmp_path)))
+    try:
+        browser.get(url + "/")
+        key = browser.find_element(By.ID, "key")
+        key.send_keys(KEY)
+        browser.execute_script("arguments[0].dispatchEvent(new Event('change'))", key)
+        wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#adapter option")) == 2)
+        Select(browser.find_element(By.ID, "adapter")).select_by_value("ia3")
+        browser.find_element(By.ID, "text").send_keys(TEXTS[0])
+        browser.find_element(By.ID, "run").click()
+        bars = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#bars .bar"))
+        shown = {b.get_attribute("data-label"): float(b.get_attribute("data-p")) for b in bars}
+        want = offline["ia3"][TEXTS[0]]
+        assert set(shown) == set(want) and max(abs(shown[k] - want[k]) for k in want) <= 1e-6
+        top = browser.find_element(By.CSS_SELECTOR, "#bars .bar.top").get_attribute("data-label")
+        assert top == max(want, key=want.get)
+        width = browser.find_element(By.CSS_SELECTOR, f'#bars .bar[data-label="{top}"] .fill').size["width"]
+        assert width > 0
+        rows = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#runs tbody tr"))
+        assert sorted(r.find_element(By.TAG_NAME, "td").text for r in rows) == ["ia3", "lora"]
+        assert sorted(r.find_elements(By.TAG_NAME, "td")[1].text for r in rows) == ["ia3", "lora"]  # the methods
+        curves = browser.find_elements(By.CSS_SELECTOR, "svg.curve")
+        assert len(curves) == 2 and all(c.find_elements(By.CSS_SELECTOR, "path.train") for c in curves)
+        assert all(c.find_elements(By.CSS_SELECTOR, "path.validation") for c in curves)
+        table = browser.find_element(By.CSS_SELECTOR, "#comparisons .comparison table")
+        assert "val accuracy" in table.text and "ia3" in table.text
+        assert browser.find_element(By.ID, "status").text == ""
+        screenshot(browser, "serve-classify.png", tmp_path)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+
+
+def test_playground_streams_a_causal_lm_answer(browser, tiny_llama_dir, tmp_path_factory, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from .test_serve_generate import lm_oracle, make_lm_adapters
+
+    folders = make_lm_adapters(tiny_llama_dir, tmp_path_factory.mktemp("page-lm"))
+    answer = lm_oracle(folders)
+    proc, url = start_server(folders, "--max-tokens", "24")
+    try:
+        browser.get(url + "/")
+        key = browser.find_element(By.ID, "key")
+        key.send_keys(KEY)
+        browser.execute_script("arguments[0].dispatchEvent(new Event('change'))", key)
+        wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#adapter option")) == 4)
+        Select(browser.find_element(By.ID, "adapter")).select_by_value("right")
+        browser.find_element(By.ID, "text").send_keys("is it good ?")
+        browser.find_element(By.ID, "run").click()
+        wait(browser, lambda d: d.find_element(By.ID, "answer").get_attribute("data-done") == "1")
+        assert browser.find_element(By.ID, "answer").text == answer("right", "is it good ?", 24, chat=True).strip()
+        assert not browser.find_elements(By.CSS_SELECTOR, "#bars .bar")
+        screenshot(browser, "serve-chat.png", tmp_path)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
