@@ -227,6 +227,36 @@ def test_a_client_that_leaves_mid_stream_frees_its_place(lm_adapters, offline):
     assert proc.returncode == 0, err
 
 
+def test_sigterm_while_answers_stream_finishes_them_and_exits_0(lm_adapters, offline):
+    proc, url = start_server(lm_adapters, "--max-tokens", "400")
+    started = []
+
+    def stream(i: int) -> list:
+        body = {"model": ("left", "right", "ia3")[i % 3], "prompt": PROMPTS[i % 6], "max_tokens": 300 + i,
+                "temperature": 0, "stream": True, "stop": "never-there"}
+        with httpx.stream("POST", url + "/v1/completions", json=body, headers=auth(), timeout=120) as response:
+            lines = response.iter_lines()
+            got = [json.loads(next(line for line in lines if line.startswith("data: "))[6:])]
+            started.append(i)
+            got += [line[6:] if line == "data: [DONE]" else json.loads(line[6:])
+                    for line in lines if line.startswith("data: ")]
+        return got
+
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(stream, i) for i in range(6)]
+        assert wait_for(lambda: len(started) == 6, timeout=60)
+        proc.send_signal(signal.SIGTERM)  # while all six are mid-answer
+        answers = [f.result() for f in futures]
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    for i, got in enumerate(answers):
+        assert got[-1] == "[DONE]"
+        text = "".join(c["choices"][0]["text"] for c in got[:-1])
+        assert text == offline(("left", "right", "ia3")[i % 3], PROMPTS[i % 6], 300 + i)
+    # some ran to their full length, so they were still generating when the signal came
+    assert any(got[-2]["choices"][0]["finish_reason"] == "length" for got in answers)
+
+
 def test_the_openai_client_streams_a_chat_answer_unchanged(server, offline):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=server + "/v1", api_key=KEY)
