@@ -192,6 +192,33 @@ def row(name: str, r: dict[str, float]) -> str:
             f"{r['rows_per_pass']:.2f} |")
 
 
+def phases(adapters: dict[str, Path], modes: tuple, clients: int, seconds: float, request, lines: list[str],
+           results: dict, *args: str) -> None:
+    """One server per (label, extra flags) mode: a short warm-up, then ``clients`` for ``seconds``."""
+    for label, extra in modes:
+        server = Server(adapters, *args, *extra)
+        load(server, min(clients, 4), 3, request(server))  # warm-up
+        results[label] = load(server, clients, seconds, request(server))
+        server.stop()
+        lines.append(row(label, results[label]))
+        print(lines[-1], flush=True)
+
+
+def lm_adapters(given: list[str], work: Path, lines: list[str]) -> dict[str, Path]:
+    """The chat adapters: those given, else a short SmolLM2 run (nothing without make llm)."""
+    if given:
+        return specs(given)
+    try:
+        from peftkit.assets import resolve_model
+
+        resolve_model("smollm2-135m")
+        return {"sent": trained("smollm2-sentiment-lora.yaml", work / "sent", "data.max_train_samples=64",
+                                "data.max_eval_samples=16", "train.eval_steps=8")}
+    except Exception as exc:  # no make llm: the generation phase is left out, and said so
+        lines.append(f"| generation | not run: {str(exc)[:120]} | | | | | |")
+        return {}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--clients", type=int, default=16)
@@ -213,52 +240,33 @@ def main() -> None:
     classifiers = specs(args.classify_adapter) or {
         "lora": trained("sentiment-minilm-lora.yaml", work / "lora", *few),
         "ia3": trained("sentiment-minilm-lora.yaml", work / "ia3", *few, "method={name: ia3}", "train.lr=1.0e-2")}
-    names = list(classifiers)
     lines = ["# peftkit serve under load (bench/serve_load.py)", "", *header("serve_load.py"),
              f"- classification adapters: {', '.join(f'{n} ({p})' for n, p in classifiers.items())}; one review "
              f"per request, from the Rotten Tomatoes test split; {args.clients} clients", "",
              "| phase | requests | failed | requests/s | p50 (ms) | p99 (ms) | rows per forward pass |",
              "|---|---|---|---|---|---|---|"]
-    results = {}
-    for label, extra in (("classify, batching on", ()), ("classify, batching off", ("--max-batch", "1",
-                                                                                      "--batch-wait-ms", "0"))):
-        server = Server(classifiers, *extra)
-        load(server, args.clients, 3, classify_request(reviews, names))  # warm-up
-        results[label] = load(server, args.clients, args.seconds, classify_request(reviews, names))
-        server.stop()
-        lines.append(row(label, results[label]))
-        print(lines[-1], flush=True)
+    results: dict[str, dict[str, float]] = {}
+    ask = classify_request(reviews, list(classifiers))
+    phases(classifiers, (("classify, batching on", ()), ("classify, batching off", ("--max-batch", "1",
+           "--batch-wait-ms", "0"))), args.clients, args.seconds, lambda server: ask, lines, results)
     ratio = results["classify, batching on"]["rps"] / results["classify, batching off"]["rps"]
     alone, batched = (ceiling(classifiers, reviews, n, min(20.0, args.seconds)) for n in (1, args.clients))
 
-    lms = specs(args.lm_adapter)
-    if not lms:
-        try:
-            from peftkit.assets import resolve_model
-
-            resolve_model("smollm2-135m")
-            lms = {"sent": trained("smollm2-sentiment-lora.yaml", work / "sent", "data.max_train_samples=64",
-                                   "data.max_eval_samples=16", "train.eval_steps=8")}
-        except Exception as exc:  # no make llm: the generation phase is left out, and said so
-            lines.append(f"| generation | not run: {str(exc)[:120]} | | | | | |")
+    lms = lm_adapters(args.lm_adapter, work, lines)
     if lms:
         prompts = [f"Review: {t}\nIs this review positive or negative? Answer in a sentence." for t in reviews[:50]]
-        chat_names = [*lms, "base"]
-        for label, extra in (("chat, batching on", ()), ("chat, batching off", ("--max-batch", "1"))):
-            server = Server(lms, "--max-tokens", str(args.max_tokens), *extra)
+
+        def chat(server: Server):  # the adapters and the base, by the id the server gives it
             base = httpx.get(server.url + "/v1/models").json()["data"][-1]["id"]
-            targets = [base if n == "base" else n for n in chat_names]
-            load(server, 2, 5, chat_request(prompts, targets, args.max_tokens))
-            results[label] = load(server, args.gen_clients, args.gen_seconds,
-                                  chat_request(prompts, targets, args.max_tokens))
-            server.stop()
-            lines.append(row(label, results[label]))
-            print(lines[-1], flush=True)
+            return chat_request(prompts, [*lms, base], args.max_tokens)
+
+        phases(lms, (("chat, batching on", ()), ("chat, batching off", ("--max-batch", "1"))), args.gen_clients,
+               args.gen_seconds, chat, lines, results, "--max-tokens", str(args.max_tokens))
 
     server = Server(classifiers)
-    load(server, args.clients, 3, classify_request(reviews, names))
+    load(server, args.clients, 3, ask)
     start_mb = server.rss_mb()
-    soak = load(server, args.clients, args.soak, classify_request(reviews, names))
+    soak = load(server, args.clients, args.soak, ask)
     end_mb = server.rss_mb()
     server.stop()
     lines.append(row(f"soak, {args.soak:.0f} s", soak))

@@ -42,6 +42,21 @@ def wait(driver, predicate, timeout: float = 60):
     return WebDriverWait(driver, timeout).until(lambda d: predicate(d))
 
 
+def ask(driver, url: str, adapters: int, adapter: str, text: str) -> None:
+    """Open the page, give it the key, wait for the ``adapters`` choices, pick one, run ``text``."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    driver.get(url + "/")
+    key = driver.find_element(By.ID, "key")
+    key.send_keys(KEY)
+    driver.execute_script("arguments[0].dispatchEvent(new Event('change'))", key)
+    wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#adapter option")) == adapters)
+    Select(driver.find_element(By.ID, "adapter")).select_by_value(adapter)
+    driver.find_element(By.ID, "text").send_keys(text)
+    driver.find_element(By.ID, "run").click()
+
+
 def screenshot(driver, name: str, tmp_path: Path) -> Path:
     folder = Path(os.environ.get("PEFTKIT_SCREENSHOT") or tmp_path)
     folder.mkdir(parents=True, exist_ok=True)
@@ -67,18 +82,10 @@ def runs_folder(adapters, tmp_path: Path) -> Path:  # noqa: F811
 
 def test_playground_scores_a_text_and_the_runs_show(browser, adapters, offline, tmp_path):  # noqa: F811
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select
 
     proc, url = start_server(adapters, "--runs", str(runs_folder(adapters, tmp_path)))
     try:
-        browser.get(url + "/")
-        key = browser.find_element(By.ID, "key")
-        key.send_keys(KEY)
-        browser.execute_script("arguments[0].dispatchEvent(new Event('change'))", key)
-        wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#adapter option")) == 2)
-        Select(browser.find_element(By.ID, "adapter")).select_by_value("ia3")
-        browser.find_element(By.ID, "text").send_keys(TEXTS[0])
-        browser.find_element(By.ID, "run").click()
+        ask(browser, url, 2, "ia3", TEXTS[0])
         bars = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#bars .bar"))
         shown = {b.get_attribute("data-label"): float(b.get_attribute("data-p")) for b in bars}
         want = offline["ia3"][TEXTS[0]]
@@ -104,7 +111,6 @@ def test_playground_scores_a_text_and_the_runs_show(browser, adapters, offline, 
 
 def test_playground_streams_a_causal_lm_answer(browser, tiny_llama_dir, tmp_path_factory, tmp_path):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select
 
     from .test_serve_generate import lm_oracle, make_lm_adapters
 
@@ -112,14 +118,7 @@ def test_playground_streams_a_causal_lm_answer(browser, tiny_llama_dir, tmp_path
     answer = lm_oracle(folders)
     proc, url = start_server(folders, "--max-tokens", "24")
     try:
-        browser.get(url + "/")
-        key = browser.find_element(By.ID, "key")
-        key.send_keys(KEY)
-        browser.execute_script("arguments[0].dispatchEvent(new Event('change'))", key)
-        wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#adapter option")) == 4)
-        Select(browser.find_element(By.ID, "adapter")).select_by_value("right")
-        browser.find_element(By.ID, "text").send_keys("is it good ?")
-        browser.find_element(By.ID, "run").click()
+        ask(browser, url, 4, "right", "is it good ?")
         wait(browser, lambda d: d.find_element(By.ID, "answer").get_attribute("data-done") == "1")
         assert browser.find_element(By.ID, "answer").text == answer("right", "is it good ?", 24, chat=True).strip()
         assert not browser.find_elements(By.CSS_SELECTOR, "#bars .bar")

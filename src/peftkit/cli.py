@@ -365,7 +365,7 @@ def _serve_command(sub: Any) -> None:
     sv.add_argument("--max-texts", type=int, default=64, help="texts in one request")
     sv.add_argument("--max-body", type=int, default=1 << 20, help="bytes in one request body")
     sv.add_argument("--timeout", type=float, default=30.0, help="seconds a request may wait for its answer "
-                    "(a stream: for its next token)")
+                    "(generation: for each next token)")
     sv.add_argument("--max-tokens", type=int, default=256, help="tokens one generation request may ask for")
     sv.add_argument("--max-input-tokens", type=int, default=2048, help="prompt tokens one generation request "
                     "may send")

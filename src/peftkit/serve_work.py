@@ -26,6 +26,20 @@ from .errors import PeftkitError
 from .methods.named import NAME
 
 
+def _glibc() -> Any:
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc: its allocator keeps its own policy
+        return None
+
+
+_LIBC = _glibc()
+TRIM_EVERY = 5.0  # seconds between two malloc_trim calls of a busy worker
+
+
 @dataclass
 class Limits:
     """What one request may ask, and how the server batches."""
@@ -231,6 +245,16 @@ class Worker:
         """Work until :meth:`close`."""
         raise NotImplementedError
 
+    _trimmed = 0.0
+
+    def _trim(self) -> None:
+        """Every few seconds, hand the C heap's freed pages back to the system. Tensors of ever
+        changing shapes leave glibc's heap fragmented and the process keeps what was freed:
+        without this a server's memory grew 12% over a 5-minute soak (bench/serve_load.py)."""
+        if _LIBC is not None and time.monotonic() - self._trimmed > TRIM_EVERY:
+            _LIBC.malloc_trim(0)
+            self._trimmed = time.monotonic()
+
 
 class Batcher(Worker):
     """Classification: requests for any adapters gathered into mixed batches (``compute(texts,
@@ -278,6 +302,7 @@ class Batcher(Worker):
             for j in batch:
                 j.send(rows[start:start + len(j.payload)])
                 start += len(j.payload)
+            self._trim()
 
 
 @dataclass
@@ -363,6 +388,7 @@ class Generator(Worker):
             del running[id(seq)]
             if self.metrics is not None:
                 self.metrics.tokens.inc(len(seq.tokens))
+        self._trim()
 
 
 class TextStream:
