@@ -27,9 +27,8 @@ def generate(model: nn.Module, tokenizer: Any, prompts: list[list[int]], max_new
     device = next(model.parameters()).device
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.tensor([[pad_id] * (width - len(prompts[i])) + prompts[i] for i in idx], device=device)
-        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx], device=device)
+        ids, mask = left_padded([prompts[i] for i in idx], pad_id, device)
+        width = ids.shape[1]
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
             {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         with around(idx) if around else nullcontext():
@@ -95,9 +94,8 @@ class StepDecoder:
         """Prefill ``rows`` (one forward pass) and give each its first token."""
         if not rows:
             return
-        width = max(len(r.prompt) for r in rows)
-        ids = torch.tensor([[self.pad_id] * (width - len(r.prompt)) + r.prompt for r in rows], device=self.device)
-        mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in rows], device=self.device)
+        ids, mask = left_padded([r.prompt for r in rows], self.pad_id, self.device)
+        width = ids.shape[1]
         logits, kv = self._forward(rows, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), [])
         if self.rows:
             old, new = self.mask.shape[1], width
@@ -123,10 +121,11 @@ class StepDecoder:
 
     def drop(self, gone: Callable[[Sequence], bool]) -> list[Sequence]:
         """Take the rows ``gone`` picks (finished, or no longer wanted) out of the batch."""
-        keep = [i for i, r in enumerate(self.rows) if not gone(r)]
-        if len(keep) == len(self.rows):
+        leaving = [gone(r) for r in self.rows]
+        if not any(leaving):
             return []
-        left = [r for i, r in enumerate(self.rows) if i not in set(keep)]
+        keep = [i for i, out in enumerate(leaving) if not out]
+        left = [r for r, out in zip(self.rows, leaving) if out]
         self.rows = [self.rows[i] for i in keep]
         if not keep:
             self.kv, self.mask = [], None
@@ -175,6 +174,14 @@ def sample(logits: torch.Tensor, temperature: list[float], top_p: list[float],
     picked = torch.multinomial(ordered, 1, generator=rng)
     chosen[index] = order.gather(-1, picked)[:, 0]
     return chosen
+
+
+def left_padded(prompts: list[list[int]], pad_id: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts as one ``(rows, width)`` batch padded on the left, and its attention mask."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask
 
 
 def _pad_left(t: torch.Tensor, n: int, dim: int = -2) -> torch.Tensor:

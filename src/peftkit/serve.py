@@ -51,7 +51,7 @@ class Service:
         else:
             self.worker = Batcher(lambda texts, names: self._classify_rows(predict_rows, texts, names), self.store,
                                   limits, self.metrics, thread)
-        self._encoders: dict[Any, Any] = {}
+        self._encoders: dict[str | None, tuple[Any, Any]] = {}  # adapter -> (its files, its prompt format)
 
     # ---- shared by the endpoints ----
     def error(self, exc: ApiError, endpoint: str, adapter: str = "") -> Any:
@@ -140,11 +140,11 @@ class Service:
         from .predict import lm_encoder
 
         files = self.named.files.get(adapter) if adapter else None
-        key = (adapter, id(files))
-        if key not in self._encoders:
-            self._encoders[key] = lm_encoder(self.named.tokenizer, files) if files else \
-                LMEncoder(self.named.tokenizer, DataConfig())
-        return self._encoders[key]
+        cached = self._encoders.get(adapter)
+        if cached is None or cached[0] is not files:  # new, or its folder was loaded again
+            encoder = lm_encoder(self.named.tokenizer, files) if files else LMEncoder(self.named.tokenizer, DataConfig())
+            self._encoders[adapter] = cached = (files, encoder)
+        return cached[1]
 
     def render(self, work: Any, adapter: str | None) -> tuple[Any, Any]:
         """A request's token ids, stop tokens and text stream (on the worker thread)."""

@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +102,7 @@ class AdapterStore:
                  fixed: list[str] | None = None):
         self.named, self.folder, self.capacity, self.metrics = named, folder, capacity, metrics
         self.fixed = list(named.names if fixed is None else fixed)
-        self.loaded: OrderedDict[str, float] = OrderedDict((n, self._stamp(n)) for n in named.names
+        self.loaded: OrderedDict[str, float] = OrderedDict((n, _stamp(self.path(n))) for n in named.names
                                                            if n not in self.fixed)
         self._count()
 
@@ -134,7 +134,7 @@ class AdapterStore:
             if name in self.loaded and name not in busy:
                 self._unload(name)
             raise not_found(name, self.available())
-        stamp = self._stamp(name)
+        stamp = _stamp(path)
         if name in self.loaded:
             if self.loaded[name] == stamp or name in busy:
                 self.loaded.move_to_end(name)
@@ -149,12 +149,6 @@ class AdapterStore:
             self._unload(old)
         self._count()
 
-    def _stamp(self, name: str) -> float:
-        path = self.path(name)
-        if path is None:
-            return 0.0
-        return sum((path / f).stat().st_mtime_ns for f in (CONFIG_FILE, WEIGHTS_FILE))
-
     def _unload(self, name: str) -> None:
         self.named.detach(name)
         del self.loaded[name]
@@ -163,6 +157,11 @@ class AdapterStore:
     def _count(self) -> None:
         if self.metrics is not None:
             self.metrics.adapters.set(len(self.named.names))
+
+
+def _stamp(path: Path | None) -> float:
+    """When the adapter's files last changed (0 where there is no folder)."""
+    return sum((path / f).stat().st_mtime_ns for f in (CONFIG_FILE, WEIGHTS_FILE)) if path else 0.0
 
 
 def served_path(folder: Path, name: Any) -> Path | None:
@@ -187,7 +186,6 @@ class Job:
     loop: asyncio.AbstractEventLoop
     deliver: Any  # callable(value, error) on the event loop
     cancelled: bool = False
-    enqueued: float = field(default_factory=time.perf_counter)
 
     def send(self, value: Any, error: BaseException | None = None) -> None:
         if not self.cancelled:
