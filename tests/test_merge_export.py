@@ -102,10 +102,48 @@ def test_merge_refusals_are_one_line_and_write_nothing(tiny_llama_dir, tmp_path,
         assert not out.exists()
 
 
-@pytest.mark.skipif(not __import__("importlib").util.find_spec("bitsandbytes"), reason="needs bitsandbytes")
-def test_merge_from_a_quantized_base_reports_the_difference(tiny_llama_dir, tmp_path, capsys):
+@pytest.mark.parametrize("bits", [8, 4])
+def test_merge_from_a_quantized_base_is_the_dequantized_base_plus_the_update(bits, tiny_llama_dir, tmp_path, capsys):
+    """The merged folder equals the adapter run unmerged on the dequantized base (so the update
+    was kept, not rounded away into int8 or 4-bit weights), and the move from the quantized model
+    as loaded is reported."""
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.methods.base import trainable_parameters
+    from peftkit.predict import load_adapted_lm
+    from peftkit.quantize import dequantize_model
+
     a = lm_adapter(tiny_llama_dir, tmp_path / "a", 1)
-    assert main(["merge", "--adapter", str(a), "--quantize", "8", "--output", str(tmp_path / "m")]) == 0
+    assert main(["merge", "--adapter", str(a), "--quantize", str(bits), "--output", str(tmp_path / "m")]) == 0
     said = capsys.readouterr().out
     diff = float(said.split("max abs logit difference from the model as loaded: ")[1].split(")")[0])
-    assert 0 <= diff < 1.0
+    assert diff > 0  # quantized compute differs from the float merged model: a number, not a pretence
+    ids = torch.tensor([[5, 9, 12, 30, 31, 40, 2]])
+    lm = load_adapted_lm(a, quantize=bits)
+    dequantize_model(lm.model)  # the LoRA layers stay unmerged, now over float weights
+    with torch.no_grad():
+        want = lm.model(input_ids=ids).logits
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "m")(input_ids=ids).logits
+        base = load_adapted_lm(a, quantize=bits)
+        dequantize_model(base.model)
+        for p in trainable_parameters(base.model).values():
+            p.zero_()  # LoRA B = 0: the dequantized base alone
+        without = base.model(input_ids=ids).logits
+    assert (got - want).abs().max() < 1e-3  # float32 rounding on logits of about 10
+    assert (got - without).abs().max() > 0.1  # and the update is a real one
+
+
+def test_generate_merge_on_a_quantized_base_is_refused_on_one_line(tiny_llama_dir, tmp_path, capsys):
+    a = lm_adapter(tiny_llama_dir, tmp_path / "a", 1)
+    expect_error(capsys, ["generate", "--adapter", str(a), "--quantize", "4", "--merge", "--prompt", "hello"],
+                 "--merge cannot fold the update into quantized weights")
+
+
+def test_merging_a_model_with_a_quantized_base_in_place_is_refused(tiny_llama_dir, tmp_path):
+    from peftkit import PeftkitError
+    from peftkit.methods import merge_and_unload
+    from peftkit.predict import load_adapted_lm
+
+    lm = load_adapted_lm(lm_adapter(tiny_llama_dir, tmp_path / "a", 1), quantize=8)
+    with pytest.raises(PeftkitError, match="cannot merge into quantized weights"):
+        merge_and_unload(lm.model)

@@ -9,7 +9,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -71,15 +70,11 @@ def reference(tiny_bert_dir, sentiment_dir, tmp_path_factory):
     return tmp, tmp / "ref"
 
 
-def wait_until(predicate, proc, timeout=120.0, interval=0.002):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(interval)
-    return False
+def stopped_at(recipe: Path, point: str, *extra: str) -> subprocess.CompletedProcess:
+    """Run ``recipe`` until the deterministic kill point ``point`` (``step:N``, ``checkpoint:N``,
+    ``term:N``; see ``checkpoint.stop_for_test``) stops it."""
+    return subprocess.run([sys.executable, "-m", "peftkit", "train", str(recipe), *extra], capture_output=True,
+                          text=True, env={**ENV, "PEFTKIT_TEST_STOP": point}, timeout=600)
 
 
 def newest_step(run: Path) -> int:
@@ -96,21 +91,21 @@ def test_sigkill_at_random_steps_then_resume_is_exact(reference, tiny_bert_dir, 
     tmp, ref = reference
     rng = random.Random(1234)
     targets = sorted(rng.sample(range(2, STEPS - 1), 4))
-    for n, target in enumerate([*targets, "mid-checkpoint"]):
+    for n, point in enumerate([*(f"step:{t}" for t in targets), "checkpoint:10"]):
         recipe = recipe_for(tmp, tiny_bert_dir, sentiment_dir, f"kill{n}")
         run = tmp / f"kill{n}"
-        proc = start(recipe)
-        if target == "mid-checkpoint":  # kill while a checkpoint is being written
-            hit = wait_until(lambda: newest_step(run) >= 10 and writing_checkpoint(run), proc)
-        else:
-            hit = wait_until(lambda: newest_step(run) >= target, proc)
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate()
-        assert hit, f"run ended before kill point {target}"
-        assert (run / "summary.json").exists() is False
+        killed = stopped_at(recipe, point)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        assert not (run / "summary.json").exists()
+        at = int(point.split(":")[1])
+        if point.startswith("checkpoint"):  # killed halfway through writing checkpoint 10
+            assert writing_checkpoint(run) and newest_step(run) == at - 1
+        else:  # killed after step N, before its checkpoint
+            assert newest_step(run) == at - 1 and not writing_checkpoint(run)
         resumed = start(recipe, "resume=auto")
-        _, err = resumed.communicate(timeout=600)
+        out, err = resumed.communicate(timeout=600)
         assert resumed.returncode == 0, err
+        assert f"(step {at - 1})" in out
         assert not writing_checkpoint(run)  # temporaries of the killed writer were removed
         assert_same_run(run, ref)
 
@@ -119,14 +114,10 @@ def test_sigterm_writes_a_checkpoint_and_exits_143(reference, tiny_bert_dir, sen
     tmp, ref = reference
     recipe = recipe_for(tmp, tiny_bert_dir, sentiment_dir, "term")
     run = tmp / "term"
-    proc = start(recipe, "train.save_steps=1000")  # only the signal (and epoch ends) checkpoint
-    assert wait_until(lambda: (run / "metrics.jsonl").exists() and
-                      len((run / "metrics.jsonl").read_text().splitlines()) >= 3, proc)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
-    assert "SIGTERM" in err and "resume=auto" in err
-    assert list_checkpoints(run)
+    proc = stopped_at(recipe, "term:7", "train.save_steps=1000")  # only the signal (and epoch ends) checkpoint
+    assert proc.returncode == 143, proc.stderr
+    assert "stopped by SIGTERM at step 7" in proc.stderr and "resume=auto" in proc.stderr
+    assert newest_step(run) == 7
     resumed = start(recipe, "resume=auto", "train.save_steps=1000")
     _, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err
@@ -155,11 +146,10 @@ def test_sigkill_before_the_first_checkpoint_then_resume_auto_starts_over(refere
     ref = tmp / "early-ref"
     recipe = recipe_for(tmp, tiny_bert_dir, sentiment_dir, "early")
     run = tmp / "early"
-    proc = start(recipe, "train.save_steps=1000")  # the first checkpoint comes at the end of epoch 1
-    hit = wait_until(lambda: (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().strip(), proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    assert hit and not list_checkpoints(run) and (run / "config.yaml").is_file()
+    killed = stopped_at(recipe, "step:4", "train.save_steps=1000")  # the first checkpoint would come at step 20
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not list_checkpoints(run) and (run / "config.yaml").is_file()
+    assert (run / "metrics.jsonl").read_text().strip()  # it had begun to log
     # another run's config in this folder is not resumed, nor restarted over it
     other = subprocess.run([sys.executable, "-m", "peftkit", "train", str(recipe), "train.save_steps=1000",
                             "method.r=8", "resume=auto"], capture_output=True, text=True, env=ENV, timeout=600)
@@ -280,3 +270,28 @@ def test_early_stopping_restores_the_best_adapter(tiny_bert_dir, sentiment_dir, 
     adapter = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     saved_best = load_file(str(ckpt / "best.safetensors"))
     assert all(torch.equal(adapter["base_model.model." + k], v) for k, v in saved_best.items())
+
+
+def test_an_8bit_optimizer_checkpoints_and_resumes_bit_for_bit(tiny_llama_dir, sentiment_dir, tmp_path):
+    """bitsandbytes' 8-bit AdamW states share their quantisation maps between tensors (which
+    safetensors refuses to write as such); they appear once a trainable tensor has 4,096
+    elements, here the rank-128 LoRA factors."""
+    from .conftest import LM_PROMPT
+
+    def recipe(name: str) -> Path:
+        path = tiny_recipe(tmp_path, tiny_llama_dir, sentiment_dir, task="causal_lm", **{
+            "output_dir": str(tmp_path / name), "method.r": 128, "method.target_modules": "all-linear",
+            "data.prompt_template": LM_PROMPT, "data.max_train_samples": 64, "data.max_eval_samples": 16,
+            "train.optimizer": "adamw_8bit", "train.batch_size": 8, "train.epochs": 2, "train.save_steps": 1,
+            "train.log_steps": 1, "train.lr": 0.002})
+        return path.rename(tmp_path / f"{name}.yaml")
+
+    ref = subprocess.run([sys.executable, "-m", "peftkit", "train", str(recipe("ref"))], capture_output=True,
+                         text=True, env=ENV, timeout=600)
+    assert ref.returncode == 0, ref.stderr
+    killed = stopped_at(recipe("kill"), "step:11")
+    assert killed.returncode == -signal.SIGKILL and newest_step(tmp_path / "kill") == 10, killed.stderr
+    resumed = subprocess.run([sys.executable, "-m", "peftkit", "train", str(tmp_path / "kill.yaml"), "resume=auto"],
+                             capture_output=True, text=True, env=ENV, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(tmp_path / "kill", tmp_path / "ref")

@@ -16,9 +16,11 @@ checkpoint someone handed you is as safe to resume as your own.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +41,19 @@ def encode_tree(value: Any) -> tuple[Any, dict[str, torch.Tensor]]:
     Tuples, numpy arrays and dicts with non-string keys (optimizer states by parameter index)
     are tagged so they come back as they were."""
     tensors: dict[str, torch.Tensor] = {}
+    keys: dict[int, str] = {}  # id(tensor) -> its key: one tensor met twice is stored once
+    storages: set[int] = set()
 
     def enc(v: Any) -> Any:
         if isinstance(v, torch.Tensor):
-            key = str(len(tensors))
-            tensors[key] = v.detach().cpu().contiguous()
+            if id(v) in keys:  # bitsandbytes' 8-bit states share their quantisation maps
+                return {"__tensor__": keys[id(v)]}
+            key = keys[id(v)] = str(len(tensors))
+            t = v.detach().cpu().contiguous()
+            if t.untyped_storage().data_ptr() in storages:  # another view of stored memory: safetensors
+                t = t.clone()                                # refuses shared storage, so a copy
+            storages.add(t.untyped_storage().data_ptr())
+            tensors[key] = t
             return {"__tensor__": key}
         if isinstance(v, np.ndarray):
             return {"__ndarray__": enc(torch.from_numpy(np.ascontiguousarray(v).astype(np.int64)))
@@ -85,6 +95,16 @@ def decode_tree(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return dec(tree)
 
 
+def stop_for_test(point: str, step: int) -> None:
+    """Deterministic kill points for the resume tests: ``PEFTKIT_TEST_STOP=point:N`` sends this
+    process SIGKILL (``step``: once optimizer step N is done; ``checkpoint``: halfway through
+    writing checkpoint N) or SIGTERM (``term``: once step N is done). Unset, it does nothing."""
+    kind, _, at = os.environ.get("PEFTKIT_TEST_STOP", "").partition(":")
+    if at != str(step) or kind not in {"step": ("step", "term"), "checkpoint": ("checkpoint",)}[point]:
+        return
+    os.kill(os.getpid(), signal.SIGTERM if kind == "term" else signal.SIGKILL)
+
+
 def rng_state() -> dict[str, Any]:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
@@ -110,6 +130,7 @@ def save_checkpoint(out: Path, step: int, *, trainable: dict[str, torch.Tensor],
     try:
         with atomic_dir(target) as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+            stop_for_test("checkpoint", step)
             if best:
                 save_file({k: v.detach().cpu().contiguous() for k, v in best.items()}, str(tmp / "best.safetensors"))
             state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import Interrupted, PeftkitError
+from .fsio import STDIO
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -92,8 +93,8 @@ def _load_named(args: argparse.Namespace, specs: list):
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .fsio import atomic_write_text
-    from .predict import read_rows
+    from .fsio import atomic_write_text, report
+    from .predict import LINE, read_rows
 
     rows = read_rows(args.input, args.text_field)
     texts = [str(r[args.text_field]) for r in rows]
@@ -111,25 +112,25 @@ def _predict(args: argparse.Namespace) -> int:
         labels = [named.label_names[n] for n in names]
     lines = []
     for row, p, label_names, name in zip(rows, probs, labels, names):
-        out = {"id": row["id"]} if "id" in row else {}
+        out = {"line": row[LINE], **({"id": row["id"]} if "id" in row else {}), "text": row[args.text_field]}
         if name is not None:
             out["adapter"] = name
         out["label"] = label_names[int(p.argmax())]
         out["scores"] = {n: round(float(v), 6) for n, v in zip(label_names, p)}
         lines.append(json.dumps(out))
     atomic_write_text(args.output, "\n".join(lines) + "\n")
-    print(f"wrote {len(lines)} predictions to {args.output}")
+    report(f"wrote {len(lines)} predictions to {args.output}", args.output)
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .fsio import write_json
     from .predict import evaluate_adapter, is_causal_lm_adapter
 
     specs = _named_specs(args)
     if specs is not None:
         return _eval_named(args, specs)
     output = args.output or str(Path(args.adapter).resolve().parent / f"eval-{args.split}.json")
+    say = _status_printer(output)
     if is_causal_lm_adapter(args.adapter):
         from .models import quiet_transformers
         from .predict import evaluate_lm_adapter, load_adapted_lm
@@ -138,48 +139,57 @@ def _eval(args: argparse.Namespace) -> int:
         lm = load_adapted_lm(args.adapter, args.model, quantize=args.quantize)
         result = evaluate_lm_adapter(lm, args.data, args.split, max_samples=args.max_samples,
                                      batch_size=args.batch_size)
-        print(f"{result['dataset']} [{result['split']}] {_metrics_line(result)}")
-        write_json(output, result)
-        print(f"wrote {output}")
-        return 0
-    clf = _load(args)
-    result = evaluate_adapter(clf, args.data, args.split, text_column=args.text_column,
-                              label_column=args.label_column, max_samples=args.max_samples,
-                              batch_size=args.batch_size)
-    _print_classification(result)
-    write_json(output, result)
-    print(f"wrote {output}")
+        say(f"{result['dataset']} [{result['split']}] {_metrics_line(result)}")
+    else:
+        result = evaluate_adapter(_load(args), args.data, args.split, text_column=args.text_column,
+                                  label_column=args.label_column, max_samples=args.max_samples,
+                                  batch_size=args.batch_size)
+        _print_classification(result, say)
+    _write_result(output, result, say)
     return 0
 
 
-def _print_classification(result: dict) -> None:
+def _status_printer(output: str | None):
+    """``print`` for the human-readable lines: to stderr when the results go to stdout (``-``)."""
+    stream = sys.stderr if output == STDIO else sys.stdout
+    return lambda line: print(line, file=stream)
+
+
+def _write_result(output: str, result: dict, say) -> None:
+    from .fsio import write_json
+
+    write_json(output, result)
+    if output != STDIO:
+        say(f"wrote {output}")
+
+
+def _print_classification(result: dict, say=print) -> None:
     names = result["label_names"]
-    print(f"{result['dataset']} [{result['split']}] n={result['n']}: accuracy {result['accuracy']:.4f}  "
-          f"macro-F1 {result['f1']:.4f}  loss {result['loss']:.4f}")
+    say(f"{result['dataset']} [{result['split']}] n={result['n']}: accuracy {result['accuracy']:.4f}  "
+        f"macro-F1 {result['f1']:.4f}  loss {result['loss']:.4f}")
     width = max(len(n) for n in names) + 2
-    print("confusion matrix (rows: true, columns: predicted)")
-    print(" " * width + "".join(f"{n:>{width}}" for n in names))
+    say("confusion matrix (rows: true, columns: predicted)")
+    say(" " * width + "".join(f"{n:>{width}}" for n in names))
     for name, row in zip(names, result["confusion_matrix"]):
-        print(f"{name:>{width}}" + "".join(f"{v:>{width}}" for v in row))
+        say(f"{name:>{width}}" + "".join(f"{v:>{width}}" for v in row))
 
 
 def _eval_named(args: argparse.Namespace, specs: list) -> int:
-    from .fsio import write_json
     from .multi import evaluate_each
 
     if not args.output:
-        raise PeftkitError("several adapters need --output", "eval", "pass --output FILE.json")
+        raise PeftkitError("several adapters need --output", "eval", "pass --output FILE.json (or - for stdout)")
+    say = _status_printer(args.output)
     named = _load_named(args, specs)
     result = evaluate_each(named, args.data, args.split, text_column=args.text_column,
                            label_column=args.label_column, max_samples=args.max_samples, batch_size=args.batch_size)
     for name, one in result["adapters"].items():
-        print(f"== {name}")
+        say(f"== {name}")
         if "confusion_matrix" in one:
-            _print_classification(one)
+            _print_classification(one, say)
         else:
-            print(f"{one['dataset']} [{one['split']}] {_metrics_line(one)}")
-    write_json(args.output, result)
-    print(f"wrote {args.output}")
+            say(f"{one['dataset']} [{one['split']}] {_metrics_line(one)}")
+    _write_result(args.output, result, say)
     return 0
 
 
@@ -197,12 +207,17 @@ def _merge(args: argparse.Namespace) -> int:
 
             quiet_transformers()
             lm = load_adapted_lm(adapter, args.model, quantize=args.quantize)
-            diff, task = merge_lm_to_folder(lm, out, overwrite=args.overwrite, dtype=args.dtype), "text-generation"
+            check, task = merge_lm_to_folder(lm, out, overwrite=args.overwrite, dtype=args.dtype), "text-generation"
         else:
             args.adapter = adapter
-            diff, task = merge_to_folder(_load(args), out, overwrite=args.overwrite, dtype=args.dtype), "text-classification"
+            check, task = merge_to_folder(_load(args), out, overwrite=args.overwrite, dtype=args.dtype), "text-classification"
     print(f"merged model written to {out} ({args.dtype}; max abs logit difference from the model as loaded: "
-          f"{diff:.2e})")
+          f"{check.diff:.2e})")
+    if check.large:
+        why = (f" the {args.quantize}-bit base computes with quantized weights (and int8 activations), the merged "
+               "float model with its dequantized weights") if args.quantize else ""
+        print(f"warning: the merge moved the logits by {check.diff:.3g} (largest logit {check.scale:.3g});{why}",
+              file=sys.stderr)
     print(f'use it with: transformers.pipeline("{task}", model="{out}")')
     return 0
 
@@ -234,14 +249,16 @@ def _weights(text: str) -> list[float]:
 
 def _generate(args: argparse.Namespace) -> int:
     from .generation import generate
-    from .fsio import atomic_write_text
     from .models import quiet_transformers
     from .predict import load_adapted_lm, read_rows
 
     rows = [{args.text_field: args.prompt}] if args.prompt is not None else read_rows(args.input, args.text_field)
     texts = [str(r[args.text_field]) for r in rows]
-    if args.output and Path(args.output).exists() and not args.overwrite:
+    if args.output and Path(args.output).is_file() and not args.overwrite:  # a pipe or device is written through
         raise PeftkitError("output exists", args.output, "choose another --output or pass --overwrite")
+    if args.merge and args.quantize:
+        raise PeftkitError("--merge cannot fold the update into quantized weights", "generate",
+                           "drop --merge (the adapter runs unmerged on the quantized base), or drop --quantize")
     specs = _named_specs(args)
     if specs is not None:
         return _generate_named(args, specs, rows, texts)
@@ -255,25 +272,31 @@ def _generate(args: argparse.Namespace) -> int:
     prompts = [lm.prompt_ids(t, raw=args.raw) for t in texts]
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    stop_ids=None if args.raw else lm.encoder.stop_ids)
-    if len(prompts) == 1 and not args.output:  # one prompt: stream the answer as it is generated
+    if len(prompts) == 1 and args.output in (None, STDIO) and args.prompt is not None:  # one prompt: stream the answer as it is generated
         from transformers import TextStreamer
 
         generate(lm.model, lm.tokenizer, prompts, **options,
                  streamer=TextStreamer(lm.tokenizer, skip_prompt=True, skip_special_tokens=True))
         return 0
     answers = generate(lm.model, lm.tokenizer, prompts, batch_size=args.batch_size, **options)
-    if args.output:
-        atomic_write_text(args.output, "".join(json.dumps({"prompt": t, "answer": a}) + "\n"
-                                               for t, a in zip(texts, answers)))
-        print(f"wrote {len(answers)} answers to {args.output}")
-    else:
-        for a in answers:
-            print(json.dumps(a))
+    _write_answers(args, [{"prompt": t, "answer": a} for t, a in zip(texts, answers)], rows)
     return 0
 
 
+def _write_answers(args: argparse.Namespace, answers: list[dict], rows: list[dict]) -> None:
+    """One JSON line per answer, with the input's line number (and id) to join it back; to
+    ``--output`` or, without one, standard output."""
+    from .fsio import atomic_write_text, report
+    from .predict import LINE
+
+    lines = [json.dumps({**({"line": r[LINE]} if LINE in r else {}), **({"id": r["id"]} if "id" in r else {}), **a})
+             for r, a in zip(rows, answers)]
+    output = args.output or STDIO
+    atomic_write_text(output, "".join(line + "\n" for line in lines))
+    report(f"wrote {len(lines)} answers to {output}", output)
+
+
 def _generate_named(args: argparse.Namespace, specs: list, rows: list[dict], prompts: list[str]) -> int:
-    from .fsio import atomic_write_text
     from .multi import generate_rows, row_adapters
 
     names = row_adapters(rows, [n for n, _ in specs], args.input or "--prompt")
@@ -282,13 +305,7 @@ def _generate_named(args: argparse.Namespace, specs: list, rows: list[dict], pro
     named = _load_named(args, specs)
     answers = generate_rows(named, prompts, names, raw=args.raw, batch_size=args.batch_size,
                             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
-    lines = [json.dumps({**({"id": r["id"]} if "id" in r else {}), "adapter": n, "prompt": p, "answer": a})
-             for r, n, p, a in zip(rows, names, prompts, answers)]
-    if args.output:
-        atomic_write_text(args.output, "".join(line + "\n" for line in lines))
-        print(f"wrote {len(answers)} answers to {args.output}")
-    else:
-        print("\n".join(lines))
+    _write_answers(args, [{"adapter": n, "prompt": p, "answer": a} for n, p, a in zip(names, prompts, answers)], rows)
     return 0
 
 
@@ -421,8 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="classify texts with an adapter")
     adapter_args(pr)
-    pr.add_argument("--input", required=True, help="JSON Lines with a text field, or plain text one per line")
-    pr.add_argument("--output", required=True, help="JSON Lines: label and scores per input")
+    pr.add_argument("--input", required=True, help="JSON Lines with a text field, or plain text one per line "
+                    "(- reads standard input)")
+    pr.add_argument("--output", required=True, help="JSON Lines: line, text, label and scores per input (- writes "
+                    "standard output)")
     pr.add_argument("--text-field", default="text")
     pr.set_defaults(run=_predict)
 
@@ -433,7 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text-column")
     e.add_argument("--label-column")
     e.add_argument("--max-samples", type=int)
-    e.add_argument("--output", help="where to write the JSON result (default: RUN_DIR/eval-SPLIT.json)")
+    e.add_argument("--output", help="where to write the JSON result (default: RUN_DIR/eval-SPLIT.json; - writes "
+                   "standard output)")
     e.set_defaults(run=_eval)
 
     m = sub.add_parser("merge", help="merge the adapter into its base and save a plain transformers model")
@@ -449,9 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
     adapter_args(g)
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt (for a labelled-data adapter: the text to fill its template)")
-    src.add_argument("--input", help="JSON Lines with a text field, or plain text one prompt per line")
+    src.add_argument("--input", help="JSON Lines with a text field, or plain text one prompt per line (- reads "
+                     "standard input)")
     g.add_argument("--text-field", default="text")
-    g.add_argument("--output", help="JSON Lines of prompt and answer (default: print)")
+    g.add_argument("--output", help="JSON Lines of line, prompt and answer (default or -: standard output)")
     g.add_argument("--overwrite", action="store_true")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -463,10 +484,13 @@ def build_parser() -> argparse.ArgumentParser:
     _adapter_file_commands(sub)
 
     _serve_command(sub)
+    from .plot import METRICS
+
     pl = sub.add_parser("plot", help="loss and metric curves of one run, or several overlaid")
     pl.add_argument("runs", nargs="+", metavar="RUN_DIR")
     pl.add_argument("--output", help="PNG to write (default: RUN_DIR/curves.png for one run, ./curves.png for several)")
-    pl.add_argument("--metric", default="accuracy", choices=["accuracy", "f1"])
+    pl.add_argument("--metric", choices=list(METRICS), help="validation metric to draw (default: accuracy, else "
+                    "the one the run has)")
     pl.set_defaults(run=_plot)
 
     a = sub.add_parser("assets", help="list the packaged offline models and datasets")

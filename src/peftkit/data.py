@@ -232,11 +232,21 @@ def load_splits(source: str, cfg: DataConfig, seed: int, convert: Callable[..., 
         splits["train"] = splits["train"].subset(sorted(order[n_val:]))
     limits = {"train": cfg.max_train_samples, "validation": cfg.max_eval_samples, "test": cfg.max_eval_samples}
     for name, limit in limits.items():
-        if name in splits and limit and len(splits[name]) > limit:
-            splits[name] = splits[name].subset(sorted(rng.sample(range(len(splits[name])), limit)))
+        if name in splits and limit:
+            # evaluation splits by seed alone, so `peftkit eval --max-samples` picks the same rows
+            splits[name] = subsample(splits[name], limit, rng if name == "train" else seed)
         if name in splits and len(splits[name]) == 0:
             raise PeftkitError(f"the {name} split is empty", source, "give a dataset with examples")
     return splits
+
+
+def subsample(split: Any, limit: int | None, seed: int | random.Random) -> Any:
+    """``limit`` rows of ``split`` drawn without replacement, in their original order; all of it
+    when it is no longer. An int ``seed`` always draws the same rows from the same split."""
+    if not limit or len(split) <= limit:
+        return split
+    rng = seed if isinstance(seed, random.Random) else random.Random(seed)
+    return split.subset(sorted(rng.sample(range(len(split)), limit)))
 
 
 def infer_label_names(train: Split, given: list[str] | None) -> list[str]:

@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,10 +41,27 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+STDIO = "-"  # as an --input or --output: standard input or output
+
+
+def replaceable(path: Path) -> bool:
+    """Whether a write to ``path`` may be atomic (a temporary file renamed onto it): only for a
+    regular file or a new path. A symlink, a FIFO, a device (``/dev/stdout``) or a socket is
+    written through instead, since a rename would put a plain file in its place."""
+    return not path.is_symlink() and (not path.exists() or path.is_file())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary file path beside ``path``; on success it is renamed to ``path``."""
+    """Yield a path to write; on success it becomes ``path``.
+
+    For a regular file (or a new one) that is a temporary file beside it, renamed onto it at the
+    end; for anything else (:func:`replaceable`), the path itself, written through.
+    """
     path = Path(path)
+    if not replaceable(path):
+        yield path
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
     os.close(fd)
@@ -57,9 +75,20 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and a rename."""
+    """Write ``text`` to ``path`` via a temporary file and a rename (see :func:`atomic_path`);
+    ``-`` writes it to standard output."""
+    if str(path) == STDIO:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def report(message: str, output: str | Path | None) -> None:
+    """A status line ("wrote N rows to ..."): on stderr when the results themselves go to
+    standard output, so a pipe receives nothing but results."""
+    print(message, file=sys.stderr if str(output) == STDIO else sys.stdout)
 
 
 def write_json(path: str | Path, data: Any) -> None:

@@ -97,6 +97,9 @@ class StepDecoder:
         ids, mask = left_padded([r.prompt for r in rows], self.pad_id, self.device)
         width = ids.shape[1]
         logits, kv = self._forward(rows, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), [])
+        virtual = kv[0][0].shape[-2] - width if kv else 0
+        if virtual > 0:  # a prompt-tuned adapter put its virtual tokens first: the mask covers the cache
+            mask, width = torch.cat([mask.new_ones(len(rows), virtual), mask], dim=1), width + virtual
         if self.rows:
             old, new = self.mask.shape[1], width
             self.kv = [(torch.cat([_pad_left(k0, new - old), _pad_left(k1, old - new)]),

@@ -73,7 +73,12 @@ def linear_layer_names(model: nn.Module) -> list[str]:
 
 
 def output_embedding(model: nn.Module) -> nn.Module | None:
-    """The model's LM head (its output embedding), or None: the one place that asks."""
+    """The model's LM head (its output embedding), or None: the one place that asks. A model
+    wrapped for data parallelism (DDP, as ``accelerate`` prepares it) is asked through its wrapper."""
+    from torch import nn
+
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
     get = getattr(model, "get_output_embeddings", None)
     return get() if callable(get) else None
 

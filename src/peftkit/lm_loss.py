@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import distributed as dist
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
@@ -23,8 +24,9 @@ CHUNK_ELEMENTS = 2**22  # logits per chunk (16 MiB in float32)
 
 
 def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
-                   attention_mask: torch.Tensor | None = None, num_items: int | None = None,
-                   chunk_elements: int = CHUNK_ELEMENTS, **inputs: Any) -> torch.Tensor:
+                   attention_mask: torch.Tensor | None = None, num_items: float | None = None,
+                   chunk_elements: int = CHUNK_ELEMENTS, across_processes: bool = False,
+                   **inputs: Any) -> torch.Tensor:
     """Mean cross-entropy of ``labels[:, 1:]`` given the hidden state one position earlier.
 
     Args:
@@ -32,6 +34,9 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
         labels: token ids, ``-100`` where no loss is taken (prompt, padding).
         num_items: divide by this many labelled tokens instead of this batch's count
             (gradient accumulation over batches of different sizes).
+        across_processes: under data parallelism, divide by the labelled tokens of every
+            process's batch (over the number of processes, since DDP averages the gradients),
+            so several processes compute the loss of one batch of them all.
         inputs: other model inputs (``position_ids``, ...).
     """
     hidden = final_hidden_states(model, input_ids=input_ids, attention_mask=attention_mask, **inputs)
@@ -43,6 +48,10 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     keep = targets != IGNORE
     states, targets = states[keep], targets[keep]
     count = num_items if num_items is not None else max(int(keep.sum()), 1)
+    if num_items is None and across_processes and dist.is_available() and dist.is_initialized():
+        every = keep.sum().to(torch.float64)
+        dist.all_reduce(every)
+        count = max(float(every), 1.0) / dist.get_world_size()
     head = output_embedding(model)
     rows = max(1, chunk_elements // head.weight.shape[0])
     if type(head) is nn.Linear:

@@ -33,10 +33,24 @@ def smooth(values: list[float], weight: float | None = None) -> list[float]:
     return out
 
 
-def plot_runs(runs: list[str | Path], output: str | Path, metric: str = "accuracy") -> Path:
+METRICS = ("accuracy", "f1", "exact_match", "valid_label_rate", "perplexity")  # in order of preference
+
+
+def run_metric(records: list[dict[str, Any]], wanted: str | None = None) -> str | None:
+    """The validation metric to draw: ``wanted`` when the run's evaluations carry it, else the
+    first of :data:`METRICS` they carry (a plain-text LM run has perplexity, not accuracy)."""
+    evals = [r for r in records if r.get("type") == "eval"]
+    for name in ([wanted] if wanted else []) + list(METRICS):
+        if evals and all(name in r for r in evals):
+            return name
+    return None
+
+
+def plot_runs(runs: list[str | Path], output: str | Path, metric: str | None = None) -> Path:
     """Draw training loss (raw and smoothed), validation loss and the task metric against steps.
 
-    One run: its best step is marked. Several runs: overlaid, one colour each.
+    One run: its best step is marked. Several runs: overlaid, one colour each. ``metric``:
+    the validation metric to draw where a run has it (default: accuracy, else what the run has).
     """
     import matplotlib
 
@@ -44,14 +58,17 @@ def plot_runs(runs: list[str | Path], output: str | Path, metric: str = "accurac
     import matplotlib.pyplot as plt
 
     runs = [Path(r) for r in runs]
+    records = {run: read_metrics(run) for run in runs}
+    shown = {run_metric(rs, metric) for rs in records.values()} - {None}
+    title = " / ".join(sorted(shown)) or "metric"
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for n, run in enumerate(runs):
-        records = read_metrics(run)
         color = colors[n % len(colors)]
         label = run.name if len(runs) > 1 else ""
-        train = [r for r in records if r["type"] == "train"]
-        val = [r for r in records if r["type"] == "eval" and r.get("split") == "validation"]
+        train = [r for r in records[run] if r["type"] == "train"]
+        val = [r for r in records[run] if r["type"] == "eval" and r.get("split") == "validation"]
+        name = run_metric(records[run], metric)
         if train:
             steps, losses = [r["step"] for r in train], [r["loss"] for r in train]
             ax_loss.plot(steps, losses, color=color, alpha=0.3, linewidth=1,
@@ -62,8 +79,9 @@ def plot_runs(runs: list[str | Path], output: str | Path, metric: str = "accurac
             steps = [r["step"] for r in val]
             ax_loss.plot(steps, [r["loss"] for r in val], color=color, linestyle="--", marker="o",
                          label=f"{label} validation loss".strip())
-            ax_metric.plot(steps, [r[metric] for r in val], color=color, marker="o",
-                           label=f"{label} validation {metric}".strip())
+            if name is not None:
+                ax_metric.plot(steps, [r[name] for r in val], color=color, marker="o",
+                               label=f"{label} validation {name}".strip())
         best = _best_step(run)
         if best is not None:
             for ax in (ax_loss, ax_metric):
@@ -71,7 +89,7 @@ def plot_runs(runs: list[str | Path], output: str | Path, metric: str = "accurac
             ax_metric.annotate(f"best step {best}", xy=(best, 0.02), xycoords=("data", "axes fraction"),
                                color=color, rotation=90, va="bottom", ha="right")
     ax_loss.set(xlabel="step", ylabel="loss", title="loss")
-    ax_metric.set(xlabel="step", ylabel=metric, title=f"validation {metric}")
+    ax_metric.set(xlabel="step", ylabel=title, title=f"validation {title}")
     for ax in (ax_loss, ax_metric):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

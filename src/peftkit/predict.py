@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,9 @@ import torch
 
 from .adapter_io import AdapterFiles, head_size, read_adapter, read_adapter_weights
 from .errors import PeftkitError
+from .fsio import STDIO
+
+LINE = "_line"  # the key under which read_rows keeps each row's 1-based line number
 
 
 @dataclass
@@ -132,25 +136,41 @@ def read_rows(path: str | Path, field: str = "text") -> list[dict[str, Any]]:
     Raises:
         PeftkitError: missing or unreadable file, a JSON line without ``field``, no rows.
     """
+    if str(path) == STDIO:
+        return _parse_rows(sys.stdin, "standard input", field, json_lines=None)
     path = Path(path)
-    if not path.is_file():
-        raise PeftkitError("input file not found", str(path), "check the path")
+    if not path.exists() or path.is_dir():
+        raise PeftkitError("input file not found", str(path), "check the path (or pass - to read standard input)")
     opener = gzip.open if path.suffix == ".gz" else open
     is_json = any(s in (".jsonl", ".json") for s in path.suffixes)
-    rows: list[dict[str, Any]] = []
     try:
         with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    rows.append(_json_row(line, lineno, field, path) if is_json else {field: line.rstrip("\r\n")})
-    except (OSError, UnicodeDecodeError) as exc:
+            return _parse_rows(f, str(path), field, json_lines=is_json)
+    except (OSError, EOFError) as exc:
         raise PeftkitError(f"cannot read the input: {exc}", str(path), "give a UTF-8 text or JSONL file") from None
+
+
+def _parse_rows(lines: Any, where: str, field: str, json_lines: bool | None) -> list[dict[str, Any]]:
+    """Rows from an open text stream; ``json_lines=None`` decides from the first non-blank line
+    (an object: JSON Lines; anything else: plain text). Each row remembers its 1-based ``line``."""
+    rows: list[dict[str, Any]] = []
+    try:
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            if json_lines is None:
+                json_lines = line.lstrip().startswith("{")
+            row = _json_row(line, lineno, field, where) if json_lines else {field: line.rstrip("\r\n")}
+            row[LINE] = lineno
+            rows.append(row)
+    except UnicodeDecodeError as exc:
+        raise PeftkitError(f"the input is not UTF-8 ({exc.reason})", where, "give a UTF-8 text or JSONL file") from None
     if not rows:
-        raise PeftkitError("the input has no texts", str(path), "give at least one line")
+        raise PeftkitError("the input has no texts", where, "give at least one line")
     return rows
 
 
-def _json_row(line: str, lineno: int, field: str, path: Path) -> dict[str, Any]:
+def _json_row(line: str, lineno: int, field: str, path: str) -> dict[str, Any]:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
@@ -179,8 +199,8 @@ def merge_to_folder(clf: AdaptedClassifier, output: str | Path, overwrite: bool 
     ``transformers.pipeline("text-classification", model=output)`` without peftkit.
 
     Returns:
-        The max abs difference between the logits of the model as loaded (quantized and
-        unmerged, if so) and of the merged model, on ``check_texts``: the merge's fidelity.
+        How far the logits of the merged model are from those of the model as loaded (quantized
+        and unmerged, if so), on ``check_texts`` (:class:`MergeCheck`): the merge's fidelity.
 
     Raises:
         PeftkitError: ``output`` exists and is not empty (unless ``overwrite``); method cannot merge.
@@ -206,7 +226,7 @@ def merge_lm_to_folder(lm: "AdaptedLM", output: str | Path, overwrite: bool = Fa
     runs it without peftkit. A quantized base is dequantized first.
 
     Returns:
-        The max abs difference of the next-token logits before and after, on ``check_texts``.
+        How far the logits moved (:class:`MergeCheck`), on ``check_texts``.
 
     Raises:
         PeftkitError: ``output`` exists and is not empty (unless ``overwrite``); method cannot merge.
@@ -247,7 +267,22 @@ def _merge_and_save(model: Any, tokenizer: Any, logits: Any, output: str | Path,
     with atomic_dir(output) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    return float((before - after).abs().max())
+    return MergeCheck(float((before - after).abs().max()), float(before.abs().max()))
+
+
+@dataclass(frozen=True)
+class MergeCheck:
+    """How far the merged model's logits moved from the model as loaded (adapter unmerged)."""
+
+    diff: float  #: the largest absolute difference
+    scale: float  #: the largest absolute logit, for a sense of size
+
+    @property
+    def large(self) -> bool:
+        """More than 1% of the logits' scale: more than a float32 or bfloat16 merge moves them. It
+        happens when the loaded base computed with int8 or 4-bit weights and activations, which the
+        merged float model does not."""
+        return self.diff > 0.01 * max(self.scale, 1.0)
 
 
 def evaluate_adapter(clf: AdaptedClassifier, source: str, split: str = "test", *,
@@ -257,10 +292,8 @@ def evaluate_adapter(clf: AdaptedClassifier, source: str, split: str = "test", *
 
     Columns default to the ones the adapter was trained with (``peftkit.json``).
     """
-    import random
-
     from .config import DataConfig
-    from .data import encode_labels, load_one_split, tokenize
+    from .data import encode_labels, load_one_split, subsample, tokenize
     from .tasks import ClassificationTask
 
     meta = clf.adapter.meta
@@ -268,8 +301,7 @@ def evaluate_adapter(clf: AdaptedClassifier, source: str, split: str = "test", *
                      label_column=label_column or meta.get("label_column") or "label",
                      text_pair_column=meta.get("text_pair_column") if not text_column else None)
     data = load_one_split(source, split, cfg)
-    if max_samples and len(data) > max_samples:
-        data = data.subset(sorted(random.Random(0).sample(range(len(data)), max_samples)))
+    data = subsample(data, max_samples, clf.adapter.meta.get("seed", 0))
     labels = encode_labels(data, clf.label_names, f"{source}, {split} split")
     features = tokenize(clf.tokenizer, data.texts, clf.max_length, data.pairs)
     task = ClassificationTask(clf.label_names, {split: features}, {split: labels}, clf.tokenizer.pad_token_id)
@@ -331,22 +363,20 @@ def evaluate_lm_adapter(lm: AdaptedLM, source: str, split: str = "test", *, max_
                         batch_size: int = 32) -> dict[str, Any]:
     """Loss and perplexity of a causal-LM adapter on a dataset split, in the format it was
     trained with; for labelled prompts also label-scoring accuracy, F1 and exact match."""
-    import random
-
     from .causal import LMEncoder, to_rows
-    from .data import encode_labels, load_one_split
+    from .data import encode_labels, load_one_split, subsample
     from .tasks import CausalLMTask
 
     meta = lm.adapter.meta
     cfg = lm.encoder.cfg.model_copy(update={"text_column": meta.get("text_column") or "text",
                                             "label_column": meta.get("label_column") or "label"})
     rows = load_one_split(source, split, cfg, convert=to_rows)
-    if max_samples and len(rows) > max_samples:
-        rows = rows.subset(sorted(random.Random(0).sample(range(len(rows)), max_samples)))
+    rows = subsample(rows, max_samples, lm.adapter.meta.get("seed", 0))
     names = lm.encoder.label_names if rows.kind == "labelled" else None
     classes = encode_labels(rows, names, f"{source}, {split} split") if names else None
     encoder = LMEncoder(lm.tokenizer, cfg, lm.encoder.label_names)
     encoded = encoder.encode_split(rows, f"{source}, {split} split", classes)
     task = CausalLMTask(encoder, {split: encoded.features}, {split: encoded}, lm.tokenizer.pad_token_id, lm.tokenizer)
     metrics = task.evaluate(lm.model, split, batch_size, next(lm.model.parameters()).device, final=True)
-    return {"dataset": source, "split": split, "n": len(rows), **metrics}
+    labelled = {"label_names": names} if names else {}
+    return {"dataset": source, "split": split, "n": len(rows), **labelled, **metrics}

@@ -43,7 +43,10 @@ class ClassificationTask:
                  process_index: int = 0, final: bool = False) -> dict[str, Any]:
         from .evaluate import classification_metrics, predict_probs
 
-        probs, loss = predict_probs(model, self.features[split], pad_id=self.pad_id, batch_size=batch_size,
+        # the model itself, not its DDP wrapper: a wrapped forward is a collective (it broadcasts
+        # buffers), and the processes may run different numbers of evaluation batches
+        probs, loss = predict_probs(getattr(model, "module", model), self.features[split], pad_id=self.pad_id,
+                                    batch_size=batch_size,
                                     labels=self.labels[split], device=device, num_processes=num_processes,
                                     process_index=process_index)
         return classification_metrics(self.labels[split], probs, self.label_names, loss)
@@ -88,7 +91,7 @@ class CausalLMTask:
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         from .lm_loss import causal_lm_loss
 
-        return causal_lm_loss(model, **batch)
+        return causal_lm_loss(model, **batch, across_processes=True)
 
     def best_metric(self, wanted: str) -> str:
         return wanted if self.label_names else "loss"
@@ -101,7 +104,8 @@ class CausalLMTask:
         from .generation import generate
 
         unwrapped = getattr(model, "module", model)
-        metrics = lm_eval_loss(unwrapped, self.features[split], self.pad_id, batch_size, device)
+        metrics = {"n": len(self.features[split]),
+                   **lm_eval_loss(unwrapped, self.features[split], self.pad_id, batch_size, device)}
         enc = self.encoded[split]
         if self.label_names:
             probs = label_probs(unwrapped, enc.prompts, self.encoder.label_tokens, self.pad_id, batch_size, device)
@@ -135,7 +139,7 @@ def build_task(cfg: RunConfig, tokenizer: Any, splits: dict[str, Any], label_nam
     """
     from .data import encode_labels
 
-    meta = {"max_length": cfg.data.max_length, "text_column": cfg.data.text_column,
+    meta = {"seed": cfg.seed, "max_length": cfg.data.max_length, "text_column": cfg.data.text_column,
             "label_column": cfg.data.label_column, "text_pair_column": cfg.data.text_pair_column}
     classes = None
     if label_names is not None:

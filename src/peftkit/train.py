@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import torch
 
+from .checkpoint import stop_for_test
 from .config import RunConfig, dump_config
 from .errors import Interrupted, PeftkitError
 from .fsio import atomic_write_text, write_json
@@ -223,6 +224,10 @@ class Trainer:
         if self.prep.quantization is not None:
             self.say(self.prep.quantization.line())
         self.say(f"data {cfg.dataset}: {self.task.describe()}")
+        n = self.acc.num_processes
+        self.say(f"processes: {n} ({'data parallel, ' if n > 1 else ''}{self.acc.device.type}); batch_size "
+                 f"{tc.batch_size} per process x {n} x grad_accum {tc.grad_accum} = {tc.batch_size * n * tc.grad_accum} "
+                 "examples per optimizer step")
         if tc.mixed_precision == "auto":
             self.say("mixed precision: bf16 autocast (native bf16 here; train.mixed_precision=no for float32)"
                      if self.precision == "bf16" else "mixed precision: none, float32 (no native bf16 here)")
@@ -344,6 +349,7 @@ class Trainer:
             if not sync:
                 continue
             self.update()
+            stop_for_test("step", st.step)
             last, epoch_end = st.step >= self.total_steps, i + tc.grad_accum >= usable
             if st.step % tc.log_steps == 0 or last:
                 self.log_train()

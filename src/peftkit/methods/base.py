@@ -231,8 +231,15 @@ def check_mergeable(model: nn.Module) -> None:
 
 
 def _mergeable(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from ..quantize import is_quantized
+
     check_mergeable(model)
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterModule) and hasattr(m, "merge")]
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterModule) and hasattr(m, "merge")]
+    quantized = [n for n, m in found if is_quantized(getattr(m, "base_layer", None) or m)]
+    if quantized:  # adding a float update to packed 4-bit or int8 weights would lose it or fail
+        raise PeftkitError(f"cannot merge into quantized weights ({quantized[0]})", "merge",
+                           "dequantize the base first (peftkit merge does), or use the adapter unmerged")
+    return found
 
 
 def merge(model: nn.Module) -> None:

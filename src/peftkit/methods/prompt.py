@@ -61,28 +61,49 @@ def cache_length(kwargs: dict[str, Any]) -> int:
 def prepend_prompt(prompt: torch.Tensor, model: nn.Module, args: tuple, kwargs: dict[str, Any]
                    ) -> tuple[tuple, dict[str, Any]]:
     """A forward call's arguments with the virtual tokens ``prompt`` ``(n, hidden)`` in front of
-    every row's embeddings (the masks, token types and labels widened to match)."""
+    every row's embeddings (the masks, token types and labels widened to match).
+
+    Position ids the caller gave (``generate`` does) were counted without the virtual tokens; they
+    are recounted from the widened mask, so a row's first real token sits at position ``n``
+    whatever padding stands before it. On a later generation step the virtual tokens are already
+    in the key/value cache: only the mask and positions are widened.
+    """
     kwargs = as_kwargs(model, args, kwargs)
-    if cache_length(kwargs):  # a later generation step: the prompt is already in the cache
+    n = prompt.shape[0]
+    if cache_length(kwargs):
+        new = kwargs["input_ids" if kwargs.get("input_ids") is not None else "inputs_embeds"].shape[1]
+        _widen_mask_and_positions(kwargs, n, new, cache_length(kwargs))
         return (), kwargs
     embeds = kwargs.pop("inputs_embeds", None)
     ids = kwargs.pop("input_ids", None)
     if embeds is None:
         embeds = model.get_input_embeddings()(ids)
-    batch, n = embeds.shape[0], prompt.shape[0]
+    batch = embeds.shape[0]
     kwargs["inputs_embeds"] = torch.cat([prompt.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1), embeds], 1)
-    mask = kwargs.get("attention_mask")
-    if mask is not None:
-        kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], 1)
+    _widen_mask_and_positions(kwargs, n, n + embeds.shape[1], 0)
     types = kwargs.get("token_type_ids")
     if types is not None:
         kwargs["token_type_ids"] = torch.cat([types.new_zeros(batch, n), types], 1)
-    if kwargs.get("position_ids") is not None:
-        kwargs["position_ids"] = None
     labels = kwargs.get("labels")
     if labels is not None and labels.dim() == 2 and labels.shape[1] == embeds.shape[1]:
         kwargs["labels"] = torch.cat([labels.new_full((batch, n), IGNORE_INDEX), labels], 1)
     return (), kwargs
+
+
+def _widen_mask_and_positions(kwargs: dict[str, Any], n: int, new: int, cached: int) -> None:
+    """Give the attention mask ``n`` leading ones where it does not count the virtual tokens yet
+    (it should cover ``cached + new`` positions), and recount caller-given position ids from it
+    for the ``new`` positions of this call."""
+    mask = kwargs.get("attention_mask")
+    if mask is not None and mask.dim() == 2 and mask.shape[1] == cached + new - n:
+        mask = kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], n), mask], 1)
+    if kwargs.get("position_ids") is None:
+        return
+    if mask is None or mask.dim() != 2 or mask.shape[1] != cached + new:
+        kwargs["position_ids"] = None  # the model numbers the positions itself, virtual tokens first
+        return
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    kwargs["position_ids"] = positions[:, -new:]
 
 
 def _prompt_hook(module: PromptEmbedding, model: nn.Module, args: tuple, kwargs: dict[str, Any]
