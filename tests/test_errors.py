@@ -37,7 +37,8 @@ def test_bad_recipe_values(overrides, needle, tiny_bert_dir, sentiment_dir, tmp_
 
 @pytest.mark.parametrize("content, needle", [
     ("", "empty"),
-    ('{"text": "a", "label": 1}\n{"text": oops}\n', "cannot read"),
+    ('{"text": "a", "label": 1}\n{"text": oops}\n', "line 2 is not valid JSON (Expecting value at column 10)"),
+    ('{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n{"text": "a film th', "line 3 ends before its JSON object does"),
     ("".join(json.dumps({"text": f"t {i}", "label": "pos"}) + "\n" for i in range(30)), "only one label"),
 ])
 def test_bad_data_files(content, needle, tiny_bert_dir, tmp_path, capsys):
@@ -79,3 +80,46 @@ def test_adapter_that_does_not_fit_the_base(tiny_bert_dir, sentiment_dir, tmp_pa
                  "no 'text' field")
     expect_error(capsys, ["predict", "--adapter", str(tmp_path), "--input", str(tmp_path / "in.jsonl"),
                           "--output", str(tmp_path / "o.jsonl")], "not an adapter folder")
+
+
+def test_a_cut_line_is_named_alike_by_train_and_predict(tmp_path, capsys, tiny_bert_dir):
+    """One reader of JSON Lines for every command: the same line number and words."""
+    cut = tmp_path / "data.jsonl"
+    cut.write_text("".join(json.dumps({"text": f"t {i}", "label": i % 2}) + "\n" for i in range(41)) + '{"text": "cu')
+    train_err = expect_error(capsys, ["train", str(tiny_recipe(tmp_path, tiny_bert_dir, cut))], "line 42 ends before")
+    predict_err = expect_error(capsys, ["predict", "--adapter", str(tmp_path), "--input", str(cut), "--output", "-"],
+                               "line 42 ends before")
+    assert train_err == predict_err
+
+
+def test_a_label_typo_is_refused_with_its_row(tiny_bert_dir, tmp_path, capsys):
+    from .conftest import sentiment_rows
+
+    rows = sentiment_rows(60, seed=4)
+    rows[41]["label"] = "postive"
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    expect_error(capsys, ["train", str(tiny_recipe(tmp_path, tiny_bert_dir, data))],
+                 "label 'postive' appears on 1 row only (row 42) and looks like a typo of 'positive'")
+    assert not (tmp_path / "run").exists()
+    # a rare label that resembles no other is data, not a typo
+    rows[41]["label"] = "mixed"
+    write_jsonl(tmp_path / "data.jsonl", rows)
+    from peftkit.data import check_label_typos
+
+    check_label_typos([r["label"] for r in rows], "data")
+
+
+def test_a_typo_in_the_recipe_is_blamed_on_the_recipe(tmp_path, capsys):
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text("train:\n  epoch: 3\n")
+    err = expect_error(capsys, ["train", str(recipe), "method.r=8"], "unknown key 'train.epoch'")
+    assert f"({recipe})" in err and "override" not in err
+
+
+@pytest.mark.parametrize("name, option", [("dora", "method.use_dora=true"), ("pissa", "method.init_lora_weights=pissa"),
+                                          ("olora", "method.init_lora_weights=olora"),
+                                          ("rslora", "method.use_rslora=true")])
+def test_lora_variants_named_as_methods_point_to_their_option(name, option, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("seed: 0\n")
+    expect_error(capsys, ["train", str(recipe), f"method.name={name}"], f"use method.name=lora with {option}")

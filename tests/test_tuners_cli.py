@@ -15,7 +15,7 @@ from peftkit.train import train
 
 from .conftest import tiny_recipe, write_jsonl
 from .test_errors import expect_error
-from .test_resume import assert_same_run, newest_step, recipe_for, start, wait_until
+from .test_resume import assert_same_run, newest_step, recipe_for, start, stopped_at
 
 TARGETS = ["query", "value", "dense"]
 #: method block, learning rate
@@ -106,11 +106,8 @@ def test_adalora_resume_after_sigkill_is_exact(tiny_bert_dir, sentiment_dir, tmp
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
     recipe, run = runs["kill"]
-    proc = start(recipe)
-    hit = wait_until(lambda: newest_step(run) >= 17, proc)  # inside the pruning phase (steps 5-29)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    assert hit
+    killed = stopped_at(recipe, "step:18")  # inside the pruning phase (steps 5-29)
+    assert killed.returncode == -signal.SIGKILL and newest_step(run) == 17, killed.stderr
     resumed = start(recipe, "resume=auto")
     _, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err

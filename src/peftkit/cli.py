@@ -96,9 +96,16 @@ def _predict(args: argparse.Namespace) -> int:
     from .fsio import atomic_write_text, report
     from .predict import LINE, read_rows
 
+    from .predict import is_causal_lm_adapter
+
     rows = read_rows(args.input, args.text_field)
     texts = [str(r[args.text_field]) for r in rows]
     specs = _named_specs(args)
+    for path in [args.adapter] if specs is None else [p for _, p in specs]:
+        if is_causal_lm_adapter(path):
+            raise PeftkitError("this is a causal-LM adapter: predict classifies texts with a classifier adapter",
+                               str(path), f"answer with: peftkit generate --adapter {path} --input FILE (or "
+                               "peftkit eval for its metrics)")
     if specs is None:
         clf = _load(args)
         probs, _ = clf.predict_proba(texts, batch_size=args.batch_size)

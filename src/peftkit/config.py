@@ -182,6 +182,14 @@ SYNONYMS = {
 }
 
 
+#: LoRA variants peft users name as methods -> the options that choose them
+VARIANTS = {
+    "dora": "method.use_dora=true", "rslora": "method.use_rslora=true", "pissa": "method.init_lora_weights=pissa",
+    "olora": "method.init_lora_weights=olora", "qlora": "quantization.bits=4", "lora+": "train.loraplus_lr_ratio=16",
+    "loraplus": "train.loraplus_lr_ratio=16",
+}
+
+
 def _check_keys(data: Any, model: type[BaseModel], prefix: str, where: str) -> None:
     """Reject unknown keys with a did-you-mean, before pydantic sees them."""
     if not isinstance(data, dict):
@@ -206,9 +214,12 @@ def _submodel(model: type[BaseModel], key: str, value: Any) -> type[BaseModel] |
     if model is RunConfig and key == "method":
         name = value.get("name", "lora") if isinstance(value, dict) else "lora"
         if name not in METHODS:
-            raise PeftkitError(
-                f"unknown method '{name}'", "method.name", f"choose one of: {', '.join(METHODS)}"
-            )
+            if str(name).lower() in VARIANTS:
+                raise PeftkitError(f"{name} is a variant of LoRA, not a method of its own", "method.name",
+                                   f"use method.name=lora with {VARIANTS[str(name).lower()]}")
+            close = difflib.get_close_matches(str(name), list(METHODS), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise PeftkitError(f"unknown method '{name}'", "method.name", f"{hint}choose one of: {', '.join(METHODS)}")
         return METHODS[name].config
     ann = model.model_fields[key].annotation
     for option in (ann, *typing.get_args(ann)):  # X, or X | None
@@ -270,6 +281,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         if loaded is not None and not isinstance(loaded, dict):
             raise PeftkitError("the recipe must be a YAML mapping of keys", where)
         data = loaded or {}
+        _check_keys(data, RunConfig, "", where)  # the file's own mistakes are the file's, not an override's
     for text in overrides:
         keys, value = parse_override(text)
         method = data.get("method")

@@ -8,10 +8,12 @@ files, or a hub id (through ``datasets.load_dataset``).
 from __future__ import annotations
 
 import bz2
+import difflib
 import gzip
 import json
 import lzma
 import random
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,18 +137,48 @@ def read_json_lines(path: Path) -> dict[str, list] | None:
     rows = []
     try:
         with opener(path, "rt", encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    row = json.loads(line)
-                    if not isinstance(row, dict):
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                if not rows:  # the first line decides the layout: an object opens JSON Lines
+                    try:
+                        first = json.loads(line)
+                    except ValueError:
                         return None
-                    rows.append(row)
-    except (ValueError, OSError, EOFError, lzma.LZMAError):  # ValueError: bad JSON or bad UTF-8
+                    if not isinstance(first, dict):
+                        return None
+                    rows.append(first)
+                    continue
+                rows.append(json_line(line, lineno, str(path)))
+    except UnicodeDecodeError as exc:
+        raise PeftkitError(f"the file is not UTF-8 ({exc.reason})", str(path), "save it as UTF-8") from None
+    except (OSError, EOFError, lzma.LZMAError):  # another compression, or a damaged archive
         return None
     if not rows:
         return None
     columns = dict.fromkeys(key for row in rows for key in row)
     return {key: [row.get(key) for row in rows] for key in columns}
+
+
+def json_line(line: str, lineno: int, where: str) -> dict[str, Any]:
+    """One line of a JSON Lines file as an object: the one reader (and message) of every command.
+
+    Raises:
+        PeftkitError: the line is not a JSON object (a cut line, a stray character), with its
+            1-based number.
+    """
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        if "Unterminated" in exc.msg or exc.pos >= len(line.rstrip()):
+            raise PeftkitError(f"line {lineno} ends before its JSON object does: it was cut short", where,
+                               "restore or remove that line") from None
+        raise PeftkitError(f"line {lineno} is not valid JSON ({exc.msg} at column {exc.colno})", where,
+                           "write one JSON object per line") from None
+    if not isinstance(row, dict):
+        raise PeftkitError(f"line {lineno} is a JSON {type(row).__name__}, not an object", where,
+                           "write one JSON object per line") from None
+    return row
 
 
 def _load_hub(name: str) -> dict[str, Any]:
@@ -221,6 +253,8 @@ def load_splits(source: str, cfg: DataConfig, seed: int, convert: Callable[..., 
         splits["test"] = convert(tables[cfg.test_split], cfg, source, cfg.test_split)
     if len(splits["train"]) == 0:
         raise PeftkitError("the training split is empty", source, "give a dataset with examples")
+    if not cfg.label_names and getattr(splits["train"], "kind", "labelled") == "labelled":
+        check_label_typos(splits["train"].labels, f"{source}, {cfg.train_split} split")
     rng = random.Random(seed)
     if "validation" not in splits:
         order = list(range(len(splits["train"])))
@@ -247,6 +281,30 @@ def subsample(split: Any, limit: int | None, seed: int | random.Random) -> Any:
         return split
     rng = seed if isinstance(seed, random.Random) else random.Random(seed)
     return split.subset(sorted(rng.sample(range(len(split)), limit)))
+
+
+def check_label_typos(labels: list[Any], where: str) -> None:
+    """Refuse a label that is almost surely a misspelling of another: a string label on at most
+    two rows (and at most 5% of the most common label's) whose name is close to a common label's.
+
+    Raises:
+        PeftkitError: naming the label, its rows (1-based, in the file's order) and the label it
+            resembles.
+    """
+    counts = Counter(v for v in labels if isinstance(v, str))
+    if len(counts) < 3:
+        return
+    top = counts.most_common(1)[0][1]
+    common = [name for name, n in counts.items() if n > 2]
+    for name, n in counts.items():
+        if n > 2 or n > 0.05 * top:
+            continue
+        close = difflib.get_close_matches(name, common, n=1, cutoff=0.75)
+        if close:
+            rows = [i + 1 for i, v in enumerate(labels) if v == name]
+            raise PeftkitError(f"label {name!r} appears on {n} row{'s' if n > 1 else ''} only (row "
+                               f"{', '.join(map(str, rows))}) and looks like a typo of {close[0]!r}", where,
+                               f"correct those rows, or list every label in data.label_names to keep it")
 
 
 def infer_label_names(train: Split, given: list[str] | None) -> list[str]:

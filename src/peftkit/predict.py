@@ -171,12 +171,10 @@ def _parse_rows(lines: Any, where: str, field: str, json_lines: bool | None) -> 
 
 
 def _json_row(line: str, lineno: int, field: str, path: str) -> dict[str, Any]:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise PeftkitError(f"line {lineno} is not valid JSON ({exc.msg})", str(path),
-                           "write one JSON object per line") from None
-    if not isinstance(record, dict) or field not in record:
+    from .data import json_line
+
+    record = json_line(line, lineno, path)
+    if field not in record:
         raise PeftkitError(f"line {lineno} has no '{field}' field", str(path),
                            f"give each line a '{field}' field, or use --text-field") from None
     return record

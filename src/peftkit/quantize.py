@@ -29,6 +29,9 @@ from .errors import PeftkitError
 from .inject import is_under, output_embedding_name, replace_module
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# bitsandbytes looks for an optional kernel package on every 4-bit CPU call and logs a warning
+# when it is missing; peftkit's own dequantizing kernel does that work (_CPULinear4bit)
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def require_bitsandbytes() -> Any:

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import hmac
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -335,29 +336,50 @@ def serve(specs: list[tuple[str, Any]], *, model: str | None = None, adapters_di
 
     folder = _folder(adapters_dir, "--adapters-dir") if adapters_dir else None
     runs = _folder(runs, "--runs") if runs else None
-    first = specs
-    if not specs:  # the base and task come from the first adapter of the folder
-        found = sorted(p.name for p in folder.iterdir() if served_path(folder, p.name)) if folder else []
-        first = [(found[0], folder / found[0])] if found else [None]
-        if first[0] is None:
-            raise PeftkitError("nothing to serve", "--adapter", "name an adapter (--adapter NAME=DIR), or put adapter "
-                               "folders in --adapters-dir")
-    for name, path in first:
-        if not (Path(path) / WEIGHTS_FILE).is_file():
-            raise PeftkitError(f"adapter {name!r} has no {WEIGHTS_FILE}; serve reads safetensors only", str(path),
-                               "save the adapter again with peftkit or peft (safetensors)")
-    named = load_named(first, model)
-    tokens = [n for n in named.names if named.task == "causal_lm" and named.adapters.adds_tokens(n)]
-    if tokens:
-        raise PeftkitError(f"{tokens[0]!r} is a prompt or prefix causal-LM adapter; serve generates with LoRA and "
-                           "IA3 adapters so far", "--adapter", "serve it with peftkit generate")
-    app = create_app(named, limits, api_key, folder, runs, fixed=[n for n, _ in specs], thread=False)
-    shown = ", ".join(named.names) + (f" and the adapters in {folder}" if folder else "")
-    echo(f"serving {shown} on {named.base_model} at http://{host}:{port}")
-    return _run(app, uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False), host, port)
+    sock = _listen(host, port)  # a busy port is said before the slow load, and nobody takes it meanwhile
+    try:
+        first = specs
+        if not specs:  # the base and task come from the first adapter of the folder
+            found = sorted(p.name for p in folder.iterdir() if served_path(folder, p.name)) if folder else []
+            first = [(found[0], folder / found[0])] if found else [None]
+            if first[0] is None:
+                raise PeftkitError("nothing to serve", "--adapter", "name an adapter (--adapter NAME=DIR), or put adapter "
+                                   "folders in --adapters-dir")
+        for name, path in first:
+            if not (Path(path) / WEIGHTS_FILE).is_file():
+                raise PeftkitError(f"adapter {name!r} has no {WEIGHTS_FILE}; serve reads safetensors only", str(path),
+                                   "save the adapter again with peftkit or peft (safetensors)")
+        named = load_named(first, model)
+        tokens = [n for n in named.names if named.task == "causal_lm" and named.adapters.adds_tokens(n)]
+        if tokens:
+            raise PeftkitError(f"{tokens[0]!r} is a prompt or prefix causal-LM adapter; serve generates with LoRA and "
+                               "IA3 adapters so far", "--adapter", "serve it with peftkit generate")
+        app = create_app(named, limits, api_key, folder, runs, fixed=[n for n, _ in specs], thread=False)
+        shown = ", ".join(named.names) + (f" and the adapters in {folder}" if folder else "")
+        echo(f"serving {shown} on {named.base_model} at http://{host}:{port}")
+        return _run(app, uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False), sock)
+    finally:
+        sock.close()
 
 
-def _run(app: Any, config: Any, host: str, port: int) -> int:
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` for uvicorn to listen on.
+
+    Raises:
+        PeftkitError: the address is taken or cannot be bound.
+    """
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        raise PeftkitError(f"cannot listen on {host}:{port} ({exc.strerror or exc})", "--port",
+                           "pick a free port, or stop what uses it") from None
+    return sock
+
+
+def _run(app: Any, config: Any, sock: socket.socket) -> int:
     """HTTP on a thread, the model on this (main) thread: torch runs its operator threads up to
     2-3x slower from a second thread once the main one has used them. SIGTERM or SIGINT stops
     the HTTP side accepting; once the requests in flight are answered the worker stops too."""
@@ -366,7 +388,7 @@ def _run(app: Any, config: Any, host: str, port: int) -> int:
 
     def http() -> None:
         try:
-            server.run()
+            server.run(sockets=[sock])
         finally:
             worker.close()
 
@@ -381,7 +403,7 @@ def _run(app: Any, config: Any, host: str, port: int) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if not server.started:
-        raise PeftkitError(f"could not listen on {host}:{port}", "--port", "pick a free port, or stop what uses it")
+        raise PeftkitError("the HTTP server did not start", "serve", "run again with --debug to see why")
     return 0
 
 
