@@ -95,7 +95,7 @@ def test_empty_and_malformed_files(tmp_path):
     with pytest.raises(PeftkitError):
         load_splits(str(tmp_path / "empty.jsonl"), DataConfig(), seed=0)
     (tmp_path / "bad.jsonl").write_text('{"text": "a", "label": 1}\n{"text": broken\n')
-    with pytest.raises(PeftkitError, match="cannot read"):
+    with pytest.raises(PeftkitError, match="line 2 is not valid JSON"):
         load_splits(str(tmp_path / "bad.jsonl"), DataConfig(), seed=0)
     with pytest.raises(PeftkitError, match="not found"):
         load_splits(str(tmp_path / "nope.jsonl"), DataConfig(), seed=0)

@@ -123,3 +123,9 @@ def test_lora_variants_named_as_methods_point_to_their_option(name, option, tmp_
     recipe = tmp_path / "r.yaml"
     recipe.write_text("seed: 0\n")
     expect_error(capsys, ["train", str(recipe), f"method.name={name}"], f"use method.name=lora with {option}")
+
+
+def test_a_system_prompt_without_a_chat_template_is_refused(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("task: causal_lm\ndata: {system_prompt: Be brief., chat_template: false}\n")
+    expect_error(capsys, ["train", str(recipe)], "set data.chat_template: true")

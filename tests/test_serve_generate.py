@@ -81,8 +81,10 @@ def post(url: str, path: str, body: dict, **kw) -> httpx.Response:
 
 
 def complete(url: str, model: str, prompt: str, max_tokens: int, **extra) -> httpx.Response:
+    """A completion of ``prompt`` sent as it is (``raw``); without it, the adapter's prompt format
+    applies, as in ``peftkit generate`` (test_completions_in_the_adapter_s_format_equal_generate)."""
     return post(url, "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": max_tokens,
-                                         "temperature": 0, **extra})
+                                         "temperature": 0, "raw": True, **extra})
 
 
 def events(response: httpx.Response) -> list:
@@ -150,7 +152,7 @@ def test_stop_strings_end_the_answer_before_them(server, offline):
     stop = " " + words[2]
     answer = complete(server, "right", PROMPTS[0], 20, stop=[stop, "never-there"]).json()["choices"][0]
     assert answer["text"] == full[:full.index(stop)] and answer["finish_reason"] == "stop"
-    with httpx.stream("POST", server + "/v1/completions", json={"model": "right", "prompt": PROMPTS[0],
+    with httpx.stream("POST", server + "/v1/completions", json={"model": "right", "prompt": PROMPTS[0], "raw": True,
                       "max_tokens": 20, "temperature": 0, "stop": stop, "stream": True}, headers=auth()) as response:
         got = events(response)
     assert "".join(c["choices"][0]["text"] for c in got[:-1]) == answer["text"]
@@ -210,7 +212,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_place(lm_adapters, offline):
     try:
         with httpx.stream("POST", url + "/v1/completions", headers=auth(), timeout=60,
                           json={"model": "left", "prompt": PROMPTS[4], "max_tokens": 1500, "temperature": 0,
-                                "stream": True}) as response:
+                                "stream": True, "raw": True}) as response:
             lines = response.iter_lines()
             first = json.loads(next(line for line in lines if line.startswith("data: "))[6:])
             assert first["choices"][0]["finish_reason"] is None
@@ -233,7 +235,7 @@ def test_sigterm_while_answers_stream_finishes_them_and_exits_0(lm_adapters, off
 
     def stream(i: int) -> list:
         body = {"model": ("left", "right", "ia3")[i % 3], "prompt": PROMPTS[i % 6], "max_tokens": 300 + i,
-                "temperature": 0, "stream": True, "stop": "never-there"}
+                "temperature": 0, "stream": True, "stop": "never-there", "raw": True}
         with httpx.stream("POST", url + "/v1/completions", json=body, headers=auth(), timeout=120) as response:
             lines = response.iter_lines()
             got = [json.loads(next(line for line in lines if line.startswith("data: "))[6:])]
@@ -265,7 +267,10 @@ def test_the_openai_client_streams_a_chat_answer_unchanged(server, offline):
     text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
     assert text == offline("right", PROMPTS[0], 10, chat=True)
     done = client.completions.create(model="ia3", prompt=PROMPTS[1], max_tokens=7, temperature=0)
-    assert done.choices[0].text == offline("ia3", PROMPTS[1], 7)
+    assert done.choices[0].text == offline("ia3", PROMPTS[1], 7, chat=True)  # the adapter's format, as generate
+    raw = client.completions.create(model="ia3", prompt=PROMPTS[1], max_tokens=7, temperature=0,
+                                    extra_body={"raw": True})
+    assert raw.choices[0].text == offline("ia3", PROMPTS[1], 7)
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="missing", prompt="hi", max_tokens=3)
 
@@ -334,3 +339,40 @@ def test_the_openai_client_streams_a_chat_answer_from_a_smollm2_adapter(tmp_path
         proc.communicate(timeout=60)
     assert len([p for p in pieces if p]) > 3  # it arrived in pieces
     assert "".join(pieces) == want and want.strip()
+
+
+def test_completions_in_the_adapter_s_format_equal_generate(tiny_llama_dir, tmp_path):
+    """The documented rule: a completion's prompt goes through the adapter's prompt format (its
+    prompt template, system prompt and chat template) exactly as ``peftkit generate --prompt``
+    sends it; ``raw: true`` sends it as it is; chat messages are sent as given. /v1/models says
+    which format and labels each adapter has."""
+    import subprocess
+    import sys
+
+    from .conftest import LM_PROMPT
+    from .test_merge_export import lm_adapter
+
+    meta = {"prompt_template": LM_PROMPT, "label_names": ["negative", "positive"], "chat_template": True,
+            "system_prompt": "hi"}
+    adapter = lm_adapter(tiny_llama_dir, tmp_path / "mood", 5, meta=meta)
+    text = "a fun and moving film"
+    cli = subprocess.run([sys.executable, "-m", "peftkit", "generate", "--adapter", str(adapter), "--prompt", text,
+                          "--max-new-tokens", "6"], capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr
+    raw_cli = subprocess.run([sys.executable, "-m", "peftkit", "generate", "--adapter", str(adapter), "--prompt", text,
+                              "--max-new-tokens", "6", "--raw"], capture_output=True, text=True, timeout=300)
+    proc, url = start_server({"mood": adapter}, "--max-tokens", "16")
+    try:
+        models = {m["id"]: m for m in httpx.get(url + "/v1/models", headers=auth()).json()["data"]}
+        assert models["mood"]["labels"] == ["negative", "positive"]
+        assert models["mood"]["prompt_format"] == {"prompt_template": LM_PROMPT, "chat_template": True,
+                                                    "system_prompt": "hi"}
+        body = {"model": "mood", "prompt": text, "max_tokens": 6, "temperature": 0}
+        formatted = post(url, "/v1/completions", body).json()["choices"][0]["text"]
+        raw = post(url, "/v1/completions", {**body, "raw": True}).json()["choices"][0]["text"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    assert formatted == cli.stdout.strip()
+    assert raw == raw_cli.stdout.strip()
+    assert formatted != raw  # the two paths really differ for this adapter

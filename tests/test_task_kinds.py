@@ -110,3 +110,14 @@ def test_every_kind_trains_end_to_end_in_one_and_two_processes(kind, datasets, s
     assert double == pytest.approx(single, rel=2e-4), (single, double)
     # the second step's loss depends on the first update: equal losses mean equal gradients
     assert len(set(single)) > 1
+
+
+def test_a_packed_run_counts_examples_not_sequences(datasets, tiny_llama_dir, tmp_path):
+    recipe = _recipe(tmp_path, "text", tiny_llama_dir, datasets["text"], batch=4)
+    done = subprocess.run([sys.executable, "-m", "peftkit", "train", str(recipe), "data.packing=true"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["train_examples"] == 64  # every training row, packed into fewer sequences
+    assert summary["train_sequences"] < 64
+    assert (tmp_path / "run" / "curves.png").is_file()

@@ -175,6 +175,14 @@ class LMEncoder:
     def _segments_labelled(self, row: dict[str, Any], label: str) -> list[tuple[list[int], bool]]:
         return self._pair(self.prompt_text(row["text"], row.get("text_pair") or ""), label)
 
+    def prompt_for(self, text: str, raw: bool = False) -> list[int]:
+        """``text`` as training presented a prompt, ending where the answer begins: filled into
+        the prompt template (labelled data), then through the chat template. ``raw`` sends it as
+        it is. ``peftkit generate`` and the server's completions both ask through here."""
+        if raw:
+            return self.tok(text)["input_ids"]
+        return self.prompt_ids(self.prompt_text(text) if self.cfg.prompt_template else text)
+
     def prompt_ids(self, prompt: str) -> list[int]:
         """Token ids that ask ``prompt``, ending where the answer begins (for generation)."""
         if self.chat:

@@ -72,6 +72,14 @@ class DataConfig(_Strict):
     train_on_prompt: bool = Field(False, description="causal_lm: loss on prompt tokens too")
     packing: bool = Field(False, description="causal_lm: pack several training examples per sequence")
 
+    @model_validator(mode="after")
+    def _system_needs_chat(self) -> "DataConfig":
+        if self.system_prompt and self.chat_template is False:
+            raise ValueError("data.system_prompt is sent as the chat template's system message, and "
+                             "data.chat_template is false: set data.chat_template: true, or write the instruction "
+                             "into data.prompt_template")
+        return self
+
 
 class EarlyStopping(_Strict):
     """Stop after ``patience`` evaluations without an improvement of at least ``min_delta``."""

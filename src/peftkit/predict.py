@@ -320,11 +320,7 @@ class AdaptedLM:
     def prompt_ids(self, text: str, raw: bool = False) -> list[int]:
         """``text`` as the training saw a prompt: through its template (labelled data) and the
         chat template; ``raw`` sends it as it is."""
-        if raw:
-            return self.tokenizer(text)["input_ids"]
-        if self.encoder.cfg.prompt_template:
-            text = self.encoder.prompt_text(text)
-        return self.encoder.prompt_ids(text)
+        return self.encoder.prompt_for(text, raw)
 
 
 def load_adapted_lm(adapter_dir: str | Path, model: str | None = None, quantize: int | None = None) -> AdaptedLM:

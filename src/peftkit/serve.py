@@ -34,6 +34,7 @@ from fastapi import Request  # at module level: FastAPI resolves the handlers' a
 from .errors import PeftkitError
 from .serve_api import (Sampling, bad, chat_prompt, completion, new_id, parse_classify, parse_messages, parse_prompt,
                         parse_sampling, read_json, sse)
+from .serve_page import run_of
 from .serve_work import AdapterStore, ApiError, Batcher, Generator, Job, Limits, Metrics
 
 class Service:
@@ -96,10 +97,27 @@ class Service:
         data = [{"id": name, "object": "model", "owned_by": "peftkit", "task": task,
                  "labels": self.named.label_names.get(name), "base": self.named.base_model, "loaded":
                  name in self.named.names} for name in self.store.available()]
+        for entry in data:  # the training run an adapter came from, where --runs shows it
+            run = run_of(self.runs, self._folder_of(entry["id"]))
+            if run is not None:
+                entry["run"] = run
+        if self.causal:  # what a completion's prompt goes through, as `peftkit generate` sends it
+            from .adapter_io import read_adapter
+
+            for entry in data:
+                files = self.named.files.get(entry["id"]) or read_adapter(self.store.path(entry["id"]))
+                meta = files.meta
+                entry["labels"] = meta.get("label_names")
+                entry["prompt_format"] = {key: meta.get(key) for key in ("prompt_template", "chat_template",
+                                                                          "system_prompt")}
         if self.causal:
             data.append({"id": self.named.base_model, "object": "model", "owned_by": "peftkit", "task": task,
                          "labels": None, "base": None, "loaded": True})
         return data
+
+    def _folder_of(self, name: str) -> Path | None:
+        files = self.named.files.get(name)
+        return Path(files.path) if files is not None and files.path else self.store.path(name)
 
     # ---- classification ----
     def _classify_rows(self, predict_rows: Any, texts: list[str], names: list[str]) -> list[tuple[Any, bool]]:
@@ -161,8 +179,9 @@ class Service:
         elif work.kind == "chat":  # an adapter trained without a chat template: its own prompt format
             last = next(m["content"] for m in reversed(work.prompt) if m["role"] == "user")
             ids, stops = enc.prompt_ids(enc.prompt_text(last) if enc.cfg.prompt_template else last), enc.stop_ids
-        else:
-            ids, stops = tok(work.prompt)["input_ids"], [tok.eos_token_id]
+        else:  # a completion asks as `peftkit generate --prompt` does (raw, or the base: the text as it is)
+            raw = work.raw or adapter is None
+            ids, stops = enc.prompt_for(work.prompt, raw), [tok.eos_token_id] if raw else enc.stop_ids
         window = getattr(self.named.model.config, "max_position_embeddings", None) or 1 << 30
         if len(ids) > self.limits.max_input_tokens or len(ids) + s.max_tokens > window:
             raise bad(f"the prompt is {len(ids)} tokens; with max_tokens={s.max_tokens} at most "
@@ -178,9 +197,12 @@ class Service:
             raise bad("this server serves classifiers: use /v1/classify")
         s = parse_sampling(data, self.limits, 16 if kind == "text" else self.limits.max_tokens)
         prompt = parse_messages(data) if kind == "chat" else parse_prompt(data)
+        raw = data.get("raw", False)
+        if not isinstance(raw, bool):
+            raise bad("'raw' must be true or false")
         adapter = None if s.model == self.named.base_model else self.store.check(s.model)
         events: asyncio.Queue = asyncio.Queue()
-        job = Job(adapter, GenWork(kind, s, prompt), asyncio.get_running_loop(),
+        job = Job(adapter, GenWork(kind, s, prompt, raw), asyncio.get_running_loop(),
                   lambda value, error: events.put_nowait((value, error)))
         self.worker.submit(job)
         try:

@@ -41,6 +41,18 @@ def read_runs(folder: Path | None) -> dict[str, Any]:
     return {"runs": runs, "comparisons": comparisons}
 
 
+def run_of(folder: Path | None, adapter: Path | None) -> str | None:
+    """The name :func:`read_runs` gives the training run that wrote ``adapter`` (its ``adapter/``
+    folder), or None when that run is not under ``folder``."""
+    if folder is None or adapter is None:
+        return None
+    run = Path(adapter).resolve().parent
+    root = folder.resolve()
+    if not (run / "metrics.jsonl").is_file() or (run != root and root not in run.parents):
+        return None
+    return _name(root, run)
+
+
 def _run(folder: Path, path: Path) -> dict[str, Any] | None:
     try:
         records = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -311,6 +311,7 @@ class GenWork:
     kind: str  # "chat" or "text"
     sampling: Any  # serve_api.Sampling
     prompt: Any  # the text, or the chat messages
+    raw: bool = False  # a completion's prompt sent as it is, not in the adapter's prompt format
     seq: Any = None  # generation.Sequence
     stream: Any = None  # TextStream
 

@@ -383,8 +383,14 @@ class Trainer:
                                "lower train.lr, or check the data; the last checkpoint is intact")
         self.state.window_loss += value
         self.state.window_n += 1
-        self.seen += len(indices) * acc.num_processes
-        self.trained += len(indices) * acc.num_processes
+        examples = self._examples(indices) * acc.num_processes
+        self.seen += examples
+        self.trained += examples
+
+    def _examples(self, indices: Any) -> int:
+        """Training examples in these sequences: a packed one holds several (its segments)."""
+        feats = self.task.features["train"]
+        return sum(feats[i]["segments"][-1] + 1 if "segments" in feats[i] else 1 for i in indices)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.precision != "bf16":
@@ -534,7 +540,8 @@ class Trainer:
             "examples_per_s": round(self.trained / max(1e-9, train_seconds - self.eval_seconds), 2),
             "peak_rss_bytes": peak_rss,
             "quantization": quantization.as_dict() if quantization is not None else None,
-            "train_examples": len(self.task.features["train"]),
+            "train_examples": self._examples(range(len(self.task.features["train"]))),
+            "train_sequences": len(self.task.features["train"]),  # fewer than the examples when packed
             **self.task.summary(),
             "adapter": str(self.out / "adapter"),
         }
