@@ -32,7 +32,9 @@ dev: $(VENV)/.dev
 demo: install
 	$(VENV)/bin/peftkit train recipes/sentiment-minilm-lora.yaml overwrite=true
 
-test: dev
+# the whole suite, the packaged SmolLM2 tests included (make llm); CI sets PEFTKIT_NO_SKIPS=1, so a
+# test that skips (a dependency that did not install) fails the run instead of vanishing
+test: dev llm
 	$(PY) -m pytest -q
 
 # The packaged SmolLM2-135M-Instruct (a GGUF file; transformers reads it with gguf), for the

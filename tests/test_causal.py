@@ -258,10 +258,14 @@ def test_every_method_trains_a_decoder_and_generates(method, tmp_path, tiny_llam
         "data.max_train_samples": 64, "data.max_eval_samples": 16, "train.epochs": 1, "train.lr": 0.005})
     summary = train(load_recipe(recipe), echo=lambda _: None)
     assert summary["steps"] == 4 and summary["test"]["n"] == 16
+    # the saved adapter, loaded afresh, reproduces the run's own test metrics on the same 16 rows
+    # (generation's exact match and valid-label rate included)
+    from peftkit.predict import evaluate_lm_adapter
+
     lm = load_adapted_lm(tmp_path / "run" / "adapter")
-    answers = generate(lm.model, lm.tokenizer, [lm.prompt_ids("a good film")], max_new_tokens=3,
-                       stop_ids=lm.encoder.stop_ids)
-    assert isinstance(answers[0], str)
+    again = evaluate_lm_adapter(lm, str(sentiment_dir), "test", max_samples=16)
+    for key in ("loss", "accuracy", "exact_match", "valid_label_rate"):
+        assert again[key] == pytest.approx(summary["test"][key], abs=1e-5), key
 
 
 def test_a_decoder_trains_as_a_sequence_classifier(tmp_path, sentiment_dir):

@@ -87,3 +87,8 @@ def test_merge_refuses_methods_that_cannot_merge(tiny_bert_dir, sentiment_dir, t
     (tmp_path / "in.txt").write_text("a good movie\n")
     assert main(["predict", "--adapter", str(tmp_path / "run" / "adapter"), "--input", str(tmp_path / "in.txt"),
                  "--output", str(tmp_path / "p.jsonl")]) == 0
+    from peftkit.predict import load_adapted_classifier
+
+    row = json.loads((tmp_path / "p.jsonl").read_text())
+    probs, _ = load_adapted_classifier(tmp_path / "run" / "adapter").predict_proba(["a good movie"])
+    assert row["scores"] == pytest.approx(dict(zip(("negative", "positive"), probs[0].tolist())), abs=1e-6)

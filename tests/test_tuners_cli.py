@@ -84,7 +84,15 @@ def test_causal_lm_runs_train_and_generate(name, tiny_llama_dir, sentiment_dir, 
     inputs = write_jsonl(tmp_path / "in.jsonl", [{"text": "boring film"}, {"text": "a wonderful story"}])
     assert main(["generate", "--adapter", str(tmp_path / "run" / "adapter"), "--input", str(inputs),
                  "--output", str(tmp_path / "out.jsonl"), "--max-new-tokens", "2"]) == 0
-    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 2
+    from peftkit.generation import generate
+    from peftkit.predict import load_adapted_lm
+
+    got = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    lm = load_adapted_lm(tmp_path / "run" / "adapter")
+    want = generate(lm.model, lm.tokenizer, [lm.prompt_ids(t) for t in ("boring film", "a wonderful story")],
+                    max_new_tokens=2, stop_ids=lm.encoder.stop_ids)
+    assert [(r["line"], r["prompt"], r["answer"]) for r in got] == [(1, "boring film", want[0]),
+                                                                    (2, "a wonderful story", want[1])]
 
 
 def test_adalora_resume_after_sigkill_is_exact(tiny_bert_dir, sentiment_dir, tmp_path):

@@ -130,7 +130,8 @@ class Service:
     async def classify(self, data: dict[str, Any]) -> dict[str, Any]:
         if self.causal:
             raise bad("this server serves causal-LM adapters: use /v1/completions or /v1/chat/completions")
-        adapter, texts = parse_classify(data, self.limits)
+        available = self.store.available()
+        adapter, texts = parse_classify(data, self.limits, available[0] if len(available) == 1 else None)
         self.store.check(adapter)
         rows = await self._answer(Job(adapter, texts, asyncio.get_running_loop(), None))
         labels = self.named.label_names[adapter]

@@ -33,11 +33,13 @@ def read_json(body: bytes, shape: str) -> dict[str, Any]:
     return data
 
 
-def parse_classify(data: dict[str, Any], limits: Limits) -> tuple[Any, list[str]]:
-    """The adapter name (checked by the store) and texts of a ``/v1/classify`` body."""
-    adapter, texts = data.get("adapter"), data.get("texts")
+def parse_classify(data: dict[str, Any], limits: Limits, only: str | None = None) -> tuple[Any, list[str]]:
+    """The adapter name (checked by the store) and texts of a ``/v1/classify`` body; without an
+    ``adapter``, ``only`` (the one adapter served, if there is one)."""
+    adapter, texts = data.get("adapter", only), data.get("texts")
     if not isinstance(adapter, str):
-        raise bad("'adapter' must be a string: the name of a loaded adapter")
+        raise bad("'adapter' must be a string: the name of a loaded adapter (it may be left out when "
+                  "the server has one)")
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
         raise bad("'texts' must be a non-empty list of strings")
     if len(texts) > limits.max_texts:
