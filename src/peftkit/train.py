@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -228,6 +229,9 @@ class Trainer:
         self.say(f"processes: {n} ({'data parallel, ' if n > 1 else ''}{self.acc.device.type}); batch_size "
                  f"{tc.batch_size} per process x {n} x grad_accum {tc.grad_accum} = {tc.batch_size * n * tc.grad_accum} "
                  "examples per optimizer step")
+        if n == 1 and os.environ.get("ACCELERATE_USE_CPU") and "WORLD_SIZE" not in os.environ:
+            self.say("note: accelerate launch --cpu starts one process whatever --num_processes says; for several "
+                     "CPU processes use torchrun --standalone --nproc_per_node N -m peftkit train ...")
         if tc.mixed_precision == "auto":
             self.say("mixed precision: bf16 autocast (native bf16 here; train.mixed_precision=no for float32)"
                      if self.precision == "bf16" else "mixed precision: none, float32 (no native bf16 here)")
