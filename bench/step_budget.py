@@ -118,7 +118,7 @@ def main() -> int:
         rate = flops / sec["multiplies"]
         ceiling = rate * res["real_tokens"] / res["padded_tokens"] / res["peak"]
         lines.append(f"| {'bf16 autocast' if bf16 else 'float32'} | {sec['steps']:.3g} | {sec['multiplies']:.3g} | "
-                     f"{sec['multiplies'] / sec['steps']:.1%} | {rate / 1e9:.0f} | {res['peak'] / 1e9:.0f} | "
+                     f"{sec['multiplies'] / sec['steps']:.1%} | {rate / 1e9:.3g} | {res['peak'] / 1e9:.0f} | "
                      f"{ceiling:.1%} | {sec['fixed']:.3g} | {sec['fixed'] / sec['steps']:.1%} | {rest:.3g} |")
     lines += ["", "The rest (steps less the multiplies and the fixed cost) is what grows with the tokens besides the "
               "frozen layers' multiplies: dropout masks, attention, GELU, LayerNorm, casts and the LoRA products. It "
