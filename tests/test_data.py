@@ -230,9 +230,10 @@ def test_json_lines_are_read_without_datasets_and_match_it(kind, tmp_path):
     assert column_lists(theirs, ["text", "label", "extra"]) == ours
 
 
-@pytest.mark.parametrize("content", ['[{"text": "a", "label": 1}]', '{\n "text": "a",\n "label": 1\n}\n',
-                                     '{"text": "a", "label": 1}\n{"text": broken\n', "1\n2\n"])
+@pytest.mark.parametrize("content", ['[{"text": "a", "label": 1}]', '{\n "text": "a",\n "label": 1\n}\n', "1\n2\n"])
 def test_other_json_layouts_are_left_to_datasets(content, tmp_path):
+    """A file whose first line is not a JSON object is some other layout; one whose first line is
+    an object is JSON Lines, and a bad later line is its error (test_empty_and_malformed_files)."""
     from peftkit.data import read_json_lines
 
     path = tmp_path / "d.json"
