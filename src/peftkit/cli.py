@@ -93,10 +93,8 @@ def _load_named(args: argparse.Namespace, specs: list):
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .fsio import atomic_write_text, report
-    from .predict import LINE, read_rows
-
-    from .predict import is_causal_lm_adapter
+    from .fsio import atomic_write_text
+    from .predict import LINE, is_causal_lm_adapter, read_rows
 
     rows = read_rows(args.input, args.text_field)
     texts = [str(r[args.text_field]) for r in rows]
@@ -126,7 +124,7 @@ def _predict(args: argparse.Namespace) -> int:
         out["scores"] = {n: round(float(v), 6) for n, v in zip(label_names, p)}
         lines.append(json.dumps(out))
     atomic_write_text(args.output, "\n".join(lines) + "\n")
-    report(f"wrote {len(lines)} predictions to {args.output}", args.output)
+    _status_printer(args.output)(f"wrote {len(lines)} predictions to {args.output}")
     return 0
 
 
@@ -293,14 +291,14 @@ def _generate(args: argparse.Namespace) -> int:
 def _write_answers(args: argparse.Namespace, answers: list[dict], rows: list[dict]) -> None:
     """One JSON line per answer, with the input's line number (and id) to join it back; to
     ``--output`` or, without one, standard output."""
-    from .fsio import atomic_write_text, report
+    from .fsio import atomic_write_text
     from .predict import LINE
 
     lines = [json.dumps({**({"line": r[LINE]} if LINE in r else {}), **({"id": r["id"]} if "id" in r else {}), **a})
              for r, a in zip(rows, answers)]
     output = args.output or STDIO
     atomic_write_text(output, "".join(line + "\n" for line in lines))
-    report(f"wrote {len(lines)} answers to {output}", output)
+    _status_printer(output)(f"wrote {len(lines)} answers to {output}")
 
 
 def _generate_named(args: argparse.Namespace, specs: list, rows: list[dict], prompts: list[str]) -> int:

@@ -1,7 +1,9 @@
 """Writes that never leave a half-written file or folder behind.
 
-Everything is written under a temporary name in the destination's own folder (same
-filesystem), then renamed into place; on any error the temporary is removed.
+Files and folders are written under a temporary name in the destination's own folder (same
+filesystem), then renamed into place; on any error the temporary is removed. An output that
+exists and is not a regular file (a symlink, a FIFO, ``/dev/stdout``) is written through instead:
+a rename would replace it with a plain file. ``-`` stands for standard input or output.
 """
 
 from __future__ import annotations
@@ -83,12 +85,6 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         return
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-
-
-def report(message: str, output: str | Path | None) -> None:
-    """A status line ("wrote N rows to ..."): on stderr when the results themselves go to
-    standard output, so a pipe receives nothing but results."""
-    print(message, file=sys.stderr if str(output) == STDIO else sys.stdout)
 
 
 def write_json(path: str | Path, data: Any) -> None:
