@@ -2,9 +2,10 @@
 
 A forward pre-hook on the model turns ``input_ids`` into ``inputs_embeds`` with the
 ``num_virtual_tokens`` learned vectors in front, and extends ``attention_mask``,
-``token_type_ids`` (zeros) and token-level ``labels`` (ignored) to match; ``position_ids`` are
-dropped so the model numbers the longer sequence itself. That is ``peft``'s
-``PROMPT_TUNING`` computation, and its files (``prompt_embeddings``, heads under
+``token_type_ids`` (zeros) and token-level ``labels`` (ignored) to match. Position ids a caller
+gives are recounted from the widened mask: the first real token of every row, padded or not,
+sits at position ``num_virtual_tokens``, in the first generation step and every cached one.
+The weights are ``peft``'s ``PROMPT_TUNING`` ones, and its files (``prompt_embeddings``, heads under
 ``base_model.<path>``) are read and written as ``peft`` does. On a BERT-style classifier the
 first virtual token takes the place the pooler reads.
 """
@@ -69,10 +70,10 @@ def prepend_prompt(prompt: torch.Tensor, model: nn.Module, args: tuple, kwargs: 
     in the key/value cache: only the mask and positions are widened.
     """
     kwargs = as_kwargs(model, args, kwargs)
-    n = prompt.shape[0]
-    if cache_length(kwargs):
+    n, cached = prompt.shape[0], cache_length(kwargs)
+    if cached:
         new = kwargs["input_ids" if kwargs.get("input_ids") is not None else "inputs_embeds"].shape[1]
-        _widen_mask_and_positions(kwargs, n, new, cache_length(kwargs))
+        _widen_mask_and_positions(kwargs, n, new, cached)
         return (), kwargs
     embeds = kwargs.pop("inputs_embeds", None)
     ids = kwargs.pop("input_ids", None)
