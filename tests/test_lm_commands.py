@@ -61,3 +61,18 @@ def test_serve_on_a_busy_port_says_so_before_loading(tiny_llama_dir, tmp_path):
     assert done.stderr.startswith(f"peftkit: error: cannot listen on 127.0.0.1:{port}") and \
         done.stderr.count("\n") == 1, done.stderr
     assert "serving" not in done.stdout  # refused before anything was loaded or announced
+
+
+def test_generate_reads_stdin_and_writes_json_lines_to_stdout(tiny_llama_dir, tmp_path):
+    a = lm_adapter(tiny_llama_dir, tmp_path / "a", 1)
+    run = [sys.executable, "-m", "peftkit", "generate", "--adapter", str(a), "--max-new-tokens", "3", "--raw"]
+    streamed = subprocess.run([*run, "--prompt", "hello"], capture_output=True, text=True, timeout=300)
+    asked = subprocess.run([*run, "--prompt", "hello", "--output", "-"], capture_output=True, text=True, timeout=300)
+    piped = subprocess.run([*run, "--input", "-", "--output", "-"], input="hello\n\nhi how are you\n",
+                           capture_output=True, text=True, timeout=300)
+    for done in (streamed, asked, piped):
+        assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in piped.stdout.splitlines()]
+    assert [(r["line"], r["prompt"]) for r in rows] == [(1, "hello"), (3, "hi how are you")]
+    assert json.loads(asked.stdout) == {"prompt": "hello", "answer": rows[0]["answer"]}  # - asks for JSON, not a stream
+    assert streamed.stdout.strip() == rows[0]["answer"].strip()

@@ -277,7 +277,7 @@ def _generate(args: argparse.Namespace) -> int:
     prompts = [lm.prompt_ids(t, raw=args.raw) for t in texts]
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    stop_ids=None if args.raw else lm.encoder.stop_ids)
-    if len(prompts) == 1 and args.output in (None, STDIO) and args.prompt is not None:  # one prompt: stream the answer as it is generated
+    if args.prompt is not None and args.output is None:  # one prompt, no --output: stream the answer
         from transformers import TextStreamer
 
         generate(lm.model, lm.tokenizer, prompts, **options,
