@@ -97,19 +97,18 @@ class Service:
         data = [{"id": name, "object": "model", "owned_by": "peftkit", "task": task,
                  "labels": self.named.label_names.get(name), "base": self.named.base_model, "loaded":
                  name in self.named.names} for name in self.store.available()]
-        for entry in data:  # the training run an adapter came from, where --runs shows it
-            run = run_of(self.runs, self._folder_of(entry["id"]))
+        for entry in data:
+            folder = self._folder_of(entry["id"])
+            run = run_of(self.runs, folder)  # the training run it came from, where --runs shows it
             if run is not None:
                 entry["run"] = run
-        if self.causal:  # what a completion's prompt goes through, as `peftkit generate` sends it
-            from .adapter_io import read_adapter
+            if self.causal:  # what a completion's prompt goes through, as `peftkit generate` sends it
+                from .adapter_io import read_adapter
 
-            for entry in data:
-                files = self.named.files.get(entry["id"]) or read_adapter(self.store.path(entry["id"]))
-                meta = files.meta
-                entry["labels"] = meta.get("label_names")
-                entry["prompt_format"] = {key: meta.get(key) for key in ("prompt_template", "chat_template",
-                                                                          "system_prompt")}
+                files = self.named.files.get(entry["id"]) or read_adapter(folder)
+                entry["labels"] = files.meta.get("label_names")
+                entry["prompt_format"] = {key: files.meta.get(key) for key in ("prompt_template", "chat_template",
+                                                                                "system_prompt")}
         if self.causal:
             data.append({"id": self.named.base_model, "object": "model", "owned_by": "peftkit", "task": task,
                          "labels": None, "base": None, "loaded": True})
@@ -391,12 +390,15 @@ def _listen(host: str, port: int) -> socket.socket:
     Raises:
         PeftkitError: the address is taken or cannot be bound.
     """
+    sock = None
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
     except OSError as exc:
+        if sock is not None:
+            sock.close()
         raise PeftkitError(f"cannot listen on {host}:{port} ({exc.strerror or exc})", "--port",
                            "pick a free port, or stop what uses it") from None
     return sock
