@@ -219,8 +219,11 @@ def _merge(args: argparse.Namespace) -> int:
     print(f"merged model written to {out} ({args.dtype}; max abs logit difference from the model as loaded: "
           f"{check.diff:.2e})")
     if check.large:
-        why = (f" the {args.quantize}-bit base computes with quantized weights (and int8 activations), the merged "
-               "float model with its dequantized weights") if args.quantize else ""
+        why = ""
+        if args.quantize:
+            acts = " and int8 activations" if args.quantize == 8 else ""
+            why = (f" the {args.quantize}-bit base computes with quantized weights{acts}, the merged float model "
+                   "with their dequantized values")
         print(f"warning: the merge moved the logits by {check.diff:.3g} (largest logit {check.scale:.3g});{why}",
               file=sys.stderr)
     print(f'use it with: transformers.pipeline("{task}", model="{out}")')

@@ -59,8 +59,8 @@ def plot_runs(runs: list[str | Path], output: str | Path, metric: str | None = N
 
     runs = [Path(r) for r in runs]
     records = {run: read_metrics(run) for run in runs}
-    shown = {run_metric(rs, metric) for rs in records.values()} - {None}
-    title = " / ".join(sorted(shown)) or "metric"
+    names = {run: run_metric(rs, metric) for run, rs in records.items()}
+    title = " / ".join(sorted(set(names.values()) - {None})) or "metric"
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for n, run in enumerate(runs):
@@ -68,7 +68,7 @@ def plot_runs(runs: list[str | Path], output: str | Path, metric: str | None = N
         label = run.name if len(runs) > 1 else ""
         train = [r for r in records[run] if r["type"] == "train"]
         val = [r for r in records[run] if r["type"] == "eval" and r.get("split") == "validation"]
-        name = run_metric(records[run], metric)
+        name = names[run]
         if train:
             steps, losses = [r["step"] for r in train], [r["loss"] for r in train]
             ax_loss.plot(steps, losses, color=color, alpha=0.3, linewidth=1,

@@ -178,7 +178,7 @@ class Service:
             ids, stops = chat_prompt(tok, work.prompt, enc.cfg.system_prompt), enc.stop_ids
         elif work.kind == "chat":  # an adapter trained without a chat template: its own prompt format
             last = next(m["content"] for m in reversed(work.prompt) if m["role"] == "user")
-            ids, stops = enc.prompt_ids(enc.prompt_text(last) if enc.cfg.prompt_template else last), enc.stop_ids
+            ids, stops = enc.prompt_for(last), enc.stop_ids
         else:  # a completion asks as `peftkit generate --prompt` does (raw, or the base: the text as it is)
             raw = work.raw or adapter is None
             ids, stops = enc.prompt_for(work.prompt, raw), [tok.eos_token_id] if raw else enc.stop_ids
