@@ -66,13 +66,13 @@ def load_ours(base, folder: Path):
 
 def adapter_bytes(named, name: str) -> int:
     """The bytes one adapter adds: its LoRA factors on every layer and its head's copy."""
-    from peftkit.methods.named import AdapterBank, HeadBank
+    from peftkit.methods.base import AdaptedLinear
+    from peftkit.methods.named import HeadBank
 
     total = 0
     for module in named.model.modules():
-        if isinstance(module, AdapterBank):
-            total += sum(t.numel() * t.element_size() for key, t in module._buffers.items()
-                         if key.startswith(name + "__"))
+        if isinstance(module, AdaptedLinear) and name in module.updates:
+            total += sum(t.numel() * t.element_size() for t in module.updates[name].parameters())
         elif isinstance(module, HeadBank) and name in module.copies:
             total += sum(p.numel() * p.element_size() for p in module.copies[name].parameters())
     return total

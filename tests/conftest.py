@@ -22,6 +22,25 @@ FILLER = ["the", "movie", "film", "was", "plot", "acting", "really", "quite", "a
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 VOCAB = SPECIAL + POSITIVE + NEGATIVE + FILLER
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _method_examples() -> dict:
+    """One small config per registered method (the registry says which there are; a test checks
+    that every one has an example)."""
+    from peftkit.methods import (AdaLoraConfig, BitFitConfig, BottleneckConfig, FullConfig, IA3Config, LoHaConfig,
+                                 LoKrConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig, PTuningConfig,
+                                 VeraConfig)
+    return {"lora": LoraConfig(r=4, alpha=8), "vera": VeraConfig(r=4), "loha": LoHaConfig(r=2, alpha=4),
+            "lokr": LoKrConfig(r=2, alpha=4), "adalora": AdaLoraConfig(init_r=4, target_r=2, total_step=10, alpha=8),
+            "adapter": BottleneckConfig(placement="houlsby", reduction_factor=4),
+            "prefix": PrefixTuningConfig(num_virtual_tokens=3),
+            "prompt": PromptTuningConfig(num_virtual_tokens=3, init="vocab"),
+            "ptuning": PTuningConfig(num_virtual_tokens=3, encoder_hidden_size=8), "ia3": IA3Config(),
+            "bitfit": BitFitConfig(), "full": FullConfig()}
+
+
+#: a recipe-sized example config of every method, by its name
+METHOD_EXAMPLES = _method_examples()
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 

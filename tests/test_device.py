@@ -15,16 +15,13 @@ import torch
 from peftkit import apply_method, load_adapter, merge, merge_and_unload, save_adapter, unmerge
 from peftkit.methods import METHODS, trainable_parameters
 
-from .conftest import has_module, make_tokenizer, tiny_bert_config, tiny_recipe
+from .conftest import METHOD_EXAMPLES, has_module, make_tokenizer, tiny_bert_config, tiny_recipe
 
 DEVICE = os.environ.get("PEFTKIT_TEST_DEVICE", "cpu")
 if DEVICE.startswith("cuda") and not torch.cuda.is_available():
     pytest.skip(f"PEFTKIT_TEST_DEVICE={DEVICE} but no CUDA device is available", allow_module_level=True)
 
-CONFIGS = {"lora": {"r": 4, "alpha": 8}, "adapter": {"reduction_factor": 4}, "prefix": {"num_virtual_tokens": 3},
-           "prompt": {"num_virtual_tokens": 3}, "ia3": {}, "bitfit": {}, "full": {}, "vera": {"r": 4},
-           "loha": {"r": 2, "alpha": 4}, "lokr": {"r": 2, "alpha": 4}, "ptuning": {"num_virtual_tokens": 3},
-           "adalora": {"init_r": 4, "target_r": 2, "total_step": 10}}
+CONFIGS = METHOD_EXAMPLES  # one small config per registered method
 
 
 def bert(seed: int = 0):
@@ -51,7 +48,7 @@ def randomize(model) -> None:
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_every_method_trains_on_the_device(name):
     model = bert()
-    apply_method(model, METHODS[name].config(**CONFIGS[name]))
+    apply_method(model, CONFIGS[name])
     model.to(DEVICE).train()
     out = model(**batch(), labels=torch.tensor([1, 0], device=DEVICE))
     assert torch.isfinite(out.loss) and out.logits.device.type == torch.device(DEVICE).type
@@ -65,7 +62,7 @@ def test_every_method_trains_on_the_device(name):
 @pytest.mark.parametrize("name", [n for n, m in METHODS.items() if m.mergeable and n not in ("bitfit", "full")])
 def test_merged_equals_unmerged_on_the_device(name):
     model = bert()
-    apply_method(model, METHODS[name].config(**CONFIGS[name]))
+    apply_method(model, CONFIGS[name])
     randomize(model)
     model.eval()
     with torch.no_grad():
@@ -84,7 +81,7 @@ def test_merged_equals_unmerged_on_the_device(name):
 @pytest.mark.parametrize("name", ["lora", "prefix", "prompt", "ia3", "adapter"])
 def test_save_then_load_gives_the_same_logits_on_the_device(name, tmp_path):
     model = bert()
-    apply_method(model, METHODS[name].config(**CONFIGS[name]))
+    apply_method(model, CONFIGS[name])
     randomize(model)
     model.eval()
     save_adapter(model, tmp_path / "a", base_model="tiny")

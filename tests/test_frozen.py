@@ -143,17 +143,19 @@ def test_a_product_and_its_input_gradient(dtype, pack):
 def test_which_layers_multiply_with_prepared_products_and_that_the_block_leaves_nothing_behind():
     model = lora_bert()
     block = StepSpeedups(model, torch.bfloat16)
-    loras = {n for n, m in model.named_modules() if type(m).__name__ == "LoRALinear"}
+    loras = {n: m for n, m in model.named_modules() if type(m).__name__ == "AdaptedLinear"}
     with block:
         lent = {n for n, m in model.named_modules() if "forward" in vars(m)}
-        assert loras and loras <= lent  # the LoRA layers compute as one node with their prepared base
+        # the LoRA layers are handed their prepared base, and compute with it as one node
+        assert loras and all(m.product is not None for m in loras.values())
     # the frozen linear layers: 4 in attention and 2 in the feed-forward part of each layer, and the pooler;
     # not the trained LoRA factors nor the trained classifier
-    assert lent - loras == {f"bert.encoder.layer.{i}.{m}" for i in range(2) for m in (
+    assert lent == {f"bert.encoder.layer.{i}.{m}" for i in range(2) for m in (
         "attention.self.query.base_layer", "attention.self.key", "attention.self.value.base_layer",
         "attention.output.dense", "intermediate.dense", "output.dense")} | {"bert.pooler.dense"}
-    assert len(block.frozen) == len(lent - loras)
+    assert len(block.frozen) == len(lent)
     assert not any("forward" in vars(m) for m in model.modules())
+    assert all(m.product is None for m in loras.values())
 
 
 @pytest.mark.parametrize("tied", [True, False])

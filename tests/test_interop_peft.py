@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from peftkit import LoraConfig, LoRALinear, apply_method, load_adapter, save_adapter
+from peftkit import AdaptedLinear, LoraConfig, apply_method, load_adapter, save_adapter
 
 from .conftest import tiny_bert_config
 
@@ -83,7 +83,7 @@ def test_peft_adapter_loads_in_peftkit(family, tmp_path):
     load_adapter(ours, tmp_path / "p")
     got = logits(ours)
     assert (got - expected).abs().max() <= 1e-5
-    assert any(isinstance(m, LoRALinear) for m in ours.modules())
+    assert any(isinstance(m, AdaptedLinear) for m in ours.modules())
 
 
 def test_all_linear_round_trip_through_peft(tmp_path):

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from peftkit import LoraConfig, LoRALinear, apply_method, load_adapter, save_adapter
+from peftkit import AdaptedLinear, LoraConfig, apply_method, load_adapter, save_adapter
 from peftkit.errors import PeftkitError
 from peftkit.methods import merge, trainable_parameters, unmerge
 
@@ -112,7 +112,7 @@ def test_layers_to_transform_and_patterns_choose_layers_and_ranks():
     base, _ = build("llama")
     apply_method(base, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], layers_to_transform=[1],
                                   rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 2.0}))
-    layers = {n: m for n, m in base.named_modules() if isinstance(m, LoRALinear)}
+    layers = {n: m.updates["default"] for n, m in base.named_modules() if isinstance(m, AdaptedLinear)}
     assert sorted(layers) == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
     assert layers["model.layers.1.self_attn.v_proj"].r == 2 and layers["model.layers.1.self_attn.v_proj"].scaling == 4.0
     assert layers["model.layers.1.self_attn.q_proj"].scaling == 0.5
@@ -247,7 +247,7 @@ def test_dora_loraplus_and_pissa_runs_train_save_and_predict(options, tuned_bert
     assert config["use_dora"] == ("method.use_dora=true" in options)
 
 
-def test_named_adapters_and_combine_refuse_variants_they_do_not_compute(tmp_path, capsys):
+def test_named_adapters_take_dora_and_refuse_residual_inits_and_combine_refuses_variants(tmp_path, capsys):
     from peftkit.adapter_io import read_adapter, read_adapter_weights
     from peftkit.methods.named import NamedAdapters
 
@@ -260,12 +260,15 @@ def test_named_adapters_and_combine_refuse_variants_they_do_not_compute(tmp_path
 
     files = read_adapter(tmp_path / "dora")
     named = NamedAdapters(copy.deepcopy(base))
-    with pytest.raises(PeftkitError, match="use_dora cannot share a base") as err:
-        named.add("d", files.method_config(), read_adapter_weights(tmp_path / "dora", files.method_config()))
-    assert "\n" not in str(err.value) and named.names == []
+    named.add("d", files.method_config(), read_adapter_weights(tmp_path / "dora", files.method_config()))
+    named.set_active("d")
+    assert (logits(named.model) - logits(ours)).abs().max() <= 1e-5  # a DoRA adapter computes as it did alone
+    named.delete("d")
+    assert named.names == []
     pissa = LoraConfig(r=4, target_modules=["query"], init_lora_weights="pissa", rank_pattern={"query": 2})
-    with pytest.raises(PeftkitError, match="init_lora_weights=pissa cannot share a base"):
+    with pytest.raises(PeftkitError, match="init_lora_weights=pissa cannot share a base") as err:
         named.add("p", pissa, {})  # a pattern beside the residual init must not hide it
+    assert "\n" not in str(err.value) and named.names == []
     capsys.readouterr()
     expect_error(capsys, ["combine", "--adapter", f"a={tmp_path / 'dora'}", "--adapter", f"b={tmp_path / 'plain'}",
                           "--weights", "0.5,0.5", "--output", str(tmp_path / "out")], "uses use_dora")

@@ -10,7 +10,8 @@ import torch
 from peftkit.adapter_io import read_adapter, read_adapter_weights
 from peftkit.errors import PeftkitError
 from peftkit.methods import IA3Config, LoraConfig, PromptTuningConfig
-from peftkit.methods.named import AdapterBank, HeadBank, NamedAdapters
+from peftkit.methods.base import AdaptedLinear
+from peftkit.methods.named import HeadBank, NamedAdapters
 
 from .conftest import tiny_bert_config
 from .test_errors import expect_error
@@ -160,7 +161,11 @@ def test_delete_leaves_the_others_and_memory_is_the_adapters_own(tmp_path):
     base_params = sum(p.numel() for p in base.parameters())
     bank_params = sum(p.numel() for p in named.model.parameters())
     heads = sum(p.numel() for m in named.model.modules() if isinstance(m, HeadBank) for p in m.copies.parameters())
-    assert bank_params == base_params + heads  # LoRA factors are buffers of the banks, not copies of the base
+    factors = sum(p.numel() for m in named.model.modules() if isinstance(m, AdaptedLinear)
+                  for p in m.updates.parameters())
+    assert factors > 0 and bank_params == base_params + heads + factors  # nothing of the base is copied
+    assert not any(p.requires_grad for m in named.model.modules() if isinstance(m, AdaptedLinear)
+                   for p in m.updates.parameters())
     named.delete("a")
     assert named.names == ["b"]
     ref.set_adapter("second")
@@ -168,7 +173,7 @@ def test_delete_leaves_the_others_and_memory_is_the_adapters_own(tmp_path):
     assert (forward(named.model).softmax(-1) - forward(ref).softmax(-1)).abs().max() <= 1e-5
     named.delete("b")
     assert torch.equal(forward(named.model), forward(base))
-    assert all(not m.kinds for m in named.model.modules() if isinstance(m, AdapterBank))
+    assert not any(isinstance(m, AdaptedLinear) for m in named.model.modules())
 
 
 def test_bad_names_and_methods_are_refused_on_one_line(tmp_path):

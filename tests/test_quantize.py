@@ -12,7 +12,7 @@ from torch import nn
 from peftkit import apply_method, load_adapter, save_adapter
 from peftkit.cli import main
 from peftkit.errors import PeftkitError
-from peftkit.methods import LoraConfig, LoRALinear, trainable_parameters
+from peftkit.methods import AdaptedLinear, LoraConfig, trainable_parameters
 from peftkit.quantize import QuantizationConfig, dequantized_weight, quantize_model, require_bitsandbytes
 
 from .conftest import tiny_recipe
@@ -32,19 +32,20 @@ def test_lora_on_a_quantized_linear_equals_the_dequantized_computation(qcfg):
     assert report.layers == 1 and report.bytes_after < report.bytes_before
     apply_method(model, LoraConfig(r=4, alpha=8, target_modules=["0"]), modules_to_save=[])
     layer = model[0]
-    assert isinstance(layer, LoRALinear) and type(layer.base_layer).__name__ in ("Linear4bit", "Linear8bitLt")
+    assert isinstance(layer, AdaptedLinear) and type(layer.base_layer).__name__ in ("Linear4bit", "Linear8bitLt")
+    lora = layer.updates["default"]
     perturb(model)
     x = torch.randn(3, 5, 64)
     w = dequantized_weight(layer.base_layer)
-    expected = x @ w.T + layer.base_layer.bias + layer.scaling * (x @ layer.lora_A.weight.T @ layer.lora_B.weight.T)
+    expected = x @ w.T + layer.base_layer.bias + lora.scaling * (x @ lora.lora_A.weight.T @ lora.lora_B.weight.T)
     got = model(x)
     assert ((got - expected).norm() / expected.norm()).item() <= 1e-4
 
     x.requires_grad_(True)
     model(x).pow(2).mean().backward()
     trained = {id(p) for p in trainable_parameters(model).values()}
-    assert trained == {id(layer.lora_A.weight), id(layer.lora_B.weight)}
-    assert layer.lora_A.weight.grad is not None and layer.lora_B.weight.grad.abs().sum() > 0
+    assert trained == {id(lora.lora_A.weight), id(lora.lora_B.weight)}
+    assert lora.lora_A.weight.grad is not None and lora.lora_B.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in layer.base_layer.parameters())
 
 
@@ -120,7 +121,8 @@ def test_every_method_trains_on_a_quantized_base(method, tmp_path):
     model(input_ids=IDS, attention_mask=MASK).logits.pow(2).mean().backward()
     trainable = trainable_parameters(model)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values())
-    assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
+    ids = {id(p) for p in trainable.values()}
+    assert all(p.grad is None for p in model.parameters() if id(p) not in ids)
     perturb(model)
     trained = out(model)
     save_adapter(model, tmp_path / "a", base_model="tiny")

@@ -12,6 +12,7 @@ import torch
 from peftkit import apply_method, load_adapter, save_adapter
 from peftkit.errors import PeftkitError
 from peftkit.methods import (
+    METHODS,
     AdaLoraConfig,
     LoHaConfig,
     LoKrConfig,
@@ -59,7 +60,8 @@ CASES = {
 }
 LINEAR_ONLY = ("loha", "lokr")  # peft's LyCORIS layers take nn.Linear, not Conv1D
 PAIRS = [(c, f) for c in CASES for f in ("bert", "llama", "gpt2") if not (f == "gpt2" and c.startswith(LINEAR_ONLY))]
-MERGEABLE = ("vera", "loha", "lokr", "adalora")
+#: the cases whose method merges, as the registry says
+MERGEABLE = tuple(c for c, (_, ours) in CASES.items() if METHODS[ours(["x"]).name].mergeable)
 
 
 def peft_made(case: str, family: str, folder):
@@ -130,7 +132,7 @@ def _train_adalora_both(steps: int = 10):
     ours = copy.deepcopy(base)
     injection = apply_method(ours, AdaLoraConfig(alpha=8, target_modules=targets, **common))
     with torch.no_grad():  # peft's start, copied
-        own = dict(ours.named_parameters())
+        own = trainable_parameters(ours)  # by their paths in the file layout
         for name, p in ref.named_parameters():
             key = name.removeprefix("base_model.model.").replace(".default", "").replace(".modules_to_save", "")
             if p.requires_grad and key in own:
@@ -162,9 +164,7 @@ def test_adalora_prunes_ranks_as_peft_does_and_saves_only_the_kept_ones(tmp_path
     assert our_losses == pytest.approx(peft_losses, abs=1e-5)
     assert our_losses[-1] < our_losses[0]
     pattern = {k.removeprefix("base_model.model."): v for k, v in ref.peft_config["default"].rank_pattern.items()}
-    from peftkit.methods.adalora import rank_pattern
-
-    ours_pattern = rank_pattern(ours)
+    ours_pattern = ours.peftkit.method.kept_ranks(ours.peftkit, ours)
     assert ours_pattern == {k.replace(".default", ""): v for k, v in pattern.items()}
     assert sum(sum(v) for v in ours_pattern.values()) == 2 * len(ours_pattern)  # the target budget
     assert (logits(ours) - logits(ref)).abs().max() <= 1e-5

@@ -20,7 +20,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "PeftkitError": "errors",
-    "LoraConfig": "methods", "LoRALinear": "methods", "Injection": "methods", "METHODS": "methods",
+    "LoraConfig": "methods", "LoRAUpdate": "methods", "AdaptedLinear": "methods",
+    "adapters_disabled": "methods", "active_adapters": "methods", "NamedAdapters": "methods", "Injection": "methods", "METHODS": "methods",
     "apply_method": "methods", "merge": "methods", "unmerge": "methods", "merge_and_unload": "methods",
     "parameter_report": "methods", "count_parameters": "methods", "trainable_parameters": "methods",
     "adapter_state_dict": "methods", "default_modules_to_save": "methods",

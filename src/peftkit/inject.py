@@ -13,15 +13,15 @@ included) and GPT-2's ``Conv1D``.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from .errors import PeftkitError
-from .methods.configs import ALL_LINEAR
+from .methods.configs import ALL_LINEAR, name_matches
 
 if TYPE_CHECKING:  # torch loads on first use
     from torch import nn
+
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -43,23 +43,21 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
+def plain_layer(module: nn.Module) -> nn.Module:
+    """The layer itself, or the one a module wrapping it for adapters (``wraps_layer``) holds."""
+    return module.base_layer if getattr(module, "wraps_layer", False) else module
+
+
 def linear_shape(layer: nn.Module) -> tuple[int, int, bool]:
-    """(in_features, out_features, fan_in_fan_out) of a linear or GPT-2 ``Conv1D``."""
+    """(in_features, out_features, fan_in_fan_out) of a linear or GPT-2 ``Conv1D`` (or of the
+    one an adapter wrapper holds)."""
     from torch import nn
 
+    layer = plain_layer(layer)
     if isinstance(layer, nn.Linear):
         return layer.in_features, layer.out_features, False
     in_f, out_f = layer.weight.shape  # Conv1D stores its weight as (in, out)
     return in_f, out_f, True
-
-
-def name_matches(name: str, patterns: str | Sequence[str] | None) -> bool:
-    """PEFT's matching rule for one module name (see the module docstring)."""
-    if patterns is None:
-        return False
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
-    return any(name == p or name.endswith("." + p) for p in patterns)
 
 
 def is_under(name: str, prefixes: Iterable[str]) -> bool:
@@ -68,8 +66,19 @@ def is_under(name: str, prefixes: Iterable[str]) -> bool:
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:
-    """Full names of every linear layer in ``model``, in module order."""
-    return [n for n, m in model.named_modules() if n and is_linear(m)]
+    """Full names of every linear layer in ``model``, in module order. A module that wraps a
+    linear layer for adapters (``wraps_layer``) stands for the layer it wraps."""
+    names: list[str] = []
+    wrapper = None
+    for n, m in model.named_modules():
+        if not n or (wrapper is not None and n.startswith(wrapper)):
+            continue
+        if getattr(m, "wraps_layer", False):
+            wrapper = n + "."
+            m = m.base_layer
+        if is_linear(m):
+            names.append(n)
+    return names
 
 
 def output_embedding(model: nn.Module) -> nn.Module | None:

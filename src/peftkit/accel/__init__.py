@@ -4,8 +4,9 @@ model, around each step, and undone after it.
 :class:`StepSpeedups` looks at an adapted model once (preparing what it needs) and, inside
 ``with``, has the model's modules compute the same step faster:
 
-* frozen linear layers multiply with weights cast and prepacked once (:mod:`.frozen`), and a
-  LoRA layer without dropout over one becomes a single autograd node;
+* frozen linear layers multiply with weights cast and prepacked once (:mod:`.frozen`), and an
+  adapted layer over one is handed that product (a LoRA update without dropout then computes
+  with it as a single autograd node);
 * ``nn.Dropout`` layers draw a cheaper, seeded mask (:mod:`.dropout`, with the C kernel of
   :mod:`.native` where a compiler is found);
 * attention-probability dropout runs through an attention function with the same mask
@@ -75,6 +76,8 @@ class StepSpeedups:
         for module, forward in self._forwards:
             self._saved.append((module, module.__dict__.get("forward")))
             module.forward = forward
+        if self.frozen is not None:
+            self.frozen.configure(True)
         if self.attention is not None:
             config = self.model.config
             self._saved_attention = config._attn_implementation
@@ -82,6 +85,8 @@ class StepSpeedups:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.frozen is not None:
+            self.frozen.configure(False)
         for module, previous in reversed(self._saved or []):
             if previous is None:
                 del module.forward

@@ -7,8 +7,8 @@ blocked layout. :class:`FrozenLinears` does both once. For every frozen linear l
 a :class:`FrozenProduct`: the weight in the step's compute dtype, prepacked by oneDNN on CPUs
 that have it (once for the forward product and once, transposed, for the input gradient).
 While a step runs, the layers multiply with those (``bench/frozen.py`` measures the gain).
-A LoRA layer over such a frozen layer becomes one autograd node (:class:`_LinearPlusLoRA`) that
-adds its update into the prepared product.
+An adapted layer over such a frozen layer is handed the prepared product, and a LoRA update
+there computes with it as one autograd node (:meth:`peftkit.methods.lora.LoRAUpdate.fused`).
 
 The prepared weights stay in memory for the run: two copies of every frozen linear weight in
 the compute dtype on the CPU, one on other devices (none there when the dtypes agree).
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..inject import is_plain_linear, linear_shape, output_embedding
-from ..methods.lora import LoRALinear
+from ..methods.base import AdaptedLinear
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -118,56 +118,6 @@ class _FrozenLinear(torch.autograd.Function):
         return product.input_grad(grad.to(product.dtype)).to(ctx.x_dtype), None
 
 
-class _LinearPlusLoRA(torch.autograd.Function):
-    """``x W^T + b + s (x A^T) B^T`` with a frozen ``W`` and ``b``, as one autograd node.
-
-    Composed of modules, the update costs a cast of ``x`` of its own, a full-size product
-    ``(x A^T) B^T`` and a pass adding it to the base output; its backward a full-size scaled
-    gradient, a second input gradient and a pass summing the two. Here the update accumulates
-    into the base product's output and the second input gradient into the first, and only the
-    ``(N, r)`` tensors are scaled. Everything runs in ``base.dtype``.
-
-    Shapes: x ``(..., in)``, a ``(r, in)``, b ``(out, r)``; ``base`` maps ``in`` to ``out``.
-    """
-
-    @staticmethod
-    def forward(ctx, x, base: FrozenProduct, a, b, scaling: float):
-        ctx.base, ctx.scaling, ctx.x_meta, ctx.lora_dtype = base, scaling, (x.shape, x.dtype), a.dtype
-        x2 = x.reshape(-1, x.shape[-1]).to(base.dtype)
-        a, b = a.to(base.dtype), b.to(base.dtype)
-        h = x2 @ a.t()
-        out = base.forward(x2).addmm_(h, b.t(), alpha=scaling)
-        ctx.save_for_backward(x2, a, b, h)
-        return out.view(*x.shape[:-1], out.shape[-1])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        x2, a, b, h = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1]).to(a.dtype)
-        # the skinny products with the long side as the inner dimension of a row-major
-        # operand: as written out plainly (g @ b, g^T @ h) they took 1.7-3.9x as long in float32
-        gh = (g @ b.t().contiguous().t()).mul_(ctx.scaling)  # gradient of h = x A^T
-        want_x, _, want_a, want_b, _ = ctx.needs_input_grad
-        grad_x = grad_a = grad_b = None
-        if want_x:
-            shape, dtype = ctx.x_meta
-            grad_x = ctx.base.input_grad(g).addmm_(gh, a).view(shape).to(dtype)
-        if want_a:
-            grad_a = (gh.t() @ x2).to(ctx.lora_dtype)
-        if want_b:
-            grad_b = (h.t() @ g).mul_(ctx.scaling).t().contiguous().to(ctx.lora_dtype)
-        return grad_x, None, grad_a, grad_b, None
-
-
-def fused_lora(lora: LoRALinear, product: FrozenProduct) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A forward for ``lora`` that computes base product and update as one :class:`_LinearPlusLoRA`."""
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return _LinearPlusLoRA.apply(x, product, lora.lora_A.weight, lora.lora_B.weight, lora.scaling)
-
-    return forward
-
-
 def frozen_forward(product: FrozenProduct) -> Callable[[torch.Tensor], torch.Tensor]:
     """A frozen layer's forward through its prepared product."""
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -183,14 +133,15 @@ class FrozenLinears:
     The products are prepared once: the frozen weights must not change while they are in use.
     Left out: layers with a trainable weight or bias, quantized layers (subclasses of
     ``nn.Linear``), the output embedding (a causal LM's loss multiplies by it itself) and any
-    layer whose weight another module shares (a tied input embedding). A LoRA layer without
-    dropout over a prepared layer computes as one node (:func:`fused_lora`).
+    layer whose weight another module shares (a tied input embedding). An adapted layer over a
+    prepared layer is handed its product (:meth:`configure`); a LoRA update without dropout
+    computes with it as one node.
 
     Args:
         model: the model being trained.
         dtype: the dtype the step multiplies in (autocast's, or float32).
-        fuse_lora: fuse LoRA layers with their prepared base (off: they run their own forward
-            over it, which multiplies exactly as without this layer when nothing is packed).
+        fuse_lora: hand adapted layers their prepared base (off: they run their own forward over
+            it, which multiplies exactly as without this layer when nothing is packed).
     """
 
     def __init__(self, model: nn.Module, dtype: torch.dtype, fuse_lora: bool = True):
@@ -206,16 +157,21 @@ class FrozenLinears:
             self.products.append((m, FrozenProduct.of(m, dtype, pack)))
         by_layer = {id(layer): product for layer, product in self.products}
         self.fused = [(m, by_layer[id(m.base_layer)]) for m in model.modules()
-                      if isinstance(m, LoRALinear) and m.plain and id(m.base_layer) in by_layer
-                      and type(m.lora_dropout) is nn.Identity] if fuse_lora else []
+                      if isinstance(m, AdaptedLinear) and id(m.base_layer) in by_layer
+                      and any(getattr(u, "can_fuse", lambda: False)() for u in m.updates.values())
+                      ] if fuse_lora else []
 
     def __len__(self) -> int:
         return len(self.products)
 
     def forwards(self) -> list[tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]]:
-        """(module, the forward it runs inside a step) for every prepared layer and fused LoRA layer."""
-        return ([(layer, frozen_forward(product)) for layer, product in self.products]
-                + [(lora, fused_lora(lora, product)) for lora, product in self.fused])
+        """(module, the forward it runs inside a step) for every prepared layer."""
+        return [(layer, frozen_forward(product)) for layer, product in self.products]
+
+    def configure(self, on: bool) -> None:
+        """Hand every adapted layer over a prepared layer its product (``on``), or take it back."""
+        for layer, product in self.fused:
+            layer.product = product if on else None
 
     def nbytes(self) -> int:
         """Memory the prepared weights hold."""

@@ -19,34 +19,31 @@ import torch
 from torch import nn
 
 from ..errors import PeftkitError
-from ..inject import is_linear, linear_shape, replace_module, select_targets
-from .base import AdditiveMerge, Injection, finish
+from .base import DEFAULT, AdaptedLinear, AdditiveUpdate, Attached, Attachment, chosen_layers, wrap_targets
 from .tuner_configs import AdaLoraConfig
 
 
-class SVDLinear(AdditiveMerge, nn.Module):
-    """A frozen linear layer (``nn.Linear``, quantized ones included, or ``Conv1D``) plus an
-    AdaLoRA update of rank ``r`` (``init_r`` while training, the kept ranks once loaded).
+class AdaLoraUpdate(AdditiveUpdate):
+    """One AdaLoRA adapter on one frozen linear layer (``nn.Linear``, quantized ones included, or
+    ``Conv1D``): an update of rank ``r`` (``init_r`` while training, the kept ranks once loaded).
 
-    Shapes: input ``(..., in_features)``, output ``(..., out_features)``.
+    Shapes: ``lora_A`` ``(r, in)``, ``lora_E`` ``(r, 1)``, ``lora_B`` ``(out, r)``.
     """
 
-    def __init__(self, base_layer: nn.Module, r: int, init_r: int, alpha: float, dropout: float = 0.0,
+    def __init__(self, base: nn.Module, r: int, init_r: int, alpha: float, dropout: float = 0.0,
                  kept: list[bool] | None = None):
-        super().__init__()
-        in_f, out_f, self.fan_in_fan_out = linear_shape(base_layer)
-        self.base_layer, self.merged, self.r = base_layer, False, r
+        super().__init__(base)
+        self.r = r
         self.scaling = alpha / (init_r + 1e-5)
-        weight = base_layer.weight
-        kw = {"device": weight.device, "dtype": weight.dtype if weight.dtype.is_floating_point else torch.float32}
-        self.lora_A = nn.Parameter(torch.randn(r, in_f, **kw) * 0.02)
+        kw = {"device": self.device, "dtype": self.dtype}
+        self.lora_A = nn.Parameter(torch.randn(r, self.in_features, **kw) * 0.02)
         self.lora_E = nn.Parameter(torch.zeros(r, 1, **kw))
-        self.lora_B = nn.Parameter(torch.randn(out_f, r, **kw) * 0.02)
+        self.lora_B = nn.Parameter(torch.randn(self.out_features, r, **kw) * 0.02)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         mask = torch.ones(init_r, dtype=torch.bool) if kept is None else torch.tensor(kept, dtype=torch.bool)
-        self.register_buffer("rank_mask", mask.to(weight.device))  # which of the init_r ranks are kept
+        self.register_buffer("rank_mask", mask.to(self.device))  # which of the init_r ranks are kept
 
-    def adapter_params(self) -> dict[str, torch.Tensor]:
+    def tensors(self) -> dict[str, torch.Tensor]:
         # the mask is not trained, but checkpoints and the best state must carry it with E
         return {"lora_A": self.lora_A, "lora_B": self.lora_B, "lora_E": self.lora_E, "rank_mask": self.rank_mask}
 
@@ -58,36 +55,30 @@ class SVDLinear(AdditiveMerge, nn.Module):
         keep = self.rank_mask
         return {"lora_A": self.lora_A[keep], "lora_B": self.lora_B[:, keep], "lora_E": self.lora_E[keep]}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
-        if self.merged or self.r == 0:
+    def forward(self, x: torch.Tensor, out: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        if self.r == 0:
             return out
         h = self.lora_dropout(x.to(self.lora_A.dtype)) @ (self.lora_A * self.lora_E).T
         return out + (h @ self.lora_B.T * self.scaling).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
-        delta = self.lora_B @ (self.lora_A * self.lora_E) * self.scaling
-        return delta.T if self.fan_in_fan_out else delta
+        return self.lora_B @ (self.lora_A * self.lora_E) * self.scaling
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, kept={int(self.rank_mask.sum())}/{self.rank_mask.numel()}, merged={self.merged}"
+        return f"r={self.r}, kept={int(self.rank_mask.sum())}/{self.rank_mask.numel()}"
 
 
-def svd_layers(model: nn.Module) -> dict[str, SVDLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, SVDLinear)}
-
-
-def rank_pattern(model: nn.Module) -> dict[str, list[bool]] | None:
-    """peft's ``rank_pattern`` of an AdaLoRA model (see :meth:`AdaLoraConfig.kept_ranks`)."""
-    injection = model.peftkit
-    return injection.method.kept_ranks(injection, model)
+def svd_layers(model: nn.Module, adapter: str = DEFAULT) -> dict[str, AdaLoraUpdate]:
+    """The AdaLoRA updates of adapter ``adapter``, by layer path."""
+    return {name: u for name, m in model.named_modules()
+            if isinstance(m, AdaptedLinear) and isinstance(u := m.update_of(adapter), AdaLoraUpdate)}
 
 
 class RankAllocator:
-    """AdaLoRA's training schedule over the :class:`SVDLinear` layers of one model."""
+    """AdaLoRA's training hooks (:class:`~.base.MethodHooks`) over the updates of one model."""
 
-    def __init__(self, model: nn.Module, cfg: AdaLoraConfig):
-        self.cfg, self.layers = cfg, svd_layers(model)
+    def __init__(self, layers: dict[str, AdaLoraUpdate], cfg: AdaLoraConfig):
+        self.cfg, self.layers = cfg, layers
         self.init_budget = sum(m.r for m in self.layers.values())
         self.target_budget = cfg.target_r * len(self.layers)
         self.reset()
@@ -172,25 +163,24 @@ class RankAllocator:
         self.avg_unc = {k: v.to(params[k]) for k, v in state.get("avg_unc", {}).items()}
 
 
-def apply_adalora(model: nn.Module, cfg: AdaLoraConfig, modules_to_save: list[str], tokenizer: Any = None
-                  ) -> Injection:
-    """Wrap the targeted linear layers with :class:`SVDLinear` (at the ranks ``cfg.rank_pattern``
-    keeps, when an adapter file gave one) and attach the :class:`RankAllocator`."""
-    targets = [n for n in select_targets(model, cfg.target_modules, cfg.exclude_modules, skip=modules_to_save)
-               if cfg.in_layers(n)]
-    if not targets:
-        raise PeftkitError("no layer is left to adapt", "method.layers_to_transform", "name blocks the model has")
+def attach_adalora(model: nn.Module, cfg: AdaLoraConfig, at: Attachment) -> Attached:
+    """Give the targeted linear layers adapter ``at.name``'s AdaLoRA update (at the ranks
+    ``cfg.rank_pattern`` keeps, when an adapter file gave one); while ranks are still to be
+    allocated, the :class:`RankAllocator` comes back as the training hooks."""
+    targets = chosen_layers(model, cfg, at.modules_to_save)
     pattern = cfg.rank_pattern or {}
     for name in targets:
-        base = model.get_submodule(name)
-        assert is_linear(base)
         kept = pattern.get(f"{name}.lora_E")
         if kept is not None and len(kept) != cfg.init_r:
             raise PeftkitError(f"rank_pattern for {name} has {len(kept)} entries, init_r is {cfg.init_r}",
                                "adapter_config.json", "save the adapter again")
+
+    def make(path: str, base: nn.Module) -> AdaLoraUpdate:
+        kept = pattern.get(f"{path}.lora_E")
         r = cfg.init_r if kept is None else sum(bool(k) for k in kept)
-        replace_module(model, name, SVDLinear(base, r, cfg.init_r, cfg.alpha, cfg.dropout, kept))
-    injection = finish(model, cfg, replaced=targets, modules_to_save=modules_to_save)
-    if not pattern:  # a loaded adapter's ranks are settled
-        injection.schedule = RankAllocator(model, cfg)
-    return injection
+        return AdaLoraUpdate(base, r, cfg.init_r, cfg.alpha, cfg.dropout, kept)
+
+    wrap_targets(model, targets, make, at.name, at.routing)
+    # a loaded adapter's ranks are settled
+    schedule = None if pattern else RankAllocator(svd_layers(model, at.name), cfg)
+    return Attached(replaced=targets, schedule=schedule)

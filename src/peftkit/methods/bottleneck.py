@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import PeftkitError
 from ..inject import is_linear, is_under, linear_shape, name_matches, replace_module
-from .base import Injection, finish
+from .base import DEFAULT, Attached, Attachment, Routing
 from .configs import BottleneckConfig
 
 ACTIVATIONS = {"relu": nn.functional.relu, "gelu": nn.functional.gelu, "silu": nn.functional.silu,
@@ -53,8 +53,11 @@ class BottleneckAdapter(nn.Module):
     """
 
     def __init__(self, base_layer: nn.Module, dim: int, size: int, activation: str, scaling: float,
-                 residual: bool = True, parallel: bool = False):
+                 residual: bool = True, parallel: bool = False, routing: Routing | None = None,
+                 adapter: str = DEFAULT):
         super().__init__()
+        self.routing = routing if routing is not None else Routing((adapter,))
+        self.adapter = adapter
         self.base_layer, self.scaling, self.residual, self.parallel = base_layer, scaling, residual, parallel
         self.activation = activation
         ref = next(base_layer.parameters())
@@ -64,7 +67,9 @@ class BottleneckAdapter(nn.Module):
         nn.init.zeros_(self.adapter_up.weight)
         nn.init.zeros_(self.adapter_up.bias)
 
-    def adapter_params(self) -> dict[str, nn.Parameter]:
+    def adapter_params(self, name: str = DEFAULT) -> dict[str, torch.Tensor]:
+        if name != self.adapter:
+            return {}
         return {f"{m}.{p}": getattr(getattr(self, m), p) for m in ("adapter_down", "adapter_up")
                 for p in ("weight", "bias")}
 
@@ -74,6 +79,8 @@ class BottleneckAdapter(nn.Module):
         return (out * self.scaling).to(h.dtype)
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not self.routing.on(self.adapter):
+            return self.base_layer(*args, **kwargs)
         if self.parallel:
             if len(args) >= 2:  # BERT-style output module: (hidden_states, residual input)
                 x = args[1]
@@ -87,14 +94,14 @@ class BottleneckAdapter(nn.Module):
         return f"activation={self.activation}, scaling={self.scaling:g}, parallel={self.parallel}"
 
 
-def apply_bottleneck(model: nn.Module, cfg: BottleneckConfig, modules_to_save: list[str], tokenizer: Any = None) -> Injection:
+def attach_bottleneck(model: nn.Module, cfg: BottleneckConfig, at: Attachment) -> Attached:
     """Wrap the places ``cfg.placement`` names with :class:`BottleneckAdapter`, in place."""
     if cfg.placement == "parallel":
         patterns = [cfg.ffn_blocks]
     else:
         patterns = [cfg.ffn_modules] + ([cfg.attention_modules] if cfg.placement == "houlsby" else [])
     targets = [n for n, m in model.named_modules()
-               if n and any(name_matches(n, p) for p in patterns) and not is_under(n, modules_to_save)
+               if n and any(name_matches(n, p) for p in patterns) and not is_under(n, at.modules_to_save)
                and (cfg.placement == "parallel" or is_linear(m))]
     if not targets:
         raise PeftkitError(f"no {cfg.placement} adapter places found in {type(model).__name__}",
@@ -104,5 +111,5 @@ def apply_bottleneck(model: nn.Module, cfg: BottleneckConfig, modules_to_save: l
         dim = linear_shape(base)[1] if cfg.placement != "parallel" else _hidden_size(model)
         replace_module(model, name, BottleneckAdapter(
             base, dim, cfg.width(dim), cfg.non_linearity, cfg.scaling, cfg.residual,
-            parallel=cfg.placement == "parallel"))
-    return finish(model, cfg, replaced=targets, modules_to_save=modules_to_save)
+            parallel=cfg.placement == "parallel", routing=at.routing, adapter=at.name))
+    return Attached(replaced=targets)

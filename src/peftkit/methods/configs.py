@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -23,8 +24,6 @@ from ..errors import PeftkitError
 if TYPE_CHECKING:
     from torch import nn
 
-#: every linear layer except the model's output embedding (LM head)
-ALL_LINEAR = "all-linear"
 #: the output projection of each attention block
 ATTENTION_OUTPUT = r".*(\.attention\.output\.dense|\.attention\.out_lin|\.self_attn\.o_proj|\.attn\.c_proj)"
 #: the output projection of each feed-forward block
@@ -32,6 +31,10 @@ FFN_OUTPUT = r".*(\.layer\.\d+\.output\.dense|\.ffn\.lin2|\.mlp\.down_proj|\.mlp
 #: key and value projections (GPT-2 fuses q, k and v in ``c_attn``)
 KEY_VALUE = r".*\.(key|value|k_proj|v_proj|k_lin|v_lin|key_proj|value_proj|c_attn)"
 
+#: every linear layer except the model's output embedding (LM head)
+ALL_LINEAR = "all-linear"
+#: the name of the adapter a method puts on a model to train, as peft names it
+DEFAULT_ADAPTER = "default"
 #: file keys of peft-format adapters start with this, then the module path in the model
 KEY_PREFIX = "base_model.model."
 #: feed-forward blocks (for the parallel bottleneck placement), in the families of inject.FFN_OUTPUT
@@ -40,6 +43,16 @@ FFN_BLOCK = r".*(\.layer\.\d+\.output|\.ffn|\.mlp)"
 INITS = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 #: the file key of prompt and prefix tuning's virtual-token tensor
 PROMPT_KEY = "prompt_embeddings"
+
+
+def name_matches(name: str, patterns: str | Sequence[str] | None) -> bool:
+    """PEFT's matching rule for one module name: a list matches a name equal to an entry or
+    ending in ``"." + entry``; a string is a regex that must match the whole name."""
+    if patterns is None:
+        return False
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
 
 
 class MethodConfig(BaseModel):
@@ -335,7 +348,7 @@ class IA3Config(MethodConfig):
             "peft_type": "IA3",
             # stored as the layers chosen, so peft's suffix matching selects exactly these
             "target_modules": injection.replaced,
-            "feedforward_modules": [n for n, m in zip(injection.replaced, layers) if m.feedforward],
+            "feedforward_modules": [n for n in injection.replaced if name_matches(n, self.feedforward_modules)],
             "exclude_modules": None,
             "modules_to_save": injection.modules_to_save or None,
             "fan_in_fan_out": any(m.fan_in_fan_out for m in layers),

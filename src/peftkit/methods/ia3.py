@@ -10,75 +10,63 @@ File layout and semantics follow ``peft``'s ``IA3`` type (``ia3_l`` of shape
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
-from ..inject import is_linear, linear_shape, name_matches, replace_module, select_targets
-from .base import Injection, finish
+from ..inject import name_matches, select_targets
+from .base import Attached, Attachment, Update, wrap_targets
 from .configs import IA3Config
 
 
-class IA3Linear(nn.Module):
-    """A frozen linear layer (``nn.Linear`` or ``Conv1D``) with an IA3 scaling vector.
+class IA3Update(Update):
+    """One IA3 adapter's scaling vector on one frozen linear layer (``nn.Linear`` or ``Conv1D``).
 
-    Shapes: input ``(..., in_features)``, output ``(..., out_features)``; ``ia3_l`` is
-    ``(1, in_features)`` when ``feedforward`` else ``(out_features, 1)``.
+    Shapes: ``ia3_l`` is ``(1, in_features)`` when ``feedforward`` (it scales the input) else
+    ``(out_features, 1)`` (it scales the output).
     """
 
-    def __init__(self, base_layer: nn.Module, feedforward: bool):
-        super().__init__()
-        in_f, out_f, self.fan_in_fan_out = linear_shape(base_layer)
-        self.base_layer, self.feedforward, self.merged = base_layer, feedforward, False
-        weight = base_layer.weight
-        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
-        shape = (1, in_f) if feedforward else (out_f, 1)
-        self.ia3_l = nn.Parameter(torch.ones(shape, device=weight.device, dtype=dtype))
+    def __init__(self, base: nn.Module, feedforward: bool):
+        super().__init__(base)
+        self.feedforward = feedforward
+        shape = (1, self.in_features) if feedforward else (self.out_features, 1)
+        self.ia3_l = nn.Parameter(torch.ones(shape, device=self.device, dtype=self.dtype))
 
-    def adapter_params(self) -> dict[str, nn.Parameter]:
+    def tensors(self) -> dict[str, torch.Tensor]:
         return {"ia3_l": self.ia3_l}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
-            return self.base_layer(x)
-        scale = self.ia3_l.flatten()
-        if self.feedforward:
-            return self.base_layer((x * scale).to(x.dtype))
-        out = self.base_layer(x)
-        return (out * scale).to(out.dtype)
+    def input_scale(self) -> torch.Tensor | None:
+        return self.ia3_l.flatten() if self.feedforward else None
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        if self.feedforward:  # the layer scaled its input already (input_scale)
+            return out
+        return (out * self.ia3_l.flatten()).to(out.dtype)
 
     def _weight_scale(self) -> torch.Tensor:
         """``ia3_l`` shaped to multiply the base weight (rows for outputs, columns for inputs)."""
         return self.ia3_l.T if self.fan_in_fan_out else self.ia3_l
 
     @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            w, b = self.base_layer.weight, getattr(self.base_layer, "bias", None)
-            w.mul_(self._weight_scale().to(w.dtype))
-            if not self.feedforward and b is not None:
-                b.mul_(self.ia3_l.flatten().to(b.dtype))
-            self.merged = True
+    def merge(self, base: nn.Module) -> None:
+        w, b = base.weight, getattr(base, "bias", None)
+        w.mul_(self._weight_scale().to(w.dtype))
+        if not self.feedforward and b is not None:
+            b.mul_(self.ia3_l.flatten().to(b.dtype))
 
     @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            w, b = self.base_layer.weight, getattr(self.base_layer, "bias", None)
-            w.div_(self._weight_scale().to(w.dtype))
-            if not self.feedforward and b is not None:
-                b.div_(self.ia3_l.flatten().to(b.dtype))
-            self.merged = False
+    def unmerge(self, base: nn.Module) -> None:
+        w, b = base.weight, getattr(base, "bias", None)
+        w.div_(self._weight_scale().to(w.dtype))
+        if not self.feedforward and b is not None:
+            b.div_(self.ia3_l.flatten().to(b.dtype))
 
     def extra_repr(self) -> str:
-        return f"feedforward={self.feedforward}, merged={self.merged}"
+        return f"feedforward={self.feedforward}"
 
 
-def apply_ia3(model: nn.Module, cfg: IA3Config, modules_to_save: list[str], tokenizer: Any = None) -> Injection:
-    """Wrap the targeted linear layers of ``model`` with :class:`IA3Linear`, in place."""
-    targets = select_targets(model, cfg.target_modules, cfg.exclude_modules, skip=modules_to_save)
-    for name in targets:
-        base = model.get_submodule(name)
-        assert is_linear(base)
-        replace_module(model, name, IA3Linear(base, name_matches(name, cfg.feedforward_modules)))
-    return finish(model, cfg, replaced=targets, modules_to_save=modules_to_save)
+def attach_ia3(model: nn.Module, cfg: IA3Config, at: Attachment) -> Attached:
+    """Give the targeted linear layers of ``model`` adapter ``at.name``'s IA3 vector, in place."""
+    targets = select_targets(model, cfg.target_modules, cfg.exclude_modules, skip=at.modules_to_save)
+    wrap_targets(model, targets, lambda path, base: IA3Update(base, name_matches(path, cfg.feedforward_modules)),
+                 at.name, at.routing)
+    return Attached(replaced=targets)

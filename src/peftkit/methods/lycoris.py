@@ -18,6 +18,7 @@ whole update and ``rank_dropout`` drops rows of ``dW`` (rescaling the rest for L
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,8 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import PeftkitError
-from ..inject import linear_shape, replace_module, select_targets
-from .base import AdditiveMerge, Injection, finish
+from .base import AdditiveUpdate, Attached, Attachment, chosen_layers, wrap_targets
 from .tuner_configs import LoHaConfig, LoKrConfig, LycorisConfig
 
 
@@ -58,59 +58,50 @@ def _zeros(*shape: int, device: Any, dtype: torch.dtype) -> nn.Parameter:
     return nn.Parameter(torch.zeros(*shape, device=device, dtype=dtype))
 
 
-class FactoredLinear(AdditiveMerge, nn.Module):
-    """A frozen ``nn.Linear`` plus ``delta_weight()`` (``out x in``); subclasses own the factors
-    (registered as parameters under peft's names, listed in ``factor_names``)."""
+class FactoredUpdate(AdditiveUpdate):
+    """An update ``dW x`` built from small factors, on a frozen ``nn.Linear``; subclasses own the
+    factors (registered as parameters under peft's names, listed in ``factor_names``)."""
 
     factor_names: tuple[str, ...] = ()
 
-    def __init__(self, base_layer: nn.Module, scaling: float, rank_dropout: float, module_dropout: float,
+    def __init__(self, base: nn.Module, scaling: float, rank_dropout: float, module_dropout: float,
                  rescale_rows: bool):
-        super().__init__()
-        self.in_features, self.out_features, fan_in_fan_out = linear_shape(base_layer)
-        if fan_in_fan_out:
+        super().__init__(base)
+        if self.fan_in_fan_out:
             raise PeftkitError(f"{type(self).__name__} takes nn.Linear layers, not GPT-2's Conv1D", "method.name",
                                "use lora, vera, adalora or ia3 for GPT-2-style models")
-        self.base_layer, self.merged = base_layer, False
         self.scaling, self.rank_dropout, self.module_dropout = scaling, rank_dropout, module_dropout
         self.rescale_rows = rescale_rows
-        weight = base_layer.weight
-        self._dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
 
-    def adapter_params(self) -> dict[str, nn.Parameter]:
+    def tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self.factor_names if getattr(self, name, None) is not None}
-
-    def delta_weight(self) -> torch.Tensor:
-        """``dW`` (``out x in``), for merging."""
-        raise NotImplementedError
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
         """``dW x`` without building ``dW`` (``x`` in the factors' dtype)."""
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
-        if self.merged or (self.training and self.module_dropout and torch.rand(1).item() <= self.module_dropout):
+    def forward(self, x: torch.Tensor, out: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        if self.training and self.module_dropout and torch.rand(1).item() <= self.module_dropout:
             return out
-        update = self.update(x.to(self._dtype))
+        update = self.update(x.to(self.dtype))
         if self.training and self.rank_dropout:  # dropping rows of dW drops those outputs of dW x
             keep = (torch.rand(update.shape[-1], device=update.device) > self.rank_dropout).to(update.dtype)
             update = update * (keep / keep.mean() if self.rescale_rows else keep)
         return out + update.to(out.dtype)
 
     def extra_repr(self) -> str:
-        return f"scaling={self.scaling:g}, merged={self.merged}"
+        return f"scaling={self.scaling:g}"
 
 
-class LoHaLinear(FactoredLinear):
+class LoHaUpdate(FactoredUpdate):
     """LoHa: ``hada_w1_a`` / ``hada_w2_a`` ``(out, r)``, ``hada_w1_b`` / ``hada_w2_b`` ``(r, in)``."""
 
     factor_names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 
-    def __init__(self, base_layer: nn.Module, r: int, scaling: float, rank_dropout: float = 0.0,
+    def __init__(self, base: nn.Module, r: int, scaling: float, rank_dropout: float = 0.0,
                  module_dropout: float = 0.0):
-        super().__init__(base_layer, scaling, rank_dropout, module_dropout, rescale_rows=True)
-        kw = {"device": base_layer.weight.device, "dtype": self._dtype}
+        super().__init__(base, scaling, rank_dropout, module_dropout, rescale_rows=True)
+        kw = {"device": self.device, "dtype": self.dtype}
         self.hada_w1_a, self.hada_w1_b = _kaiming(self.out_features, r, **kw), _kaiming(r, self.in_features, **kw)
         self.hada_w2_a, self.hada_w2_b = _kaiming(self.out_features, r, **kw), _zeros(r, self.in_features, **kw)
 
@@ -126,18 +117,18 @@ class LoHaLinear(FactoredLinear):
         return F.linear(F.linear(x, b), a) * self.scaling
 
 
-class LoKrLinear(FactoredLinear):
+class LoKrUpdate(FactoredUpdate):
     """LoKr: ``lokr_w1`` (or ``lokr_w1_a @ lokr_w1_b``) Kronecker ``lokr_w2`` (or ``lokr_w2_a @ lokr_w2_b``)."""
 
     factor_names = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 
-    def __init__(self, base_layer: nn.Module, r: int, scaling: float, *, rank_dropout: float = 0.0,
+    def __init__(self, base: nn.Module, r: int, scaling: float, *, rank_dropout: float = 0.0,
                  module_dropout: float = 0.0, decompose_both: bool = False, decompose_factor: int = -1,
                  rank_dropout_scale: bool = False):
-        super().__init__(base_layer, scaling, rank_dropout, module_dropout, rescale_rows=rank_dropout_scale)
+        super().__init__(base, scaling, rank_dropout, module_dropout, rescale_rows=rank_dropout_scale)
         (a, b), (c, d) = factorization(self.out_features, decompose_factor), factorization(self.in_features,
                                                                                              decompose_factor)
-        kw = {"device": base_layer.weight.device, "dtype": self._dtype}
+        kw = {"device": self.device, "dtype": self.dtype}
         self.lokr_w1 = self.lokr_w1_a = self.lokr_w1_b = None
         self.lokr_w2 = self.lokr_w2_a = self.lokr_w2_b = None
         if decompose_both and r < max(a, c) / 2:  # the small factor starts at zero either way
@@ -166,25 +157,22 @@ class LoKrLinear(FactoredLinear):
         return y.reshape(*x.shape[:-1], self.out_features) * self.scaling
 
 
-def _apply(model: nn.Module, cfg: LycorisConfig, modules_to_save: list[str], build: Any) -> Injection:
-    targets = [n for n in select_targets(model, cfg.target_modules, cfg.exclude_modules, skip=modules_to_save)
-               if cfg.in_layers(n)]
-    if not targets:
-        raise PeftkitError("no layer is left to adapt", "method.layers_to_transform", "name blocks the model has")
-    for name in targets:
-        replace_module(model, name, build(model.get_submodule(name), cfg.rank_for(name), cfg.scaling_for(name)))
-    return finish(model, cfg, replaced=targets, modules_to_save=modules_to_save)
+def _attach(model: nn.Module, cfg: LycorisConfig, at: Attachment,
+            build: Callable[[nn.Module, int, float], FactoredUpdate]) -> Attached:
+    targets = chosen_layers(model, cfg, at.modules_to_save)
+    wrap_targets(model, targets, lambda path, base: build(base, cfg.rank_for(path), cfg.scaling_for(path)), at.name,
+                 at.routing)
+    return Attached(replaced=targets)
 
 
-def apply_loha(model: nn.Module, cfg: LoHaConfig, modules_to_save: list[str], tokenizer: Any = None) -> Injection:
-    """Wrap the targeted linear layers of ``model`` with :class:`LoHaLinear`, in place."""
-    return _apply(model, cfg, modules_to_save,
-                  lambda base, r, s: LoHaLinear(base, r, s, cfg.rank_dropout, cfg.module_dropout))
+def attach_loha(model: nn.Module, cfg: LoHaConfig, at: Attachment) -> Attached:
+    """Give the targeted linear layers of ``model`` adapter ``at.name``'s LoHa update, in place."""
+    return _attach(model, cfg, at, lambda base, r, s: LoHaUpdate(base, r, s, cfg.rank_dropout, cfg.module_dropout))
 
 
-def apply_lokr(model: nn.Module, cfg: LoKrConfig, modules_to_save: list[str], tokenizer: Any = None) -> Injection:
-    """Wrap the targeted linear layers of ``model`` with :class:`LoKrLinear`, in place."""
-    return _apply(model, cfg, modules_to_save, lambda base, r, s: LoKrLinear(
+def attach_lokr(model: nn.Module, cfg: LoKrConfig, at: Attachment) -> Attached:
+    """Give the targeted linear layers of ``model`` adapter ``at.name``'s LoKr update, in place."""
+    return _attach(model, cfg, at, lambda base, r, s: LoKrUpdate(
         base, r, s, rank_dropout=cfg.rank_dropout, module_dropout=cfg.module_dropout,
         decompose_both=cfg.decompose_both, decompose_factor=cfg.decompose_factor,
         rank_dropout_scale=cfg.rank_dropout_scale))

@@ -3,7 +3,7 @@
 A prompt adapter puts its virtual tokens in front of the input embeddings, a prefix adapter its
 keys and values in front of every self-attention layer's: the same computation as the
 single-adapter methods (:mod:`.prompt`, :mod:`.prefix`), switched by the model's
-:class:`~.named.Routing` instead of always on. One forward pre-hook on the model looks at which
+:class:`~.base.Routing` instead of always on. One forward pre-hook on the model looks at which
 adapter the pass uses and adds that adapter's tokens, or none.
 
 Such an adapter changes the sequence every layer sees, so its rows cannot share a forward pass
@@ -21,10 +21,11 @@ from torch import nn
 
 from ..errors import PeftkitError
 from .configs import PROMPT_KEY, MethodConfig, PrefixTuningConfig, PromptTuningConfig
+from .tuner_configs import PTuningConfig
 from .prefix import attention_layers, kv_shape, route_prefixes, use_prefix_attention
 from .prompt import as_kwargs, prepend_prompt
 
-TOKEN_METHODS = (PromptTuningConfig, PrefixTuningConfig)
+TOKEN_METHODS = (PromptTuningConfig, PrefixTuningConfig, PTuningConfig)
 
 
 class TokenAdapters:
@@ -63,7 +64,7 @@ class TokenAdapters:
                                where, "save the adapter again")
         embeddings = self.model.get_input_embeddings()
         ref = embeddings.weight
-        if isinstance(method, PromptTuningConfig):
+        if not isinstance(method, PrefixTuningConfig):  # prompt tuning and P-tuning: the virtual tokens
             if flat.shape[1] != ref.shape[1]:
                 raise PeftkitError(f"the adapter's virtual tokens are {flat.shape[1]} wide, this model's "
                                    f"embeddings {ref.shape[1]}", where, fix)
@@ -81,7 +82,7 @@ class TokenAdapters:
         """Put a checked tensor (:meth:`check`) on the model under ``name``."""
         if self._hook is None:
             self._hook = self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
-        if isinstance(method, PromptTuningConfig):
+        if not isinstance(method, PrefixTuningConfig):
             self.prompts[name] = tensor
             return
         if not self.prefixes:
@@ -101,7 +102,7 @@ class TokenAdapters:
         """The adapter of every row of this forward pass (None: none, or only LoRA/IA3 rows)."""
         rows = self.routing.rows
         if rows is None:
-            return self.routing.active
+            return next((n for n in self.routing.active if n in self), None)
         present = {self.routing.slots[s] for s in rows.unique().tolist()}
         return present.pop() if len(present) == 1 else None
 

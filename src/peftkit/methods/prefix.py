@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import PeftkitError
-from .base import Injection, finish
+from .base import DEFAULT, Attached, Attachment, Routing
 from .configs import PROMPT_KEY, PrefixTuningConfig
 from .prompt import as_kwargs, cache_length
 
@@ -75,8 +75,10 @@ class PrefixEncoder(nn.Module):
 
     top_level = True
 
-    def __init__(self, cfg: PrefixTuningConfig, num_layers: int, kv_heads: int, head_dim: int, model: nn.Module):
+    def __init__(self, cfg: PrefixTuningConfig, num_layers: int, kv_heads: int, head_dim: int, model: nn.Module,
+                 routing: Routing, adapter: str = DEFAULT):
         super().__init__()
+        self.routing, self.adapter = routing, adapter
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
         self.num_virtual_tokens = cfg.num_virtual_tokens
         ref = model.get_input_embeddings().weight
@@ -95,8 +97,10 @@ class PrefixEncoder(nn.Module):
         self.current: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}  # this forward's (key, value) per layer
         self.seen: dict[nn.Module, list[torch.Tensor]] | None = None  # recording a frozen forward's keys/values
 
-    def adapter_params(self) -> dict[str, nn.Parameter]:
-        params = {"embedding": self.embedding}
+    def adapter_params(self, name: str = DEFAULT) -> dict[str, torch.Tensor]:
+        if name != self.adapter:
+            return {}
+        params: dict[str, torch.Tensor] = {"embedding": self.embedding}
         if self.transform is not None:
             params.update({f"transform.{k}": v for k, v in self.transform.named_parameters()})
         return params
@@ -104,8 +108,8 @@ class PrefixEncoder(nn.Module):
     def flat(self) -> torch.Tensor:
         return self.embedding if self.transform is None else self.transform(self.embedding)
 
-    def export_state(self) -> dict[str, torch.Tensor]:
-        return {PROMPT_KEY: self.flat()}
+    def export_state(self, name: str = DEFAULT) -> dict[str, torch.Tensor]:
+        return {PROMPT_KEY: self.flat()} if name == self.adapter else {}
 
     def peft_fields(self) -> dict[str, Any]:
         return {"token_dim": self.kv_heads * self.head_dim, "num_attention_heads": self.kv_heads,
@@ -140,7 +144,8 @@ def _set_prefixes(enc: PrefixEncoder, model: nn.Module, args: tuple, kwargs: dic
     if enc.seen is not None:  # recording the frozen model's own keys and values
         enc.current = {}
         return (), kwargs
-    return (), route_prefixes(enc, enc.key_values(), enc.layers, kwargs)
+    kv = enc.key_values() if enc.routing.on(enc.adapter) else None
+    return (), route_prefixes(enc, kv, enc.layers, kwargs)
 
 
 def route_prefixes(router: Any, kv: torch.Tensor | None, layers: list[nn.Module], kwargs: dict[str, Any]
@@ -225,15 +230,15 @@ def use_prefix_attention(model: nn.Module, router: Any, layers: list[nn.Module])
         _ENCODERS[layer] = weakref.ref(router)
 
 
-def apply_prefix(model: nn.Module, cfg: PrefixTuningConfig, modules_to_save: list[str], tokenizer: Any = None) -> Injection:
+def attach_prefix(model: nn.Module, cfg: PrefixTuningConfig, at: Attachment) -> Attached:
     """Give every self-attention layer of ``model`` learned key/value prefixes, in place."""
     layers = attention_layers(model)
     kv_heads, head_dim = kv_shape(model)
-    encoder = PrefixEncoder(cfg, len(layers), kv_heads, head_dim, model)
+    encoder = PrefixEncoder(cfg, len(layers), kv_heads, head_dim, model, at.routing, at.name)
     model.add_module("peftkit_prefix", encoder)  # moves and saves with the model
     encoder.layers = layers  # a plain list: the layers stay registered where they are
     use_prefix_attention(model, encoder, layers)
     model.register_forward_pre_hook(functools.partial(_set_prefixes, encoder), with_kwargs=True)
     if cfg.init == "vocab" and not cfg.prefix_projection:
         encoder.init_from_activations(model)
-    return finish(model, cfg, modules_to_save=modules_to_save)
+    return Attached()

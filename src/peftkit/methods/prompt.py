@@ -20,7 +20,7 @@ from torch import nn
 
 from ..config import IGNORE_INDEX
 from ..errors import PeftkitError
-from .base import Injection, finish
+from .base import DEFAULT, Attached, Attachment, Routing
 from .configs import PROMPT_KEY, PromptTuningConfig
 
 
@@ -29,15 +29,16 @@ class PromptEmbedding(nn.Module):
 
     top_level = True
 
-    def __init__(self, init: torch.Tensor):
+    def __init__(self, init: torch.Tensor, routing: Routing, adapter: str = DEFAULT):
         super().__init__()
         self.embedding = nn.Parameter(init)
+        self.routing, self.adapter = routing, adapter
 
-    def adapter_params(self) -> dict[str, nn.Parameter]:
-        return {"embedding": self.embedding}
+    def adapter_params(self, name: str = DEFAULT) -> dict[str, torch.Tensor]:
+        return {"embedding": self.embedding} if name == self.adapter else {}
 
-    def export_state(self) -> dict[str, torch.Tensor]:
-        return {PROMPT_KEY: self.embedding}
+    def export_state(self, name: str = DEFAULT) -> dict[str, torch.Tensor]:
+        return {PROMPT_KEY: self.embedding} if name == self.adapter else {}
 
     def peft_fields(self) -> dict[str, Any]:
         return {"token_dim": self.embedding.shape[1]}
@@ -109,11 +110,12 @@ def _widen_mask_and_positions(kwargs: dict[str, Any], n: int, new: int, cached: 
 
 def _prompt_hook(module: PromptEmbedding, model: nn.Module, args: tuple, kwargs: dict[str, Any]
                  ) -> tuple[tuple, dict[str, Any]]:
+    if not module.routing.on(module.adapter):
+        return args, kwargs
     return prepend_prompt(module.embedding, model, args, kwargs)
 
 
-def apply_prompt(model: nn.Module, cfg: PromptTuningConfig, modules_to_save: list[str],
-                 tokenizer: Any = None) -> Injection:
+def attach_prompt(model: nn.Module, cfg: PromptTuningConfig, at: Attachment) -> Attached:
     """Give ``model`` learned virtual tokens before its input embeddings (a forward pre-hook)."""
     embeddings = model.get_input_embeddings()
     if embeddings is None:
@@ -121,6 +123,7 @@ def apply_prompt(model: nn.Module, cfg: PromptTuningConfig, modules_to_save: lis
                            "prompt tuning needs a transformer with a token embedding")
     weight = embeddings.weight
     with torch.no_grad():
+        tokenizer = at.tokenizer
         if cfg.init == "text":
             if tokenizer is None:
                 raise PeftkitError("init_text needs the model's tokenizer", "method.init_text",
@@ -135,7 +138,7 @@ def apply_prompt(model: nn.Module, cfg: PromptTuningConfig, modules_to_save: lis
             init = weight[ids].clone()
         else:
             init = torch.randn(cfg.num_virtual_tokens, weight.shape[1], device=weight.device) * weight.std()
-    prompt = PromptEmbedding(init.to(weight.dtype))
+    prompt = PromptEmbedding(init.to(weight.dtype), at.routing, at.name)
     model.add_module("peftkit_prompt", prompt)  # moves and saves with the model
     model.register_forward_pre_hook(functools.partial(_prompt_hook, prompt), with_kwargs=True)
-    return finish(model, cfg, modules_to_save=modules_to_save)
+    return Attached()

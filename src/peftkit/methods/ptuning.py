@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import PeftkitError
-from .base import Injection, finish
+from .base import DEFAULT, Attached, Attachment, Routing
 from .configs import PROMPT_KEY
 from .prompt import prepend_prompt
 from .tuner_configs import PTuningConfig
@@ -28,8 +28,10 @@ class PromptEncoder(nn.Module):
 
     top_level = True
 
-    def __init__(self, cfg: PTuningConfig, hidden: int, device: Any, dtype: torch.dtype):
+    def __init__(self, cfg: PTuningConfig, hidden: int, device: Any, dtype: torch.dtype, routing: Routing,
+                 adapter: str = DEFAULT):
         super().__init__()
+        self.routing, self.adapter = routing, adapter
         n, width = cfg.num_virtual_tokens, cfg.encoder_hidden_size or hidden
         self.width = width
         self.embedding = nn.Embedding(n, hidden, device=device, dtype=dtype)
@@ -45,8 +47,8 @@ class PromptEncoder(nn.Module):
             self.mlp_head = nn.Sequential(nn.Linear(hidden, width, **kw), nn.ReLU(), nn.Linear(width, width, **kw),
                                           nn.ReLU(), nn.Linear(width, hidden, **kw))
 
-    def adapter_params(self) -> dict[str, nn.Parameter]:
-        return dict(self.named_parameters())
+    def adapter_params(self, name: str = DEFAULT) -> dict[str, torch.Tensor]:
+        return dict(self.named_parameters()) if name == self.adapter else {}
 
     def prompts(self) -> torch.Tensor:
         """The virtual tokens, ``(num_virtual_tokens, hidden)``."""
@@ -55,7 +57,9 @@ class PromptEncoder(nn.Module):
             out = self.lstm_head(out.unsqueeze(0))[0].squeeze(0)
         return self.mlp_head(out) if self.mlp_head is not None else out
 
-    def export_state(self) -> dict[str, torch.Tensor]:
+    def export_state(self, name: str = DEFAULT) -> dict[str, torch.Tensor]:
+        if name != self.adapter:
+            return {}
         if self.mlp_head is None:  # no encoder: the embeddings are the prompts (and load back into them)
             return {PROMPT_KEY: self.embedding.weight}
         return {PROMPT_KEY: self.prompts().detach()}
@@ -66,18 +70,19 @@ class PromptEncoder(nn.Module):
 
 def _hook(module: PromptEncoder, model: nn.Module, args: tuple, kwargs: dict[str, Any]
           ) -> tuple[tuple, dict[str, Any]]:
+    if not module.routing.on(module.adapter):
+        return args, kwargs
     return prepend_prompt(module.prompts(), model, args, kwargs)
 
 
-def apply_ptuning(model: nn.Module, cfg: PTuningConfig, modules_to_save: list[str], tokenizer: Any = None
-                  ) -> Injection:
+def attach_ptuning(model: nn.Module, cfg: PTuningConfig, at: Attachment) -> Attached:
     """Give ``model`` encoder-made virtual tokens before its input embeddings (a forward pre-hook)."""
     embeddings = model.get_input_embeddings()
     if embeddings is None:
         raise PeftkitError(f"{type(model).__name__} has no input embeddings", "method.name",
                            "P-tuning needs a transformer with a token embedding")
     weight = embeddings.weight
-    encoder = PromptEncoder(cfg, weight.shape[1], weight.device, weight.dtype)
+    encoder = PromptEncoder(cfg, weight.shape[1], weight.device, weight.dtype, at.routing, at.name)
     model.add_module("peftkit_prompt", encoder)
     model.register_forward_pre_hook(functools.partial(_hook, encoder), with_kwargs=True)
-    return finish(model, cfg, modules_to_save=modules_to_save)
+    return Attached()

@@ -39,13 +39,17 @@ class Method:
     Attributes:
         config: its options class (a recipe's ``method:`` block).
         implementation: ``"module:function"`` under :mod:`peftkit.methods`; the function takes
-            ``(model, cfg, modules_to_save, tokenizer)``, changes the model in place and
-            returns the :class:`~peftkit.methods.base.Injection` (typed ``Any`` here: this
-            module stays beneath the implementations).
+            ``(model, cfg, attachment)`` (:class:`~peftkit.methods.base.Attachment`: the adapter's
+            name, the model's routing, the saved modules, the tokenizer), puts the adapter on
+            the model in place and returns what it attached
+            (:class:`~peftkit.methods.base.Attached`; typed ``Any`` here: this module stays
+            beneath the implementations).
         mergeable: its update folds into the base weights (``merge``, ``merge_and_unload``).
         virtual_tokens: it prepends learned positions to every sequence (prompt, prefix), so
             packed sequences would share them.
         quantized_base: it can train on a quantized (frozen) base.
+        named: its adapters only update linear layers, so several share a base under names
+            (:class:`~peftkit.methods.named.NamedAdapters`), mixed rows included.
     """
 
     config: type[MethodConfig]
@@ -53,31 +57,30 @@ class Method:
     mergeable: bool = False
     virtual_tokens: bool = False
     quantized_base: bool = True
+    named: bool = False
 
     @property
     def name(self) -> str:
         return self.config.model_fields["name"].default
 
-    def apply(self, model: nn.Module, cfg: MethodConfig, modules_to_save: list[str], tokenizer: Any = None
-              ) -> Any:
+    def attach(self, model: nn.Module, cfg: MethodConfig, attachment: Any) -> Any:
         module, function = self.implementation.split(":")
-        return getattr(importlib.import_module(f"{__package__}.{module}"), function)(
-            model, cfg, modules_to_save, tokenizer)
+        return getattr(importlib.import_module(f"{__package__}.{module}"), function)(model, cfg, attachment)
 
 
 _ALL = (
-    Method(LoraConfig, "lora:apply_lora", mergeable=True),
-    Method(VeraConfig, "vera:apply_vera", mergeable=True),
-    Method(LoHaConfig, "lycoris:apply_loha", mergeable=True),
-    Method(LoKrConfig, "lycoris:apply_lokr", mergeable=True),
-    Method(AdaLoraConfig, "adalora:apply_adalora", mergeable=True),
-    Method(BottleneckConfig, "bottleneck:apply_bottleneck"),
-    Method(PrefixTuningConfig, "prefix:apply_prefix", virtual_tokens=True),
-    Method(PromptTuningConfig, "prompt:apply_prompt", virtual_tokens=True),
-    Method(PTuningConfig, "ptuning:apply_ptuning", virtual_tokens=True),
-    Method(IA3Config, "ia3:apply_ia3", mergeable=True),
-    Method(BitFitConfig, "inplace:apply_bitfit", mergeable=True),
-    Method(FullConfig, "inplace:apply_full", mergeable=True, quantized_base=False),
+    Method(LoraConfig, "lora:attach_lora", mergeable=True, named=True),
+    Method(VeraConfig, "vera:attach_vera", mergeable=True, named=True),
+    Method(LoHaConfig, "lycoris:attach_loha", mergeable=True, named=True),
+    Method(LoKrConfig, "lycoris:attach_lokr", mergeable=True, named=True),
+    Method(AdaLoraConfig, "adalora:attach_adalora", mergeable=True, named=True),
+    Method(BottleneckConfig, "bottleneck:attach_bottleneck"),
+    Method(PrefixTuningConfig, "prefix:attach_prefix", virtual_tokens=True),
+    Method(PromptTuningConfig, "prompt:attach_prompt", virtual_tokens=True),
+    Method(PTuningConfig, "ptuning:attach_ptuning", virtual_tokens=True),
+    Method(IA3Config, "ia3:attach_ia3", mergeable=True, named=True),
+    Method(BitFitConfig, "inplace:attach_bitfit", mergeable=True),
+    Method(FullConfig, "inplace:attach_full", mergeable=True, quantized_base=False),
 )
 
 #: a recipe's ``method.name`` -> the :class:`Method`

@@ -15,6 +15,7 @@ from pydantic import Field, model_validator
 
 from .configs import (
     ALL_LINEAR,
+    DEFAULT_ADAPTER,
     MethodConfig,
     PromptLearningConfig,
     module_fields,
@@ -233,7 +234,7 @@ class AdaLoraConfig(TargetedConfig):
     def kept_ranks(injection: Any, model: nn.Module) -> dict[str, list[bool]] | None:
         """peft's ``rank_pattern`` (``<layer>.lora_E`` -> kept flags) from the layers' rank masks,
         or None before any pruning."""
-        masks = {name: model.get_submodule(name).rank_mask for name in injection.replaced}
+        masks = {name: model.get_submodule(name).updates[DEFAULT_ADAPTER].rank_mask for name in injection.replaced}
         if all(bool(m.all()) for m in masks.values()):
             return None
         return {f"{name}.lora_E": m.tolist() for name, m in masks.items()}
@@ -289,3 +290,4 @@ class PTuningConfig(PromptLearningConfig):
                          encoder_hidden_size=cfg.get("encoder_hidden_size"),
                          modules_to_save=sorted(set(cfg.get("modules_to_save") or []),
                                                 key=(cfg.get("modules_to_save") or []).index))
+

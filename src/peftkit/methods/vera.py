@@ -16,15 +16,13 @@ generator seeded with ``projection_prng_key``, ``A`` first), so a file written w
 from __future__ import annotations
 
 import math
-from typing import Any
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ..errors import PeftkitError
-from ..inject import is_linear, linear_shape, replace_module, select_targets
-from .base import AdditiveMerge, Injection, finish
+from ..inject import linear_shape, plain_layer
+from .base import DEFAULT, AdditiveUpdate, Attached, Attachment, chosen_layers, wrap_targets
 from .tuner_configs import VeraConfig
 
 
@@ -39,39 +37,38 @@ class VeraProjections(nn.Module):
 
     top_level = True
 
-    def __init__(self, r: int, in_max: int, out_max: int, seed: int, saved: bool):
+    def __init__(self, r: int, in_max: int, out_max: int, seed: int, saved: bool, adapter: str = DEFAULT):
         super().__init__()
+        self.adapter = adapter
         generator = torch.Generator(device="cpu").manual_seed(seed)
         self.register_buffer("vera_A", kaiming_uniform((r, in_max), generator), persistent=False)
         self.register_buffer("vera_B", kaiming_uniform((out_max, r), generator), persistent=False)
         self.saved = saved
 
-    def adapter_params(self) -> dict[str, nn.Parameter]:
+    def adapter_params(self, name: str = DEFAULT) -> dict[str, torch.Tensor]:
         return {}  # nothing trains; the seed regenerates them
 
-    def export_state(self) -> dict[str, torch.Tensor]:
-        return {"vera_A": self.vera_A, "vera_B": self.vera_B} if self.saved else {}
+    def export_state(self, name: str = DEFAULT) -> dict[str, torch.Tensor]:
+        return {"vera_A": self.vera_A, "vera_B": self.vera_B} if self.saved and name == self.adapter else {}
 
 
-class VeraLinear(AdditiveMerge, nn.Module):
-    """A frozen linear layer (``nn.Linear``, quantized ones included, or ``Conv1D``) with a VeRA update.
+class VeraUpdate(AdditiveUpdate):
+    """One VeRA adapter on one frozen linear layer (``nn.Linear``, quantized ones included, or
+    ``Conv1D``), reading slices of its adapter's shared projections.
 
-    Shapes: input ``(..., in_features)``, output ``(..., out_features)``.
+    Shapes: ``vera_lambda_b`` ``(out,)``, ``vera_lambda_d`` ``(r,)``; input ``(..., in_features)``,
+    output ``(..., out_features)``.
     """
 
-    def __init__(self, base_layer: nn.Module, projections: VeraProjections, r: int, d_initial: float,
+    def __init__(self, base: nn.Module, projections: VeraProjections, r: int, d_initial: float,
                  dropout: float = 0.0):
-        super().__init__()
-        self.in_features, self.out_features, self.fan_in_fan_out = linear_shape(base_layer)
-        self.base_layer, self.merged = base_layer, False
+        super().__init__(base)
         self._shared = [projections]  # a list, so the shared module is registered once, on the model
-        weight = base_layer.weight
-        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
-        self.vera_lambda_b = nn.Parameter(torch.zeros(self.out_features, device=weight.device, dtype=dtype))
-        self.vera_lambda_d = nn.Parameter(torch.full((r,), float(d_initial), device=weight.device, dtype=dtype))
+        self.vera_lambda_b = nn.Parameter(torch.zeros(self.out_features, device=self.device, dtype=self.dtype))
+        self.vera_lambda_d = nn.Parameter(torch.full((r,), float(d_initial), device=self.device, dtype=self.dtype))
         self.vera_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def adapter_params(self) -> dict[str, nn.Parameter]:
+    def tensors(self) -> dict[str, torch.Tensor]:
         return {"vera_lambda_b": self.vera_lambda_b, "vera_lambda_d": self.vera_lambda_d}
 
     def _projections(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,35 +76,33 @@ class VeraLinear(AdditiveMerge, nn.Module):
         dtype = self.vera_lambda_d.dtype
         return (shared.vera_A[:, :self.in_features].to(dtype), shared.vera_B[:self.out_features].to(dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
-        if self.merged:
-            return out
+    def forward(self, x: torch.Tensor, out: torch.Tensor, base: nn.Module) -> torch.Tensor:
         a, b = self._projections()
         h = self.vera_lambda_d * F.linear(self.vera_dropout(x.to(a.dtype)), a)
         return out + (self.vera_lambda_b * F.linear(h, b)).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
-        """``diag(lambda_b) B diag(lambda_d) A`` in the base weight's layout."""
+        """``diag(lambda_b) B diag(lambda_d) A`` (``out x in``)."""
         a, b = self._projections()
-        delta = (self.vera_lambda_b[:, None] * b) @ (self.vera_lambda_d[:, None] * a)
-        return delta.T if self.fan_in_fan_out else delta
+        return (self.vera_lambda_b[:, None] * b) @ (self.vera_lambda_d[:, None] * a)
 
     def extra_repr(self) -> str:
-        return f"r={self.vera_lambda_d.numel()}, merged={self.merged}"
+        return f"r={self.vera_lambda_d.numel()}"
 
 
-def apply_vera(model: nn.Module, cfg: VeraConfig, modules_to_save: list[str], tokenizer: Any = None) -> Injection:
-    """Wrap the targeted linear layers of ``model`` with :class:`VeraLinear`, sharing one pair of
-    projections registered on the model as ``peftkit_vera``.
+def projections_name(adapter: str) -> str:
+    """Where adapter ``adapter``'s shared projections sit on the model."""
+    return "peftkit_vera" if adapter == DEFAULT else f"peftkit_vera_{adapter}"
+
+
+def attach_vera(model: nn.Module, cfg: VeraConfig, at: Attachment) -> Attached:
+    """Give the targeted linear layers of ``model`` adapter ``at.name``'s VeRA update, sharing one
+    pair of projections registered on the model (:func:`projections_name`).
 
     Raises:
         PeftkitError: no layer chosen, or ``r`` larger than the narrowest targeted dimension.
     """
-    targets = [n for n in select_targets(model, cfg.target_modules, cfg.exclude_modules, skip=modules_to_save)
-               if cfg.in_layers(n)]
-    if not targets:
-        raise PeftkitError("no layer is left to adapt", "method.layers_to_transform", "name blocks the model has")
+    targets = chosen_layers(model, cfg, at.modules_to_save)
     shapes = {name: linear_shape(model.get_submodule(name))[:2] for name in targets}
     narrow = min(shapes, key=lambda n: min(shapes[n]))
     if cfg.r > min(shapes[narrow]):
@@ -115,11 +110,9 @@ def apply_vera(model: nn.Module, cfg: VeraConfig, modules_to_save: list[str], to
                            f"({min(shapes[narrow])}, in {narrow})", "method.r",
                            f"use r up to {min(shapes[narrow])}, or leave the narrow layers out of target_modules")
     in_max, out_max = (max(s[i] for s in shapes.values()) for i in (0, 1))
-    projections = VeraProjections(cfg.r, in_max, out_max, cfg.projection_prng_key, cfg.save_projection)
-    device = model.get_submodule(targets[0]).weight.device
-    model.add_module("peftkit_vera", projections.to(device))
-    for name in targets:
-        base = model.get_submodule(name)
-        assert is_linear(base)
-        replace_module(model, name, VeraLinear(base, projections, cfg.r, cfg.d_initial, cfg.dropout))
-    return finish(model, cfg, replaced=targets, modules_to_save=modules_to_save)
+    projections = VeraProjections(cfg.r, in_max, out_max, cfg.projection_prng_key, cfg.save_projection, at.name)
+    device = plain_layer(model.get_submodule(targets[0])).weight.device
+    model.add_module(projections_name(at.name), projections.to(device))
+    wrap_targets(model, targets, lambda path, base: VeraUpdate(base, projections, cfg.r, cfg.d_initial, cfg.dropout),
+                 at.name, at.routing)
+    return Attached(replaced=targets)
