@@ -30,13 +30,15 @@ def _method_examples() -> dict:
     from peftkit.methods import (AdaLoraConfig, BitFitConfig, BottleneckConfig, FullConfig, IA3Config, LoHaConfig,
                                  LoKrConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig, PTuningConfig,
                                  VeraConfig)
+    from peftkit.methods.tuner_configs import LNTuningConfig
+
     return {"lora": LoraConfig(r=4, alpha=8), "vera": VeraConfig(r=4), "loha": LoHaConfig(r=2, alpha=4),
             "lokr": LoKrConfig(r=2, alpha=4), "adalora": AdaLoraConfig(init_r=4, target_r=2, total_step=10, alpha=8),
             "adapter": BottleneckConfig(placement="houlsby", reduction_factor=4),
             "prefix": PrefixTuningConfig(num_virtual_tokens=3),
             "prompt": PromptTuningConfig(num_virtual_tokens=3, init="vocab"),
             "ptuning": PTuningConfig(num_virtual_tokens=3, encoder_hidden_size=8), "ia3": IA3Config(),
-            "bitfit": BitFitConfig(), "full": FullConfig()}
+            "bitfit": BitFitConfig(), "full": FullConfig(), "ln_tuning": LNTuningConfig()}
 
 
 #: a recipe-sized example config of every method, by its name

@@ -21,6 +21,7 @@ from peftkit.methods import (
     trainable_state,
 )
 from peftkit.methods.named import NamedAdapters
+from peftkit.methods.tuner_configs import LNTuningConfig
 
 from .conftest import METHOD_EXAMPLES
 from .test_methods import IDS, MASK, build, out, perturb
@@ -28,7 +29,8 @@ from .test_methods import IDS, MASK, build, out, perturb
 #: the methods whose adapters update layers in place of the base's, row by row
 MIXED = {"lora": LoraConfig(r=4, alpha=8), "dora": LoraConfig(r=4, alpha=8, use_dora=True),
          "vera": VeraConfig(r=4), "loha": LoHaConfig(r=2, alpha=4), "lokr": LoKrConfig(r=2, alpha=4),
-         "adalora": AdaLoraConfig(init_r=4, target_r=2, total_step=10, alpha=8), "ia3": IA3Config()}
+         "adalora": AdaLoraConfig(init_r=4, target_r=2, total_step=10, alpha=8), "ia3": IA3Config(),
+         "ln_tuning": LNTuningConfig()}
 
 
 def test_every_registered_method_has_an_example():

@@ -291,3 +291,30 @@ def test_classify_without_an_adapter_uses_the_only_one_served(adapters, offline,
         proc.communicate(timeout=60)
     two = httpx.post(server + "/v1/classify", json={"texts": TEXTS[:1]}, headers=auth(), timeout=60)
     assert two.status_code == 400 and "may be left out when the server has one" in two.json()["error"]["message"]
+
+
+def test_a_layernorm_tuned_adapter_is_served_beside_lora_in_mixed_batches(adapters, tiny_bert_dir, sentiment_dir,
+                                                                           tmp_path):
+    from peftkit import load_recipe
+    from peftkit.multi import load_named, predict_rows
+    from peftkit.train import train
+
+    train(load_recipe(tiny_recipe(tmp_path, tiny_bert_dir, sentiment_dir, method={"name": "ln_tuning"},
+                                  **{"train.epochs": 2, "train.lr": 0.05})), echo=lambda _: None)
+    served = {"lora": adapters["lora"], "norms": tmp_path / "run" / "adapter"}
+    named = load_named(list(served.items()))
+    expected = {name: {t: dict(zip(named.label_names[name], map(float, row)))
+                       for t, row in zip(TEXTS, predict_rows(named, TEXTS, [name] * len(TEXTS)))} for name in served}
+    assert expected["norms"] != expected["lora"]
+    proc, url = start_server(served)
+    try:
+        jobs = [(("lora", "norms")[i % 2], TEXTS[i % 6: i % 6 + 1 + i % 3]) for i in range(32)]
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda job: classify(url, *job), jobs))
+        for (name, texts), answer in zip(jobs, answers):
+            assert answer.status_code == 200, answer.text
+            assert_matches(answer.json()["results"], texts, expected[name])
+        assert batch_counters(url)[0] < len(jobs)  # rows of both adapters shared forward passes
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)

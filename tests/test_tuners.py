@@ -23,12 +23,16 @@ from peftkit.methods import (
     trainable_parameters,
     unmerge,
 )
+from peftkit.methods.tuner_configs import LNTuningConfig
 
 from .test_interop_peft import INPUT, MASK, logits, perturb
 from .test_lora_variants import build
 
 peft = pytest.importorskip("peft")
 SEQ_CLS = "SEQ_CLS"
+#: every normalization layer of the tiny models, as peft's target names
+NORMS = {"bert": ["LayerNorm"], "llama": ["input_layernorm", "post_attention_layernorm", "norm"],
+         "gpt2": ["ln_1", "ln_2", "ln_f"]}
 
 #: case -> (peft config from targets and family, the same as a peftkit config)
 CASES = {
@@ -57,6 +61,8 @@ CASES = {
     "ptuning-lstm": (lambda t, f: peft.PromptEncoderConfig(task_type=SEQ_CLS, num_virtual_tokens=3, encoder_hidden_size=8,
                                                            encoder_reparameterization_type="LSTM"),
                      lambda t: PTuningConfig(num_virtual_tokens=3, encoder_hidden_size=8, encoder="lstm")),
+    "ln_tuning": (lambda t, f: peft.LNTuningConfig(task_type=SEQ_CLS, target_modules=NORMS[f]),
+                  lambda t: LNTuningConfig()),  # every normalization layer: the same ones
 }
 LINEAR_ONLY = ("loha", "lokr")  # peft's LyCORIS layers take nn.Linear, not Conv1D
 PAIRS = [(c, f) for c in CASES for f in ("bert", "llama", "gpt2") if not (f == "gpt2" and c.startswith(LINEAR_ONLY))]
@@ -105,7 +111,7 @@ def test_peftkit_made_adapter_gives_the_same_logits_in_peft(case, family, tmp_pa
         assert (logits(ours) - expected).abs().max() <= 1e-5
         merge_and_unload(ours)
         assert (logits(ours) - expected).abs().max() <= 1e-5
-        assert not [n for n, _ in ours.named_modules() if "vera" in n or "lora" in n or "hada" in n]
+        assert not [n for n, _ in ours.named_modules() if "vera" in n or "lora" in n or "hada" in n or "tuned" in n]
 
 
 def test_vera_projections_are_peft_s_and_optional_in_the_file(tmp_path):

@@ -1,4 +1,4 @@
-"""VeRA, LoHa, LoKr, AdaLoRA and P-tuning through the commands: train, predict, eval and merge on
+"""VeRA, LoHa, LoKr, AdaLoRA, P-tuning and LayerNorm tuning through the commands: train, predict, eval and merge on
 the tiny classifier, a causal-LM run, AdaLoRA's exact resume, and the one-line refusals."""
 
 from __future__ import annotations
@@ -27,21 +27,22 @@ METHODS = {
     "adalora": ({"name": "adalora", "init_r": 6, "target_r": 3, "alpha": 12, "target_modules": TARGETS,
                  "total_step": 80, "tinit": 10, "tfinal": 20, "deltaT": 5}, 0.05),
     "ptuning": ({"name": "ptuning", "num_virtual_tokens": 4}, 0.01),
+    "ln_tuning": ({"name": "ln_tuning"}, 0.05),
 }
 
 
 @pytest.mark.parametrize("name", list(METHODS))
 def test_train_predict_eval_and_merge(name, request, sentiment_dir, tmp_path):
     method, lr = METHODS[name]
-    # virtual tokens need the base whose [CLS] output already carries the signal (see tuned_bert_dir)
-    base = request.getfixturevalue("tuned_bert_dir" if name == "ptuning" else "tiny_bert_dir")
+    # virtual tokens and norm gains need the base whose [CLS] output already carries the signal (tuned_bert_dir)
+    base = request.getfixturevalue("tuned_bert_dir" if name in ("ptuning", "ln_tuning") else "tiny_bert_dir")
     recipe = tiny_recipe(tmp_path, base, sentiment_dir, method=method, **{"train.lr": lr})
     summary = train(load_recipe(recipe), echo=lambda _: None)
     assert summary["test"]["accuracy"] >= 0.7, summary["test"]
     adapter = tmp_path / "run" / "adapter"
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["peft_type"] == {"vera": "VERA", "loha": "LOHA", "lokr": "LOKR", "adalora": "ADALORA",
-                                   "ptuning": "P_TUNING"}[name]
+                                   "ptuning": "P_TUNING", "ln_tuning": "LN_TUNING"}[name]
     if name == "adalora":  # pruned towards 3 of 6 ranks a layer (the best step may precede the last pruning)
         kept = config["rank_pattern"]
         assert 3 * len(kept) <= sum(map(sum, kept.values())) < 6 * len(kept)

@@ -26,7 +26,7 @@ from .configs import (
     PrefixTuningConfig,
     PromptTuningConfig,
 )
-from .tuner_configs import AdaLoraConfig, LoHaConfig, LoKrConfig, PTuningConfig, VeraConfig
+from .tuner_configs import AdaLoraConfig, LNTuningConfig, LoHaConfig, LoKrConfig, PTuningConfig, VeraConfig
 
 if TYPE_CHECKING:
     from torch import nn
@@ -81,6 +81,7 @@ _ALL = (
     Method(IA3Config, "ia3:attach_ia3", mergeable=True, named=True),
     Method(BitFitConfig, "inplace:attach_bitfit", mergeable=True),
     Method(FullConfig, "inplace:attach_full", mergeable=True, quantized_base=False),
+    Method(LNTuningConfig, "ln_tuning:attach_ln_tuning", mergeable=True, named=True),
 )
 
 #: a recipe's ``method.name`` -> the :class:`Method`

@@ -291,3 +291,26 @@ class PTuningConfig(PromptLearningConfig):
                          modules_to_save=sorted(set(cfg.get("modules_to_save") or []),
                                                 key=(cfg.get("modules_to_save") or []).index))
 
+
+class LNTuningConfig(MethodConfig):
+    """LayerNorm tuning options (peft's ``LN_TUNING``): the normalization layers train, all else
+    stays frozen."""
+
+    peft_type: ClassVar[str] = "LN_TUNING"
+
+    name: Literal["ln_tuning"] = "ln_tuning"
+    target_modules: Targets | None = Field(
+        None, description="normalization layers to tune (name suffixes or a regex); default: every one")
+    exclude_modules: Targets | None = None
+
+    def to_peft(self, injection: Any, model: nn.Module) -> dict[str, Any]:
+        # stored as the layers chosen, so peft's suffix matching selects exactly these
+        return {"peft_type": self.peft_type, "target_modules": injection.replaced, "exclude_modules": None,
+                "modules_to_save": injection.modules_to_save or None}
+
+    @classmethod
+    def from_peft(cls, cfg: dict[str, Any]) -> "LNTuningConfig":
+        refuse_unknown(cfg, {"target_modules", "exclude_modules", "modules_to_save"}, "LN_TUNING")
+        return validated(cls, "LN_TUNING", target_modules=sorted_targets(cfg.get("target_modules")),
+                         exclude_modules=sorted_targets(cfg.get("exclude_modules")),
+                         modules_to_save=list(cfg.get("modules_to_save") or []))
