@@ -26,7 +26,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "peftkit"
 
 LAYERS = [
     {"cli", "__main__"},
-    {"train", "predict", "multi", "compare", "prepare", "serve", "serve_work", "serve_api", "serve_page"},
+    {"train", "predict", "multi", "compare", "prepare", "serving", "serving.app", "serving.workers",
+     "serving.protocol", "serving.page"},
     {"tasks", "data", "causal", "evaluate", "generation", "lm_loss", "token_cache", "checkpoint", "monitor",
      "plot"},
     set(),  # the methods: every module of methods/ outside the ground floor (filled in below)

@@ -318,3 +318,19 @@ def test_a_layernorm_tuned_adapter_is_served_beside_lora_in_mixed_batches(adapte
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
+
+
+def test_a_body_over_the_limit_gets_its_413_even_when_the_client_sends_it_all_first(server):
+    """Python's urllib writes the whole body before it reads a byte of the answer: the server
+    reads and discards what it refused, then answers, so the client sees the 413, not a reset."""
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"adapter": "lora", "texts": ["a" * (16 << 20)]}).encode()
+    request = urllib.request.Request(server + "/v1/classify", data=body, method="POST",
+                                     headers={**auth(), "Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=60)
+    assert caught.value.code == 413
+    assert "over 1048576 bytes" in json.loads(caught.value.read())["error"]["message"]
+    assert classify(server, "lora", TEXTS[:1]).status_code == 200  # and it keeps serving

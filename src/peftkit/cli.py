@@ -356,7 +356,7 @@ def _pack(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from .multi import parse_specs
-    from .serve import Limits, serve
+    from .serving.app import Limits, serve
 
     if not args.adapter and not args.adapters_dir:
         raise PeftkitError("nothing to serve", "--adapter", "name an adapter (--adapter NAME=DIR) or a folder of "

@@ -2,7 +2,7 @@
 
 One base is loaded once with every adapter named on the command line (:func:`~.multi.load_named`);
 with ``--adapters-dir``, adapter folders there are loaded on first use into a bounded LRU
-(:class:`~.serve_work.AdapterStore`). One worker thread runs the model: classification requests
+(:class:`~.workers.AdapterStore`). One worker thread runs the model: classification requests
 for any adapters are gathered into mixed-adapter batches, one forward pass each
 (:func:`~.multi.predict_rows`, so an answer carries exactly the numbers ``peftkit predict``
 gives), and generation requests share a running batch step by step (continuous batching). The
@@ -26,39 +26,46 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from fastapi import Request  # at module level: FastAPI resolves the handlers' annotations here
+import numpy as np
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
-from .errors import PeftkitError
-from .serve_api import (Sampling, bad, chat_prompt, completion, new_id, parse_classify, parse_messages, parse_prompt,
-                        parse_sampling, read_json, sse)
-from .serve_page import run_of
-from .serve_work import AdapterStore, ApiError, Batcher, Generator, Job, Limits, Metrics
+from ..adapter_io import WEIGHTS_FILE, AdapterFiles, read_adapter
+from ..causal import LMEncoder
+from ..config import DataConfig
+from ..errors import PeftkitError
+from ..generation import Sequence
+from ..multi import NamedModel, load_named, predict_rows
+from ..predict import lm_encoder
+from .page import page_html, read_runs, run_of
+from .protocol import (ChatRequest, Sampling, bad, chat_prompt, completion, new_id, parse_chat, parse_classify, parse_completion,
+                       parse_sampling, read_json, sse)
+from .workers import (AdapterStore, ApiError, Batcher, Generator, GenWork, Job, Limits, Metrics, TextStream,
+                      served_path)
 
 class Service:
     """What the endpoints do, over one :class:`~.multi.NamedModel` (classifiers or causal LMs)."""
 
-    def __init__(self, named: Any, limits: Limits, api_key: str | None = None, adapters_dir: Path | None = None,
+    def __init__(self, named: NamedModel, limits: Limits, api_key: str | None = None, adapters_dir: Path | None = None,
                  runs: Path | None = None, fixed: list[str] | None = None, thread: bool = True):
-        from .multi import predict_rows
-
         self.named, self.limits, self.api_key, self.runs = named, limits, api_key, runs
         self.metrics = Metrics()
         self.store = AdapterStore(named, adapters_dir, limits.max_adapters, self.metrics, fixed)
         self.causal = named.task == "causal_lm"
         if self.causal:
-            self.worker: Any = Generator(named, self.render, self.store, limits, self.metrics, thread)
+            self.worker: Generator | Batcher = Generator(named, self.render, self.store, limits, self.metrics, thread)
         else:
             self.worker = Batcher(lambda texts, names: self._classify_rows(predict_rows, texts, names), self.store,
                                   limits, self.metrics, thread)
-        self._encoders: dict[str | None, tuple[Any, Any]] = {}  # adapter -> (its files, its prompt format)
+        self._encoders: dict[str | None, tuple[AdapterFiles | None, LMEncoder]] = {}  # adapter -> (its files, its prompt format)
 
     # ---- shared by the endpoints ----
-    def error(self, exc: ApiError, endpoint: str, adapter: str = "") -> Any:
-        from fastapi.responses import JSONResponse
-
+    def error(self, exc: ApiError, endpoint: str, adapter: str = "") -> JSONResponse:
         self.metrics.requests.labels(endpoint, adapter, str(exc.status)).inc()
         return JSONResponse({"error": {"message": exc.message, "type": exc.kind}}, exc.status, headers=exc.headers)
 
@@ -78,14 +85,18 @@ class Service:
         """The request's JSON object, read up to the body limit (413 past it)."""
         self.authorize(request)
         declared, limit = request.headers.get("content-length"), self.limits.max_body
+        too_large = ApiError(413, "invalid_request_error", f"the body is over {limit} bytes")
+        chunks = request.stream()
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise ApiError(413, "invalid_request_error", f"the body is over {limit} bytes")
-        body = b""
-        async for chunk in request.stream():
+            await _drain(chunks)
+            raise too_large
+        body = bytearray()
+        async for chunk in chunks:
             body += chunk
             if len(body) > limit:
-                raise ApiError(413, "invalid_request_error", f"the body is over {limit} bytes")
-        data = read_json(body, shape)
+                await _drain(chunks)
+                raise too_large
+        data = read_json(bytes(body), shape)
         name = data.get("adapter", data.get("model"))
         if isinstance(name, str) and (name in self.named.names or self.store.path(name) or
                                       (self.causal and name == self.named.base_model)):
@@ -103,8 +114,6 @@ class Service:
             if run is not None:
                 entry["run"] = run
             if self.causal:  # what a completion's prompt goes through, as `peftkit generate` sends it
-                from .adapter_io import read_adapter
-
                 files = self.named.files.get(entry["id"]) or read_adapter(folder)
                 entry["labels"] = files.meta.get("label_names")
                 entry["prompt_format"] = {key: files.meta.get(key) for key in ("prompt_template", "chat_template",
@@ -119,7 +128,8 @@ class Service:
         return Path(files.path) if files is not None and files.path else self.store.path(name)
 
     # ---- classification ----
-    def _classify_rows(self, predict_rows: Any, texts: list[str], names: list[str]) -> list[tuple[Any, bool]]:
+    def _classify_rows(self, predict_rows: Callable[..., list[np.ndarray]], texts: list[str], names: list[str]
+                       ) -> list[tuple[np.ndarray, bool]]:
         """Each text's probabilities under its adapter, and whether it was cut to the adapter's
         max_length (on the worker thread)."""
         rows = predict_rows(self.named, texts, names, batch_size=self.limits.max_batch)
@@ -130,7 +140,8 @@ class Service:
         if self.causal:
             raise bad("this server serves causal-LM adapters: use /v1/completions or /v1/chat/completions")
         available = self.store.available()
-        adapter, texts = parse_classify(data, self.limits, available[0] if len(available) == 1 else None)
+        asked = parse_classify(data, self.limits, available[0] if len(available) == 1 else None)
+        adapter, texts = asked.adapter, asked.texts
         self.store.check(adapter)
         rows = await self._answer(Job(adapter, texts, asyncio.get_running_loop(), None))
         labels = self.named.label_names[adapter]
@@ -140,7 +151,7 @@ class Service:
             results.append({"label": max(scores, key=scores.get), "scores": scores, "truncated": cut})
         return {"adapter": adapter, "max_tokens": self.named.max_length(adapter), "results": results}
 
-    async def _answer(self, job: Job) -> Any:
+    async def _answer(self, job: Job) -> list[tuple[np.ndarray, bool]]:
         future = job.loop.create_future()
         job.deliver = lambda value, error: _settle(future, value, error)
         self.worker.submit(job)
@@ -152,12 +163,8 @@ class Service:
             job.cancelled = True
 
     # ---- generation ----
-    def encoder(self, adapter: str | None) -> Any:
+    def encoder(self, adapter: str | None) -> LMEncoder:
         """The prompt format of ``adapter`` (None: the base's, its chat template if it has one)."""
-        from .causal import LMEncoder
-        from .config import DataConfig
-        from .predict import lm_encoder
-
         files = self.named.files.get(adapter) if adapter else None
         cached = self._encoders.get(adapter)
         if cached is None or cached[0] is not files:  # new, or its folder was loaded again
@@ -165,11 +172,8 @@ class Service:
             self._encoders[adapter] = cached = (files, encoder)
         return cached[1]
 
-    def render(self, work: Any, adapter: str | None) -> tuple[Any, Any]:
+    def render(self, work: GenWork, adapter: str | None) -> tuple[Sequence, TextStream]:
         """A request's token ids, stop tokens and text stream (on the worker thread)."""
-        from .generation import Sequence
-        from .serve_work import TextStream
-
         tok, s = self.named.tokenizer, work.sampling
         if self.named.adapters.adds_tokens(adapter):
             raise bad(f"{adapter!r} is a prompt or prefix adapter; serve generates with LoRA and IA3 adapters so far")
@@ -189,17 +193,14 @@ class Service:
         seq = Sequence(ids, s.max_tokens, adapter, s.temperature, s.top_p, frozenset(t for t in stops if t is not None))
         return seq, TextStream(tok, s.stop)
 
-    async def generate(self, data: dict[str, Any], kind: str) -> Any:
+    async def generate(self, data: dict[str, Any], kind: str) -> dict[str, Any] | StreamingResponse:
         """A completion (``kind`` "text") or chat answer, whole or streamed."""
-        from .serve_work import GenWork
-
         if not self.causal:
             raise bad("this server serves classifiers: use /v1/classify")
         s = parse_sampling(data, self.limits, 16 if kind == "text" else self.limits.max_tokens)
-        prompt = parse_messages(data) if kind == "chat" else parse_prompt(data)
-        raw = data.get("raw", False)
-        if not isinstance(raw, bool):
-            raise bad("'raw' must be true or false")
+        asked = parse_chat(data, self.limits) if kind == "chat" else parse_completion(data, self.limits)
+        prompt = asked.messages if isinstance(asked, ChatRequest) else asked.prompt
+        raw = asked.raw
         adapter = None if s.model == self.named.base_model else self.store.check(s.model)
         events: asyncio.Queue = asyncio.Queue()
         job = Job(adapter, GenWork(kind, s, prompt, raw), asyncio.get_running_loop(),
@@ -230,12 +231,11 @@ class Service:
             raise error
         return value
 
-    def _stream(self, kind: str, s: Sampling, job: Job, events: asyncio.Queue, first: tuple[str, str | None]) -> Any:
-        from fastapi.responses import StreamingResponse
-
+    def _stream(self, kind: str, s: Sampling, job: Job, events: asyncio.Queue, first: tuple[str, str | None]
+                ) -> StreamingResponse:
         ident = new_id(kind)
 
-        async def chunks() -> Any:
+        async def chunks() -> AsyncIterator[bytes]:
             (delta, finish), opening = first, True
             try:
                 while True:
@@ -254,7 +254,25 @@ class Service:
         return StreamingResponse(chunks(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-def _usage(seq: Any) -> dict[str, int]:
+#: what the server reads and throws away of a body it refused (413) before answering, as nginx's
+#: lingering close does: a client that sends the whole body before it reads (Python's urllib)
+#: then gets the 413 instead of a connection reset. Past either bound the connection is closed.
+DRAIN_BYTES = 64 << 20
+DRAIN_SECONDS = 10.0
+
+
+async def _drain(chunks: AsyncIterator[bytes]) -> None:
+    """Read the rest of a refused body (at most :data:`DRAIN_BYTES`, for :data:`DRAIN_SECONDS`)."""
+    read = 0
+    with contextlib.suppress(TimeoutError, Exception):
+        async with asyncio.timeout(DRAIN_SECONDS):
+            async for chunk in chunks:
+                read += len(chunk)
+                if read > DRAIN_BYTES:
+                    break
+
+
+def _usage(seq: Sequence) -> dict[str, int]:
     return {"prompt_tokens": len(seq.prompt), "completion_tokens": len(seq.tokens),
             "total_tokens": len(seq.prompt) + len(seq.tokens)}
 
@@ -268,24 +286,21 @@ def _settle(future: asyncio.Future, value: Any, error: BaseException | None) -> 
         future.set_result(value)
 
 
-def create_app(named: Any, limits: Limits | None = None, api_key: str | None = None,
+def create_app(named: NamedModel, limits: Limits | None = None, api_key: str | None = None,
                adapters_dir: Path | None = None, runs: Path | None = None, fixed: list[str] | None = None,
-               thread: bool = True) -> Any:
+               thread: bool = True) -> FastAPI:
     """The FastAPI app over ``named`` (a :class:`~.multi.NamedModel`); ``fixed`` are the adapters
     that stay loaded (default: all of ``named``'s), the others came from ``adapters_dir``. Its
     worker (``app.state.service.worker``) runs on a thread of its own, or, without ``thread``,
     on whichever thread calls its ``run()``."""
-    from fastapi import FastAPI
-    from fastapi.responses import HTMLResponse, JSONResponse, Response
-
-    from .serve_page import page_html, read_runs
-
     service = Service(named, limits or Limits(), api_key, adapters_dir, runs, fixed, thread)
     app = FastAPI(title="peftkit", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
 
-    def endpoint(path: str, name: str, method: str = "post") -> Any:
-        def register(handler: Any) -> Any:
+    Handler = Callable[[Request], Awaitable[Any]]
+
+    def endpoint(path: str, name: str, method: str = "post") -> Callable[[Handler], Handler]:
+        def register(handler: Handler) -> Handler:
             async def run(request: Request) -> Any:
                 start = time.perf_counter()
                 try:
@@ -340,9 +355,9 @@ def create_app(named: Any, limits: Limits | None = None, api_key: str | None = N
     return app
 
 
-def serve(specs: list[tuple[str, Any]], *, model: str | None = None, adapters_dir: str | Path | None = None,
+def serve(specs: list[tuple[str, Path]], *, model: str | None = None, adapters_dir: str | Path | None = None,
           runs: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          limits: Limits | None = None, echo: Any = print) -> int:
+          limits: Limits | None = None, echo: Callable[[str], object] = print) -> int:
     """Load the adapters and serve them until SIGINT/SIGTERM (uvicorn stops accepting, lets the
     requests in flight finish, then returns); returns the exit code.
 
@@ -350,12 +365,6 @@ def serve(specs: list[tuple[str, Any]], *, model: str | None = None, adapters_di
         PeftkitError: nothing to serve, a folder that is not there, an adapter without
             safetensors, adapters that cannot share the base.
     """
-    import uvicorn
-
-    from .adapter_io import WEIGHTS_FILE
-    from .multi import load_named
-    from .serve_work import served_path
-
     folder = _folder(adapters_dir, "--adapters-dir") if adapters_dir else None
     runs = _folder(runs, "--runs") if runs else None
     sock = _listen(host, port)  # a busy port is said before the slow load, and nobody takes it meanwhile
@@ -404,7 +413,7 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _run(app: Any, config: Any, sock: socket.socket) -> int:
+def _run(app: FastAPI, config: uvicorn.Config, sock: socket.socket) -> int:
     """HTTP on a thread, the model on this (main) thread: torch runs its operator threads up to
     2-3x slower from a second thread once the main one has used them. SIGTERM or SIGINT stops
     the HTTP side accepting; once the requests in flight are answered the worker stops too."""
@@ -441,11 +450,9 @@ def _folder(path: str | Path, flag: str) -> Path:
 def _server_class() -> type:
     """uvicorn's Server class for a thread that is not the main one (built here, once uvicorn is
     imported): the main thread takes the signals (:func:`_run`)."""
-    import uvicorn
-
     class Server(uvicorn.Server):
         @contextlib.contextmanager
-        def capture_signals(self) -> Any:
+        def capture_signals(self) -> Iterator[None]:
             yield
 
     return Server

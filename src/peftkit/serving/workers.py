@@ -13,6 +13,7 @@ folders under ``--adapters-dir``, loaded on first use and kept in a bounded LRU.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import queue
 import threading
 import time
@@ -21,14 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .adapter_io import CONFIG_FILE, WEIGHTS_FILE
-from .errors import PeftkitError
-from .methods.named import NAME
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from ..adapter_io import CONFIG_FILE, WEIGHTS_FILE
+from ..errors import PeftkitError
+from ..generation import StepDecoder
+from ..methods.named import NAME
 
 
 def _glibc() -> Any:
-    import ctypes
-
     try:
         libc = ctypes.CDLL("libc.so.6")
         return libc if hasattr(libc, "malloc_trim") else None
@@ -71,8 +73,6 @@ class Metrics:
     """The Prometheus series the server exports (its own registry, so apps never collide)."""
 
     def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
         r = self.registry = CollectorRegistry()
         self.requests = Counter("peftkit_requests", "requests answered", ["endpoint", "adapter", "status"], registry=r)
         self.latency = Histogram("peftkit_request_seconds", "time to answer a request", ["endpoint"], registry=r,
@@ -85,8 +85,6 @@ class Metrics:
         self.tokens = Counter("peftkit_generated_tokens", "tokens generated", registry=r)
 
     def text(self) -> bytes:
-        from prometheus_client import generate_latest
-
         return generate_latest(self.registry)
 
 
@@ -309,7 +307,7 @@ class GenWork:
     the worker, once its adapter is loaded)."""
 
     kind: str  # "chat" or "text"
-    sampling: Any  # serve_api.Sampling
+    sampling: Any  # protocol.Sampling
     prompt: Any  # the text, or the chat messages
     raw: bool = False  # a completion's prompt sent as it is, not in the adapter's prompt format
     seq: Any = None  # generation.Sequence
@@ -322,8 +320,6 @@ class Generator(Worker):
 
     def __init__(self, named: Any, render: Any, store: AdapterStore, limits: Limits, metrics: Metrics | None = None,
                  start: bool = True):
-        from .generation import StepDecoder
-
         self.render = render  # (GenWork, adapter) -> (Sequence, TextStream), or ApiError
         self.decoder = StepDecoder(named.model, named.tokenizer.pad_token_id, around=named.adapters.per_row)
         super().__init__(store, limits, metrics, start)

@@ -10,7 +10,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-PAGE = Path(__file__).with_name("serve_page.html")
+import yaml
+
+PAGE = Path(__file__).with_name("page.html")
 #: the summary fields the page shows (the rest, such as confusion matrices, stay on disk)
 SUMMARY_KEYS = ("trainable_params", "trainable_percent", "best_step", "train_seconds", "examples_per_s",
                 "validation", "test")
@@ -71,8 +73,6 @@ def _run(folder: Path, path: Path) -> dict[str, Any] | None:
 
 def _config(path: Path) -> dict[str, Any]:
     """The run's config.yaml (empty where it is missing or unreadable)."""
-    import yaml
-
     try:
         cfg = yaml.safe_load((path / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
