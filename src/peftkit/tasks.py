@@ -1,13 +1,15 @@
-"""What the training loop asks of a task: batches, the loss, evaluation, adapter metadata.
+"""What the training loop asks of a task (:class:`Task`): batches, the loss, evaluation, adapter
+metadata.
 
 :class:`ClassificationTask`: a head over labels (encoders, and decoders as classifiers).
 :class:`CausalLMTask`: next-token loss on a decoder (see :mod:`peftkit.causal`).
+A new kind of run (preference pairs, rewards) implements :class:`Task`; the loop needs nothing else.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -15,9 +17,53 @@ from torch import nn
 from .config import RunConfig
 
 
+class Task(Protocol):
+    """A run's task, as :class:`~peftkit.train.Trainer` uses it.
+
+    Attributes:
+        name: written to the adapter's peftkit.json as its task (``classification``...).
+        features: tokenized examples per split (``train``, ``validation``, ``test``), each a dict
+            with at least ``input_ids``; the sampler groups the train split by their lengths.
+        meta: facts the adapter's peftkit.json keeps (prompt format, label columns...).
+    """
+
+    name: ClassVar[str]
+    features: dict[str, list[dict[str, list[int]]]]
+    meta: dict[str, Any]
+
+    def describe(self) -> str:
+        """One line for the log: split sizes and what is predicted."""
+        ...
+
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """The train split's examples ``indices`` as one padded batch of tensors."""
+        ...
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The scalar training loss of ``batch`` (a graph for backward)."""
+        ...
+
+    def best_metric(self, wanted: str) -> str:
+        """The validation metric the best checkpoint follows (``wanted`` where it applies)."""
+        ...
+
+    def evaluate(self, model: nn.Module, split: str, batch_size: int, device: Any, num_processes: int = 1,
+                 process_index: int = 0, final: bool = False) -> dict[str, Any]:
+        """Metrics of ``split`` (every process calls it; each takes its share of the rows)."""
+        ...
+
+    def line(self, metrics: dict[str, Any]) -> str:
+        """``metrics`` as the log shows them."""
+        ...
+
+    def summary(self) -> dict[str, Any]:
+        """What summary.json says of the task."""
+        ...
+
+
 @dataclass
 class ClassificationTask:
-    name = "classification"
+    name: ClassVar[str] = "classification"
     label_names: list[str]
     features: dict[str, list[dict[str, list[int]]]]
     labels: dict[str, list[int]]
@@ -63,7 +109,7 @@ class ClassificationTask:
 class CausalLMTask:
     """Next-token loss; with labelled prompts also label scoring, and exact match at the end."""
 
-    name = "causal_lm"
+    name: ClassVar[str] = "causal_lm"
     encoder: Any  # causal.LMEncoder
     features: dict[str, list[dict[str, list[int]]]]
     encoded: dict[str, Any]  # split -> causal.Encoded (prompts, classes, truncation counts)

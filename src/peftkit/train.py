@@ -27,13 +27,22 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from accelerate import Accelerator
+from torch import nn
 
-from .checkpoint import stop_for_test
+from . import accel
+from .checkpoint import find_resume, load_checkpoint, rng_state, save_checkpoint, set_rng_state, stop_for_test
 from .config import RunConfig, dump_config
 from .errors import Interrupted, PeftkitError
 from .fsio import atomic_write_text, write_json
 from .precision import compute_dtype, resolve_mixed_precision
-from .prepare import check_output_dir, check_resume_config, is_own_unfinished_run, prepare
+from .data import LengthGroupedBatches
+from .methods.base import MethodHooks, count_parameters, injection_of, parameter_report, trainable_state
+from .methods.saving import save_adapter
+from .monitor import Progress, open_reporters, peak_rss_bytes
+from .prepare import (Prepared, build_optimizer, check_output_dir, check_resume_config, clear_run_outputs,
+                      is_own_unfinished_run, prepare)
+from .tasks import Task
 
 
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -164,8 +173,6 @@ class Trainer:
     """
 
     def __init__(self, cfg: RunConfig, echo: Callable[[str], None] | None = None):
-        from .monitor import Progress
-
         self.cfg, self.tc = cfg, cfg.train
         self.out = Path(cfg.output_dir)
         self.state = LoopState()
@@ -174,14 +181,29 @@ class Trainer:
         # bf16 autocast covers the training steps only (``autocast`` below): evaluation runs in
         # float32, so its metrics are the ones ``peftkit eval`` and ``predict`` reproduce. fp16
         # needs a gradient scaler, which accelerate brings along with its own autocast.
-        from accelerate import Accelerator
-
         self.acc = Accelerator(mixed_precision="fp16" if self.precision == "fp16" else "no",
                                cpu=not _has_accelerator())
         self.main = self.acc.is_main_process
         self.progress = Progress(enabled=self.main, echo=echo)
         self.trained = self.seen = 0  # examples trained on (in all), and since the last logged step
         self.eval_seconds = 0.0
+        self.window_start = 0.0  # when the current logging window began (perf_counter)
+        # built by setup(), in this order: what prepare() made, the training components, the outputs
+        self.prep: Prepared | None = None
+        self.model: nn.Module = nn.Module()
+        self.task: Task | None = None
+        self.hooks: MethodHooks | None = None  # the method's own training hooks (AdaLoRA's rank budget)
+        self.counts: tuple[int, int] = (0, 0)  # trainable and total parameters
+        self.best_metric = self.tc.metric_for_best
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.lr_schedule: torch.optim.lr_scheduler.LambdaLR | None = None
+        self.params: list[torch.nn.Parameter] = []
+        self.lrs: list[float] = []  # this run's learning rates per parameter group
+        self.sampler: LengthGroupedBatches | None = None
+        self.steps_per_epoch = self.total_steps = 1
+        self.log: MetricsLog | None = None
+        self.ddp_model: nn.Module | None = None
+        self.speedups: contextlib.AbstractContextManager = contextlib.nullcontext()
 
     def say(self, message: str) -> None:
         self.progress.say(message)
@@ -190,8 +212,6 @@ class Trainer:
     def setup(self) -> None:
         """Check the output folder, load data, model and method, build the optimizer and schedule,
         restore a checkpoint when resuming, then write the config and open the logs."""
-        from .checkpoint import find_resume
-
         cfg, out = self.cfg, self.out
         resume_from = find_resume(out, cfg.resume) if cfg.resume and out.is_dir() else None
         restart = False
@@ -205,20 +225,18 @@ class Trainer:
 
         self.prep = prepare(cfg)
         self.model, self.task = self.prep.model, self.prep.task
-        self.schedule = self.model.peftkit.schedule
+        self.hooks = injection_of(self.model).schedule
         self._report_setup()
-        self._build_schedule()
+        self._build_training()
+        history = ""
         if resume_from is not None:
-            self._restore(resume_from)
+            history = self._restore(resume_from)
         elif restart:
             self.say(f"resume=auto: {out} holds this run's outputs but no complete checkpoint; "
                      "starting from step 0")
-        self._open_outputs(fresh=resume_from is None, clear=cfg.overwrite or restart,
-                           history=self._history if resume_from is not None else "")
+        self._open_outputs(fresh=resume_from is None, clear=cfg.overwrite or restart, history=history)
 
     def _report_setup(self) -> None:
-        from .methods.base import count_parameters, parameter_report
-
         cfg, tc = self.cfg, self.tc
         self.counts = count_parameters(self.model)
         self.say(f"model {cfg.model}: {parameter_report(self.model)}")
@@ -240,9 +258,8 @@ class Trainer:
             self.say(f"train.metric_for_best {tc.metric_for_best} does not apply to this data: the best adapter "
                      f"is chosen by validation {self.best_metric}")
 
-    def _build_schedule(self) -> None:
-        from .data import LengthGroupedBatches
-        from .prepare import build_optimizer
+    def _build_training(self) -> None:
+        """The optimizer, the learning-rate schedule and the batch sampler."""
 
         tc, acc = self.tc, self.acc
         self.optimizer = build_optimizer(self.model, tc)
@@ -254,39 +271,35 @@ class Trainer:
                                             process_index=acc.process_index)
         self.steps_per_epoch = max(1, len(self.sampler) // tc.grad_accum)
         self.total_steps = tc.max_steps or max(1, int(self.steps_per_epoch * tc.epochs))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(tc.scheduler, int(tc.warmup_ratio * self.total_steps), self.total_steps))
         budget = getattr(self.cfg.method, "total_step", None)
-        if self.schedule is not None and budget is not None and budget != self.total_steps:
+        if self.hooks is not None and budget is not None and budget != self.total_steps:
             self.say(f"note: method.total_step is {budget} but this run takes {self.total_steps} optimizer steps; "
                      "the rank budget follows method.total_step")
 
-    def _restore(self, path: Path) -> None:
-        from .checkpoint import load_checkpoint, set_rng_state
-        from .methods.base import trainable_state
-
+    def _restore(self, path: Path) -> str:
+        """Load the checkpoint at ``path`` into the model, optimizer, LR schedule, RNGs, method
+        hooks and loop state; returns the metrics history it holds."""
         ck = load_checkpoint(path)
         with torch.no_grad():
             for k, v in trainable_state(self.model).items():
                 v.copy_(ck["trainable"][k])
         self.best_state = ck["best"]
         self.optimizer.load_state_dict(ck["optimizer"])
-        self.scheduler.load_state_dict(ck["scheduler"])
-        self.scheduler.base_lrs = self.lrs  # a changed lr applies from here on
+        self.lr_schedule.load_state_dict(ck["scheduler"])
+        self.lr_schedule.base_lrs = self.lrs  # a changed lr applies from here on
         set_rng_state(ck["rngs"][self.acc.process_index])
         if ck.get("scaler") is not None and self.acc.scaler is not None:
             self.acc.scaler.load_state_dict(ck["scaler"])
-        if self.schedule is not None:
-            self.schedule.load_state_dict(ck.get("method") or {})
+        if self.hooks is not None:
+            self.hooks.load_state_dict(ck.get("method") or {})
         self.state = LoopState.from_json(ck["loop"])
-        self._history = ck["metrics"]
         self.say(f"resuming from {path} (step {self.state.step})")
+        return ck["metrics"]
 
     def _open_outputs(self, fresh: bool, clear: bool, history: str) -> None:
         """Every input is checked: from here on process 0 writes."""
-        from .monitor import open_reporters
-        from .prepare import clear_run_outputs
-
         cfg, out = self.cfg, self.out
         if self.main:
             if fresh and clear and out.exists():
@@ -301,8 +314,6 @@ class Trainer:
 
     def _speed_layer(self) -> contextlib.AbstractContextManager:
         """The CPU speed layer (:mod:`peftkit.accel`) to enter around each step, or a null context."""
-        from . import accel
-
         if not accel.wanted(self.tc.accel, self.acc.device):
             self.say(f"speed layer: off (train.accel={self.tc.accel} on {self.acc.device.type})")
             return contextlib.nullcontext()
@@ -379,7 +390,7 @@ class Trainer:
             with self.speedups:  # from the forward through the backward, which uses it too
                 with self._autocast():
                     loss = self.task.loss(self.ddp_model, batch)
-                    total = loss if self.schedule is None else loss + self.schedule.penalty()
+                    total = loss if self.hooks is None else loss + self.hooks.penalty()
                 acc.backward(total / self.tc.grad_accum)
         value = loss.detach().float().item()
         if not math.isfinite(value):
@@ -406,10 +417,10 @@ class Trainer:
         if self.tc.max_grad_norm:
             self.acc.clip_grad_norm_(self.params, self.tc.max_grad_norm)
         self.optimizer.step()
-        self.scheduler.step()
+        self.lr_schedule.step()
         self.state.step += 1
-        if self.schedule is not None:  # the method's own step (AdaLoRA's rank allocation) reads the gradients
-            self.schedule.after_step(self.state.step)
+        if self.hooks is not None:  # the method's own step (AdaLoRA's rank allocation) reads the gradients
+            self.hooks.after_step(self.state.step)
         self.optimizer.zero_grad(set_to_none=True)
         self.progress.step()
 
@@ -418,7 +429,7 @@ class Trainer:
         st, acc = self.state, self.acc
         mean = acc.reduce(torch.tensor(st.window_loss / st.window_n, device=acc.device), "mean").item()
         rate = self.seen / max(1e-9, time.perf_counter() - self.window_start)
-        lr = self.scheduler.get_last_lr()[0]
+        lr = self.lr_schedule.get_last_lr()[0]
         epoch = st.step / self.steps_per_epoch
         self.log.write({"type": "train", "step": st.step, "epoch": round(epoch, 4), "loss": mean, "lr": lr,
                         "examples_per_s": rate})
@@ -458,9 +469,6 @@ class Trainer:
 
     def keep_best(self, metrics: dict[str, Any], epoch: float) -> None:
         """Remember the trainable tensors of a new best evaluation and write them as ``adapter/``."""
-        from .methods.base import trainable_state
-        from .methods.saving import save_adapter
-
         self.state.best = {**metrics, "step": self.state.step, "epoch": round(epoch, 4)}
         self.best_state = {k: v.detach().clone() for k, v in trainable_state(self.model).items()}
         if self.main:
@@ -486,25 +494,19 @@ class Trainer:
     def save_checkpoint(self, epoch: int, next_batch: int) -> None:
         from accelerate.utils import gather_object
 
-        from .checkpoint import rng_state, save_checkpoint
-        from .methods.base import trainable_state
-
         acc, st = self.acc, self.state
         rngs = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
         st.epoch, st.next_batch = epoch, next_batch
         if self.main:
             save_checkpoint(self.out, st.step, trainable=trainable_state(self.model), best=self.best_state,
-                            optimizer=self.optimizer, scheduler=self.scheduler, scaler=acc.scaler, rngs=rngs,
-                            method=self.schedule.state_dict() if self.schedule is not None else None,
+                            optimizer=self.optimizer, scheduler=self.lr_schedule, scaler=acc.scaler, rngs=rngs,
+                            method=self.hooks.state_dict() if self.hooks is not None else None,
                             loop=dataclasses.asdict(st), metrics=self.log.text, config=dump_config(self.cfg),
                             keep=self.tc.save_total_limit, best_step=st.best and st.best["step"])
         acc.wait_for_everyone()
 
     def finish(self, train_seconds: float) -> dict[str, Any]:
         """Test the best adapter (what ``adapter/`` holds) and write ``summary.json`` and the curves."""
-        from .methods.base import trainable_state
-        from .monitor import peak_rss_bytes
-
         st = self.state
         self.speedups = None  # its prepared weights are not needed any more
         with torch.no_grad():
@@ -519,7 +521,7 @@ class Trainer:
                             **{k: v for k, v in summary["test"].items() if k != "confusion_matrix"}})
         self.log.close()
         if self.main:
-            from .plot import plot_runs
+            from .plot import plot_runs  # matplotlib loads only when a run draws its curves
 
             write_json(self.out / "summary.json", summary)
             plot_runs([self.out], self.out / "curves.png")
