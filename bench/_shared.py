@@ -19,16 +19,27 @@ def machine() -> str:
     cpu = ""
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                    if line.startswith("model name")), "")
-    return (f"{platform.machine()} {cpu}".rstrip() + f", {len(os.sched_getaffinity(0))} CPU cores; "
-            f"python {platform.python_version()}")
+        cpu = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in cpuinfo.read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            "",
+        )
+    return (
+        f"{platform.machine()} {cpu}".rstrip() + f", {len(os.sched_getaffinity(0))} CPU cores; "
+        f"python {platform.python_version()}"
+    )
 
 
 def header(script: str) -> list[str]:
     """The report's command, machine and date lines."""
-    return [f"- command: `{command(script)}`", f"- machine: {machine()}",
-            f"- date: {datetime.date.today().isoformat()}"]
+    return [
+        f"- command: `{command(script)}`",
+        f"- machine: {machine()}",
+        f"- date: {datetime.date.today().isoformat()}",
+    ]
 
 
 def write_report(path: Path | str, lines: list[str]) -> str:

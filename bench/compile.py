@@ -32,10 +32,21 @@ def child(args: argparse.Namespace) -> dict:
     from peftkit.data import LengthGroupedBatches
     from peftkit.prepare import prepare
 
-    cfg = load_recipe(RECIPE, [f"dataset={args.data}", f"data.text_column={args.text_column}", "data.test_split=null",
-                               f"data.max_length={args.max_length}", f"data.max_train_samples={args.samples}",
-                               "data.max_eval_samples=8", "method.r=8", "method.alpha=16", "method.dropout=0.0",
-                               "method.target_modules=[query,value]"])
+    cfg = load_recipe(
+        RECIPE,
+        [
+            f"dataset={args.data}",
+            f"data.text_column={args.text_column}",
+            "data.test_split=null",
+            f"data.max_length={args.max_length}",
+            f"data.max_train_samples={args.samples}",
+            "data.max_eval_samples=8",
+            "method.r=8",
+            "method.alpha=16",
+            "method.dropout=0.0",
+            "method.target_modules=[query,value]",
+        ],
+    )
     prep = prepare(cfg)
     model, task = prep.model, prep.task
     compiled = torch.compile(model, dynamic=True)
@@ -61,14 +72,20 @@ def child(args: argparse.Namespace) -> dict:
     first = args.first_steps
     compile_seconds = run(compiled, batches[:first])
     eager_first = run(model, batches[:first])
-    timed = batches[first:first + args.steps]
+    timed = batches[first : first + args.steps]
     totals = {"eager": 0.0, "compiled": 0.0}
     for n, start in enumerate(range(0, len(timed), 5)):
-        chunk = timed[start:start + 5]
-        for name in (("eager", "compiled") if n % 2 == 0 else ("compiled", "eager")):
+        chunk = timed[start : start + 5]
+        for name in ("eager", "compiled") if n % 2 == 0 else ("compiled", "eager"):
             totals[name] += run(model if name == "eager" else compiled, chunk)
-    return {"precision": args.precision, "first_compiled": compile_seconds, "first_eager": eager_first,
-            "first_steps": first, "steps": len(timed), **totals}
+    return {
+        "precision": args.precision,
+        "first_compiled": compile_seconds,
+        "first_eager": eager_first,
+        "first_steps": first,
+        "steps": len(timed),
+        **totals,
+    }
 
 
 def main() -> int:
@@ -93,21 +110,44 @@ def main() -> int:
 
     rows = []
     for precision in ["fp32"] + (["bf16"] if native_bf16() else []):
-        cmd = [sys.executable, __file__, "--precision", precision, "--data", args.data, "--text-column",
-               args.text_column, "--samples", str(args.samples), "--max-length", str(args.max_length),
-               "--steps", str(args.steps), "--first-steps", str(args.first_steps)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--precision",
+            precision,
+            "--data",
+            args.data,
+            "--text-column",
+            args.text_column,
+            "--samples",
+            str(args.samples),
+            "--max-length",
+            str(args.max_length),
+            "--steps",
+            str(args.steps),
+            "--first-steps",
+            str(args.first_steps),
+        ]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
-    lines = ["# torch.compile against eager LoRA training steps", "", *header("compile.py"),
+    lines = [
+        "# torch.compile against eager LoRA training steps",
+        "",
+        *header("compile.py"),
         f"- job: MiniLM, LoRA r=8 on query/value, batch 32, max length {args.max_length}, length-grouped SST-2 "
-        f"batches ({args.samples} training examples); `torch.compile(model, dynamic=True)`", "",
+        f"batches ({args.samples} training examples); `torch.compile(model, dynamic=True)`",
+        "",
         "| precision | first steps, compiled (s) | the same steps eager (s) | steady steps | eager (s/step) "
-        "| compiled (s/step) | compiled / eager |", "|---|---|---|---|---|---|---|"]
+        "| compiled (s/step) | compiled / eager |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         e, c = r["eager"] / r["steps"], r["compiled"] / r["steps"]
-        lines.append(f"| {r['precision']} | {r['first_compiled']:.1f} ({r['first_steps']} steps) | {r['first_eager']:.2f} "
-                     f"| {r['steps']} | {e:.3f} | {c:.3f} | {c / e:.3f} |")
+        lines.append(
+            f"| {r['precision']} | {r['first_compiled']:.1f} ({r['first_steps']} steps) | {r['first_eager']:.2f} "
+            f"| {r['steps']} | {e:.3f} | {c:.3f} | {c / e:.3f} |"
+        )
     write_report(args.out, lines)
     return 0
 

@@ -18,7 +18,6 @@ Two measurements, each in one process with the variants in turn so that drift fa
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 from functools import partial
@@ -63,14 +62,18 @@ def products(dtype, rows_list: list[int]) -> list[str]:
         for rows in rows_list:
             x, g = torch.randn(rows, in_f, dtype=dtype), torch.randn(rows, out_f, dtype=dtype)
             calls = max(5, 20_000_000 // (rows * in_f * out_f))
-            t = {"own": best_of(partial(own_forward, layer, x, autocast), calls),
-                 "plain": best_of(partial(plain.forward, x), calls),
-                 "packed": best_of(partial(packed.forward, x), calls),
-                 "grad": best_of(partial(plain.input_grad, g), calls),
-                 "grad_packed": best_of(partial(packed.input_grad, g), calls)}
-            lines.append(f"| {name} | {in_f} → {out_f} | {rows} | {t['own']:.1f} | {t['plain']:.1f} | "
-                         f"{t['packed']:.1f} | {t['packed'] / t['own']:.3f} | {t['grad']:.1f} | "
-                         f"{t['grad_packed']:.1f} | {t['grad_packed'] / t['grad']:.3f} |")
+            t = {
+                "own": best_of(partial(own_forward, layer, x, autocast), calls),
+                "plain": best_of(partial(plain.forward, x), calls),
+                "packed": best_of(partial(packed.forward, x), calls),
+                "grad": best_of(partial(plain.input_grad, g), calls),
+                "grad_packed": best_of(partial(packed.input_grad, g), calls),
+            }
+            lines.append(
+                f"| {name} | {in_f} → {out_f} | {rows} | {t['own']:.1f} | {t['plain']:.1f} | "
+                f"{t['packed']:.1f} | {t['packed'] / t['own']:.3f} | {t['grad']:.1f} | "
+                f"{t['grad_packed']:.1f} | {t['grad_packed'] / t['grad']:.3f} |"
+            )
     return lines
 
 
@@ -80,7 +83,7 @@ def steps(args: argparse.Namespace, bf16: bool) -> dict:
     from peftkit.accel import StepSpeedups
 
     model, task, params, optimizer, lengths, batches = lora_job(args)
-    batches = batches[:args.batches]
+    batches = batches[: args.batches]
     dtype = torch.bfloat16 if bf16 else torch.float32
     frozen = StepSpeedups(model, dtype)
     blocks = {"own": StepSpeedups(model, dtype, products=False), "prepared": frozen}
@@ -90,13 +93,17 @@ def steps(args: argparse.Namespace, bf16: bool) -> dict:
             train_step(model, task, params, optimizer, b, block, bf16)
     seconds = dict.fromkeys(blocks, 0.0)
     for n, start in enumerate(range(0, len(batches), 5)):
-        for name in (list(blocks) if n % 2 == 0 else list(blocks)[::-1]):
+        for name in list(blocks) if n % 2 == 0 else list(blocks)[::-1]:
             began = time.perf_counter()
-            for b in batches[start:start + 5]:
+            for b in batches[start : start + 5]:
                 train_step(model, task, params, optimizer, b, blocks[name], bf16)
             seconds[name] += time.perf_counter() - began
-    return {"seconds": seconds, "steps": len(batches), "describe": frozen.describe(),
-            "rows": sorted({len(b) * max(lengths[i] for i in b) for b in batches})}
+    return {
+        "seconds": seconds,
+        "steps": len(batches),
+        "describe": frozen.describe(),
+        "rows": sorted({len(b) * max(lengths[i] for i in b) for b in batches}),
+    }
 
 
 def main() -> int:
@@ -120,24 +127,36 @@ def main() -> int:
     results = {bf16: steps(args, bf16) for bf16 in precisions}
     rows = results[False]["rows"]
     rows_list = [rows[0], rows[len(rows) // 2], rows[-1]]
-    lines = ["# The frozen layers' prepared products against the layers' own forward", "", *header("frozen.py"),
-             f"- products: microseconds per call, the best of 5 runs; rows {', '.join(map(str, rows_list))} are the "
-             "padded tokens of the shortest, the median and the longest batch of the steps below",
-             "- own: `nn.Linear` in the step's precision (bf16: under autocast, casting the float32 weight at every "
-             "call); plain: the product on a weight already in the compute dtype; packed: oneDNN's prepacked weight",
-             "", "| dtype | layer | rows | own (µs) | plain (µs) | packed (µs) | packed / own | input gradient (µs) "
-             "| packed (µs) | packed / tensor |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# The frozen layers' prepared products against the layers' own forward",
+        "",
+        *header("frozen.py"),
+        f"- products: microseconds per call, the best of 5 runs; rows {', '.join(map(str, rows_list))} are the "
+        "padded tokens of the shortest, the median and the longest batch of the steps below",
+        "- own: `nn.Linear` in the step's precision (bf16: under autocast, casting the float32 weight at every "
+        "call); plain: the product on a weight already in the compute dtype; packed: oneDNN's prepacked weight",
+        "",
+        "| dtype | layer | rows | own (µs) | plain (µs) | packed (µs) | packed / own | input gradient (µs) "
+        "| packed (µs) | packed / tensor |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for bf16 in precisions:
         lines += products(torch.bfloat16 if bf16 else torch.float32, rows_list)
     first = results[False]
-    lines += ["", f"- steps: {first['steps']} length-grouped MiniLM LoRA steps (r=8 on query/value, batch "
-              f"{args.batch_size}, max length {args.max_length}) per variant, alternating every 5 batches",
-              "", "| precision | layers' own forward (s) | prepared products (s) | prepared / own | the products |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"- steps: {first['steps']} length-grouped MiniLM LoRA steps (r=8 on query/value, batch "
+        f"{args.batch_size}, max length {args.max_length}) per variant, alternating every 5 batches",
+        "",
+        "| precision | layers' own forward (s) | prepared products (s) | prepared / own | the products |",
+        "|---|---|---|---|---|",
+    ]
     for bf16, res in results.items():
         sec = res["seconds"]
-        lines.append(f"| {'bf16 autocast' if bf16 else 'float32'} | {sec['own']:.4g} | {sec['prepared']:.4g} | "
-                     f"{sec['prepared'] / sec['own']:.3f} | {res['describe']} |")
+        lines.append(
+            f"| {'bf16 autocast' if bf16 else 'float32'} | {sec['own']:.4g} | {sec['prepared']:.4g} | "
+            f"{sec['prepared'] / sec['own']:.3f} | {res['describe']} |"
+        )
     write_report(args.out, lines)
     return 0
 

@@ -46,20 +46,31 @@ def run_tests(device: str, out: Path, timeout: int) -> dict:
     """tests/test_device.py with PEFTKIT_TEST_DEVICE=device; the log goes to OUT/tests.log."""
     if importlib.util.find_spec("pytest") is None:
         return {"status": "skipped: pytest is not installed"}
-    env = {**os.environ, "PEFTKIT_TEST_DEVICE": device,
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PEFTKIT_TEST_DEVICE": device,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
     began = time.perf_counter()
     try:
-        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
-                               "tests/test_device.py"], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=timeout)
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "tests/test_device.py"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         log, code = done.stdout + done.stderr, done.returncode
     except subprocess.TimeoutExpired as exc:
         log, code = f"{exc.stdout or ''}{exc.stderr or ''}\ntimed out after {timeout} s", -1
     (out / "tests.log").write_text(log if isinstance(log, str) else log.decode())
     lines = [line for line in str(log).splitlines() if line.strip()]
-    return {"status": "passed" if code == 0 else f"failed (exit {code})", "summary": lines[-1] if lines else "",
-            "seconds": round(time.perf_counter() - began, 1)}
+    return {
+        "status": "passed" if code == 0 else f"failed (exit {code})",
+        "summary": lines[-1] if lines else "",
+        "seconds": round(time.perf_counter() - began, 1),
+    }
 
 
 def job_model(quick: bool, nf4: bool, device: str):
@@ -69,16 +80,20 @@ def job_model(quick: bool, nf4: bool, device: str):
 
     from peftkit.methods import LoraConfig, apply_method
 
-    shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64) if quick else \
-        dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+    shape = (
+        dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+        if quick
+        else dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+    )
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(vocab_size=30522, num_labels=2, **shape))
     if nf4:
         from peftkit.config import QuantizationConfig
         from peftkit.quantize import quantize_model
 
-        quantize_model(model, QuantizationConfig(bits=4, quant_type="nf4", compute_dtype="bfloat16"),
-                       skip=["classifier"])
+        quantize_model(
+            model, QuantizationConfig(bits=4, quant_type="nf4", compute_dtype="bfloat16"), skip=["classifier"]
+        )
     apply_method(model, LoraConfig(r=8, alpha=16, target_modules=["query", "value"]))
     return model.to(device).train()
 
@@ -123,10 +138,15 @@ def bench_one(precision: str, nf4: bool, device: str, quick: bool, steps: int) -
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - began
-    return {"setting": f"{precision}{' + NF4 base' if nf4 else ''}", "steps": steps, "seconds": round(seconds, 3),
-            "steps_per_s": round(steps / seconds, 2), "examples_per_s": round(steps * batch / seconds, 1),
-            "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
-            "finite": all(map(lambda v: v == v and abs(v) != float("inf"), losses))}
+    return {
+        "setting": f"{precision}{' + NF4 base' if nf4 else ''}",
+        "steps": steps,
+        "seconds": round(seconds, 3),
+        "steps_per_s": round(steps / seconds, 2),
+        "examples_per_s": round(steps * batch / seconds, 1),
+        "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
+        "finite": all(map(lambda v: v == v and abs(v) != float("inf"), losses)),
+    }
 
 
 def benchmark(device: str, quick: bool) -> list[dict]:
@@ -139,29 +159,42 @@ def benchmark(device: str, quick: bool) -> list[dict]:
         try:
             rows.append(bench_one(precision, nf4, device, quick, steps))
         except Exception as exc:  # a report of what failed beats no report
-            rows.append({"setting": f"{precision}{' + NF4 base' if nf4 else ''}",
-                         "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"})
+            rows.append(
+                {
+                    "setting": f"{precision}{' + NF4 base' if nf4 else ''}",
+                    "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
+                }
+            )
     return rows
 
 
 def report(out: Path, info: dict) -> str:
-    lines = ["# GPU readiness: device tests and a short LoRA training benchmark", "",
-             f"- command: `python3 bench/gpu_check.py OUT_DIR{' --quick' if info['quick'] else ''}`"
-             f" (device {info['device']}: {info['device_name']})",
-             f"- date: {info['date']}; python {info['python']}",
-             "- versions: " + ", ".join(f"{k} {v or 'absent'}" for k, v in info["versions"].items()), "",
-             "## Device tests (tests/test_device.py)", "",
-             f"- {info['tests']['status']}: {info['tests'].get('summary', '')} "
-             f"({info['tests'].get('seconds', '-')} s; full log in tests.log)", "",
-             "## LoRA training steps (MiniLM-shaped BERT from its config, r=8 on query/value, batch 32 x 128)", "",
-             "| setting | steps | seconds | steps/s | examples/s | peak GPU memory (MiB) | finite loss |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# GPU readiness: device tests and a short LoRA training benchmark",
+        "",
+        f"- command: `python3 bench/gpu_check.py OUT_DIR{' --quick' if info['quick'] else ''}`"
+        f" (device {info['device']}: {info['device_name']})",
+        f"- date: {info['date']}; python {info['python']}",
+        "- versions: " + ", ".join(f"{k} {v or 'absent'}" for k, v in info["versions"].items()),
+        "",
+        "## Device tests (tests/test_device.py)",
+        "",
+        f"- {info['tests']['status']}: {info['tests'].get('summary', '')} "
+        f"({info['tests'].get('seconds', '-')} s; full log in tests.log)",
+        "",
+        "## LoRA training steps (MiniLM-shaped BERT from its config, r=8 on query/value, batch 32 x 128)",
+        "",
+        "| setting | steps | seconds | steps/s | examples/s | peak GPU memory (MiB) | finite loss |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in info["benchmark"]:
         if "steps" not in r:
             lines.append(f"| {r['setting']} | {r.get('skipped') or r.get('error')} | | | | | |")
             continue
-        lines.append(f"| {r['setting']} | {r['steps']} | {r['seconds']} | {r['steps_per_s']} | {r['examples_per_s']} "
-                     f"| {r['peak_gpu_mib'] if r['peak_gpu_mib'] is not None else '-'} | {r['finite']} |")
+        lines.append(
+            f"| {r['setting']} | {r['steps']} | {r['seconds']} | {r['steps_per_s']} | {r['examples_per_s']} "
+            f"| {r['peak_gpu_mib'] if r['peak_gpu_mib'] is not None else '-'} | {r['finite']} |"
+        )
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     (out / "report.json").write_text(json.dumps(info, indent=1) + "\n")
@@ -187,9 +220,14 @@ def main() -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    info = {"device": device, "quick": args.quick, "python": platform.python_version(),
-            "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor(),
-            "date": datetime.date.today().isoformat(), "versions": versions()}
+    info = {
+        "device": device,
+        "quick": args.quick,
+        "python": platform.python_version(),
+        "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor(),
+        "date": datetime.date.today().isoformat(),
+        "versions": versions(),
+    }
     info["tests"] = run_tests(device, out, args.test_timeout)
     info["benchmark"] = benchmark(device, args.quick)
     print(report(out, info), end="")

@@ -111,8 +111,12 @@ def run(k: int, rank: int, base, batches, rounds: int, work: Path) -> dict:
     def bare(b):
         return base(**b).logits
 
-    variants = {"peftkit mixed": mixed, "one pass per adapter": per_adapter, "peft adapter_names": peft_mixed,
-                "bare base": bare}
+    variants = {
+        "peftkit mixed": mixed,
+        "one pass per adapter": per_adapter,
+        "peft adapter_names": peft_mixed,
+        "bare base": bare,
+    }
     with torch.inference_mode():
         worst = max(float((mixed(b).softmax(-1) - peft_mixed(b).softmax(-1)).abs().max()) for b in batches)
         for fn in variants.values():  # warm-up
@@ -123,8 +127,13 @@ def run(k: int, rank: int, base, batches, rounds: int, work: Path) -> dict:
                 seconds[v].append(timed(fn, batches))
     n = sum(b["input_ids"].shape[0] for b in batches)
     speed = {v: n / statistics.median(s) for v, s in seconds.items()}
-    return {"k": k, "rank": rank, "speed": speed, "max_prob_diff": worst,
-            "bytes": statistics.mean(adapter_bytes(named, x) for x in names)}
+    return {
+        "k": k,
+        "rank": rank,
+        "speed": speed,
+        "max_prob_diff": worst,
+        "bytes": statistics.mean(adapter_bytes(named, x) for x in names),
+    }
 
 
 def main() -> int:
@@ -146,8 +155,10 @@ def main() -> int:
     path = resolve_model("minilm")
     tok = AutoTokenizer.from_pretrained(path)
     corpus = sorted(texts(args.batches * args.batch_size), key=len)
-    batches = [dict(tok(corpus[i:i + args.batch_size], truncation=True, max_length=128, padding=True,
-                        return_tensors="pt")) for i in range(0, len(corpus), args.batch_size)]
+    batches = [
+        dict(tok(corpus[i : i + args.batch_size], truncation=True, max_length=128, padding=True, return_tensors="pt"))
+        for i in range(0, len(corpus), args.batch_size)
+    ]
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).eval()
     base_bytes = sum(t.numel() * t.element_size() for t in base.state_dict().values())
@@ -160,23 +171,29 @@ def main() -> int:
 
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     padded = sum(b["input_ids"].numel() for b in batches)
-    lines = ["# Mixed-adapter inference: K LoRA adapters with their own heads on MiniLM", "", *header("multi_adapter.py"),
-             f"- job: {len(batches)} batches of {args.batch_size} Rotten Tomatoes test snippets (sorted by length; "
-             f"{tokens:,} real tokens in {padded:,} padded positions), row i uses adapter i mod K; LoRA on "
-             f"{', '.join(TARGETS)} (alpha 2r) and a 2-label head per adapter; float32, inference mode, "
-             f"{torch.get_num_threads()} threads; median of {args.rounds} interleaved rounds",
-             f"- memory: the base's tensors take {base_bytes / 2**20:.1f} MiB; an added adapter takes its LoRA "
-             "factors and its head copy (nothing of the base is copied)",
-             "",
-             "| K | r | peftkit mixed (ex/s) | one pass per adapter | peft adapter_names | bare base | "
-             "mixed / base | mixed / peft | MiB per adapter | max prob diff vs peft |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Mixed-adapter inference: K LoRA adapters with their own heads on MiniLM",
+        "",
+        *header("multi_adapter.py"),
+        f"- job: {len(batches)} batches of {args.batch_size} Rotten Tomatoes test snippets (sorted by length; "
+        f"{tokens:,} real tokens in {padded:,} padded positions), row i uses adapter i mod K; LoRA on "
+        f"{', '.join(TARGETS)} (alpha 2r) and a 2-label head per adapter; float32, inference mode, "
+        f"{torch.get_num_threads()} threads; median of {args.rounds} interleaved rounds",
+        f"- memory: the base's tensors take {base_bytes / 2**20:.1f} MiB; an added adapter takes its LoRA "
+        "factors and its head copy (nothing of the base is copied)",
+        "",
+        "| K | r | peftkit mixed (ex/s) | one pass per adapter | peft adapter_names | bare base | "
+        "mixed / base | mixed / peft | MiB per adapter | max prob diff vs peft |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         s = r["speed"]
-        lines.append(f"| {r['k']} | {r['rank']} | {s['peftkit mixed']:.0f} | {s['one pass per adapter']:.0f} | "
-                     f"{s['peft adapter_names']:.0f} | {s['bare base']:.0f} | "
-                     f"{s['peftkit mixed'] / s['bare base']:.2f} | {s['peftkit mixed'] / s['peft adapter_names']:.2f} | "
-                     f"{r['bytes'] / 2**20:.3f} | {r['max_prob_diff']:.1e} |")
+        lines.append(
+            f"| {r['k']} | {r['rank']} | {s['peftkit mixed']:.0f} | {s['one pass per adapter']:.0f} | "
+            f"{s['peft adapter_names']:.0f} | {s['bare base']:.0f} | "
+            f"{s['peftkit mixed'] / s['bare base']:.2f} | {s['peftkit mixed'] / s['peft adapter_names']:.2f} | "
+            f"{r['bytes'] / 2**20:.3f} | {r['max_prob_diff']:.1e} |"
+        )
     at16 = [r for r in results if r["k"] == 16]
     if at16:
         lines += ["", "Targets at K = 16: mixed >= 0.8x the bare base and >= 1.5x peft's mixed batch."]
@@ -184,9 +201,11 @@ def main() -> int:
             s = r["speed"]
             base_ok = s["peftkit mixed"] / s["bare base"] >= 0.8
             peft_ok = s["peftkit mixed"] / s["peft adapter_names"] >= 1.5
-            lines.append(f"- r {r['rank']}: {s['peftkit mixed'] / s['bare base']:.2f}x base "
-                         f"({'met' if base_ok else 'missed'}), {s['peftkit mixed'] / s['peft adapter_names']:.2f}x "
-                         f"peft ({'met' if peft_ok else 'missed'})")
+            lines.append(
+                f"- r {r['rank']}: {s['peftkit mixed'] / s['bare base']:.2f}x base "
+                f"({'met' if base_ok else 'missed'}), {s['peftkit mixed'] / s['peft adapter_names']:.2f}x "
+                f"peft ({'met' if peft_ok else 'missed'})"
+            )
     write_report(args.output, lines)
     return 0
 

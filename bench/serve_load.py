@@ -74,8 +74,11 @@ class Server:
 
     def batch_rows(self) -> tuple[float, float]:
         """(forward passes, rows) so far, from /metrics."""
-        values = {line.split()[0]: float(line.split()[-1]) for line in httpx.get(self.url + "/metrics").text.splitlines()
-                  if line and not line.startswith("#")}
+        values = {
+            line.split()[0]: float(line.split()[-1])
+            for line in httpx.get(self.url + "/metrics").text.splitlines()
+            if line and not line.startswith("#")
+        }
         return values.get("peftkit_batch_rows_count", 0.0), values.get("peftkit_batch_rows_sum", 0.0)
 
     def stop(self) -> None:
@@ -116,8 +119,14 @@ def load(server: Server, clients: int, seconds: float, request) -> dict[str, flo
     def pct(q: float) -> float:
         return 1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else float("nan")
 
-    return {"requests": len(latencies), "failures": failures[0], "rps": len(latencies) / elapsed, "p50": pct(0.5),
-            "p99": pct(0.99), "rows_per_pass": (rows - rows0) / max(1.0, passes - passes0)}
+    return {
+        "requests": len(latencies),
+        "failures": failures[0],
+        "rps": len(latencies) / elapsed,
+        "p50": pct(0.5),
+        "p99": pct(0.99),
+        "rows_per_pass": (rows - rows0) / max(1.0, passes - passes0),
+    }
 
 
 class Client:
@@ -148,14 +157,20 @@ def classify_request(texts: list[str], names: list[str]):
     def request(http: Client, k: int, i: int) -> bool:
         rng = random.Random(k * 100003 + i)
         return http.post("/v1/classify", {"adapter": names[(k + i) % len(names)], "texts": [rng.choice(texts)]}) == 200
+
     return request
 
 
 def chat_request(prompts: list[str], names: list[str], max_tokens: int):
     def request(http: Client, k: int, i: int) -> bool:
-        body = {"model": names[(k + i) % len(names)], "max_tokens": max_tokens, "temperature": 0,
-                "messages": [{"role": "user", "content": prompts[(k * 7 + i) % len(prompts)]}]}
+        body = {
+            "model": names[(k + i) % len(names)],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": prompts[(k * 7 + i) % len(prompts)]}],
+        }
         return http.post("/v1/chat/completions", body) == 200
+
     return request
 
 
@@ -177,8 +192,16 @@ def ceiling(adapters: dict[str, Path], texts: list[str], batch: int, seconds: fl
 
 def trained(recipe: str, out: Path, *overrides: str) -> Path:
     """A short training run of a shipped recipe; its adapter folder."""
-    args = [PY, "-m", "peftkit", "train", str(ROOT / "recipes" / recipe), f"output_dir={out}", "overwrite=true",
-            *overrides]
+    args = [
+        PY,
+        "-m",
+        "peftkit",
+        "train",
+        str(ROOT / "recipes" / recipe),
+        f"output_dir={out}",
+        "overwrite=true",
+        *overrides,
+    ]
     subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
     return out / "adapter"
 
@@ -188,12 +211,22 @@ def specs(values: list[str]) -> dict[str, Path]:
 
 
 def row(name: str, r: dict[str, float]) -> str:
-    return (f"| {name} | {r['requests']} | {r['failures']} | {r['rps']:.1f} | {r['p50']:.0f} | {r['p99']:.0f} | "
-            f"{r['rows_per_pass']:.2f} |")
+    return (
+        f"| {name} | {r['requests']} | {r['failures']} | {r['rps']:.1f} | {r['p50']:.0f} | {r['p99']:.0f} | "
+        f"{r['rows_per_pass']:.2f} |"
+    )
 
 
-def phases(adapters: dict[str, Path], modes: tuple, clients: int, seconds: float, request, lines: list[str],
-           results: dict, *args: str) -> None:
+def phases(
+    adapters: dict[str, Path],
+    modes: tuple,
+    clients: int,
+    seconds: float,
+    request,
+    lines: list[str],
+    results: dict,
+    *args: str,
+) -> None:
     """One server per (label, extra flags) mode: a short warm-up, then ``clients`` for ``seconds``."""
     for label, extra in modes:
         server = Server(adapters, *args, *extra)
@@ -212,8 +245,15 @@ def lm_adapters(given: list[str], work: Path, lines: list[str]) -> dict[str, Pat
         from peftkit.assets import resolve_model
 
         resolve_model("smollm2-135m")
-        return {"sent": trained("smollm2-sentiment-lora.yaml", work / "sent", "data.max_train_samples=64",
-                                "data.max_eval_samples=16", "train.eval_steps=8")}
+        return {
+            "sent": trained(
+                "smollm2-sentiment-lora.yaml",
+                work / "sent",
+                "data.max_train_samples=64",
+                "data.max_eval_samples=16",
+                "train.eval_steps=8",
+            )
+        }
     except Exception as exc:  # no make llm: the generation phase is left out, and said so
         lines.append(f"| generation | not run: {str(exc)[:120]} | | | | | |")
         return {}
@@ -239,16 +279,29 @@ def main() -> None:
     few = ("data.max_train_samples=256", "data.max_eval_samples=64", "train.epochs=1")
     classifiers = specs(args.classify_adapter) or {
         "lora": trained("sentiment-minilm-lora.yaml", work / "lora", *few),
-        "ia3": trained("sentiment-minilm-lora.yaml", work / "ia3", *few, "method={name: ia3}", "train.lr=1.0e-2")}
-    lines = ["# peftkit serve under load (bench/serve_load.py)", "", *header("serve_load.py"),
-             f"- classification adapters: {', '.join(f'{n} ({p})' for n, p in classifiers.items())}; one review "
-             f"per request, from the Rotten Tomatoes test split; {args.clients} clients", "",
-             "| phase | requests | failed | requests/s | p50 (ms) | p99 (ms) | rows per forward pass |",
-             "|---|---|---|---|---|---|---|"]
+        "ia3": trained("sentiment-minilm-lora.yaml", work / "ia3", *few, "method={name: ia3}", "train.lr=1.0e-2"),
+    }
+    lines = [
+        "# peftkit serve under load (bench/serve_load.py)",
+        "",
+        *header("serve_load.py"),
+        f"- classification adapters: {', '.join(f'{n} ({p})' for n, p in classifiers.items())}; one review "
+        f"per request, from the Rotten Tomatoes test split; {args.clients} clients",
+        "",
+        "| phase | requests | failed | requests/s | p50 (ms) | p99 (ms) | rows per forward pass |",
+        "|---|---|---|---|---|---|---|",
+    ]
     results: dict[str, dict[str, float]] = {}
     ask = classify_request(reviews, list(classifiers))
-    phases(classifiers, (("classify, batching on", ()), ("classify, batching off", ("--max-batch", "1",
-           "--batch-wait-ms", "0"))), args.clients, args.seconds, lambda server: ask, lines, results)
+    phases(
+        classifiers,
+        (("classify, batching on", ()), ("classify, batching off", ("--max-batch", "1", "--batch-wait-ms", "0"))),
+        args.clients,
+        args.seconds,
+        lambda server: ask,
+        lines,
+        results,
+    )
     ratio = results["classify, batching on"]["rps"] / results["classify, batching off"]["rps"]
     alone, batched = (ceiling(classifiers, reviews, n, min(20.0, args.seconds)) for n in (1, args.clients))
 
@@ -260,8 +313,17 @@ def main() -> None:
             base = httpx.get(server.url + "/v1/models").json()["data"][-1]["id"]
             return chat_request(prompts, [*lms, base], args.max_tokens)
 
-        phases(lms, (("chat, batching on", ()), ("chat, batching off", ("--max-batch", "1"))), args.gen_clients,
-               args.gen_seconds, chat, lines, results, "--max-tokens", str(args.max_tokens))
+        phases(
+            lms,
+            (("chat, batching on", ()), ("chat, batching off", ("--max-batch", "1"))),
+            args.gen_clients,
+            args.gen_seconds,
+            chat,
+            lines,
+            results,
+            "--max-tokens",
+            str(args.max_tokens),
+        )
 
     server = Server(classifiers)
     load(server, args.clients, 3, ask)
@@ -271,19 +333,26 @@ def main() -> None:
     server.stop()
     lines.append(row(f"soak, {args.soak:.0f} s", soak))
     growth = 100 * (end_mb - start_mb) / start_mb
-    lines += ["", f"- classification with batching on / off: **{ratio:.1f}x** requests/s (target >= 5x)",
-              f"- the model itself, in process without HTTP: {alone:.1f} texts/s one at a time, {batched:.1f} texts/s "
-              f"in batches of {args.clients} ({batched / alone:.1f}x: the most batching can give on this machine); "
-              f"the server with batching on reaches {100 * results['classify, batching on']['rps'] / batched:.0f}% "
-              "of the batched figure",
-              f"- soak: server memory {start_mb:.0f} MB at its start, {end_mb:.0f} MB at its end: "
-              f"**{growth:+.1f}%** (target < 5%) over {soak['requests']} requests"]
+    lines += [
+        "",
+        f"- classification with batching on / off: **{ratio:.1f}x** requests/s (target >= 5x)",
+        f"- the model itself, in process without HTTP: {alone:.1f} texts/s one at a time, {batched:.1f} texts/s "
+        f"in batches of {args.clients} ({batched / alone:.1f}x: the most batching can give on this machine); "
+        f"the server with batching on reaches {100 * results['classify, batching on']['rps'] / batched:.0f}% "
+        "of the batched figure",
+        f"- soak: server memory {start_mb:.0f} MB at its start, {end_mb:.0f} MB at its end: "
+        f"**{growth:+.1f}%** (target < 5%) over {soak['requests']} requests",
+    ]
     if "chat, batching off" in results:
         gen = results["chat, batching on"]["rps"] / results["chat, batching off"]["rps"]
-        lines.append(f"- chat with continuous batching on / off: **{gen:.1f}x** requests/s, {args.gen_clients} "
-                     f"clients, {args.max_tokens} tokens per answer at most (adapters {', '.join(lms)} and the base)")
-    lines.append("- clients and server share the machine's cores; `rows per forward pass` is texts per "
-                 "classification pass, or sequences per decoding step")
+        lines.append(
+            f"- chat with continuous batching on / off: **{gen:.1f}x** requests/s, {args.gen_clients} "
+            f"clients, {args.max_tokens} tokens per answer at most (adapters {', '.join(lms)} and the base)"
+        )
+    lines.append(
+        "- clients and server share the machine's cores; `rows per forward pass` is texts per "
+        "classification pass, or sequences per decoding step"
+    )
     write_report(args.output, lines)
 
 

@@ -55,21 +55,30 @@ def main() -> int:
     print("zero-shot:", {k: v for k, v in base.items() if k != "confusion_matrix"}, flush=True)
     run = lora(overrides)
     test = run["test"]
-    rows = [("zero-shot base", base, None, None), ("LoRA (recipe)", test, run["train_seconds"],
-                                                    run["peak_rss_bytes"])]
-    lines = ["# SmolLM2-135M-Instruct on Rotten Tomatoes as an instruction task: zero-shot vs LoRA", "",
-             *header("smollm2_sentiment.py"),
-             f"- recipe: recipes/smollm2-sentiment-lora.yaml (train examples {run['train_examples']}, "
-             f"steps {run['steps']}, trainable parameters {run['trainable_params']:,})", "",
-             "| model | test n | label-scoring accuracy | macro-F1 | exact match (greedy answer) "
-             "| valid labels | train time (s) | peak RSS (MiB) |", "|---|---|---|---|---|---|---|---|"]
+    rows = [("zero-shot base", base, None, None), ("LoRA (recipe)", test, run["train_seconds"], run["peak_rss_bytes"])]
+    lines = [
+        "# SmolLM2-135M-Instruct on Rotten Tomatoes as an instruction task: zero-shot vs LoRA",
+        "",
+        *header("smollm2_sentiment.py"),
+        f"- recipe: recipes/smollm2-sentiment-lora.yaml (train examples {run['train_examples']}, "
+        f"steps {run['steps']}, trainable parameters {run['trainable_params']:,})",
+        "",
+        "| model | test n | label-scoring accuracy | macro-F1 | exact match (greedy answer) "
+        "| valid labels | train time (s) | peak RSS (MiB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, m, seconds, rss in rows:
-        lines.append(f"| {name} | {m['n']} | {m['accuracy']:.4f} | {m['f1']:.4f} | {m['exact_match']:.4f} "
-                     f"| {m['valid_label_rate']:.4f} | {'' if seconds is None else f'{seconds:.0f}'} "
-                     f"| {'' if rss is None else f'{rss / 2**20:.0f}'} |")
+        lines.append(
+            f"| {name} | {m['n']} | {m['accuracy']:.4f} | {m['f1']:.4f} | {m['exact_match']:.4f} "
+            f"| {m['valid_label_rate']:.4f} | {'' if seconds is None else f'{seconds:.0f}'} "
+            f"| {'' if rss is None else f'{rss / 2**20:.0f}'} |"
+        )
     gain = 100 * (test["accuracy"] - base["accuracy"])
-    lines += ["", f"LoRA - zero-shot (label scoring): {gain:+.1f} points. Sample answers: "
-              f"zero-shot {base['answers_sample'][:3]}, LoRA {test['answers_sample'][:3]}."]
+    lines += [
+        "",
+        f"LoRA - zero-shot (label scoring): {gain:+.1f} points. Sample answers: "
+        f"zero-shot {base['answers_sample'][:3]}, LoRA {test['answers_sample'][:3]}.",
+    ]
     write_report(ROOT / "bench" / "RESULTS-smollm2-sentiment.md", lines)
     return 0
 

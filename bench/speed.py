@@ -37,15 +37,17 @@ import time
 from pathlib import Path
 
 from _shared import command, machine, write_report
-
 from peftkit.precision import native_bf16  # the test mixed_precision=auto makes (torch loads on first call)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "sentiment-minilm-lora.yaml"
 TRAINING = ("peftkit", "trainer", "trainer_tuned")
-NAMES = {"peftkit": "peftkit LoRA (defaults: bf16 autocast where native)", "peftkit_fp32": "peftkit LoRA, float32",
-         "trainer": "peft + Trainer (defaults)",
-         "trainer_tuned": "peft + Trainer (tuned: length-grouped, bf16 if native)"}
+NAMES = {
+    "peftkit": "peftkit LoRA (defaults: bf16 autocast where native)",
+    "peftkit_fp32": "peftkit LoRA, float32",
+    "trainer": "peft + Trainer (defaults)",
+    "trainer_tuned": "peft + Trainer (tuned: length-grouped, bf16 if native)",
+}
 
 
 # --- shared helpers ----------------------------------------------------------------------------
@@ -103,25 +105,49 @@ def child_trainer(s: dict) -> dict:
     import torch
     from datasets import load_dataset
     from peft import LoraConfig, get_peft_model
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                              TrainingArguments, set_seed)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
 
     tuned = s["variant"] == "trainer_tuned"
     set_seed(s["seed"])
     tok = AutoTokenizer.from_pretrained(s["model"])
     data = load_dataset("json", data_files={k: s[k] for k in ("train", "validation")})
     text = s["text_column"]
-    data = data.map(lambda b: tok(b[text], truncation=True, max_length=s["max_length"]), batched=True,
-                    remove_columns=[c for c in data["train"].column_names if c != "label"])
+    data = data.map(
+        lambda b: tok(b[text], truncation=True, max_length=s["max_length"]),
+        batched=True,
+        remove_columns=[c for c in data["train"].column_names if c != "label"],
+    )
     model = AutoModelForSequenceClassification.from_pretrained(s["model"], num_labels=s["num_labels"])
-    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=s["r"], lora_alpha=s["alpha"], lora_dropout=0.0,
-                                             target_modules=s["targets"]))
+    model = get_peft_model(
+        model,
+        LoraConfig(task_type="SEQ_CLS", r=s["r"], lora_alpha=s["alpha"], lora_dropout=0.0, target_modules=s["targets"]),
+    )
     args = TrainingArguments(
-        output_dir=s["out"], per_device_train_batch_size=s["batch_size"], per_device_eval_batch_size=64,
-        learning_rate=s["lr"], num_train_epochs=s["epochs"], warmup_steps=s["warmup_steps"], weight_decay=0.0,
-        max_grad_norm=1.0, seed=s["seed"], report_to="none", save_strategy="no", eval_strategy="no",
-        logging_strategy="no", disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
-        train_sampling_strategy="group_by_length" if tuned else "random", bf16=tuned and native_bf16())
+        output_dir=s["out"],
+        per_device_train_batch_size=s["batch_size"],
+        per_device_eval_batch_size=64,
+        learning_rate=s["lr"],
+        num_train_epochs=s["epochs"],
+        warmup_steps=s["warmup_steps"],
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        seed=s["seed"],
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+        train_sampling_strategy="group_by_length" if tuned else "random",
+        bf16=tuned and native_bf16(),
+    )
     trainer = Trainer(model=model, args=args, train_dataset=data["train"], data_collator=DataCollatorWithPadding(tok))
     began = time.perf_counter()
     trainer.train()
@@ -131,14 +157,27 @@ def child_trainer(s: dict) -> dict:
     eval_s = time.perf_counter() - began
     accuracy = float((np.argmax(pred.predictions, -1) == np.asarray(data["validation"]["label"])).mean())
     model.save_pretrained(Path(s["out"]) / "adapter")
-    return {"loop_seconds": loop, "eval_seconds": eval_s, "accuracy": accuracy,
-            "bf16": bool(args.bf16), "adapter": str(Path(s["out"]) / "adapter")}
+    return {
+        "loop_seconds": loop,
+        "eval_seconds": eval_s,
+        "accuracy": accuracy,
+        "bf16": bool(args.bf16),
+        "adapter": str(Path(s["out"]) / "adapter"),
+    }
 
 
 def _sorted_batches(tok, texts: list[str], max_length: int, batch_size: int = 64) -> list[dict]:
     order = sorted(range(len(texts)), key=lambda i: -len(tok(texts[i])["input_ids"]))
-    return [tok([texts[i] for i in order[j:j + batch_size]], truncation=True, max_length=max_length, padding=True,
-                return_tensors="pt") for j in range(0, len(order), batch_size)]
+    return [
+        tok(
+            [texts[i] for i in order[j : j + batch_size]],
+            truncation=True,
+            max_length=max_length,
+            padding=True,
+            return_tensors="pt",
+        )
+        for j in range(0, len(order), batch_size)
+    ]
 
 
 def child_inference(s: dict) -> dict:
@@ -160,11 +199,16 @@ def child_inference(s: dict) -> dict:
     ours_merged = copy.deepcopy(ours)
     merge_and_unload(ours_merged)
     theirs = PeftModel.from_pretrained(
-        AutoModelForSequenceClassification.from_pretrained(s["model"], num_labels=s["num_labels"]),
-        s["peft_adapter"]).eval()
+        AutoModelForSequenceClassification.from_pretrained(s["model"], num_labels=s["num_labels"]), s["peft_adapter"]
+    ).eval()
     theirs_merged = copy.deepcopy(theirs).merge_and_unload().eval()
-    models = {"base": base, "peftkit_unmerged": ours, "peftkit_merged": ours_merged, "peft_unmerged": theirs,
-              "peft_merged": theirs_merged}
+    models = {
+        "base": base,
+        "peftkit_unmerged": ours,
+        "peftkit_merged": ours_merged,
+        "peft_unmerged": theirs,
+        "peft_merged": theirs_merged,
+    }
     seconds = dict.fromkeys(models, 0.0)
     names = list(models)
     with torch.inference_mode():
@@ -196,17 +240,27 @@ def child_tutorial(s: dict) -> dict:
     labels = torch.zeros(16, dtype=torch.long)
     times = []
     for step in range(s["tutorial_steps"] + 1):  # the first step is a warm-up, not timed
-        batch = tok(texts[step * 16:(step + 1) * 16], padding="max_length", truncation=True, max_length=width,
-                    return_tensors="pt")
+        batch = tok(
+            texts[step * 16 : (step + 1) * 16],
+            padding="max_length",
+            truncation=True,
+            max_length=width,
+            return_tensors="pt",
+        )
         began = time.perf_counter()
-        model(**batch, labels=labels[:len(batch["input_ids"])]).loss.backward()
+        model(**batch, labels=labels[: len(batch["input_ids"])]).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         times.append(time.perf_counter() - began)
     per_step = statistics.mean(times[1:])
     steps = -(-len(texts) // 16) * s["epochs"]
-    return {"seconds_per_step": per_step, "steps": steps, "loop_seconds": per_step * steps,
-            "timed_steps": s["tutorial_steps"], "padded_to": width}
+    return {
+        "seconds_per_step": per_step,
+        "steps": steps,
+        "loop_seconds": per_step * steps,
+        "timed_steps": s["tutorial_steps"],
+        "padded_to": width,
+    }
 
 
 def train_step(model, task, params: list, optimizer, idx: list[int], speedups, bf16: bool) -> None:
@@ -244,10 +298,19 @@ def lora_job(args):
     from peftkit.data import LengthGroupedBatches
     from peftkit.prepare import adamw, prepare
 
-    lora = {"model": args.model, "data": args.data, "seed": 42, "text_column": args.text_column,
-            "max_length": args.max_length, "r": 8, "alpha": 16, "targets": ["query", "value"]}
-    cfg = load_recipe(RECIPE, [*lora_overrides(lora), f"data.max_train_samples={args.samples}",
-                               "data.max_eval_samples=8"])
+    lora = {
+        "model": args.model,
+        "data": args.data,
+        "seed": 42,
+        "text_column": args.text_column,
+        "max_length": args.max_length,
+        "r": 8,
+        "alpha": 16,
+        "targets": ["query", "value"],
+    }
+    cfg = load_recipe(
+        RECIPE, [*lora_overrides(lora), f"data.max_train_samples={args.samples}", "data.max_eval_samples=8"]
+    )
     prep = prepare(cfg)
     model, task = prep.model, prep.task
     params = [p for p in model.parameters() if p.requires_grad]
@@ -268,9 +331,9 @@ def child_utilisation(s: dict) -> dict:
     """
     import torch
 
+    from peftkit.accel import StepSpeedups
     from peftkit.config import load_recipe
     from peftkit.data import LengthGroupedBatches
-    from peftkit.accel import StepSpeedups
     from peftkit.prepare import adamw, prepare
 
     cfg = load_recipe(RECIPE, lora_overrides(s))
@@ -299,7 +362,7 @@ def child_utilisation(s: dict) -> dict:
     before = probe()
     probes = [before]
     for start in range(0, len(batches), 5):
-        chunk = batches[start:start + 5]
+        chunk = batches[start : start + 5]
         began = time.perf_counter()
         for idx in chunk:
             step(idx)
@@ -310,13 +373,25 @@ def child_utilisation(s: dict) -> dict:
         seconds += took
         rated += took * (before + after) / 2  # FLOPs the peak would have done in that time
         before = after
-    return {"bf16": s["bf16"], "utilisation": flops / rated, "step_seconds": seconds, "flops": flops,
-            "peak_min": min(probes), "peak_max": max(probes), "peak_median": statistics.median(probes)}
+    return {
+        "bf16": s["bf16"],
+        "utilisation": flops / rated,
+        "step_seconds": seconds,
+        "flops": flops,
+        "peak_min": min(probes),
+        "peak_max": max(probes),
+        "peak_median": statistics.median(probes),
+    }
 
 
 INFERENCE = ("base", "peftkit_unmerged", "peftkit_merged", "peft_unmerged", "peft_merged")
-CHILDREN = {"trainer": child_trainer, "trainer_tuned": child_trainer, "inference": child_inference,
-            "tutorial": child_tutorial, "utilisation": child_utilisation}
+CHILDREN = {
+    "trainer": child_trainer,
+    "trainer_tuned": child_trainer,
+    "inference": child_inference,
+    "tutorial": child_tutorial,
+    "utilisation": child_utilisation,
+}
 
 
 # --- the driver ----------------------------------------------------------------------------------
@@ -334,29 +409,67 @@ def run_child(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
 
 def run_python_child(name: str, settings: dict, work: Path) -> dict:
     out = work / f"{name}.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--settings", json.dumps(settings),
-           "--result", str(out)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        name,
+        "--settings",
+        json.dumps(settings),
+        "--result",
+        str(out),
+    ]
     wall, rss = run_child(cmd)
     return {**json.loads(out.read_text()), "wall_seconds": wall, "peak_rss_bytes": rss}
 
 
 def lora_overrides(s: dict) -> list[str]:
     """The recipe overrides for the benchmark's model, data and LoRA, shared by every peftkit run."""
-    return [f"model={s['model']}", f"dataset={s['data']}", f"seed={s['seed']}", f"data.text_column={s['text_column']}",
-            "data.test_split=null", f"data.max_length={s['max_length']}", f"method.r={s['r']}",
-            f"method.alpha={s['alpha']}", "method.dropout=0.0", f"method.target_modules=[{','.join(s['targets'])}]"]
+    return [
+        f"model={s['model']}",
+        f"dataset={s['data']}",
+        f"seed={s['seed']}",
+        f"data.text_column={s['text_column']}",
+        "data.test_split=null",
+        f"data.max_length={s['max_length']}",
+        f"method.r={s['r']}",
+        f"method.alpha={s['alpha']}",
+        "method.dropout=0.0",
+        f"method.target_modules=[{','.join(s['targets'])}]",
+    ]
 
 
 def run_peftkit(s: dict, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "peftkit", "train", str(RECIPE), *lora_overrides(s), f"output_dir={out}",
-           "overwrite=true", f"train.epochs={s['epochs']}", f"train.batch_size={s['batch_size']}", f"train.lr={s['lr']}",
-           f"train.warmup_ratio={s['warmup_ratio']}", "train.weight_decay=0.0", "train.max_grad_norm=1.0",
-           "train.eval_steps=null", "train.eval_batch_size=64", f"train.mixed_precision={s['mixed_precision']}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "peftkit",
+        "train",
+        str(RECIPE),
+        *lora_overrides(s),
+        f"output_dir={out}",
+        "overwrite=true",
+        f"train.epochs={s['epochs']}",
+        f"train.batch_size={s['batch_size']}",
+        f"train.lr={s['lr']}",
+        f"train.warmup_ratio={s['warmup_ratio']}",
+        "train.weight_decay=0.0",
+        "train.max_grad_norm=1.0",
+        "train.eval_steps=null",
+        "train.eval_batch_size=64",
+        f"train.mixed_precision={s['mixed_precision']}",
+    ]
     wall, rss = run_child(cmd)
     summary = json.loads((out / "summary.json").read_text())
-    return {"loop_seconds": summary["train_seconds"] - summary["eval_seconds"], "eval_seconds": summary["eval_seconds"],
-            "accuracy": summary["validation"]["accuracy"], "wall_seconds": wall, "peak_rss_bytes": rss,
-            "adapter": summary["adapter"], "bf16": summary.get("mixed_precision") == "bf16"}
+    return {
+        "loop_seconds": summary["train_seconds"] - summary["eval_seconds"],
+        "eval_seconds": summary["eval_seconds"],
+        "accuracy": summary["validation"]["accuracy"],
+        "wall_seconds": wall,
+        "peak_rss_bytes": rss,
+        "adapter": summary["adapter"],
+        "bf16": summary.get("mixed_precision") == "bf16",
+    }
 
 
 def prepare_data(args: argparse.Namespace, work: Path) -> tuple[Path, dict]:
@@ -370,8 +483,11 @@ def prepare_data(args: argparse.Namespace, work: Path) -> tuple[Path, dict]:
     folder.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train", train), ("validation", val)):
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return folder, {"train": len(train), "validation": len(val),
-                    "num_labels": max(int(r["label"]) for r in train + val) + 1}
+    return folder, {
+        "train": len(train),
+        "validation": len(val),
+        "num_labels": max(int(r["label"]) for r in train + val) + 1,
+    }
 
 
 def count_work(model: str, folder: Path, text_column: str, max_length: int, targets: list[str], r: int) -> dict:
@@ -434,12 +550,27 @@ def main() -> int:
     work_count = count_work(model, folder, args.text_column, args.max_length, targets, r=8)
     steps = -(-sizes["train"] // args.batch_size) * args.epochs
     warmup_ratio = 0.06
-    common = {"model": model, "text_column": args.text_column, "max_length": args.max_length, "r": 8, "alpha": 16,
-              "targets": targets, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-              "seed": args.seed, "num_labels": sizes["num_labels"], "warmup_ratio": warmup_ratio,
-              "warmup_steps": int(warmup_ratio * steps), "train": str(folder / "train.jsonl"),
-              "validation": str(folder / "validation.jsonl"), "data": str(folder), "mixed_precision": "auto",
-              "model_name": args.model, "inference_repeats": args.inference_repeats}
+    common = {
+        "model": model,
+        "text_column": args.text_column,
+        "max_length": args.max_length,
+        "r": 8,
+        "alpha": 16,
+        "targets": targets,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+        "num_labels": sizes["num_labels"],
+        "warmup_ratio": warmup_ratio,
+        "warmup_steps": int(warmup_ratio * steps),
+        "train": str(folder / "train.jsonl"),
+        "validation": str(folder / "validation.jsonl"),
+        "data": str(folder),
+        "mixed_precision": "auto",
+        "model_name": args.model,
+        "inference_repeats": args.inference_repeats,
+    }
     bf16 = native_bf16()
     dtypes = ["float32"] + (["bfloat16"] if bf16 else [])
     variants = list(TRAINING) + (["peftkit_fp32"] if bf16 else [])  # without native bf16 the default is float32
@@ -450,10 +581,13 @@ def main() -> int:
         # rate each run against the peak of its own round
         for d in dtypes:
             round_peaks[d].append(matmul_peak(d))
-        print(f"round {rnd + 1} matmul peak: {', '.join(f'{d} {v[-1] / 1e9:.1f} GFLOP/s' for d, v in round_peaks.items())}"
-              f"; native bf16: {bf16}", flush=True)
+        print(
+            f"round {rnd + 1} matmul peak: {', '.join(f'{d} {v[-1] / 1e9:.1f} GFLOP/s' for d, v in round_peaks.items())}"
+            f"; native bf16: {bf16}",
+            flush=True,
+        )
         seeded = {**common, "seed": args.seed + rnd}  # each round its own seed, the same for every run in it
-        for variant in (variants if rnd % 2 == 0 else variants[::-1]):
+        for variant in variants if rnd % 2 == 0 else variants[::-1]:
             out = work / f"{variant}-{rnd}"
             if variant.startswith("peftkit"):
                 result = run_peftkit({**seeded, "mixed_precision": "no" if variant == "peftkit_fp32" else "auto"}, out)
@@ -461,23 +595,44 @@ def main() -> int:
                 result = run_python_child(variant, {**seeded, "variant": variant, "out": str(out)}, work)
             result["peak"] = round_peaks["bfloat16" if result.get("bf16") else "float32"][-1]
             runs[variant].append(result)
-            print(f"round {rnd + 1} {variant}: loop {result['loop_seconds']:.1f} s, wall {result['wall_seconds']:.1f} s, "
-                  f"accuracy {result['accuracy']:.4f}, peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
+            print(
+                f"round {rnd + 1} {variant}: loop {result['loop_seconds']:.1f} s, wall {result['wall_seconds']:.1f} s, "
+                f"accuracy {result['accuracy']:.4f}, peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB",
+                flush=True,
+            )
 
-    inference = run_python_child("inference", {**common, "repeats": args.inference_repeats,
-                                               "peftkit_adapter": runs["peftkit"][0]["adapter"],
-                                               "peft_adapter": runs["trainer"][0]["adapter"]}, work)
+    inference = run_python_child(
+        "inference",
+        {
+            **common,
+            "repeats": args.inference_repeats,
+            "peftkit_adapter": runs["peftkit"][0]["adapter"],
+            "peft_adapter": runs["trainer"][0]["adapter"],
+        },
+        work,
+    )
     print("inference examples/s:", {k: round(inference[k], 1) for k in INFERENCE}, flush=True)
     tutorial = run_python_child("tutorial", {**common, "tutorial_steps": args.tutorial_steps}, work)
     lora_settings = {**common, "linear_params": work_count["linear_params"], "lora_params": work_count["lora_params"]}
-    interleaved = {d: run_python_child("utilisation", {**lora_settings, "bf16": d == "bfloat16"}, work)
-                   for d in dtypes}
+    interleaved = {d: run_python_child("utilisation", {**lora_settings, "bf16": d == "bfloat16"}, work) for d in dtypes}
     print("interleaved utilisation:", {d: round(r["utilisation"], 3) for d, r in interleaved.items()}, flush=True)
     peaks = {d: max(v) for d, v in round_peaks.items()}
-    results = {"settings": common, "sizes": sizes, "work": work_count, "peaks": peaks, "round_peaks": round_peaks,
-               "native_bf16": bf16,
-               "runs": runs, "inference": inference, "tutorial": tutorial, "interleaved": interleaved, "steps": steps,
-               "command": command("speed.py"), "date": datetime.date.today().isoformat(), "machine": machine()}
+    results = {
+        "settings": common,
+        "sizes": sizes,
+        "work": work_count,
+        "peaks": peaks,
+        "round_peaks": round_peaks,
+        "native_bf16": bf16,
+        "runs": runs,
+        "inference": inference,
+        "tutorial": tutorial,
+        "interleaved": interleaved,
+        "steps": steps,
+        "command": command("speed.py"),
+        "date": datetime.date.today().isoformat(),
+        "machine": machine(),
+    }
     (work / "results.json").write_text(json.dumps(results, indent=1))
     write_report(args.out, report(results).splitlines())
     return 0
@@ -496,14 +651,21 @@ def report(res: dict) -> str:
     for variant, runs in res["runs"].items():
         loop = _median(runs, "loop_seconds")
         peak = res["peaks"]["bfloat16" if runs[0].get("bf16") else "float32"]  # results written before round peaks
-        rows[variant] = {"loop": loop, "wall": _median(runs, "wall_seconds"), "rss": max(r["peak_rss_bytes"] for r in runs),
-                         "acc": statistics.mean(r["accuracy"] for r in runs), "accs": [r["accuracy"] for r in runs],
-                         "ex_s": sizes["train"] * s["epochs"] / loop, "tok_s": tokens / loop,
-                         "utils": [flops / r["loop_seconds"] / r.get("peak", peak) for r in runs]}
+        rows[variant] = {
+            "loop": loop,
+            "wall": _median(runs, "wall_seconds"),
+            "rss": max(r["peak_rss_bytes"] for r in runs),
+            "acc": statistics.mean(r["accuracy"] for r in runs),
+            "accs": [r["accuracy"] for r in runs],
+            "ex_s": sizes["train"] * s["epochs"] / loop,
+            "tok_s": tokens / loop,
+            "utils": [flops / r["loop_seconds"] / r.get("peak", peak) for r in runs],
+        }
         rows[variant]["util"] = statistics.median(rows[variant]["utils"])
     tut = res["tutorial"]
     lines = [
-        "# Speed and memory: peftkit against peft + transformers.Trainer", "",
+        "# Speed and memory: peftkit against peft + transformers.Trainer",
+        "",
         f"- command: `{res['command']}`",
         f"- machine: {res['machine']}; date {res['date']}",
         f"- job: {sizes['train']} training examples, {sizes['validation']} validation, {s['epochs']} epoch(s), batch "
@@ -514,25 +676,39 @@ def report(res: dict) -> str:
         f"- real training tokens: {tokens:,}; useful FLOPs counted: 4 x {w['linear_params']:,} linear parameters + "
         f"6 x {w['lora_params']:,} LoRA parameters per token = {flops / 1e12:.2f} TFLOP",
         "- matrix-multiply peak (the best of square multiplies of 1024, 2048 and 4096), measured before each round: "
-        + ", ".join(f"{k} {' / '.join(f'{x / 1e9:.0f}' for x in res.get('round_peaks', {}).get(k, [v]))} GFLOP/s"
-                    for k, v in res["peaks"].items())
+        + ", ".join(
+            f"{k} {' / '.join(f'{x / 1e9:.0f}' for x in res.get('round_peaks', {}).get(k, [v]))} GFLOP/s"
+            for k, v in res["peaks"].items()
+        )
         + "; each run's utilisation is against its own round's peak, and the table gives the median"
-        + ("" if res["native_bf16"] else " (no native bf16 on this CPU: torch runs no bf16 kernel here, so the bf16 "
-           "rows are absent and the tuned Trainer runs in float32)"),
+        + (
+            ""
+            if res["native_bf16"]
+            else " (no native bf16 on this CPU: torch runs no bf16 kernel here, so the bf16 "
+            "rows are absent and the tuned Trainer runs in float32)"
+        ),
         f"- every figure is the median of {len(next(iter(res['runs'].values())))} alternating runs (accuracy: the mean "
         "over their seeds); "
         "loop = the training loop alone (peftkit: its train time less the validation pass; Trainer: trainer.train()); "
-        "wall = the whole process, imports and data loading included", "",
-        "## Training", "",
+        "wall = the whole process, imports and data loading included",
+        "",
+        "## Training",
+        "",
         "| run | wall (s) | loop (s) | examples/s | real tokens/s | useful-FLOP utilisation | peak RSS (MiB) "
-        "| validation accuracy |", "|---|---|---|---|---|---|---|---|"]
+        "| validation accuracy |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for variant, r in rows.items():
-        lines.append(f"| {NAMES.get(variant, variant)} | {r['wall']:.1f} | {r['loop']:.1f} | {r['ex_s']:.0f} | "
-                     f"{r['tok_s']:.0f} | {100 * r['util']:.1f}% ({', '.join(f'{100 * u:.1f}' for u in r['utils'])}) | {r['rss'] / 2**20:.0f} | {r['acc']:.4f} "
-                     f"({', '.join(f'{a:.4f}' for a in r['accs'])}) |")
-    lines.append(f"| the tutorial's way: full fine-tuning, padded to {tut['padded_to']}, batch 16 (extrapolated from "
-                 f"{tut['timed_steps']} timed steps to {tut['steps']}) | | {tut['loop_seconds']:.0f} | "
-                 f"{sizes['train'] * s['epochs'] / tut['loop_seconds']:.1f} | | | | |")
+        lines.append(
+            f"| {NAMES.get(variant, variant)} | {r['wall']:.1f} | {r['loop']:.1f} | {r['ex_s']:.0f} | "
+            f"{r['tok_s']:.0f} | {100 * r['util']:.1f}% ({', '.join(f'{100 * u:.1f}' for u in r['utils'])}) | {r['rss'] / 2**20:.0f} | {r['acc']:.4f} "
+            f"({', '.join(f'{a:.4f}' for a in r['accs'])}) |"
+        )
+    lines.append(
+        f"| the tutorial's way: full fine-tuning, padded to {tut['padded_to']}, batch 16 (extrapolated from "
+        f"{tut['timed_steps']} timed steps to {tut['steps']}) | | {tut['loop_seconds']:.0f} | "
+        f"{sizes['train'] * s['epochs'] / tut['loop_seconds']:.1f} | | | | |"
+    )
     ours, d, t = rows["peftkit"], rows["trainer"], rows["trainer_tuned"]
     fp32 = rows.get("peftkit_fp32", ours)
     inf = res["inference"]
@@ -542,51 +718,98 @@ def report(res: dict) -> str:
     def util_checks(label: str, dtype: str, row: dict, target: float) -> list[tuple]:
         """The target is checked on the interleaved measurement where there is one (drift between
         a round's peak and its run cancels there); the runs' own figure is listed beside it."""
-        runs = (f"useful-FLOP utilisation, peftkit {label}, training runs against their round's peak",
-                100 * row["util"], f">= {100 * target:.0f} (%)" if dtype not in inter else "",
-                row["util"] >= target if dtype not in inter else None)
+        runs = (
+            f"useful-FLOP utilisation, peftkit {label}, training runs against their round's peak",
+            100 * row["util"],
+            f">= {100 * target:.0f} (%)" if dtype not in inter else "",
+            row["util"] >= target if dtype not in inter else None,
+        )
         if dtype not in inter:
             return [runs]
         u = inter[dtype]["utilisation"]
-        return [(f"useful-FLOP utilisation, peftkit {label}, steps interleaved with peak probes", 100 * u,
-                 f">= {100 * target:.0f} (%)", u >= target), runs]
+        return [
+            (
+                f"useful-FLOP utilisation, peftkit {label}, steps interleaved with peak probes",
+                100 * u,
+                f">= {100 * target:.0f} (%)",
+                u >= target,
+            ),
+            runs,
+        ]
 
     def overhead(lib: str) -> float:
         return inf["base"] / inf[f"{lib}_unmerged"] - 1
 
     checks = [
-        ("training loop time, peftkit / Trainer defaults", ours["loop"] / d["loop"], "<= 0.25",
-         ours["loop"] / d["loop"] <= 0.25),
-        ("training loop time, peftkit / Trainer tuned", ours["loop"] / t["loop"], "<= 0.80", ours["loop"] / t["loop"] <= 0.8),
+        (
+            "training loop time, peftkit / Trainer defaults",
+            ours["loop"] / d["loop"],
+            "<= 0.25",
+            ours["loop"] / d["loop"] <= 0.25,
+        ),
+        (
+            "training loop time, peftkit / Trainer tuned",
+            ours["loop"] / t["loop"],
+            "<= 0.80",
+            ours["loop"] / t["loop"] <= 0.8,
+        ),
         ("wall time, peftkit / Trainer defaults", ours["wall"] / d["wall"], "", None),
         ("wall time, peftkit / Trainer tuned", ours["wall"] / t["wall"], "", None),
-        ("validation accuracy, peftkit - Trainer defaults (points)", 100 * (ours["acc"] - d["acc"]), ">= -0.5",
-         ours["acc"] - d["acc"] >= -0.005),
+        (
+            "validation accuracy, peftkit - Trainer defaults (points)",
+            100 * (ours["acc"] - d["acc"]),
+            ">= -0.5",
+            ours["acc"] - d["acc"] >= -0.005,
+        ),
         ("peak RSS, peftkit / Trainer defaults", ours["rss"] / d["rss"], "<= 1", ours["rss"] <= d["rss"]),
         *util_checks("fp32", "float32", fp32, 0.6),
-        ("inference, peftkit merged / base (examples/s)", inf["peftkit_merged"] / inf["base"], ">= 0.97",
-         inf["peftkit_merged"] / inf["base"] >= 0.97),
-        ("inference, unmerged LoRA's extra time per example over the base: peftkit (%)", 100 * overhead("peftkit"),
-         f"<= peft's {100 * overhead('peft'):.1f}", overhead("peftkit") <= overhead("peft")),
+        (
+            "inference, peftkit merged / base (examples/s)",
+            inf["peftkit_merged"] / inf["base"],
+            ">= 0.97",
+            inf["peftkit_merged"] / inf["base"] >= 0.97,
+        ),
+        (
+            "inference, unmerged LoRA's extra time per example over the base: peftkit (%)",
+            100 * overhead("peftkit"),
+            f"<= peft's {100 * overhead('peft'):.1f}",
+            overhead("peftkit") <= overhead("peft"),
+        ),
     ]
     if res["runs"]["peftkit"][0].get("bf16"):
         checks += util_checks("bf16 (the default here)", "bfloat16", ours, 0.4)
     if inter:
-        lines += ["", "## Useful-FLOP utilisation with interleaved peak probes", "",
-                  "One epoch of peftkit's training steps in one process, every 5 steps between two matmul probes (the "
-                  "best of 2 multiplies of 1024 and 2048 squares); each chunk is rated against the mean of its two "
-                  "probes.", "",
-                  "| precision | steps (s) | useful TFLOP | probes: min / median / max (GFLOP/s) | utilisation |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Useful-FLOP utilisation with interleaved peak probes",
+            "",
+            "One epoch of peftkit's training steps in one process, every 5 steps between two matmul probes (the "
+            "best of 2 multiplies of 1024 and 2048 squares); each chunk is rated against the mean of its two "
+            "probes.",
+            "",
+            "| precision | steps (s) | useful TFLOP | probes: min / median / max (GFLOP/s) | utilisation |",
+            "|---|---|---|---|---|",
+        ]
         for dtype, r in inter.items():
-            lines.append(f"| {dtype} | {r['step_seconds']:.1f} | {r['flops'] / 1e12:.2f} | {r['peak_min'] / 1e9:.0f} / "
-                         f"{r['peak_median'] / 1e9:.0f} / {r['peak_max'] / 1e9:.0f} | {100 * r['utilisation']:.1f}% |")
-    lines += ["", "## Inference (validation split, batches of 64 sorted by length, torch.inference_mode; each batch "
-              f"through all five models in turn, {s['inference_repeats']} passes)", "",
-              "| model | examples/s | relative to the base |", "|---|---|---|"]
-    for key, name in (("base", "bare base model"), ("peftkit_unmerged", "peftkit LoRA, unmerged"),
-                      ("peftkit_merged", "peftkit LoRA, merged"), ("peft_unmerged", "peft LoRA, unmerged"),
-                      ("peft_merged", "peft LoRA, merged")):
+            lines.append(
+                f"| {dtype} | {r['step_seconds']:.1f} | {r['flops'] / 1e12:.2f} | {r['peak_min'] / 1e9:.0f} / "
+                f"{r['peak_median'] / 1e9:.0f} / {r['peak_max'] / 1e9:.0f} | {100 * r['utilisation']:.1f}% |"
+            )
+    lines += [
+        "",
+        "## Inference (validation split, batches of 64 sorted by length, torch.inference_mode; each batch "
+        f"through all five models in turn, {s['inference_repeats']} passes)",
+        "",
+        "| model | examples/s | relative to the base |",
+        "|---|---|---|",
+    ]
+    for key, name in (
+        ("base", "bare base model"),
+        ("peftkit_unmerged", "peftkit LoRA, unmerged"),
+        ("peftkit_merged", "peftkit LoRA, merged"),
+        ("peft_unmerged", "peft LoRA, unmerged"),
+        ("peft_merged", "peft LoRA, merged"),
+    ):
         lines.append(f"| {name} | {inf[key]:.1f} | {inf[key] / inf['base']:.3f} |")
     lines += ["", "## Against the targets", "", "| measure | value | target | met |", "|---|---|---|---|"]
     for name, value, target, ok in checks:

@@ -46,19 +46,31 @@ def child(args: argparse.Namespace) -> dict:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
         mallopt(-3, 32 * 2**20), mallopt(-1, 2**30), mallopt(-2, 64 * 2**20)
 
-    cfg = load_recipe(RECIPE, [f"dataset={args.data}", f"data.text_column={args.text_column}", "data.test_split=null",
-                               f"data.max_length={args.max_length}", f"data.max_train_samples={args.samples}",
-                               "data.max_eval_samples=8", "method.r=8", "method.alpha=16",
-                               "method.target_modules=[query,value]"])
+    cfg = load_recipe(
+        RECIPE,
+        [
+            f"dataset={args.data}",
+            f"data.text_column={args.text_column}",
+            "data.test_split=null",
+            f"data.max_length={args.max_length}",
+            f"data.max_train_samples={args.samples}",
+            "data.max_eval_samples=8",
+            "method.r=8",
+            "method.alpha=16",
+            "method.target_modules=[query,value]",
+        ],
+    )
     prep = preparing.prepare(cfg)
     model, task = prep.model, prep.task
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    layers = {"torch": contextlib.nullcontext(),  # the dropout changes alone: no prepared products
-              "fast hidden": StepSpeedups(model, dtype, products=False, attention=False),
-              "fast hidden + attention": StepSpeedups(model, dtype, products=False)}
+    layers = {
+        "torch": contextlib.nullcontext(),  # the dropout changes alone: no prepared products
+        "fast hidden": StepSpeedups(model, dtype, products=False, attention=False),
+        "fast hidden + attention": StepSpeedups(model, dtype, products=False),
+    }
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     feats = task.features["train"]
-    batches = list(LengthGroupedBatches([len(f["input_ids"]) for f in feats], 32, seed=0))[:args.steps]
+    batches = list(LengthGroupedBatches([len(f["input_ids"]) for f in feats], 32, seed=0))[: args.steps]
     model.train()
 
     def step(idx: list[int], mode: str) -> float:
@@ -114,13 +126,17 @@ def main() -> int:
         out.unlink()
     ref = results["glibc default"]["seconds"]["torch"]
     first = results["kept"]
-    lines = ["# Step-time ablation of the default speed changes (MiniLM, LoRA r=8 on query/value, batch 32)", "",
-             *header("step_ablation.py"),
-             f"- the same {first['steps']} length-grouped training steps ({first['tokens']:,} real tokens, max length "
-             f"{args.max_length}) per measurement, each batch under every setting in turn; seconds per pass, the mean of "
-             f"{args.rounds} passes; {'bf16 autocast' if args.precision == 'bf16' else 'float32'}", "",
-             "| allocator | dropout | seconds | relative to torch's dropout with glibc's default allocator |",
-             "|---|---|---|---|"]
+    lines = [
+        "# Step-time ablation of the default speed changes (MiniLM, LoRA r=8 on query/value, batch 32)",
+        "",
+        *header("step_ablation.py"),
+        f"- the same {first['steps']} length-grouped training steps ({first['tokens']:,} real tokens, max length "
+        f"{args.max_length}) per measurement, each batch under every setting in turn; seconds per pass, the mean of "
+        f"{args.rounds} passes; {'bf16 autocast' if args.precision == 'bf16' else 'float32'}",
+        "",
+        "| allocator | dropout | seconds | relative to torch's dropout with glibc's default allocator |",
+        "|---|---|---|---|",
+    ]
     for allocator, res in results.items():
         for mode in MODES:
             sec = res["seconds"][mode]

@@ -41,8 +41,11 @@ def measure(args: argparse.Namespace, bf16: bool) -> dict:
     rows_of = [len(idx) * max(lengths[i] for i in idx) for idx in batches]  # padded tokens per batch
     shortest = sorted(range(len(lengths)), key=lengths.__getitem__)[:2]
     dtype = torch.bfloat16 if bf16 else torch.float32
-    linears = [m for name, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and ".encoder." in f".{name}." and "lora_" not in name]
+    linears = [
+        m
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and ".encoder." in f".{name}." and "lora_" not in name
+    ]
     # the products the steps take (prepacked where oneDNN can), each layer's own
     products = [FrozenProduct.of(m, dtype, pack=can_pack(dtype)) for m in linears]
     # random inputs and output gradients for every padded batch shape, made before any timing;
@@ -62,8 +65,11 @@ def measure(args: argparse.Namespace, bf16: bool) -> dict:
             product.forward(rows[in_f])
             product.input_grad(rows[out_f])  # a frozen weight needs no gradient of its own
 
-    parts = {"steps": step, "multiplies": multiplies,
-             "fixed": lambda b: train_step(model, task, params, optimizer, shortest, frozen, bf16)}
+    parts = {
+        "steps": step,
+        "multiplies": multiplies,
+        "fixed": lambda b: train_step(model, task, params, optimizer, shortest, frozen, bf16),
+    }
     pairs = square_pairs("bfloat16" if bf16 else "float32", (1024, 2048))
     probes = []
     model.train()
@@ -79,9 +85,15 @@ def measure(args: argparse.Namespace, bf16: bool) -> dict:
                 parts[name](b)
             seconds[name] += time.perf_counter() - began
         probes.append(best_multiply(pairs, 2))
-    return {"seconds": seconds, "peak": statistics.median(probes), "steps": len(batches), "real_tokens": sum(lengths),
-            "padded_tokens": sum(rows_of), "linear_params": sum(m.weight.numel() for m in linears),
-            "layers": len(linears)}
+    return {
+        "seconds": seconds,
+        "peak": statistics.median(probes),
+        "steps": len(batches),
+        "real_tokens": sum(lengths),
+        "padded_tokens": sum(rows_of),
+        "linear_params": sum(m.weight.numel() for m in linears),
+        "layers": len(linears),
+    }
 
 
 def main() -> int:
@@ -97,33 +109,42 @@ def main() -> int:
     precisions = [False] + ([True] if native_bf16() else [])
     results = {bf16: measure(args, bf16) for bf16 in precisions}
     first = results[False]
-    lines = ["# Where a LoRA training step's time goes (MiniLM, LoRA r=8 on query/value, batch 32)", "",
-             *header("step_budget.py"),
-             f"- one epoch: {first['steps']} length-grouped steps, {first['real_tokens']:,} real and "
-             f"{first['padded_tokens']:,} padded tokens, max length {args.max_length}",
-             f"- multiplies alone: the {first['layers']} frozen linear layers of the encoder "
-             f"({first['linear_params']:,} weights), forward and input gradient at each batch's padded shape",
-             "- fixed cost: as many steps on a batch of the two shortest examples",
-             f"- each part ran in chunks of {CHUNK} batches, in turn (one precision after the other); after "
-             "each chunk a matmul probe (the best of 2 multiplies of 1024 and 2048 squares), whose median is the peak",
-             "- ceiling: the useful-FLOP utilisation (4 FLOPs per frozen weight per real token, as `bench/speed.py` "
-             "counts it less the small LoRA terms) a step would reach if it were nothing but these multiplies", "",
-             "| precision | steps (s) | multiplies alone (s) | share of the step | their GFLOP/s | peak GFLOP/s "
-             "| ceiling | fixed cost (s) | share of the step | the rest (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Where a LoRA training step's time goes (MiniLM, LoRA r=8 on query/value, batch 32)",
+        "",
+        *header("step_budget.py"),
+        f"- one epoch: {first['steps']} length-grouped steps, {first['real_tokens']:,} real and "
+        f"{first['padded_tokens']:,} padded tokens, max length {args.max_length}",
+        f"- multiplies alone: the {first['layers']} frozen linear layers of the encoder "
+        f"({first['linear_params']:,} weights), forward and input gradient at each batch's padded shape",
+        "- fixed cost: as many steps on a batch of the two shortest examples",
+        f"- each part ran in chunks of {CHUNK} batches, in turn (one precision after the other); after "
+        "each chunk a matmul probe (the best of 2 multiplies of 1024 and 2048 squares), whose median is the peak",
+        "- ceiling: the useful-FLOP utilisation (4 FLOPs per frozen weight per real token, as `bench/speed.py` "
+        "counts it less the small LoRA terms) a step would reach if it were nothing but these multiplies",
+        "",
+        "| precision | steps (s) | multiplies alone (s) | share of the step | their GFLOP/s | peak GFLOP/s "
+        "| ceiling | fixed cost (s) | share of the step | the rest (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for bf16, res in results.items():
         sec = res["seconds"]
         flops = 4 * res["linear_params"] * res["padded_tokens"]
         rest = sec["steps"] - sec["multiplies"] - sec["fixed"]
         rate = flops / sec["multiplies"]
         ceiling = rate * res["real_tokens"] / res["padded_tokens"] / res["peak"]
-        lines.append(f"| {'bf16 autocast' if bf16 else 'float32'} | {sec['steps']:.3g} | {sec['multiplies']:.3g} | "
-                     f"{sec['multiplies'] / sec['steps']:.1%} | {rate / 1e9:.3g} | {res['peak'] / 1e9:.0f} | "
-                     f"{ceiling:.1%} | {sec['fixed']:.3g} | {sec['fixed'] / sec['steps']:.1%} | {rest:.3g} |")
-    lines += ["", "The rest (steps less the multiplies and the fixed cost) is what grows with the tokens besides the "
-              "frozen layers' multiplies: dropout masks, attention, GELU, LayerNorm, casts and the LoRA products. It "
-              "is a lower bound: the two-example steps of the fixed cost multiply by every weight too, time the "
-              "multiplies column also holds."]
+        lines.append(
+            f"| {'bf16 autocast' if bf16 else 'float32'} | {sec['steps']:.3g} | {sec['multiplies']:.3g} | "
+            f"{sec['multiplies'] / sec['steps']:.1%} | {rate / 1e9:.3g} | {res['peak'] / 1e9:.0f} | "
+            f"{ceiling:.1%} | {sec['fixed']:.3g} | {sec['fixed'] / sec['steps']:.1%} | {rest:.3g} |"
+        )
+    lines += [
+        "",
+        "The rest (steps less the multiplies and the fixed cost) is what grows with the tokens besides the "
+        "frozen layers' multiplies: dropout masks, attention, GELU, LayerNorm, casts and the LoRA products. It "
+        "is a lower bound: the two-example steps of the fixed cost multiply by every weight too, time the "
+        "multiplies column also holds.",
+    ]
     write_report(args.out, lines)
     return 0
 

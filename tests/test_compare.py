@@ -34,8 +34,17 @@ def test_compare_writes_a_complete_table_and_chart(tiny_bert_dir, sentiment_dir,
     out = tmp_path / "cmp"
     rows = json.loads((out / "comparison.json").read_text())
     assert [r["run"] for r in rows] == ["lora", "bitfit", "prompt"]
-    keys = ["trainable_params", "trainable_percent", "peak_rss_mb", "train_seconds", "examples_per_s",
-            "val_accuracy", "val_f1", "test_accuracy", "test_f1"]
+    keys = [
+        "trainable_params",
+        "trainable_percent",
+        "peak_rss_mb",
+        "train_seconds",
+        "examples_per_s",
+        "val_accuracy",
+        "val_f1",
+        "test_accuracy",
+        "test_f1",
+    ]
     for r in rows:
         assert all(isinstance(r[k], (int, float)) and r[k] > 0 for k in keys), r
         assert 0 < r["trainable_percent"] < 100
@@ -63,12 +72,18 @@ def test_compare_checks_every_run_before_training(tiny_bert_dir, sentiment_dir, 
     assert not (tmp_path / "cmp").exists()
 
 
-@pytest.mark.parametrize("overrides, needle", [
-    (["method.name=prompt", "method.num_virtual_tokens=0"], "method.num_virtual_tokens"),
-    (["method.name=adapter", "method.reduction_factor=100"], "larger than the hidden size 32"),
-    (["method.name=prefix", "method.init=text"], "method.init"),
-    (["method.name=magic"], "choose one of: lora, vera, loha, lokr, adalora, adapter, prefix, prompt, ptuning, ia3, bitfit, full"),
-])
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["method.name=prompt", "method.num_virtual_tokens=0"], "method.num_virtual_tokens"),
+        (["method.name=adapter", "method.reduction_factor=100"], "larger than the hidden size 32"),
+        (["method.name=prefix", "method.init=text"], "method.init"),
+        (
+            ["method.name=magic"],
+            "choose one of: lora, vera, loha, lokr, adalora, adapter, prefix, prompt, ptuning, ia3, bitfit, full",
+        ),
+    ],
+)
 def test_bad_method_options_from_the_cli(overrides, needle, tiny_bert_dir, sentiment_dir, tmp_path, capsys):
     recipe = tiny_recipe(tmp_path, tiny_bert_dir, sentiment_dir)
     expect_error(capsys, ["train", str(recipe), *overrides], needle)
@@ -77,16 +92,30 @@ def test_bad_method_options_from_the_cli(overrides, needle, tiny_bert_dir, senti
 
 def test_merge_refuses_methods_that_cannot_merge(tiny_bert_dir, sentiment_dir, tmp_path, capsys):
     recipe = tiny_recipe(tmp_path, tiny_bert_dir, sentiment_dir)
-    assert main(["train", str(recipe), "method.name=adapter", "method.reduction_factor=4",
-                 "train.max_steps=2"]) == 0
+    assert main(["train", str(recipe), "method.name=adapter", "method.reduction_factor=4", "train.max_steps=2"]) == 0
     capsys.readouterr()
-    expect_error(capsys, ["merge", "--adapter", str(tmp_path / "run" / "adapter"), "--output",
-                          str(tmp_path / "merged")], "adapter adapters cannot be merged")
+    expect_error(
+        capsys,
+        ["merge", "--adapter", str(tmp_path / "run" / "adapter"), "--output", str(tmp_path / "merged")],
+        "adapter adapters cannot be merged",
+    )
     assert not (tmp_path / "merged").exists()
     # and the adapter predicts as trained
     (tmp_path / "in.txt").write_text("a good movie\n")
-    assert main(["predict", "--adapter", str(tmp_path / "run" / "adapter"), "--input", str(tmp_path / "in.txt"),
-                 "--output", str(tmp_path / "p.jsonl")]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--adapter",
+                str(tmp_path / "run" / "adapter"),
+                "--input",
+                str(tmp_path / "in.txt"),
+                "--output",
+                str(tmp_path / "p.jsonl"),
+            ]
+        )
+        == 0
+    )
     from peftkit.predict import load_adapted_classifier
 
     row = json.loads((tmp_path / "p.jsonl").read_text())

@@ -22,8 +22,18 @@ def test_every_shipped_recipe_validates(recipe):
         from peftkit.compare import load_comparison
 
         out, runs = load_comparison(recipe)
-        assert {cfg.method.name for cfg in runs.values()} == {"lora", "vera", "loha", "adalora", "adapter", "prefix",
-                                                             "prompt", "ia3", "bitfit", "full"}
+        assert {cfg.method.name for cfg in runs.values()} == {
+            "lora",
+            "vera",
+            "loha",
+            "adalora",
+            "adapter",
+            "prefix",
+            "prompt",
+            "ia3",
+            "bitfit",
+            "full",
+        }
         assert {"lora+dora", "lora+pissa"} <= {cfg.method.label for cfg in runs.values()}
         assert all(cfg.output_dir == str(out / name) for name, cfg in runs.items())
     else:
@@ -31,8 +41,10 @@ def test_every_shipped_recipe_validates(recipe):
 
 
 def test_overrides_are_typed():
-    cfg = load_recipe(None, ["train.lr=3e-4", "method.r=16", "output_dir=runs/x",
-                             "method.target_modules=[query,value]", "overwrite=true"])
+    cfg = load_recipe(
+        None,
+        ["train.lr=3e-4", "method.r=16", "output_dir=runs/x", "method.target_modules=[query,value]", "overwrite=true"],
+    )
     assert cfg.train.lr == pytest.approx(3e-4) and cfg.method.r == 16
     assert cfg.output_dir == "runs/x" and cfg.method.target_modules == ["query", "value"] and cfg.overwrite
 
@@ -44,27 +56,33 @@ def test_parse_override_reads_yaml_values():
         parse_override("train.lr")
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("train.lrr=1", "did you mean 'train.lr'"),
-    ("method.rank=4", "did you mean 'method.r'"),
-    ("trian.lr=1", "did you mean 'train'"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.lrr=1", "did you mean 'train.lr'"),
+        ("method.rank=4", "did you mean 'method.r'"),
+        ("trian.lr=1", "did you mean 'train'"),
+    ],
+)
 def test_unknown_keys_suggest_the_close_match(override, needle):
     with pytest.raises(PeftkitError) as err:
         load_recipe(None, [override])
     assert needle in str(err.value)
 
 
-@pytest.mark.parametrize("override, key", [
-    ("method.r=0", "method.r"),
-    ("method.r=-2", "method.r"),
-    ("method.dropout=1.0", "method.dropout"),
-    ("method.dropout=-0.1", "method.dropout"),
-    ("train.lr=-1e-4", "train.lr"),
-    ("train.batch_size=0", "train.batch_size"),
-    ("train.scheduler=step", "train.scheduler"),
-    ("method.name=magic", "method"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("method.r=0", "method.r"),
+        ("method.r=-2", "method.r"),
+        ("method.dropout=1.0", "method.dropout"),
+        ("method.dropout=-0.1", "method.dropout"),
+        ("train.lr=-1e-4", "train.lr"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("train.scheduler=step", "train.scheduler"),
+        ("method.name=magic", "method"),
+    ],
+)
 def test_invalid_values_name_the_key(override, key):
     with pytest.raises(PeftkitError) as err:
         load_recipe(None, [override])

@@ -117,9 +117,11 @@ def test_length_grouped_batches_cover_everything_once():
     batches = list(sampler)
     flat = [i for b in batches for i in b]
     assert sorted(flat) == list(range(1000)) and len(batches) == len(sampler)
+
     # grouping: padding is far smaller than with random batches
     def padding(bs):
         return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in bs)
+
     plain = list(LengthGroupedBatches(lengths, 16, seed=3, group_by_length=False))
     assert padding(batches) < 0.2 * padding(plain)
     # deterministic per (seed, epoch), different across epochs
@@ -249,8 +251,10 @@ def test_loading_json_lines_imports_no_datasets(tmp_path):
     folder.mkdir()
     write(folder / "train.jsonl", ROWS[:40], "jsonl")
     write(folder / "validation.jsonl.gz", ROWS[40:], "jsonl.gz")
-    code = ("import sys; from peftkit.config import DataConfig; from peftkit.data import load_splits; "
-            f"s = load_splits({str(folder)!r}, DataConfig(), seed=0); "
-            "print(len(s['train']), len(s['validation']), 'datasets' in sys.modules)")
+    code = (
+        "import sys; from peftkit.config import DataConfig; from peftkit.data import load_splits; "
+        f"s = load_splits({str(folder)!r}, DataConfig(), seed=0); "
+        "print(len(s['train']), len(s['validation']), 'datasets' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["40", "10", "False"]

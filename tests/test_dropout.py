@@ -126,8 +126,7 @@ def test_model_switch_keeps_outputs_and_trains(tiny_bert_dir):
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2,
-                                                               attn_implementation="sdpa")
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2, attn_implementation="sdpa")
     ids = torch.tensor([[2, 5, 6, 7, 3, 0], [2, 8, 9, 10, 11, 3]])
     mask = (ids != 0).long()
     model.eval()
@@ -169,7 +168,7 @@ def _reference_attention(q, k, v, bias, scale, p, seed):
 
 @pytest.mark.parametrize("masking", ["none", "bool", "causal"])
 def test_attention_core_backward_is_the_gradient(masking):
-    from peftkit.accel.dropout import _AttentionCore, _additive
+    from peftkit.accel.dropout import _additive, _AttentionCore
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))

@@ -20,27 +20,36 @@ def expect_error(capsys, argv, needle):
     return err
 
 
-@pytest.mark.parametrize("overrides, needle", [
-    (["train.lrr=1e-3"], "did you mean 'train.lr'"),
-    (["method.r=0"], "method.r"),
-    (["method.dropout=1.5"], "method.dropout"),
-    (["train.lr=-0.1"], "train.lr"),
-    (["method.target_modules=[q_proj]"], "query"),
-    (["data.text_column=review"], "review"),
-    (["data.label_column=stars"], "stars"),
-])
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["train.lrr=1e-3"], "did you mean 'train.lr'"),
+        (["method.r=0"], "method.r"),
+        (["method.dropout=1.5"], "method.dropout"),
+        (["train.lr=-0.1"], "train.lr"),
+        (["method.target_modules=[q_proj]"], "query"),
+        (["data.text_column=review"], "review"),
+        (["data.label_column=stars"], "stars"),
+    ],
+)
 def test_bad_recipe_values(overrides, needle, tiny_bert_dir, sentiment_dir, tmp_path, capsys):
     recipe = tiny_recipe(tmp_path, tiny_bert_dir, sentiment_dir)
     expect_error(capsys, ["train", str(recipe), *overrides], needle)
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("content, needle", [
-    ("", "empty"),
-    ('{"text": "a", "label": 1}\n{"text": oops}\n', "line 2 is not valid JSON (Expecting value at column 10)"),
-    ('{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n{"text": "a film th', "line 3 ends before its JSON object does"),
-    ("".join(json.dumps({"text": f"t {i}", "label": "pos"}) + "\n" for i in range(30)), "only one label"),
-])
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ("", "empty"),
+        ('{"text": "a", "label": 1}\n{"text": oops}\n', "line 2 is not valid JSON (Expecting value at column 10)"),
+        (
+            '{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n{"text": "a film th',
+            "line 3 ends before its JSON object does",
+        ),
+        ("".join(json.dumps({"text": f"t {i}", "label": "pos"}) + "\n" for i in range(30)), "only one label"),
+    ],
+)
 def test_bad_data_files(content, needle, tiny_bert_dir, tmp_path, capsys):
     data = tmp_path / "data.jsonl"
     data.write_text(content)
@@ -67,19 +76,62 @@ def test_adapter_that_does_not_fit_the_base(tiny_bert_dir, sentiment_dir, tmp_pa
     make_tokenizer().save_pretrained(wider)
     write_jsonl(tmp_path / "in.jsonl", [{"text": "good"}])
     capsys.readouterr()
-    expect_error(capsys, ["predict", "--adapter", str(tmp_path / "run" / "adapter"), "--model", str(wider),
-                          "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")],
-                 "shape")
+    expect_error(
+        capsys,
+        [
+            "predict",
+            "--adapter",
+            str(tmp_path / "run" / "adapter"),
+            "--model",
+            str(wider),
+            "--input",
+            str(tmp_path / "in.jsonl"),
+            "--output",
+            str(tmp_path / "out.jsonl"),
+        ],
+        "shape",
+    )
     assert not (tmp_path / "out.jsonl").exists()
-    expect_error(capsys, ["predict", "--adapter", str(tmp_path / "run" / "adapter"),
-                          "--input", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "o.jsonl")],
-                 "input file not found")
+    expect_error(
+        capsys,
+        [
+            "predict",
+            "--adapter",
+            str(tmp_path / "run" / "adapter"),
+            "--input",
+            str(tmp_path / "missing.jsonl"),
+            "--output",
+            str(tmp_path / "o.jsonl"),
+        ],
+        "input file not found",
+    )
     (tmp_path / "nofield.jsonl").write_text('{"review": "x"}\n')
-    expect_error(capsys, ["predict", "--adapter", str(tmp_path / "run" / "adapter"),
-                          "--input", str(tmp_path / "nofield.jsonl"), "--output", str(tmp_path / "o.jsonl")],
-                 "no 'text' field")
-    expect_error(capsys, ["predict", "--adapter", str(tmp_path), "--input", str(tmp_path / "in.jsonl"),
-                          "--output", str(tmp_path / "o.jsonl")], "not an adapter folder")
+    expect_error(
+        capsys,
+        [
+            "predict",
+            "--adapter",
+            str(tmp_path / "run" / "adapter"),
+            "--input",
+            str(tmp_path / "nofield.jsonl"),
+            "--output",
+            str(tmp_path / "o.jsonl"),
+        ],
+        "no 'text' field",
+    )
+    expect_error(
+        capsys,
+        [
+            "predict",
+            "--adapter",
+            str(tmp_path),
+            "--input",
+            str(tmp_path / "in.jsonl"),
+            "--output",
+            str(tmp_path / "o.jsonl"),
+        ],
+        "not an adapter folder",
+    )
 
 
 def test_a_cut_line_is_named_alike_by_train_and_predict(tmp_path, capsys, tiny_bert_dir):
@@ -87,8 +139,9 @@ def test_a_cut_line_is_named_alike_by_train_and_predict(tmp_path, capsys, tiny_b
     cut = tmp_path / "data.jsonl"
     cut.write_text("".join(json.dumps({"text": f"t {i}", "label": i % 2}) + "\n" for i in range(41)) + '{"text": "cu')
     train_err = expect_error(capsys, ["train", str(tiny_recipe(tmp_path, tiny_bert_dir, cut))], "line 42 ends before")
-    predict_err = expect_error(capsys, ["predict", "--adapter", str(tmp_path), "--input", str(cut), "--output", "-"],
-                               "line 42 ends before")
+    predict_err = expect_error(
+        capsys, ["predict", "--adapter", str(tmp_path), "--input", str(cut), "--output", "-"], "line 42 ends before"
+    )
     assert train_err == predict_err
 
 
@@ -98,8 +151,11 @@ def test_a_label_typo_is_refused_with_its_row(tiny_bert_dir, tmp_path, capsys):
     rows = sentiment_rows(60, seed=4)
     rows[41]["label"] = "postive"
     data = write_jsonl(tmp_path / "data.jsonl", rows)
-    expect_error(capsys, ["train", str(tiny_recipe(tmp_path, tiny_bert_dir, data))],
-                 "label 'postive' appears on 1 row only (row 42) and looks like a typo of 'positive'")
+    expect_error(
+        capsys,
+        ["train", str(tiny_recipe(tmp_path, tiny_bert_dir, data))],
+        "label 'postive' appears on 1 row only (row 42) and looks like a typo of 'positive'",
+    )
     assert not (tmp_path / "run").exists()
     # a rare label that resembles no other is data, not a typo
     rows[41]["label"] = "mixed"
@@ -116,9 +172,15 @@ def test_a_typo_in_the_recipe_is_blamed_on_the_recipe(tmp_path, capsys):
     assert f"({recipe})" in err and "override" not in err
 
 
-@pytest.mark.parametrize("name, option", [("dora", "method.use_dora=true"), ("pissa", "method.init_lora_weights=pissa"),
-                                          ("olora", "method.init_lora_weights=olora"),
-                                          ("rslora", "method.use_rslora=true")])
+@pytest.mark.parametrize(
+    "name, option",
+    [
+        ("dora", "method.use_dora=true"),
+        ("pissa", "method.init_lora_weights=pissa"),
+        ("olora", "method.init_lora_weights=olora"),
+        ("rslora", "method.use_rslora=true"),
+    ],
+)
 def test_lora_variants_named_as_methods_point_to_their_option(name, option, tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("seed: 0\n")

@@ -21,7 +21,8 @@ def test_classification_metrics_match_scikit_learn(seed):
     got = classification_metrics(labels, probs, [str(i) for i in range(k)], loss=0.5)
     preds = probs.argmax(-1)
     assert got["accuracy"] == pytest.approx(accuracy_score(labels, preds), abs=1e-12)
-    assert got["f1"] == pytest.approx(f1_score(labels, preds, labels=list(range(k)), average="macro",
-                                               zero_division=0), abs=1e-12)
+    assert got["f1"] == pytest.approx(
+        f1_score(labels, preds, labels=list(range(k)), average="macro", zero_division=0), abs=1e-12
+    )
     assert got["confusion_matrix"] == confusion_matrix(labels, preds, labels=list(range(k))).tolist()
     assert got["n"] == n and got["loss"] == 0.5

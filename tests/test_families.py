@@ -11,8 +11,9 @@ from peftkit.models import load_classifier
 
 from .conftest import VOCAB, make_tokenizer
 
-SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-             max_position_embeddings=64)
+SMALL = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, max_position_embeddings=64
+)
 
 
 def base_config(family: str):
@@ -22,8 +23,9 @@ def base_config(family: str):
     return {
         "bert": lambda: tf.BertConfig(vocab_size=n, **SMALL),
         "roberta": lambda: tf.RobertaConfig(vocab_size=n, pad_token_id=0, **{**SMALL, "max_position_embeddings": 70}),
-        "distilbert": lambda: tf.DistilBertConfig(vocab_size=n, dim=32, n_layers=2, n_heads=2, hidden_dim=37,
-                                                  max_position_embeddings=64, pad_token_id=0),
+        "distilbert": lambda: tf.DistilBertConfig(
+            vocab_size=n, dim=32, n_layers=2, n_heads=2, hidden_dim=37, max_position_embeddings=64, pad_token_id=0
+        ),
         "electra": lambda: tf.ElectraConfig(vocab_size=n, embedding_size=16, **SMALL),
         "deberta-v2": lambda: tf.DebertaV2Config(vocab_size=n, pooler_hidden_size=32, **SMALL),
     }[family]()
@@ -48,8 +50,12 @@ def test_family_round_trip(family, tmp_path):
         for p in loaded.model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.2)
-    save_adapter(loaded.model, tmp_path / "adapter", base_model=str(tmp_path / "base"),
-                 meta={"id2label": {0: "neg", 1: "neu", 2: "pos"}, "max_length": 32})
+    save_adapter(
+        loaded.model,
+        tmp_path / "adapter",
+        base_model=str(tmp_path / "base"),
+        meta={"id2label": {0: "neg", 1: "neu", 2: "pos"}, "max_length": 32},
+    )
 
     texts = ["the movie was great fun", "boring", "a dull film and a weak story really"]
     ref = load_adapted_classifier(tmp_path / "adapter")

@@ -13,7 +13,7 @@ from torch import nn
 import peftkit.accel.frozen as frozen
 from peftkit import LoraConfig, apply_method
 from peftkit.accel import StepSpeedups
-from peftkit.accel.frozen import FrozenLinears, FrozenProduct, can_pack
+from peftkit.accel.frozen import FrozenProduct, can_pack
 from peftkit.lm_loss import causal_lm_loss
 
 from .conftest import _new_lm, tiny_bert_config
@@ -61,8 +61,11 @@ def lm_loss(model):
     return causal_lm_loss(model, ids, ids.clone())
 
 
-MODELS = {"bert": (lora_bert, bert_loss), "gpt2": (lambda: lora_lm("gpt2", ["c_attn"]), lm_loss),
-          "llama": (lambda: lora_lm("llama", ["q_proj", "v_proj"]), lm_loss)}
+MODELS = {
+    "bert": (lora_bert, bert_loss),
+    "gpt2": (lambda: lora_lm("gpt2", ["c_attn"]), lm_loss),
+    "llama": (lambda: lora_lm("llama", ["q_proj", "v_proj"]), lm_loss),
+}
 
 
 def step(model, loss_of, block, bf16: bool):
@@ -86,7 +89,9 @@ def test_unpacked_products_give_bit_for_bit_the_steps_of_the_layers_own_forward(
     model = build()
     own = step(model, loss_of, None, bf16)
     dtype = torch.bfloat16 if bf16 else torch.float32
-    block = StepSpeedups(model, dtype, fuse_lora=False, dropout=False, attention=False)  # GPT-2 drops: torch's masks in both
+    block = StepSpeedups(
+        model, dtype, fuse_lora=False, dropout=False, attention=False
+    )  # GPT-2 drops: torch's masks in both
     assert len(block.frozen) > 0
     lent = step(model, loss_of, block, bf16)
     assert torch.equal(own[0], lent[0])
@@ -150,9 +155,18 @@ def test_which_layers_multiply_with_prepared_products_and_that_the_block_leaves_
         assert loras and all(m.product is not None for m in loras.values())
     # the frozen linear layers: 4 in attention and 2 in the feed-forward part of each layer, and the pooler;
     # not the trained LoRA factors nor the trained classifier
-    assert lent == {f"bert.encoder.layer.{i}.{m}" for i in range(2) for m in (
-        "attention.self.query.base_layer", "attention.self.key", "attention.self.value.base_layer",
-        "attention.output.dense", "intermediate.dense", "output.dense")} | {"bert.pooler.dense"}
+    assert lent == {
+        f"bert.encoder.layer.{i}.{m}"
+        for i in range(2)
+        for m in (
+            "attention.self.query.base_layer",
+            "attention.self.key",
+            "attention.self.value.base_layer",
+            "attention.output.dense",
+            "intermediate.dense",
+            "output.dense",
+        )
+    } | {"bert.pooler.dense"}
     assert len(block.frozen) == len(lent)
     assert not any("forward" in vars(m) for m in model.modules())
     assert all(m.product is None for m in loras.values())
@@ -179,9 +193,8 @@ def test_subclasses_and_trainable_layers_are_left_out():
 
 def test_an_error_inside_the_block_restores_the_layers():
     model = lora_bert()
-    with pytest.raises(RuntimeError, match="mid-step"):
-        with StepSpeedups(model, torch.bfloat16):
-            raise RuntimeError("mid-step")
+    with pytest.raises(RuntimeError, match="mid-step"), StepSpeedups(model, torch.bfloat16):
+        raise RuntimeError("mid-step")
     assert not any("forward" in vars(m) for m in model.modules())
     x = torch.randn(2, 32)
     layer = model.bert.pooler.dense

@@ -14,8 +14,13 @@ from peftkit.methods.registry import METHODS, AnyMethod
 
 from .conftest import LM_WORDS, build_lm, make_lm_tokenizer
 
-OPTIONS = {"lora": {"target_modules": "all-linear"}, "vera": {"target_modules": ["q_proj", "v_proj"], "r": 4},
-           "adalora": {"total_step": 10}, "prompt": {"init": "vocab"}, "ptuning": {"encoder": "mlp"}}
+OPTIONS = {
+    "lora": {"target_modules": "all-linear"},
+    "vera": {"target_modules": ["q_proj", "v_proj"], "r": 4},
+    "adalora": {"total_step": 10},
+    "prompt": {"init": "vocab"},
+    "ptuning": {"encoder": "mlp"},
+}
 PROMPTS = [["the", "film", "was", "good"], ["bad"], ["a", "dull", "and", "tedious", "story", "really"]]
 NEW_TOKENS = 5
 
@@ -39,7 +44,7 @@ def full_forward_logits(model: torch.nn.Module, prompt: list[int], answer: list[
     """``(len(answer), vocab)``: the logits that chose each answer token, from one forward pass
     over the prompt alone with the answer so far, no cache."""
     logits = model(input_ids=torch.tensor([prompt + answer]), use_cache=False).logits[0]
-    return logits[-len(answer) - 1:-1]
+    return logits[-len(answer) - 1 : -1]
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -51,16 +56,24 @@ def test_cached_batched_padded_generation_equals_full_forward_greedy(method):
 
     # transformers' generate over the left-padded batch, as peftkit's generate() calls it
     ids, mask = left_padded(prompts, tok.pad_token_id, "cpu")
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
-                         pad_token_id=tok.pad_token_id, eos_token_id=never, return_dict_in_generate=True,
-                         output_logits=True)
-    answers = [out.sequences[r, ids.shape[1]:].tolist() for r in range(len(prompts))]
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=never,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
+    answers = [out.sequences[r, ids.shape[1] :].tolist() for r in range(len(prompts))]
     for r, (prompt, answer) in enumerate(zip(prompts, answers)):
         cached = torch.stack([step[r] for step in out.logits])
         torch.testing.assert_close(cached, full_forward_logits(model, prompt, answer), atol=1e-4, rtol=0)
     as_text = [tok.decode(a, skip_special_tokens=True) for a in answers]
-    assert generate(model, tok, prompts, max_new_tokens=NEW_TOKENS, batch_size=len(prompts),
-                    stop_ids=[never]) == as_text
+    assert (
+        generate(model, tok, prompts, max_new_tokens=NEW_TOKENS, batch_size=len(prompts), stop_ids=[never]) == as_text
+    )
     assert [generate(model, tok, [p], max_new_tokens=NEW_TOKENS, stop_ids=[never])[0] for p in prompts] == as_text
 
     # the server's step decoder, a row joining the running batch after its first step
@@ -80,5 +93,9 @@ def test_cached_batched_padded_generation_equals_full_forward_greedy(method):
     while any(r.finish is None for r in rows):
         decoder.step()
     for row in rows:
-        torch.testing.assert_close(torch.stack(seen[id(row)][:NEW_TOKENS]),
-                                   full_forward_logits(model, row.prompt, row.tokens), atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            torch.stack(seen[id(row)][:NEW_TOKENS]),
+            full_forward_logits(model, row.prompt, row.tokens),
+            atol=1e-4,
+            rtol=0,
+        )

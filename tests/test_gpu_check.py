@@ -11,8 +11,13 @@ from .conftest import ROOT
 
 def test_gpu_check_runs_on_the_cpu_and_writes_its_report(tmp_path):
     out = tmp_path / "gpu"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), str(out), "--device", "cpu",
-                           "--quick"], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_check.py"), str(out), "--device", "cpu", "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     info = json.loads((out / "report.json").read_text())
     assert info["device"] == "cpu" and info["tests"]["status"] == "passed"

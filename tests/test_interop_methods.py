@@ -12,11 +12,13 @@ from .test_methods import build
 
 peft = pytest.importorskip("peft")
 
+
 def peft_config(method: str, task: str, family: str):
     task_type = {"cls": peft.TaskType.SEQ_CLS, "clm": peft.TaskType.CAUSAL_LM}[task]
     if family == "distilbert":  # peft cannot read DistilBERT's config names (dim, n_layers)
-        return peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=4, token_dim=32, num_layers=2,
-                                       num_attention_heads=2)
+        return peft.PromptTuningConfig(
+            task_type=task_type, num_virtual_tokens=4, token_dim=32, num_layers=2, num_attention_heads=2
+        )
     if method == "ia3":
         return peft.IA3Config(task_type=task_type)
     if method == "prompt":
@@ -24,8 +26,9 @@ def peft_config(method: str, task: str, family: str):
     if method == "prefix":
         return peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=4)
     if method == "prefix-projection":
-        return peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=4, prefix_projection=True,
-                                       encoder_hidden_size=16)
+        return peft.PrefixTuningConfig(
+            task_type=task_type, num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=16
+        )
     raise ValueError(method)
 
 
@@ -38,9 +41,19 @@ def ours_config(method: str):
     }[method]
 
 
-CASES = [("ia3", "bert"), ("ia3", "llama"), ("ia3", "gpt2"),
-         ("prompt", "bert"), ("prompt", "distilbert"), ("prompt", "llama"), ("prompt", "gpt2"),
-         ("prefix", "llama"), ("prefix", "qwen2"), ("prefix", "gpt2"), ("prefix-projection", "llama")]
+CASES = [
+    ("ia3", "bert"),
+    ("ia3", "llama"),
+    ("ia3", "gpt2"),
+    ("prompt", "bert"),
+    ("prompt", "distilbert"),
+    ("prompt", "llama"),
+    ("prompt", "gpt2"),
+    ("prefix", "llama"),
+    ("prefix", "qwen2"),
+    ("prefix", "gpt2"),
+    ("prefix-projection", "llama"),
+]
 
 
 @pytest.mark.parametrize(("method", "family"), CASES)
@@ -49,8 +62,12 @@ def test_peftkit_adapter_loads_in_peft(method, family, tmp_path):
     apply_method(ours, ours_config(method))
     perturb(trainable_parameters(ours).values(), seed=3)
     expected = logits(ours)
-    save_adapter(ours, tmp_path / "a", base_model="tiny",
-                 task="classification" if family in ("bert", "distilbert") else "causal_lm")
+    save_adapter(
+        ours,
+        tmp_path / "a",
+        base_model="tiny",
+        task="classification" if family in ("bert", "distilbert") else "causal_lm",
+    )
     theirs = peft.PeftModel.from_pretrained(build(family), tmp_path / "a")
     got = logits(theirs)
     assert got.shape == expected.shape

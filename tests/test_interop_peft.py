@@ -25,12 +25,12 @@ def build(family: str):
         cfg = tf.RobertaConfig(vocab_size=40, num_hidden_layers=2, max_position_embeddings=70, pad_token_id=1, **small)
         return tf.RobertaForSequenceClassification(cfg), ["query", "value"]
     if family == "distilbert":
-        cfg = tf.DistilBertConfig(vocab_size=40, dim=32, n_layers=2, n_heads=2, hidden_dim=37, num_labels=3,
-                                  pad_token_id=0)
+        cfg = tf.DistilBertConfig(
+            vocab_size=40, dim=32, n_layers=2, n_heads=2, hidden_dim=37, num_labels=3, pad_token_id=0
+        )
         return tf.DistilBertForSequenceClassification(cfg), ["q_lin", "v_lin"]
     if family == "gpt2":
-        cfg = tf.GPT2Config(vocab_size=40, n_embd=32, n_layer=2, n_head=2, n_positions=64, num_labels=3,
-                            pad_token_id=0)
+        cfg = tf.GPT2Config(vocab_size=40, n_embd=32, n_layer=2, n_head=2, n_positions=64, num_labels=3, pad_token_id=0)
         return tf.GPT2ForSequenceClassification(cfg), ["c_attn"]
     raise ValueError(family)
 
@@ -72,8 +72,9 @@ def test_peftkit_adapter_loads_in_peft(family, tmp_path):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_peft_adapter_loads_in_peftkit(family, tmp_path):
     base, targets = build(family)
-    cfg = peft.LoraConfig(task_type=peft.TaskType.SEQ_CLS, r=4, lora_alpha=8, target_modules=targets,
-                          fan_in_fan_out=family == "gpt2")
+    cfg = peft.LoraConfig(
+        task_type=peft.TaskType.SEQ_CLS, r=4, lora_alpha=8, target_modules=targets, fan_in_fan_out=family == "gpt2"
+    )
     ref = peft.get_peft_model(copy.deepcopy(base), cfg)
     perturb([p for p in ref.parameters() if p.requires_grad], seed=2)
     ref.save_pretrained(str(tmp_path / "p"))
@@ -106,11 +107,14 @@ def test_peft_adapter_through_peftkit_predict(tiny_bert_dir, tmp_path):
 
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
-    ref = peft.get_peft_model(base, peft.LoraConfig(task_type=peft.TaskType.SEQ_CLS, r=4, lora_alpha=8,
-                                                    target_modules=["query", "value"]))
+    ref = peft.get_peft_model(
+        base, peft.LoraConfig(task_type=peft.TaskType.SEQ_CLS, r=4, lora_alpha=8, target_modules=["query", "value"])
+    )
     perturb([p for p in ref.parameters() if p.requires_grad], seed=4)
     ref.save_pretrained(str(tmp_path / "p"))
-    assert json.loads((tmp_path / "p" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_bert_dir)
+    assert json.loads((tmp_path / "p" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        tiny_bert_dir
+    )
 
     texts = ["the movie was great", "a dull and boring plot"]
     tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
@@ -118,8 +122,20 @@ def test_peft_adapter_through_peftkit_predict(tiny_bert_dir, tmp_path):
     with torch.no_grad():
         expected = ref(**tok(texts, padding=True, return_tensors="pt")).logits.softmax(-1)
     (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
-    assert main(["predict", "--adapter", str(tmp_path / "p"), "--input", str(tmp_path / "in.txt"),
-                 "--output", str(tmp_path / "out.jsonl")]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--adapter",
+                str(tmp_path / "p"),
+                "--input",
+                str(tmp_path / "in.txt"),
+                "--output",
+                str(tmp_path / "out.jsonl"),
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     got = torch.tensor([[r["scores"]["LABEL_0"], r["scores"]["LABEL_1"]] for r in rows])
     assert (got - expected).abs().max() <= 1e-5

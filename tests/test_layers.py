@@ -26,14 +26,22 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "peftkit"
 
 LAYERS = [
     {"cli", "__main__"},
-    {"train", "predict", "multi", "compare", "prepare", "serving", "serving.app", "serving.workers",
-     "serving.protocol", "serving.page"},
-    {"tasks", "data", "causal", "evaluate", "generation", "lm_loss", "token_cache", "checkpoint", "monitor",
-     "plot"},
+    {
+        "train",
+        "predict",
+        "multi",
+        "compare",
+        "prepare",
+        "serving",
+        "serving.app",
+        "serving.workers",
+        "serving.protocol",
+        "serving.page",
+    },
+    {"tasks", "data", "causal", "evaluate", "generation", "lm_loss", "token_cache", "checkpoint", "monitor", "plot"},
     set(),  # the methods: every module of methods/ outside the ground floor (filled in below)
     {"inject", "models", "quantize", "adapter_io", "assets", "precision"},
-    {"config", "errors", "fsio", "methods", "methods.configs", "methods.tuner_configs", "methods.registry",
-     "__init__"},
+    {"config", "errors", "fsio", "methods", "methods.configs", "methods.tuner_configs", "methods.registry", "__init__"},
 ]
 LAYERS[3] = {f"methods.{p.stem}" for p in (PACKAGE / "methods").glob("*.py")} - LAYERS[5] - {"methods.__init__"}
 ACCEL = {"accel", "accel.frozen", "accel.dropout", "accel.native"}
@@ -66,7 +74,7 @@ def imports(name: str, path: Path, known: set[str]) -> set[str]:
                     out.add(alias.name.removeprefix("peftkit."))
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                base = package[:len(package) - node.level + 1] if node.level > 1 else package
+                base = package[: len(package) - node.level + 1] if node.level > 1 else package
                 base = [*base, *(node.module.split(".") if node.module else [])]
             elif node.module and node.module.startswith("peftkit"):
                 base = node.module.split(".")[1:]
@@ -98,7 +106,7 @@ def test_no_import_cycle():
 
     def visit(node: str, path: list[str]) -> None:
         if node in path:
-            cycle = path[path.index(node):] + [node]
+            cycle = path[path.index(node) :] + [node]
             pytest.fail("import cycle: " + " -> ".join(cycle))
         if node in done:
             return

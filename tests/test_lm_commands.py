@@ -21,8 +21,24 @@ def test_eval_of_several_labelled_lm_adapters_writes_each(tiny_llama_dir, sentim
     a = lm_adapter(tiny_llama_dir, tmp_path / "a", 1, meta=LABELLED)
     b = lm_adapter(tiny_llama_dir, tmp_path / "b", 2, meta=LABELLED)
     out = tmp_path / "eval.json"
-    assert main(["eval", "--adapter", f"a={a}", "--adapter", f"b={b}", "--data", str(sentiment_dir),
-                 "--max-samples", "16", "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--adapter",
+                f"a={a}",
+                "--adapter",
+                f"b={b}",
+                "--data",
+                str(sentiment_dir),
+                "--max-samples",
+                "16",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())["adapters"]
     assert set(result) == {"a", "b"}
     for one in result.values():
@@ -36,15 +52,35 @@ def test_eval_of_several_labelled_lm_adapters_writes_each(tiny_llama_dir, sentim
 def test_predict_on_an_lm_adapter_points_to_generate(tiny_llama_dir, tmp_path, capsys):
     a = lm_adapter(tiny_llama_dir, tmp_path / "a", 1)
     (tmp_path / "in.txt").write_text("a fun film\n")
-    expect_error(capsys, ["predict", "--adapter", str(a), "--input", str(tmp_path / "in.txt"), "--output", "-"],
-                 f"answer with: peftkit generate --adapter {a}")
+    expect_error(
+        capsys,
+        ["predict", "--adapter", str(a), "--input", str(tmp_path / "in.txt"), "--output", "-"],
+        f"answer with: peftkit generate --adapter {a}",
+    )
 
 
 def test_a_4bit_command_logs_no_kernel_package_warning(tiny_llama_dir, tmp_path):
     a = lm_adapter(tiny_llama_dir, tmp_path / "a", 1)
-    done = subprocess.run([sys.executable, "-m", "peftkit", "generate", "--adapter", str(a), "--quantize", "4",
-                           "--prompt", "hello", "--raw", "--max-new-tokens", "2"], capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "peftkit",
+            "generate",
+            "--adapter",
+            str(a),
+            "--quantize",
+            "4",
+            "--prompt",
+            "hello",
+            "--raw",
+            "--max-new-tokens",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert "kernels" not in done.stderr, done.stderr
 
@@ -55,11 +91,16 @@ def test_serve_on_a_busy_port_says_so_before_loading(tiny_llama_dir, tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        done = subprocess.run([sys.executable, "-m", "peftkit", "serve", "--adapter", f"x={a}", "--port", str(port)],
-                              capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-m", "peftkit", "serve", "--adapter", f"x={a}", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert done.returncode == 2
-    assert done.stderr.startswith(f"peftkit: error: cannot listen on 127.0.0.1:{port}") and \
-        done.stderr.count("\n") == 1, done.stderr
+    assert (
+        done.stderr.startswith(f"peftkit: error: cannot listen on 127.0.0.1:{port}") and done.stderr.count("\n") == 1
+    ), done.stderr
     assert "serving" not in done.stdout  # refused before anything was loaded or announced
 
 
@@ -68,8 +109,13 @@ def test_generate_reads_stdin_and_writes_json_lines_to_stdout(tiny_llama_dir, tm
     run = [sys.executable, "-m", "peftkit", "generate", "--adapter", str(a), "--max-new-tokens", "3", "--raw"]
     streamed = subprocess.run([*run, "--prompt", "hello"], capture_output=True, text=True, timeout=300)
     asked = subprocess.run([*run, "--prompt", "hello", "--output", "-"], capture_output=True, text=True, timeout=300)
-    piped = subprocess.run([*run, "--input", "-", "--output", "-"], input="hello\n\nhi how are you\n",
-                           capture_output=True, text=True, timeout=300)
+    piped = subprocess.run(
+        [*run, "--input", "-", "--output", "-"],
+        input="hello\n\nhi how are you\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     for done in (streamed, asked, piped):
         assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in piped.stdout.splitlines()]

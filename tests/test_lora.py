@@ -57,8 +57,7 @@ def composed_and_fused(x: torch.Tensor, bias: bool = True, autocast: bool = Fals
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             out = forward(inp)
         out.backward(torch.linspace(-1, 1, out.numel()).view(out.shape).to(out.dtype))
-        results.append({"out": out.detach(), "x": inp.grad, "A": lora.lora_A.weight.grad,
-                        "B": lora.lora_B.weight.grad})
+        results.append({"out": out.detach(), "x": inp.grad, "A": lora.lora_A.weight.grad, "B": lora.lora_B.weight.grad})
         layer.zero_grad(set_to_none=True)
     return results
 

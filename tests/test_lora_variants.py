@@ -26,8 +26,16 @@ def build(family: str):
     if family == "bert":
         return tf.BertForSequenceClassification(tiny_bert_config(num_labels=3)), ["query", "value", "dense"]
     if family == "llama":
-        cfg = tf.LlamaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, intermediate_size=48, num_labels=3, pad_token_id=0)
+        cfg = tf.LlamaConfig(
+            vocab_size=40,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=48,
+            num_labels=3,
+            pad_token_id=0,
+        )
         return tf.LlamaForSequenceClassification(cfg), ["q_proj", "v_proj", "down_proj"]
     cfg = tf.GPT2Config(vocab_size=40, n_embd=32, n_layer=2, n_head=2, n_positions=64, num_labels=3, pad_token_id=0)
     return tf.GPT2ForSequenceClassification(cfg), ["c_attn", "c_fc"]
@@ -59,9 +67,17 @@ def options(case: str, targets: list[str]) -> dict:
 
 def peft_made(family: str, case: str, folder):
     base, targets = build(family)
-    ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
-        task_type=peft.TaskType.SEQ_CLS, r=4, lora_alpha=8, target_modules=targets,
-        fan_in_fan_out=family == "gpt2", **options(case, targets)))
+    ref = peft.get_peft_model(
+        copy.deepcopy(base),
+        peft.LoraConfig(
+            task_type=peft.TaskType.SEQ_CLS,
+            r=4,
+            lora_alpha=8,
+            target_modules=targets,
+            fan_in_fan_out=family == "gpt2",
+            **options(case, targets),
+        ),
+    )
     perturb([p for p in ref.parameters() if p.requires_grad], seed=7)
     ref.save_pretrained(str(folder))
     return base, ref
@@ -97,8 +113,9 @@ def test_peftkit_made_adapter_gives_the_same_logits_in_peft(case, family, tmp_pa
 
     again = copy.deepcopy(base)  # save -> load is bitwise
     load_adapter(again, tmp_path / "a")
-    assert all(torch.equal(a, b) for a, b in zip(trainable_parameters(again).values(),
-                                                 trainable_parameters(ours).values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(trainable_parameters(again).values(), trainable_parameters(ours).values())
+    )
     assert torch.equal(logits(again), expected)
 
     if case != "bias" or family != "llama":  # LLaMA's projections have no bias to merge lora_bias into
@@ -110,8 +127,17 @@ def test_peftkit_made_adapter_gives_the_same_logits_in_peft(case, family, tmp_pa
 
 def test_layers_to_transform_and_patterns_choose_layers_and_ranks():
     base, _ = build("llama")
-    apply_method(base, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], layers_to_transform=[1],
-                                  rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 2.0}))
+    apply_method(
+        base,
+        LoraConfig(
+            r=4,
+            alpha=8,
+            target_modules=["q_proj", "v_proj"],
+            layers_to_transform=[1],
+            rank_pattern={"v_proj": 2},
+            alpha_pattern={"q_proj": 2.0},
+        ),
+    )
     layers = {n: m.updates["default"] for n, m in base.named_modules() if isinstance(m, AdaptedLinear)}
     assert sorted(layers) == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
     assert layers["model.layers.1.self_attn.v_proj"].r == 2 and layers["model.layers.1.self_attn.v_proj"].scaling == 4.0
@@ -155,10 +181,19 @@ def test_pissa_niter_saves_as_plain_lora_and_peft_niter_adapters_are_refused(tmp
         load_adapter(copy.deepcopy(base), tmp_path / "p")
 
 
-@pytest.mark.parametrize(("key", "value"), [("use_qalora", True), ("loftq_config", {"loftq_bits": 4}),
-                                            ("init_lora_weights", "loftq"), ("init_lora_weights", "eva"),
-                                            ("bias", "all"), ("layer_replication", [[0, 1]]),
-                                            ("some_future_option", 3), ("use_bdlora", {"x": 1})])
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("use_qalora", True),
+        ("loftq_config", {"loftq_bits": 4}),
+        ("init_lora_weights", "loftq"),
+        ("init_lora_weights", "eva"),
+        ("bias", "all"),
+        ("layer_replication", [[0, 1]]),
+        ("some_future_option", 3),
+        ("use_bdlora", {"x": 1}),
+    ],
+)
 def test_any_option_peftkit_does_not_reproduce_is_refused_on_one_line(key, value, tmp_path):
     base, _ = peft_made("bert", "dora", tmp_path / "p")
     path = tmp_path / "p" / "adapter_config.json"
@@ -205,9 +240,11 @@ def test_dora_and_pissa_train_on_the_tiny_classifier():
 def test_bad_lora_options_are_one_line():
     from peftkit.config import build_config
 
-    for method, fix in (({"name": "lora", "use_dora": True, "lora_bias": True}, "lora_bias"),
-                        ({"name": "lora", "init_lora_weights": "loftq"}, "init_lora_weights"),
-                        ({"name": "ia3", "use_dora": True}, "use_dora. is a LoRA option; method ia3")):
+    for method, fix in (
+        ({"name": "lora", "use_dora": True, "lora_bias": True}, "lora_bias"),
+        ({"name": "lora", "init_lora_weights": "loftq"}, "init_lora_weights"),
+        ({"name": "ia3", "use_dora": True}, "use_dora. is a LoRA option; method ia3"),
+    ):
         with pytest.raises(PeftkitError, match=fix) as err:
             build_config({"method": method})
         assert "\n" not in str(err.value)
@@ -226,8 +263,13 @@ def test_loraplus_gives_the_b_factors_their_own_lr():
     assert "lora_B" not in by_lr[1e-3] and "classifier" in by_lr[5e-3]
 
 
-@pytest.mark.parametrize("options", [["method.use_dora=true", "train.loraplus_lr_ratio=4"],
-                                     ["method.init_lora_weights=pissa", "method.rank_pattern={value: 2}"]])
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["method.use_dora=true", "train.loraplus_lr_ratio=4"],
+        ["method.init_lora_weights=pissa", "method.rank_pattern={value: 2}"],
+    ],
+)
 def test_dora_loraplus_and_pissa_runs_train_save_and_predict(options, tuned_bert_dir, sentiment_dir, tmp_path):
     from peftkit import load_recipe
     from peftkit.predict import load_adapted_classifier
@@ -236,8 +278,10 @@ def test_dora_loraplus_and_pissa_runs_train_save_and_predict(options, tuned_bert
     from .conftest import tiny_recipe
 
     recipe = tiny_recipe(tmp_path, tuned_bert_dir, sentiment_dir)
-    before = train(load_recipe(recipe, [*options, "train.max_steps=1", "train.lr=1e-9",
-                                        f"output_dir={tmp_path / 'before'}"]), echo=lambda _: None)
+    before = train(
+        load_recipe(recipe, [*options, "train.max_steps=1", "train.lr=1e-9", f"output_dir={tmp_path / 'before'}"]),
+        echo=lambda _: None,
+    )
     after = train(load_recipe(recipe, [*options, "train.epochs=3"]), echo=lambda _: None)
     assert after["validation"]["loss"] < before["validation"]["loss"]
     clf = load_adapted_classifier(tmp_path / "run" / "adapter")
@@ -270,6 +314,19 @@ def test_named_adapters_take_dora_and_refuse_residual_inits_and_combine_refuses_
         named.add("p", pissa, {})  # a pattern beside the residual init must not hide it
     assert "\n" not in str(err.value) and named.names == []
     capsys.readouterr()
-    expect_error(capsys, ["combine", "--adapter", f"a={tmp_path / 'dora'}", "--adapter", f"b={tmp_path / 'plain'}",
-                          "--weights", "0.5,0.5", "--output", str(tmp_path / "out")], "uses use_dora")
+    expect_error(
+        capsys,
+        [
+            "combine",
+            "--adapter",
+            f"a={tmp_path / 'dora'}",
+            "--adapter",
+            f"b={tmp_path / 'plain'}",
+            "--weights",
+            "0.5,0.5",
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        "uses use_dora",
+    )
     assert not (tmp_path / "out").exists()

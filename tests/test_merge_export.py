@@ -39,8 +39,13 @@ def unmerged_answers(adapter, max_new_tokens: int = 8) -> list[str]:
     from peftkit.predict import load_adapted_lm
 
     lm = load_adapted_lm(adapter)
-    return generate(lm.model, lm.tokenizer, [lm.prompt_ids(p, raw=True) for p in PROMPTS],
-                    max_new_tokens=max_new_tokens, stop_ids=lm.encoder.stop_ids)
+    return generate(
+        lm.model,
+        lm.tokenizer,
+        [lm.prompt_ids(p, raw=True) for p in PROMPTS],
+        max_new_tokens=max_new_tokens,
+        stop_ids=lm.encoder.stop_ids,
+    )
 
 
 def test_merged_decoder_runs_in_pipeline_with_the_unmerged_greedy_answers(tiny_llama_dir, tmp_path, capsys):
@@ -57,12 +62,14 @@ def test_merged_decoder_runs_in_pipeline_with_the_unmerged_greedy_answers(tiny_l
 
     expected = unmerged_answers(adapter)
     assert any(expected)
-    script = ("import json, sys\nfrom transformers import pipeline\n"
-              f"pipe = pipeline('text-generation', model={str(tmp_path / 'm')!r})\n"
-              f"out = [pipe(p, max_new_tokens=8, do_sample=False, return_full_text=False)[0]['generated_text'] "
-              f"for p in {PROMPTS!r}]\n"
-              "print(json.dumps(out))\n"
-              "assert 'peftkit' not in sys.modules\n")
+    script = (
+        "import json, sys\nfrom transformers import pipeline\n"
+        f"pipe = pipeline('text-generation', model={str(tmp_path / 'm')!r})\n"
+        f"out = [pipe(p, max_new_tokens=8, do_sample=False, return_full_text=False)[0]['generated_text'] "
+        f"for p in {PROMPTS!r}]\n"
+        "print(json.dumps(out))\n"
+        "assert 'peftkit' not in sys.modules\n"
+    )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
@@ -74,8 +81,22 @@ def test_several_adapters_merge_with_weights(tiny_llama_dir, tmp_path):
 
     a = lm_adapter(tiny_llama_dir, tmp_path / "a", 1)
     b = lm_adapter(tiny_llama_dir, tmp_path / "b", 2)
-    assert main(["merge", "--adapter", f"a={a}", "--adapter", f"b={b}", "--weights", "0.6,-0.5",
-                 "--output", str(tmp_path / "m")]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "--adapter",
+                f"a={a}",
+                "--adapter",
+                f"b={b}",
+                "--weights",
+                "0.6,-0.5",
+                "--output",
+                str(tmp_path / "m"),
+            ]
+        )
+        == 0
+    )
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m").state_dict()
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).state_dict()
     sa, sb = read_adapter_weights(a), read_adapter_weights(b)
@@ -83,7 +104,8 @@ def test_several_adapters_merge_with_weights(tiny_llama_dir, tmp_path):
     scaling = 16 / 4
     expected = base[path + ".weight"] + scaling * (
         0.6 * sa[path + ".lora_B.weight"] @ sa[path + ".lora_A.weight"]
-        - 0.5 * sb[path + ".lora_B.weight"] @ sb[path + ".lora_A.weight"])
+        - 0.5 * sb[path + ".lora_B.weight"] @ sb[path + ".lora_A.weight"]
+    )
     assert (merged[path + ".weight"] - expected).abs().max() <= 1e-5
 
 
@@ -92,13 +114,16 @@ def test_merge_refusals_are_one_line_and_write_nothing(tiny_llama_dir, tmp_path,
     a = lm_adapter(tiny_llama_dir, tmp_path / "a", 1)
     capsys.readouterr()  # what building the adapters printed
     out = tmp_path / "m"
-    cases = [([str(prompt)], [], "cannot be merged"),
-             ([f"a={a}", f"b={a}"], [], "needs --weights"),
-             ([str(a)], ["--weights", "1"], "--weights needs several adapters"),
-             ([f"a={a}", f"b={a}"], ["--weights", "1,2,3"], "3 weights for 2 adapters")]
+    cases = [
+        ([str(prompt)], [], "cannot be merged"),
+        ([f"a={a}", f"b={a}"], [], "needs --weights"),
+        ([str(a)], ["--weights", "1"], "--weights needs several adapters"),
+        ([f"a={a}", f"b={a}"], ["--weights", "1,2,3"], "3 weights for 2 adapters"),
+    ]
     for adapters, options, message in cases:
-        expect_error(capsys, ["merge", *[x for s in adapters for x in ("--adapter", s)], *options,
-                              "--output", str(out)], message)
+        expect_error(
+            capsys, ["merge", *[x for s in adapters for x in ("--adapter", s)], *options, "--output", str(out)], message
+        )
         assert not out.exists()
 
 
@@ -135,8 +160,11 @@ def test_merge_from_a_quantized_base_is_the_dequantized_base_plus_the_update(bit
 
 def test_generate_merge_on_a_quantized_base_is_refused_on_one_line(tiny_llama_dir, tmp_path, capsys):
     a = lm_adapter(tiny_llama_dir, tmp_path / "a", 1)
-    expect_error(capsys, ["generate", "--adapter", str(a), "--quantize", "4", "--merge", "--prompt", "hello"],
-                 "--merge cannot fold the update into quantized weights")
+    expect_error(
+        capsys,
+        ["generate", "--adapter", str(a), "--quantize", "4", "--merge", "--prompt", "hello"],
+        "--merge cannot fold the update into quantized weights",
+    )
 
 
 def test_merging_a_model_with_a_quantized_base_in_place_is_refused(tiny_llama_dir, tmp_path):

@@ -33,8 +33,15 @@ def build(family: str) -> nn.Module:
     torch.manual_seed(0)
     if family == "bert":
         return tf.BertForSequenceClassification(tiny_bert_config(num_labels=3))
-    small = dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-                 num_labels=3, max_position_embeddings=70)
+    small = dict(
+        vocab_size=40,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        num_labels=3,
+        max_position_embeddings=70,
+    )
     if family == "roberta":
         return tf.RobertaForSequenceClassification(tf.RobertaConfig(pad_token_id=1, **small))
     if family == "electra":
@@ -42,18 +49,44 @@ def build(family: str) -> nn.Module:
     if family == "deberta-v2":
         return tf.DebertaV2ForSequenceClassification(tf.DebertaV2Config(pad_token_id=0, **small))
     if family == "mistral":
-        return tf.MistralForCausalLM(tf.MistralConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2,
-                                                      num_attention_heads=4, num_key_value_heads=2,
-                                                      intermediate_size=48))
+        return tf.MistralForCausalLM(
+            tf.MistralConfig(
+                vocab_size=40,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                intermediate_size=48,
+            )
+        )
     if family == "distilbert":
-        return tf.DistilBertForSequenceClassification(tf.DistilBertConfig(
-            vocab_size=40, dim=32, n_layers=2, n_heads=2, hidden_dim=37, num_labels=3, pad_token_id=0))
+        return tf.DistilBertForSequenceClassification(
+            tf.DistilBertConfig(
+                vocab_size=40, dim=32, n_layers=2, n_heads=2, hidden_dim=37, num_labels=3, pad_token_id=0
+            )
+        )
     if family == "llama":
-        return tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2,
-                                                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=48))
+        return tf.LlamaForCausalLM(
+            tf.LlamaConfig(
+                vocab_size=40,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                intermediate_size=48,
+            )
+        )
     if family == "qwen2":
-        return tf.Qwen2ForCausalLM(tf.Qwen2Config(vocab_size=40, hidden_size=32, num_hidden_layers=2,
-                                                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=48))
+        return tf.Qwen2ForCausalLM(
+            tf.Qwen2Config(
+                vocab_size=40,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                intermediate_size=48,
+            )
+        )
     if family == "gpt2":
         return tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=40, n_embd=32, n_layer=2, n_head=2, n_positions=64))
     raise ValueError(family)
@@ -90,9 +123,13 @@ def configs() -> dict[str, object]:
 
 IDENTITY_AT_INIT = {"lora", "adapter-houlsby", "adapter-pfeiffer", "adapter-parallel", "ia3", "bitfit", "full"}
 FAMILIES = ("bert", "roberta", "electra", "deberta-v2", "distilbert", "llama", "qwen2", "mistral", "gpt2")
-CASES = [(f, m) for f in FAMILIES for m in configs()
-         if not (m == "bitfit" and f in ("llama", "qwen2", "mistral"))  # no biases to fit there
-         and not (m.startswith("prefix") and f == "deberta-v2")]  # its attention is its own (tested below)
+CASES = [
+    (f, m)
+    for f in FAMILIES
+    for m in configs()
+    if not (m == "bitfit" and f in ("llama", "qwen2", "mistral"))  # no biases to fit there
+    and not (m.startswith("prefix") and f == "deberta-v2")
+]  # its attention is its own (tested below)
 
 
 @pytest.mark.parametrize(("family", "method"), CASES)
@@ -171,8 +208,9 @@ def test_prefix_respects_padding_on_either_side(family):
         mask = torch.tensor([[0, 0, 1, 1, 1, 1]])
         model.eval()
         with torch.no_grad():
-            logits = model(input_ids=padded, attention_mask=mask,
-                           position_ids=torch.tensor([[0, 0, 0, 1, 2, 3]])).logits
+            logits = model(
+                input_ids=padded, attention_mask=mask, position_ids=torch.tensor([[0, 0, 0, 1, 2, 3]])
+            ).logits
         torch.testing.assert_close(logits[:, 2:], alone, atol=1e-5, rtol=0)
 
 

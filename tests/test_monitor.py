@@ -18,8 +18,12 @@ def two_runs(tiny_bert_dir, sentiment_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("monitor")
     runs = []
     for name, lr in (("a", 0.02), ("b", 0.005)):
-        recipe = tiny_recipe(tmp, tiny_bert_dir, sentiment_dir, **{"output_dir": str(tmp / name), "train.lr": lr,
-                                                                    "train.epochs": 2, "train.eval_steps": 5})
+        recipe = tiny_recipe(
+            tmp,
+            tiny_bert_dir,
+            sentiment_dir,
+            **{"output_dir": str(tmp / name), "train.lr": lr, "train.epochs": 2, "train.eval_steps": 5},
+        )
         train(load_recipe(recipe), echo=lambda _: None)
         runs.append(tmp / name)
     return runs
@@ -49,8 +53,9 @@ def test_tensorboard_and_offline_wandb(tiny_bert_dir, sentiment_dir, tmp_path, m
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
-    recipe = tiny_recipe(tmp_path, tiny_bert_dir, sentiment_dir, **{
-        "train.epochs": 1, "train.report_to": ["tensorboard", "wandb"]})
+    recipe = tiny_recipe(
+        tmp_path, tiny_bert_dir, sentiment_dir, **{"train.epochs": 1, "train.report_to": ["tensorboard", "wandb"]}
+    )
     train(load_recipe(recipe), echo=lambda _: None)
     run = tmp_path / "run"
     events = list((run / "tensorboard").glob("events.out.tfevents.*"))
@@ -70,7 +75,7 @@ def test_plain_progress_lines_when_not_a_terminal(tiny_bert_dir, sentiment_dir, 
     recipe = tiny_recipe(tmp_path, tiny_bert_dir, sentiment_dir, **{"train.epochs": 1, "train.log_steps": 5})
     proc = run_cli("train", str(recipe))
     assert proc.returncode == 0, proc.stderr
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("step ")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
     assert len(lines) == 4 and "examples/s" in lines[0]  # 20 steps, a line every 5
     assert "\r" not in proc.stdout
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 20

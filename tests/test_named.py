@@ -29,8 +29,16 @@ def build(family: str, num_labels: int = 3):
     torch.manual_seed(0)
     if family == "bert":
         return tf.BertForSequenceClassification(tiny_bert_config(num_labels=num_labels)), "classifier"
-    cfg = tf.LlamaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=48, num_labels=num_labels, pad_token_id=0)
+    cfg = tf.LlamaConfig(
+        vocab_size=40,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        num_labels=num_labels,
+        pad_token_id=0,
+    )
     return tf.LlamaForSequenceClassification(cfg), "score"
 
 
@@ -47,8 +55,10 @@ def forward(model, **kw) -> torch.Tensor:
         return model(input_ids=INPUT, attention_mask=MASK, **kw).logits
 
 
-TARGETS = {"bert": (["query", "value"], ["query", "key", "dense"]),
-           "llama": (["q_proj", "v_proj"], ["q_proj", "k_proj", "o_proj", "down_proj"])}
+TARGETS = {
+    "bert": (["query", "value"], ["query", "key", "dense"]),
+    "llama": (["q_proj", "v_proj"], ["q_proj", "k_proj", "o_proj", "down_proj"]),
+}
 
 
 def peft_pair(family: str, tmp_path):
@@ -57,8 +67,11 @@ def peft_pair(family: str, tmp_path):
     base, head = build(family)
     first, second = TARGETS[family]
     task = peft.TaskType.SEQ_CLS
-    ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(task_type=task, r=4, lora_alpha=8,
-                                                                   target_modules=first), adapter_name="first")
+    ref = peft.get_peft_model(
+        copy.deepcopy(base),
+        peft.LoraConfig(task_type=task, r=4, lora_alpha=8, target_modules=first),
+        adapter_name="first",
+    )
     ref.add_adapter("second", peft.LoraConfig(task_type=task, r=8, lora_alpha=4, target_modules=second))
     for name, seed in (("first", 1), ("second", 2)):
         perturb([p for n, p in ref.named_parameters() if f".{name}." in n or n.endswith(f".{name}")], seed)
@@ -139,9 +152,16 @@ def test_lora_and_ia3_share_layers(tmp_path):
     from peftkit.methods import apply_method, save_adapter
 
     singles = {}
-    for name, cfg, seed in (("lora", LoraConfig(r=2, target_modules=["query", "value", "intermediate.dense"]), 5),
-                            ("ia3", IA3Config(target_modules=["value", "intermediate.dense", "output.dense"],
-                                              feedforward_modules=["output.dense"]), 6)):
+    for name, cfg, seed in (
+        ("lora", LoraConfig(r=2, target_modules=["query", "value", "intermediate.dense"]), 5),
+        (
+            "ia3",
+            IA3Config(
+                target_modules=["value", "intermediate.dense", "output.dense"], feedforward_modules=["output.dense"]
+            ),
+            6,
+        ),
+    ):
         model, _ = build("bert")
         apply_method(model, cfg)
         perturb([p for p in model.parameters() if p.requires_grad], seed)
@@ -161,11 +181,13 @@ def test_delete_leaves_the_others_and_memory_is_the_adapters_own(tmp_path):
     base_params = sum(p.numel() for p in base.parameters())
     bank_params = sum(p.numel() for p in named.model.parameters())
     heads = sum(p.numel() for m in named.model.modules() if isinstance(m, HeadBank) for p in m.copies.parameters())
-    factors = sum(p.numel() for m in named.model.modules() if isinstance(m, AdaptedLinear)
-                  for p in m.updates.parameters())
+    factors = sum(
+        p.numel() for m in named.model.modules() if isinstance(m, AdaptedLinear) for p in m.updates.parameters()
+    )
     assert factors > 0 and bank_params == base_params + heads + factors  # nothing of the base is copied
-    assert not any(p.requires_grad for m in named.model.modules() if isinstance(m, AdaptedLinear)
-                   for p in m.updates.parameters())
+    assert not any(
+        p.requires_grad for m in named.model.modules() if isinstance(m, AdaptedLinear) for p in m.updates.parameters()
+    )
     named.delete("a")
     assert named.names == ["b"]
     ref.set_adapter("second")
@@ -188,9 +210,8 @@ def test_bad_names_and_methods_are_refused_on_one_line(tmp_path):
         named.add("a b/..", files.method_config(), state)
     with pytest.raises(PeftkitError, match="holds no 2 x D 'prompt_embeddings'"):
         named.add("p", PromptTuningConfig(num_virtual_tokens=2), {})
-    with pytest.raises(PeftkitError, match="no adapter named 'c'"):
-        with named.per_row(["a", "c"]):
-            pass
+    with pytest.raises(PeftkitError, match="no adapter named 'c'"), named.per_row(["a", "c"]):
+        pass
     with pytest.raises(PeftkitError, match="no adapter named"):
         named.set_active("b")
     bad = {k: (v[:, :3] if k.endswith("lora_A.weight") else v) for k, v in state.items()}
@@ -224,16 +245,32 @@ def test_cli_predict_routes_each_row_to_its_adapter(tiny_bert_dir, tmp_path):
 
     from peftkit.cli import main
 
-    models = {"mood": saved_classifier(tiny_bert_dir, tmp_path / "mood", ["negative", "positive"], 1),
-              "genre": saved_classifier(tiny_bert_dir, tmp_path / "genre", ["drama", "comedy", "horror"], 2,
-                                        ("query", "key", "dense"))}
-    rows = [{"id": "r1", "text": "the movie was great", "adapter": "genre"},
-            {"id": 7, "text": "a dull and boring plot"},  # no adapter field: the first one given
-            {"text": "quite fun", "adapter": "mood"},
-            {"text": "awful acting and a weak story that was very tedious", "adapter": "genre"}]
+    models = {
+        "mood": saved_classifier(tiny_bert_dir, tmp_path / "mood", ["negative", "positive"], 1),
+        "genre": saved_classifier(
+            tiny_bert_dir, tmp_path / "genre", ["drama", "comedy", "horror"], 2, ("query", "key", "dense")
+        ),
+    }
+    rows = [
+        {"id": "r1", "text": "the movie was great", "adapter": "genre"},
+        {"id": 7, "text": "a dull and boring plot"},  # no adapter field: the first one given
+        {"text": "quite fun", "adapter": "mood"},
+        {"text": "awful acting and a weak story that was very tedious", "adapter": "genre"},
+    ]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = ["predict", "--adapter", f"mood={tmp_path / 'mood'}", "--adapter", f"genre={tmp_path / 'genre'}",
-            "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"), "--batch-size", "3"]
+    args = [
+        "predict",
+        "--adapter",
+        f"mood={tmp_path / 'mood'}",
+        "--adapter",
+        f"genre={tmp_path / 'genre'}",
+        "--input",
+        str(tmp_path / "in.jsonl"),
+        "--output",
+        str(tmp_path / "out.jsonl"),
+        "--batch-size",
+        "3",
+    ]
     assert main(args) == 0
     out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [o.get("id") for o in out] == ["r1", 7, None, None]
@@ -253,8 +290,20 @@ def test_cli_predict_routes_each_row_to_its_adapter(tiny_bert_dir, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     (data / "test.jsonl").write_text("".join(json.dumps({"text": r["text"], "label": "positive"}) + "\n" for r in rows))
-    assert main(["eval", "--adapter", f"mood={tmp_path / 'mood'}", "--data", str(data),
-                 "--output", str(tmp_path / "eval.json")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--adapter",
+                f"mood={tmp_path / 'mood'}",
+                "--data",
+                str(data),
+                "--output",
+                str(tmp_path / "eval.json"),
+            ]
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "eval.json").read_text())
     assert set(result["adapters"]) == {"mood"} and result["adapters"]["mood"]["n"] == 4
 
@@ -272,8 +321,9 @@ def test_cli_bad_named_input_is_one_line_and_writes_nothing(tiny_bert_dir, tmp_p
         (["--adapter", f"a={tmp_path / 'missing'}"], "not an adapter folder"),
     ]
     for adapters, message in cases:
-        expect_error(capsys, ["predict", *adapters, "--input", str(tmp_path / "in.jsonl"), "--output", str(out)],
-                     message)
+        expect_error(
+            capsys, ["predict", *adapters, "--input", str(tmp_path / "in.jsonl"), "--output", str(out)], message
+        )
         assert not out.exists()
 
 
@@ -282,8 +332,9 @@ def test_peft_multi_adapter_folder_loads_by_its_names(tmp_path):
     from peftkit.multi import folder_adapters, read_specs
 
     base, head = build("bert")
-    ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(task_type=peft.TaskType.SEQ_CLS, r=4,
-                                                                   target_modules=["query", "value"]))
+    ref = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(task_type=peft.TaskType.SEQ_CLS, r=4, target_modules=["query", "value"])
+    )
     ref.add_adapter("other", peft.LoraConfig(task_type=peft.TaskType.SEQ_CLS, r=2, target_modules=["key"]))
     perturb([p for p in ref.parameters() if p.requires_grad], 9)
     ref.save_pretrained(str(tmp_path / "p"))
@@ -316,12 +367,33 @@ def test_cli_generate_answers_each_row_with_its_adapter(tiny_llama_dir, tmp_path
         for k in range(4):  # strong enough to change the greedy tokens
             perturb([p for p in model.parameters() if p.requires_grad], seed * 10 + k)
         save_adapter(model, tmp_path / name, base_model=str(tiny_llama_dir), task="causal_lm")
-    rows = [{"prompt": "hello how are you", "adapter": "right"}, {"prompt": "is it good ?", "adapter": "left"},
-            {"prompt": "review : fun", "adapter": "right", "id": 3}]
+    rows = [
+        {"prompt": "hello how are you", "adapter": "right"},
+        {"prompt": "is it good ?", "adapter": "left"},
+        {"prompt": "review : fun", "adapter": "right", "id": 3},
+    ]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert main(["generate", "--adapter", f"left={tmp_path / 'left'}", "--adapter", f"right={tmp_path / 'right'}",
-                 "--input", str(tmp_path / "in.jsonl"), "--text-field", "prompt", "--max-new-tokens", "6", "--raw",
-                 "--output", str(tmp_path / "out.jsonl")]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--adapter",
+                f"left={tmp_path / 'left'}",
+                "--adapter",
+                f"right={tmp_path / 'right'}",
+                "--input",
+                str(tmp_path / "in.jsonl"),
+                "--text-field",
+                "prompt",
+                "--max-new-tokens",
+                "6",
+                "--raw",
+                "--output",
+                str(tmp_path / "out.jsonl"),
+            ]
+        )
+        == 0
+    )
     out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [o["adapter"] for o in out] == ["right", "left", "right"] and out[2]["id"] == 3
     alone = {n: load_adapted_lm(tmp_path / n) for n in ("left", "right")}
@@ -356,8 +428,20 @@ def test_pack_writes_peft_multi_adapter_layout(tmp_path):
     from peftkit.multi import folder_adapters
 
     base, ref = peft_pair("bert", tmp_path)
-    assert main(["pack", "--adapter", f"default={tmp_path / 'p' / 'first'}", "--adapter",
-                 f"other={tmp_path / 'p' / 'second'}", "--output", str(tmp_path / "packed")]) == 0
+    assert (
+        main(
+            [
+                "pack",
+                "--adapter",
+                f"default={tmp_path / 'p' / 'first'}",
+                "--adapter",
+                f"other={tmp_path / 'p' / 'second'}",
+                "--output",
+                str(tmp_path / "packed"),
+            ]
+        )
+        == 0
+    )
     assert [n for n, _ in folder_adapters(tmp_path / "packed")] == ["default", "other"]
     again = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "packed"))
     again.load_adapter(str(tmp_path / "packed" / "other"), adapter_name="other")
@@ -373,13 +457,18 @@ def test_gpt2_conv1d_layers_take_named_lora_and_ia3_adapters(tmp_path):
     import transformers as tf
 
     torch.manual_seed(0)
-    base = tf.GPT2ForSequenceClassification(tf.GPT2Config(vocab_size=40, n_embd=32, n_layer=2, n_head=2,
-                                                          n_positions=64, num_labels=3, pad_token_id=0))
+    base = tf.GPT2ForSequenceClassification(
+        tf.GPT2Config(vocab_size=40, n_embd=32, n_layer=2, n_head=2, n_positions=64, num_labels=3, pad_token_id=0)
+    )
     task = peft.TaskType.SEQ_CLS
-    ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(task_type=task, r=4, target_modules=["c_attn"],
-                                                                   fan_in_fan_out=True), adapter_name="first")
-    ref.add_adapter("second", peft.LoraConfig(task_type=task, r=2, target_modules=["c_attn", "c_fc"],
-                                              fan_in_fan_out=True))
+    ref = peft.get_peft_model(
+        copy.deepcopy(base),
+        peft.LoraConfig(task_type=task, r=4, target_modules=["c_attn"], fan_in_fan_out=True),
+        adapter_name="first",
+    )
+    ref.add_adapter(
+        "second", peft.LoraConfig(task_type=task, r=2, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    )
     for name, seed in (("first", 1), ("second", 2)):
         perturb([p for n, p in ref.named_parameters() if f".{name}." in n], seed)
     ref.save_pretrained(str(tmp_path / "p"))
@@ -390,10 +479,16 @@ def test_gpt2_conv1d_layers_take_named_lora_and_ia3_adapters(tmp_path):
     assert (got.softmax(-1) - expected.softmax(-1)).abs().max() <= 1e-5
     assert (got - forward(base)).abs().max() > 1e-2
 
-
     # an IA3 adapter on the same Conv1D layers, by peft, beside the LoRA ones
-    ia3 = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(task_type=task, target_modules=["c_attn", "mlp.c_proj"],
-                                                                  feedforward_modules=["mlp.c_proj"], fan_in_fan_out=True))
+    ia3 = peft.get_peft_model(
+        copy.deepcopy(base),
+        peft.IA3Config(
+            task_type=task,
+            target_modules=["c_attn", "mlp.c_proj"],
+            feedforward_modules=["mlp.c_proj"],
+            fan_in_fan_out=True,
+        ),
+    )
     perturb([p for p in ia3.parameters() if p.requires_grad], 3)
     ia3.save_pretrained(str(tmp_path / "ia3"))
     files = read_adapter(tmp_path / "ia3")

@@ -9,16 +9,25 @@ import torch
 
 from peftkit.adapter_io import read_adapter, read_adapter_weights
 from peftkit.errors import PeftkitError
-from peftkit.methods import (LoraConfig, PrefixTuningConfig, PromptTuningConfig, apply_method, load_adapter,
-                             save_adapter, trainable_parameters)
+from peftkit.methods import (
+    LoraConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    apply_method,
+    load_adapter,
+    save_adapter,
+    trainable_parameters,
+)
 
 from .test_named import INPUT, MASK, build, forward, load_named, perturb
 
 peft = pytest.importorskip("peft")
 
-METHODS = {"lora": LoraConfig(r=4, alpha=8, target_modules=["query", "value"]),
-           "prompt": PromptTuningConfig(num_virtual_tokens=3),
-           "prefix": PrefixTuningConfig(num_virtual_tokens=5)}
+METHODS = {
+    "lora": LoraConfig(r=4, alpha=8, target_modules=["query", "value"]),
+    "prompt": PromptTuningConfig(num_virtual_tokens=3),
+    "prefix": PrefixTuningConfig(num_virtual_tokens=5),
+}
 
 
 def saved(base, folder, method, seed: int, task: str = "classification"):
@@ -51,9 +60,8 @@ def test_prompt_and_prefix_adapters_share_a_base_with_lora(tmp_path):
     for i, name in enumerate(rows):
         want = expected[name][i] if name else base_logits[i]
         assert (got[i] - want).abs().max() <= 1e-5, (i, name)
-    with pytest.raises(PeftkitError, match="cannot share a forward pass"):
-        with named.per_row(rows):
-            pass
+    with pytest.raises(PeftkitError, match="cannot share a forward pass"), named.per_row(rows):
+        pass
     with named.per_row(["prompt"] * 4):  # rows of one prompt adapter do share a pass
         assert (forward(named.model) - expected["prompt"]).abs().max() <= 1e-5
 
@@ -69,8 +77,9 @@ def test_prompt_and_prefix_adapters_share_a_base_with_lora(tmp_path):
 
 def test_peft_prompt_adapter_by_name_matches_peft(tmp_path):
     base, _ = build("bert")
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.PromptTuningConfig(task_type=peft.TaskType.SEQ_CLS,
-                                                                               num_virtual_tokens=4))
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base), peft.PromptTuningConfig(task_type=peft.TaskType.SEQ_CLS, num_virtual_tokens=4)
+    )
     perturb([p for p in theirs.parameters() if p.requires_grad], 5)
     theirs.save_pretrained(tmp_path / "p")
     saved(base, tmp_path / "lora", METHODS["lora"], 6)
@@ -83,11 +92,15 @@ def test_decoder_prompt_and_prefix_adapters_generate_as_alone(tiny_llama_dir, tm
     from transformers import AutoModelForCausalLM
 
     from peftkit.generation import generate
-    from peftkit.multi import generate_rows, load_named as load_folders
+    from peftkit.multi import generate_rows
+    from peftkit.multi import load_named as load_folders
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
-    methods = {"lora": LoraConfig(r=4, alpha=16, target_modules="all-linear"),
-               "prompt": PromptTuningConfig(num_virtual_tokens=3), "prefix": PrefixTuningConfig(num_virtual_tokens=4)}
+    methods = {
+        "lora": LoraConfig(r=4, alpha=16, target_modules="all-linear"),
+        "prompt": PromptTuningConfig(num_virtual_tokens=3),
+        "prefix": PrefixTuningConfig(num_virtual_tokens=4),
+    }
     alone = {}
     for seed, (name, method) in enumerate(methods.items(), 3):
         model = copy.deepcopy(base)
@@ -156,13 +169,28 @@ def test_cli_predict_mixes_prompt_prefix_and_lora_rows(tiny_bert_dir, tmp_path):
         model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=len(labels[name]))
         apply_method(model, method)
         perturb(trainable_parameters(model).values(), seed)
-        save_adapter(model, tmp_path / name, base_model=str(tiny_bert_dir),
-                     meta={"id2label": dict(enumerate(labels[name])), "max_length": 32})
+        save_adapter(
+            model,
+            tmp_path / name,
+            base_model=str(tiny_bert_dir),
+            meta={"id2label": dict(enumerate(labels[name])), "max_length": 32},
+        )
     texts = ["the movie was great", "a dull and boring plot", "quite fun", "awful acting", "a fine film"]
     rows = [{"text": t, "adapter": a} for t, a in zip(texts, ["prompt", "lora", "prefix", "prompt", "lora"])]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert main(["predict", *[a for n in METHODS for a in ("--adapter", f"{n}={tmp_path / n}")],
-                 "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                *[a for n in METHODS for a in ("--adapter", f"{n}={tmp_path / n}")],
+                "--input",
+                str(tmp_path / "in.jsonl"),
+                "--output",
+                str(tmp_path / "out.jsonl"),
+            ]
+        )
+        == 0
+    )
     out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     for row, o in zip(rows, out):
         clf = load_adapted_classifier(tmp_path / row["adapter"])

@@ -72,8 +72,9 @@ def test_threads_do_not_change_the_result():
     outs = []
     for threads in (1, 2, 4):
         out, keep = torch.empty_like(x), torch.empty(x.shape, dtype=torch.uint8)
-        kernels.lib.peftkit_dropout_f32(out.data_ptr(), x.data_ptr(), keep.data_ptr(), x.numel(), 1, 99,
-                                        round(0.5 * 65536) - 32768, 2.0, threads)
+        kernels.lib.peftkit_dropout_f32(
+            out.data_ptr(), x.data_ptr(), keep.data_ptr(), x.numel(), 1, 99, round(0.5 * 65536) - 32768, 2.0, threads
+        )
         outs.append((out, keep))
     assert all(torch.equal(o, outs[0][0]) and torch.equal(k, outs[0][1]) for o, k in outs[1:])
 

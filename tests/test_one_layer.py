@@ -27,10 +27,16 @@ from .conftest import METHOD_EXAMPLES
 from .test_methods import IDS, MASK, build, out, perturb
 
 #: the methods whose adapters update layers in place of the base's, row by row
-MIXED = {"lora": LoraConfig(r=4, alpha=8), "dora": LoraConfig(r=4, alpha=8, use_dora=True),
-         "vera": VeraConfig(r=4), "loha": LoHaConfig(r=2, alpha=4), "lokr": LoKrConfig(r=2, alpha=4),
-         "adalora": AdaLoraConfig(init_r=4, target_r=2, total_step=10, alpha=8), "ia3": IA3Config(),
-         "ln_tuning": LNTuningConfig()}
+MIXED = {
+    "lora": LoraConfig(r=4, alpha=8),
+    "dora": LoraConfig(r=4, alpha=8, use_dora=True),
+    "vera": VeraConfig(r=4),
+    "loha": LoHaConfig(r=2, alpha=4),
+    "lokr": LoKrConfig(r=2, alpha=4),
+    "adalora": AdaLoraConfig(init_r=4, target_r=2, total_step=10, alpha=8),
+    "ia3": IA3Config(),
+    "ln_tuning": LNTuningConfig(),
+}
 
 
 def test_every_registered_method_has_an_example():
@@ -38,8 +44,10 @@ def test_every_registered_method_has_an_example():
     assert {m.name for m in METHODS.values() if m.named} <= {c.name for c in MIXED.values()}
 
 
-@pytest.mark.parametrize(("method", "family"), [(m, f) for m in sorted(METHOD_EXAMPLES) for f in ("bert", "llama")
-                                                if not (m == "bitfit" and f == "llama")])  # LLaMA has no biases
+@pytest.mark.parametrize(
+    ("method", "family"),
+    [(m, f) for m in sorted(METHOD_EXAMPLES) for f in ("bert", "llama") if not (m == "bitfit" and f == "llama")],
+)  # LLaMA has no biases
 def test_adapters_disabled_gives_the_base_exactly(method, family):
     ref = out(build(family))
     model = build(family)
@@ -62,9 +70,8 @@ def test_a_merged_model_refuses_to_run_without_its_adapters():
     model = build("llama")
     apply_method(model, LoraConfig(r=2))
     merge(model)
-    with pytest.raises(PeftkitError, match="unmerge the adapters"):
-        with adapters_disabled(model):
-            pass
+    with pytest.raises(PeftkitError, match="unmerge the adapters"), adapters_disabled(model):
+        pass
     unmerge(model)
 
 
@@ -119,6 +126,6 @@ def test_mixed_rows_of_every_layer_method_equal_each_adapter_alone(tmp_path):
             got = loaded.model(input_ids=rows, attention_mask=masks).logits
         for i, name in enumerate(per_row):
             model = alone[name] if name is not None else build("llama")
-            want = out(model, rows[i:i + 1], masks[i:i + 1])[0]
+            want = out(model, rows[i : i + 1], masks[i : i + 1])[0]
             assert (got[i] - want).abs().max() <= 1e-5, name
     assert not torch.equal(got[0], got[-1])

@@ -13,7 +13,7 @@ import pytest
 
 from peftkit.fsio import atomic_path, atomic_write_text, write_json
 
-from .conftest import run_cli, tiny_recipe, write_jsonl
+from .conftest import run_cli, tiny_recipe
 
 
 def test_a_symlinked_output_stays_a_symlink_and_its_target_gets_the_text(tmp_path):
@@ -41,10 +41,9 @@ def test_a_fifo_output_is_written_through_not_replaced(tmp_path):
 def test_a_regular_file_is_replaced_atomically_and_a_failed_write_leaves_it_whole(tmp_path):
     out = tmp_path / "out.txt"
     out.write_text("before")
-    with pytest.raises(RuntimeError):
-        with atomic_path(out) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError), atomic_path(out) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
     assert out.read_text() == "before" and os.listdir(tmp_path) == ["out.txt"]
     atomic_write_text(out, "after")
     assert out.read_text() == "after"
@@ -59,20 +58,39 @@ def classifier(tiny_bert_dir, sentiment_dir, tmp_path_factory):
 
 
 def _peftkit(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "peftkit", *args], input=stdin, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "peftkit", *args], input=stdin, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_predict_reads_stdin_and_writes_stdout_with_line_numbers_and_texts(classifier):
-    done = _peftkit("predict", "--adapter", str(classifier), "--input", "-", "--output", "-",
-                    stdin="the movie was great and fun\n\na dull and boring film\n")
+    done = _peftkit(
+        "predict",
+        "--adapter",
+        str(classifier),
+        "--input",
+        "-",
+        "--output",
+        "-",
+        stdin="the movie was great and fun\n\na dull and boring film\n",
+    )
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in done.stdout.splitlines()]  # nothing but results on stdout
     assert [(r["line"], r["text"], r["label"]) for r in rows] == [
-        (1, "the movie was great and fun", "positive"), (3, "a dull and boring film", "negative")]
+        (1, "the movie was great and fun", "positive"),
+        (3, "a dull and boring film", "negative"),
+    ]
     assert "wrote 2 predictions to -" in done.stderr
-    jsonl = _peftkit("predict", "--adapter", str(classifier), "--input", "-", "--output", "-",
-                     stdin=json.dumps({"id": "a7", "text": "a superb story"}) + "\n")
+    jsonl = _peftkit(
+        "predict",
+        "--adapter",
+        str(classifier),
+        "--input",
+        "-",
+        "--output",
+        "-",
+        stdin=json.dumps({"id": "a7", "text": "a superb story"}) + "\n",
+    )
     assert jsonl.returncode == 0, jsonl.stderr
     row = json.loads(jsonl.stdout)
     assert (row["line"], row["id"], row["text"], row["label"]) == (1, "a7", "a superb story", "positive")

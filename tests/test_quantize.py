@@ -20,8 +20,11 @@ from .test_errors import expect_error
 from .test_methods import IDS, MASK, build, out, perturb
 
 pytest.importorskip("bitsandbytes")
-KINDS = [QuantizationConfig(bits=4, quant_type="nf4"), QuantizationConfig(bits=4, quant_type="fp4", double_quant=False),
-         QuantizationConfig(bits=8)]
+KINDS = [
+    QuantizationConfig(bits=4, quant_type="nf4"),
+    QuantizationConfig(bits=4, quant_type="fp4", double_quant=False),
+    QuantizationConfig(bits=8),
+]
 
 
 @pytest.mark.parametrize("qcfg", KINDS, ids=["nf4", "fp4", "int8"])
@@ -68,15 +71,21 @@ def test_quantized_bert_save_load_and_size(qcfg, tmp_path):
 
 def test_full_fine_tuning_refuses_a_quantized_base(tiny_bert_dir, sentiment_dir, tmp_path, capsys):
     recipe = tiny_recipe(tmp_path, tiny_bert_dir, sentiment_dir)
-    expect_error(capsys, ["train", str(recipe), "method.name=full", "quantization.bits=4"],
-                 "full fine-tuning cannot train a quantized base")
+    expect_error(
+        capsys,
+        ["train", str(recipe), "method.name=full", "quantization.bits=4"],
+        "full fine-tuning cannot train a quantized base",
+    )
 
 
-@pytest.mark.parametrize("overrides, needle", [
-    (["quantization.bits=3"], "quantization.bits"),
-    (["quantization.bits=4", "quantization.quant_type=int2"], "quantization.quant_type"),
-    (["quantization.bits=4", "quantization.compute_dtype=float8"], "quantization.compute_dtype"),
-])
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["quantization.bits=3"], "quantization.bits"),
+        (["quantization.bits=4", "quantization.quant_type=int2"], "quantization.quant_type"),
+        (["quantization.bits=4", "quantization.compute_dtype=float8"], "quantization.compute_dtype"),
+    ],
+)
 def test_bad_quantization_options(overrides, needle, tiny_bert_dir, sentiment_dir, tmp_path, capsys):
     recipe = tiny_recipe(tmp_path, tiny_bert_dir, sentiment_dir)
     expect_error(capsys, ["train", str(recipe), *overrides], needle)
@@ -132,8 +141,10 @@ def test_every_method_trains_on_a_quantized_base(method, tmp_path):
     assert torch.equal(out(fresh), trained)
 
 
-@pytest.mark.parametrize("quant_type,double_quant,compute_dtype", [("nf4", True, "float32"), ("fp4", False, "float32"),
-                                                                   ("nf4", True, "bfloat16")])
+@pytest.mark.parametrize(
+    "quant_type,double_quant,compute_dtype",
+    [("nf4", True, "float32"), ("fp4", False, "float32"), ("nf4", True, "bfloat16")],
+)
 def test_cpu_4bit_layer_matches_bitsandbytes_own_forward_and_backward(quant_type, double_quant, compute_dtype):
     """The shared-buffer CPU path computes what bitsandbytes' Linear4bit computes, gradients included."""
     import bitsandbytes as bnb
@@ -142,8 +153,9 @@ def test_cpu_4bit_layer_matches_bitsandbytes_own_forward_and_backward(quant_type
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(96, 40))
-    quantize_model(model, QuantizationConfig(bits=4, quant_type=quant_type, double_quant=double_quant,
-                                             compute_dtype=compute_dtype))
+    quantize_model(
+        model, QuantizationConfig(bits=4, quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype)
+    )
     layer = model[0]
     assert isinstance(layer, bnb.nn.Linear4bit)
     state = layer.weight.quant_state

@@ -26,15 +26,31 @@ STEPS = 40  # 320 examples / batch 16 = 20 steps an epoch, 2 epochs
 
 
 def recipe_for(tmp: Path, tiny_bert_dir, sentiment_dir, name: str) -> Path:
-    path = tiny_recipe(tmp, tiny_bert_dir, sentiment_dir, **{
-        "output_dir": str(tmp / name), "train.epochs": 2, "train.save_steps": 1, "train.eval_steps": 5,
-        "train.log_steps": 3, "train.save_total_limit": 2, "method.dropout": 0.1})
+    path = tiny_recipe(
+        tmp,
+        tiny_bert_dir,
+        sentiment_dir,
+        **{
+            "output_dir": str(tmp / name),
+            "train.epochs": 2,
+            "train.save_steps": 1,
+            "train.eval_steps": 5,
+            "train.log_steps": 3,
+            "train.save_total_limit": 2,
+            "method.dropout": 0.1,
+        },
+    )
     return path.rename(tmp / f"{name}.yaml")
 
 
 def start(recipe: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "peftkit", "train", str(recipe), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    return subprocess.Popen(
+        [sys.executable, "-m", "peftkit", "train", str(recipe), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
 
 
 def history(run: Path) -> list[dict]:
@@ -46,8 +62,10 @@ def history(run: Path) -> list[dict]:
 
 def final_tensors(run: Path) -> dict[str, torch.Tensor]:
     last = list_checkpoints(run)[-1][1]
-    return {**{"final." + k: v for k, v in load_file(str(last / "trainable.safetensors")).items()},
-            **{"adapter." + k: v for k, v in load_file(str(run / "adapter" / "adapter_model.safetensors")).items()}}
+    return {
+        **{"final." + k: v for k, v in load_file(str(last / "trainable.safetensors")).items()},
+        **{"adapter." + k: v for k, v in load_file(str(run / "adapter" / "adapter_model.safetensors")).items()},
+    }
 
 
 def assert_same_run(run: Path, ref: Path) -> None:
@@ -56,8 +74,10 @@ def assert_same_run(run: Path, ref: Path) -> None:
     for k in want:
         assert torch.equal(got[k], want[k]), k  # bitwise: same thread count, same CPU
     assert history(run) == history(ref)
-    assert json.loads((run / "summary.json").read_text())["best_step"] == \
-        json.loads((ref / "summary.json").read_text())["best_step"]
+    assert (
+        json.loads((run / "summary.json").read_text())["best_step"]
+        == json.loads((ref / "summary.json").read_text())["best_step"]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +93,13 @@ def reference(tiny_bert_dir, sentiment_dir, tmp_path_factory):
 def stopped_at(recipe: Path, point: str, *extra: str) -> subprocess.CompletedProcess:
     """Run ``recipe`` until the deterministic kill point ``point`` (``step:N``, ``checkpoint:N``,
     ``term:N``; see ``checkpoint.stop_for_test``) stops it."""
-    return subprocess.run([sys.executable, "-m", "peftkit", "train", str(recipe), *extra], capture_output=True,
-                          text=True, env={**ENV, "PEFTKIT_TEST_STOP": point}, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "peftkit", "train", str(recipe), *extra],
+        capture_output=True,
+        text=True,
+        env={**ENV, "PEFTKIT_TEST_STOP": point},
+        timeout=600,
+    )
 
 
 def newest_step(run: Path) -> int:
@@ -140,8 +165,13 @@ def test_changed_config_resume(reference, tiny_bert_dir, sentiment_dir, capsys):
 def test_sigkill_before_the_first_checkpoint_then_resume_auto_starts_over(reference, tiny_bert_dir, sentiment_dir):
     tmp, _ = reference  # the shared reference may have been resumed further by now: this test makes its own
     ref_recipe = recipe_for(tmp, tiny_bert_dir, sentiment_dir, "early-ref")
-    done = subprocess.run([sys.executable, "-m", "peftkit", "train", str(ref_recipe), "train.save_steps=1000"],
-                          capture_output=True, text=True, env=ENV, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "peftkit", "train", str(ref_recipe), "train.save_steps=1000"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     ref = tmp / "early-ref"
     recipe = recipe_for(tmp, tiny_bert_dir, sentiment_dir, "early")
@@ -151,11 +181,21 @@ def test_sigkill_before_the_first_checkpoint_then_resume_auto_starts_over(refere
     assert not list_checkpoints(run) and (run / "config.yaml").is_file()
     assert (run / "metrics.jsonl").read_text().strip()  # it had begun to log
     # another run's config in this folder is not resumed, nor restarted over it
-    other = subprocess.run([sys.executable, "-m", "peftkit", "train", str(recipe), "train.save_steps=1000",
-                            "method.r=8", "resume=auto"], capture_output=True, text=True, env=ENV, timeout=600)
+    other = subprocess.run(
+        [sys.executable, "-m", "peftkit", "train", str(recipe), "train.save_steps=1000", "method.r=8", "resume=auto"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
     assert other.returncode == 2 and "output_dir exists and is not empty" in other.stderr
-    resumed = subprocess.run([sys.executable, "-m", "peftkit", "train", str(recipe), "train.save_steps=1000",
-                              "resume=auto"], capture_output=True, text=True, env=ENV, timeout=600)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "peftkit", "train", str(recipe), "train.save_steps=1000", "resume=auto"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "no complete checkpoint; starting from step 0" in resumed.stdout
     assert_same_run(run, ref)
@@ -186,8 +226,13 @@ def test_a_checkpoint_with_a_planted_pickle_is_refused_and_nothing_runs(referenc
     (ckpt / planted).write_bytes(pickle.dumps(_Planted(marker)))
     recipe = tmp_path / "handed.yaml"
     recipe.write_text((run / "config.yaml").read_text().replace(str(ref), str(run)))
-    done = subprocess.run([sys.executable, "-m", "peftkit", "train", str(recipe), f"resume={ckpt}"],
-                          capture_output=True, text=True, env=ENV, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "peftkit", "train", str(recipe), f"resume={ckpt}"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("peftkit: error: the checkpoint") and done.stderr.count("\n") == 1
     assert not marker.exists()
@@ -253,9 +298,17 @@ def test_unwritable_output_dir_is_one_line(tiny_bert_dir, sentiment_dir, tmp_pat
 
 
 def test_early_stopping_restores_the_best_adapter(tiny_bert_dir, sentiment_dir, tmp_path):
-    recipe = tiny_recipe(tmp_path, tiny_bert_dir, sentiment_dir, **{
-        "train.epochs": 10, "train.eval_steps": 5, "train.metric_for_best": "loss",
-        "train.early_stopping": {"metric": "accuracy", "patience": 3}})
+    recipe = tiny_recipe(
+        tmp_path,
+        tiny_bert_dir,
+        sentiment_dir,
+        **{
+            "train.epochs": 10,
+            "train.eval_steps": 5,
+            "train.metric_for_best": "loss",
+            "train.early_stopping": {"metric": "accuracy", "patience": 3},
+        },
+    )
     summary = train(load_recipe(recipe), echo=lambda _: None)
     run = tmp_path / "run"
     evals = [r for r in history(run) if r["type"] == "eval" and r["split"] == "validation"]
@@ -279,19 +332,44 @@ def test_an_8bit_optimizer_checkpoints_and_resumes_bit_for_bit(tiny_llama_dir, s
     from .conftest import LM_PROMPT
 
     def recipe(name: str) -> Path:
-        path = tiny_recipe(tmp_path, tiny_llama_dir, sentiment_dir, task="causal_lm", **{
-            "output_dir": str(tmp_path / name), "method.r": 128, "method.target_modules": "all-linear",
-            "data.prompt_template": LM_PROMPT, "data.max_train_samples": 64, "data.max_eval_samples": 16,
-            "train.optimizer": "adamw_8bit", "train.batch_size": 8, "train.epochs": 2, "train.save_steps": 1,
-            "train.log_steps": 1, "train.lr": 0.002})
+        path = tiny_recipe(
+            tmp_path,
+            tiny_llama_dir,
+            sentiment_dir,
+            task="causal_lm",
+            **{
+                "output_dir": str(tmp_path / name),
+                "method.r": 128,
+                "method.target_modules": "all-linear",
+                "data.prompt_template": LM_PROMPT,
+                "data.max_train_samples": 64,
+                "data.max_eval_samples": 16,
+                "train.optimizer": "adamw_8bit",
+                "train.batch_size": 8,
+                "train.epochs": 2,
+                "train.save_steps": 1,
+                "train.log_steps": 1,
+                "train.lr": 0.002,
+            },
+        )
         return path.rename(tmp_path / f"{name}.yaml")
 
-    ref = subprocess.run([sys.executable, "-m", "peftkit", "train", str(recipe("ref"))], capture_output=True,
-                         text=True, env=ENV, timeout=600)
+    ref = subprocess.run(
+        [sys.executable, "-m", "peftkit", "train", str(recipe("ref"))],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
     assert ref.returncode == 0, ref.stderr
     killed = stopped_at(recipe("kill"), "step:11")
     assert killed.returncode == -signal.SIGKILL and newest_step(tmp_path / "kill") == 10, killed.stderr
-    resumed = subprocess.run([sys.executable, "-m", "peftkit", "train", str(tmp_path / "kill.yaml"), "resume=auto"],
-                             capture_output=True, text=True, env=ENV, timeout=600)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "peftkit", "train", str(tmp_path / "kill.yaml"), "resume=auto"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(tmp_path / "kill", tmp_path / "ref")

@@ -32,11 +32,15 @@ def adapters(tiny_bert_dir, sentiment_dir, tmp_path_factory) -> dict[str, Path]:
     from peftkit.train import train
 
     out = {}
-    for name, method in (("lora", {"name": "lora", "r": 4, "alpha": 8, "target_modules": ["query", "value"]}),
-                         ("ia3", {"name": "ia3"})):
+    for name, method in (
+        ("lora", {"name": "lora", "r": 4, "alpha": 8, "target_modules": ["query", "value"]}),
+        ("ia3", {"name": "ia3"}),
+    ):
         tmp = tmp_path_factory.mktemp(name)
-        train(load_recipe(tiny_recipe(tmp, tiny_bert_dir, sentiment_dir, method=method,
-                                      **{"train.epochs": 2})), echo=lambda _: None)
+        train(
+            load_recipe(tiny_recipe(tmp, tiny_bert_dir, sentiment_dir, method=method, **{"train.epochs": 2})),
+            echo=lambda _: None,
+        )
         out[name] = tmp / "run" / "adapter"
     return out
 
@@ -52,8 +56,9 @@ def start_server(adapters: dict[str, Path], *extra: str) -> tuple[subprocess.Pop
     args = [sys.executable, "-m", "peftkit", "serve", "--port", str(port), "--api-key", KEY, *extra]
     for name, path in adapters.items():
         args += ["--adapter", f"{name}={path}"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -82,8 +87,13 @@ def offline(adapters) -> dict[str, dict[str, dict[str, float]]]:
     from peftkit.multi import load_named, predict_rows
 
     named = load_named(list(adapters.items()))
-    return {name: {t: dict(zip(named.label_names[name], map(float, row)))
-                   for t, row in zip(TEXTS, predict_rows(named, TEXTS, [name] * len(TEXTS)))} for name in adapters}
+    return {
+        name: {
+            t: dict(zip(named.label_names[name], map(float, row)))
+            for t, row in zip(TEXTS, predict_rows(named, TEXTS, [name] * len(TEXTS)))
+        }
+        for name in adapters
+    }
 
 
 def wait_for(predicate, timeout: float = 30.0) -> bool:
@@ -134,7 +144,7 @@ def batch_counters(url: str) -> tuple[float, float]:
 
 
 def test_concurrent_clients_for_different_adapters_are_batched_and_never_mixed_up(server, offline):
-    jobs = [(("lora", "ia3")[i % 2], TEXTS[i % 6: i % 6 + 1 + i % 3]) for i in range(96)]
+    jobs = [(("lora", "ia3")[i % 2], TEXTS[i % 6 : i % 6 + 1 + i % 3]) for i in range(96)]
     before = batch_counters(server)
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(lambda job: classify(server, *job), jobs))
@@ -153,20 +163,23 @@ def test_concurrent_clients_for_different_adapters_are_batched_and_never_mixed_u
     assert "peftkit_request_seconds_bucket" in metrics and "peftkit_queue_depth" in metrics
 
 
-@pytest.mark.parametrize(("body", "headers", "status", "needle"), [
-    (b"{not json", {}, 400, "not valid JSON"),
-    (b'{"adapter": "lora", "texts": "one"}', {}, 400, "'texts' must be"),
-    (b'{"adapter": 3, "texts": ["a"]}', {}, 400, "'adapter' must be a string"),
-    (b'[1, 2]', {}, 400, "expected a JSON object"),
-    (b'{"adapter": "lora", "texts": ["\xff\xfe"]}', {}, 400, "not valid UTF-8"),
-    (b'{"adapter": "nope", "texts": ["a"]}', {}, 404, "no adapter named 'nope'"),
-    (b'{"adapter": "../lora", "texts": ["a"]}', {}, 404, "no adapter named"),
-    (b'{"adapter": "/etc/passwd", "texts": ["a"]}', {}, 404, "no adapter named"),
-    (json.dumps({"adapter": "lora", "texts": ["a"] * 65}).encode(), {}, 400, "at most 64"),
-    (json.dumps({"adapter": "lora", "texts": ["a" * (1 << 20)]}).encode(), {}, 413, "over 1048576 bytes"),
-    (b'{"adapter": "lora", "texts": ["a"]}', {"Authorization": ""}, 401, "Bearer"),
-    (b'{"adapter": "lora", "texts": ["a"]}', {"Authorization": "Bearer wrong"}, 401, "Bearer"),
-])
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "needle"),
+    [
+        (b"{not json", {}, 400, "not valid JSON"),
+        (b'{"adapter": "lora", "texts": "one"}', {}, 400, "'texts' must be"),
+        (b'{"adapter": 3, "texts": ["a"]}', {}, 400, "'adapter' must be a string"),
+        (b"[1, 2]", {}, 400, "expected a JSON object"),
+        (b'{"adapter": "lora", "texts": ["\xff\xfe"]}', {}, 400, "not valid UTF-8"),
+        (b'{"adapter": "nope", "texts": ["a"]}', {}, 404, "no adapter named 'nope'"),
+        (b'{"adapter": "../lora", "texts": ["a"]}', {}, 404, "no adapter named"),
+        (b'{"adapter": "/etc/passwd", "texts": ["a"]}', {}, 404, "no adapter named"),
+        (json.dumps({"adapter": "lora", "texts": ["a"] * 65}).encode(), {}, 400, "at most 64"),
+        (json.dumps({"adapter": "lora", "texts": ["a" * (1 << 20)]}).encode(), {}, 413, "over 1048576 bytes"),
+        (b'{"adapter": "lora", "texts": ["a"]}', {"Authorization": ""}, 401, "Bearer"),
+        (b'{"adapter": "lora", "texts": ["a"]}', {"Authorization": "Bearer wrong"}, 401, "Bearer"),
+    ],
+)
 def test_bad_requests_get_their_status_and_the_server_keeps_serving(server, offline, body, headers, status, needle):
     sent = {**auth(), "Content-Type": "application/json", **headers}
     answer = httpx.post(server + "/v1/classify", content=body, headers=sent, timeout=60)
@@ -260,8 +273,11 @@ def test_adapters_dir_follows_its_folder_during_traffic(adapters, offline, tmp_p
         assert added.status_code == 200, added.text
         assert_matches(added.json()["results"], TEXTS, offline["ia3"])
         assert {m["id"] for m in httpx.get(url + "/v1/models", headers=auth()).json()["data"]} == {"lora", "ia3"}
-        loaded = [line for line in httpx.get(url + "/metrics").text.splitlines()
-                  if line.startswith("peftkit_adapters_loaded ")]
+        loaded = [
+            line
+            for line in httpx.get(url + "/metrics").text.splitlines()
+            if line.startswith("peftkit_adapters_loaded ")
+        ]
         assert float(loaded[0].split()[-1]) <= 2  # at most one beyond --max-adapters, while both are in use
         shutil.rmtree(folder / "ia3")  # removed while serving
         gone = classify(url, "ia3", TEXTS[:1])
@@ -293,22 +309,38 @@ def test_classify_without_an_adapter_uses_the_only_one_served(adapters, offline,
     assert two.status_code == 400 and "may be left out when the server has one" in two.json()["error"]["message"]
 
 
-def test_a_layernorm_tuned_adapter_is_served_beside_lora_in_mixed_batches(adapters, tiny_bert_dir, sentiment_dir,
-                                                                           tmp_path):
+def test_a_layernorm_tuned_adapter_is_served_beside_lora_in_mixed_batches(
+    adapters, tiny_bert_dir, sentiment_dir, tmp_path
+):
     from peftkit import load_recipe
     from peftkit.multi import load_named, predict_rows
     from peftkit.train import train
 
-    train(load_recipe(tiny_recipe(tmp_path, tiny_bert_dir, sentiment_dir, method={"name": "ln_tuning"},
-                                  **{"train.epochs": 2, "train.lr": 0.05})), echo=lambda _: None)
+    train(
+        load_recipe(
+            tiny_recipe(
+                tmp_path,
+                tiny_bert_dir,
+                sentiment_dir,
+                method={"name": "ln_tuning"},
+                **{"train.epochs": 2, "train.lr": 0.05},
+            )
+        ),
+        echo=lambda _: None,
+    )
     served = {"lora": adapters["lora"], "norms": tmp_path / "run" / "adapter"}
     named = load_named(list(served.items()))
-    expected = {name: {t: dict(zip(named.label_names[name], map(float, row)))
-                       for t, row in zip(TEXTS, predict_rows(named, TEXTS, [name] * len(TEXTS)))} for name in served}
+    expected = {
+        name: {
+            t: dict(zip(named.label_names[name], map(float, row)))
+            for t, row in zip(TEXTS, predict_rows(named, TEXTS, [name] * len(TEXTS)))
+        }
+        for name in served
+    }
     assert expected["norms"] != expected["lora"]
     proc, url = start_server(served)
     try:
-        jobs = [(("lora", "norms")[i % 2], TEXTS[i % 6: i % 6 + 1 + i % 3]) for i in range(32)]
+        jobs = [(("lora", "norms")[i % 2], TEXTS[i % 6 : i % 6 + 1 + i % 3]) for i in range(32)]
         with ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(lambda job: classify(url, *job), jobs))
         for (name, texts), answer in zip(jobs, answers):
@@ -327,8 +359,9 @@ def test_a_body_over_the_limit_gets_its_413_even_when_the_client_sends_it_all_fi
     import urllib.request
 
     body = json.dumps({"adapter": "lora", "texts": ["a" * (16 << 20)]}).encode()
-    request = urllib.request.Request(server + "/v1/classify", data=body, method="POST",
-                                     headers={**auth(), "Content-Type": "application/json"})
+    request = urllib.request.Request(
+        server + "/v1/classify", data=body, method="POST", headers={**auth(), "Content-Type": "application/json"}
+    )
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(request, timeout=60)
     assert caught.value.code == 413

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from .test_named import perturb
 from .conftest import has_module
+from .test_named import perturb
 from .test_serve import KEY, auth, start_server, wait_for
 
 httpx = pytest.importorskip("httpx")
@@ -34,9 +34,11 @@ def make_lm_adapters(tiny_llama_dir: Path, root: Path) -> dict[str, Path]:
 
     from peftkit.methods import IA3Config, LoraConfig, apply_method, save_adapter
 
-    methods = {"left": LoraConfig(r=4, alpha=16, target_modules="all-linear"),
-               "right": LoraConfig(r=4, alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]),
-               "ia3": IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])}
+    methods = {
+        "left": LoraConfig(r=4, alpha=16, target_modules="all-linear"),
+        "right": LoraConfig(r=4, alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]),
+        "ia3": IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    }
     for seed, (name, method) in enumerate(methods.items(), 3):
         model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
         apply_method(model, method)
@@ -83,8 +85,11 @@ def post(url: str, path: str, body: dict, **kw) -> httpx.Response:
 def complete(url: str, model: str, prompt: str, max_tokens: int, **extra) -> httpx.Response:
     """A completion of ``prompt`` sent as it is (``raw``); without it, the adapter's prompt format
     applies, as in ``peftkit generate`` (test_completions_in_the_adapter_s_format_equal_generate)."""
-    return post(url, "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": max_tokens,
-                                         "temperature": 0, "raw": True, **extra})
+    return post(
+        url,
+        "/v1/completions",
+        {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "raw": True, **extra},
+    )
 
 
 def events(response: httpx.Response) -> list:
@@ -117,7 +122,11 @@ def test_concurrent_completions_equal_each_adapter_s_own_generation(server, offl
         seen.add((prompt, choice["text"]))
         assert choice["finish_reason"] in ("stop", "length")
         usage = body["usage"]
-        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] <= usage["prompt_tokens"] + tokens
+        assert (
+            usage["total_tokens"]
+            == usage["prompt_tokens"] + usage["completion_tokens"]
+            <= usage["prompt_tokens"] + tokens
+        )
     assert len({text for prompt, text in seen if prompt == PROMPTS[0]}) > 1  # the adapters really differ
     metrics = httpx.get(server + "/metrics").text
     value = {line.split()[0]: float(line.split()[-1]) for line in metrics.splitlines() if not line.startswith("#")}
@@ -126,14 +135,16 @@ def test_concurrent_completions_equal_each_adapter_s_own_generation(server, offl
 
 
 def test_chat_whole_and_streamed_give_the_adapter_s_chat_answer(server, offline):
-    body = {"model": "left", "messages": [{"role": "user", "content": PROMPTS[1]}], "max_tokens": 12,
-            "temperature": 0}
+    body = {"model": "left", "messages": [{"role": "user", "content": PROMPTS[1]}], "max_tokens": 12, "temperature": 0}
     whole = post(server, "/v1/chat/completions", body).json()
     want = offline("left", PROMPTS[1], 12, chat=True)
-    assert whole["object"] == "chat.completion" and whole["choices"][0]["message"] == {"role": "assistant",
-                                                                                      "content": want}
-    with httpx.stream("POST", server + "/v1/chat/completions", json={**body, "stream": True}, headers=auth(),
-                      timeout=60) as response:
+    assert whole["object"] == "chat.completion" and whole["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": want,
+    }
+    with httpx.stream(
+        "POST", server + "/v1/chat/completions", json={**body, "stream": True}, headers=auth(), timeout=60
+    ) as response:
         assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
         got = events(response)
     assert got[-1] == "[DONE]"
@@ -151,9 +162,21 @@ def test_stop_strings_end_the_answer_before_them(server, offline):
     assert len(words) >= 3, full
     stop = " " + words[2]
     answer = complete(server, "right", PROMPTS[0], 20, stop=[stop, "never-there"]).json()["choices"][0]
-    assert answer["text"] == full[:full.index(stop)] and answer["finish_reason"] == "stop"
-    with httpx.stream("POST", server + "/v1/completions", json={"model": "right", "prompt": PROMPTS[0], "raw": True,
-                      "max_tokens": 20, "temperature": 0, "stop": stop, "stream": True}, headers=auth()) as response:
+    assert answer["text"] == full[: full.index(stop)] and answer["finish_reason"] == "stop"
+    with httpx.stream(
+        "POST",
+        server + "/v1/completions",
+        json={
+            "model": "right",
+            "prompt": PROMPTS[0],
+            "raw": True,
+            "max_tokens": 20,
+            "temperature": 0,
+            "stop": stop,
+            "stream": True,
+        },
+        headers=auth(),
+    ) as response:
         got = events(response)
     assert "".join(c["choices"][0]["text"] for c in got[:-1]) == answer["text"]
 
@@ -179,21 +202,29 @@ def test_sample_draws_from_the_tempered_nucleus():
     assert kept[2:].sum() == 0 and torch.allclose(kept[:2], p / p.sum(), atol=0.03)
 
 
-@pytest.mark.parametrize(("path", "body", "status", "needle"), [
-    ("/v1/completions", {"model": "left", "prompt": "hi", "max_tokens": 65}, 400, "at most 64"),
-    ("/v1/completions", {"model": "left", "prompt": "hi", "max_tokens": 0}, 400, "'max_tokens' must be"),
-    ("/v1/completions", {"model": "left", "prompt": "hi", "temperature": "hot"}, 400, "'temperature' must be"),
-    ("/v1/completions", {"model": "left", "prompt": "hi", "top_p": 0}, 400, "'top_p' must be"),
-    ("/v1/completions", {"model": "left", "prompt": "hi", "stop": [1]}, 400, "'stop' must be"),
-    ("/v1/completions", {"model": "left", "prompt": "hi", "n": 2}, 400, "'n' must be 1"),
-    ("/v1/completions", {"model": "left", "prompt": 5}, 400, "'prompt' must be"),
-    ("/v1/completions", {"model": "nope", "prompt": "hi"}, 404, "no adapter named 'nope'"),
-    ("/v1/completions", {"model": "../left", "prompt": "hi"}, 404, "no adapter named"),
-    ("/v1/completions", {"model": "left", "prompt": "hello " * 3000}, 400, "the prompt is"),
-    ("/v1/chat/completions", {"model": "left", "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0]"),
-    ("/v1/chat/completions", {"model": "left", "messages": []}, 400, "'messages' must be"),
-    ("/v1/classify", {"adapter": "left", "texts": ["hi"]}, 400, "causal-LM adapters"),
-])
+@pytest.mark.parametrize(
+    ("path", "body", "status", "needle"),
+    [
+        ("/v1/completions", {"model": "left", "prompt": "hi", "max_tokens": 65}, 400, "at most 64"),
+        ("/v1/completions", {"model": "left", "prompt": "hi", "max_tokens": 0}, 400, "'max_tokens' must be"),
+        ("/v1/completions", {"model": "left", "prompt": "hi", "temperature": "hot"}, 400, "'temperature' must be"),
+        ("/v1/completions", {"model": "left", "prompt": "hi", "top_p": 0}, 400, "'top_p' must be"),
+        ("/v1/completions", {"model": "left", "prompt": "hi", "stop": [1]}, 400, "'stop' must be"),
+        ("/v1/completions", {"model": "left", "prompt": "hi", "n": 2}, 400, "'n' must be 1"),
+        ("/v1/completions", {"model": "left", "prompt": 5}, 400, "'prompt' must be"),
+        ("/v1/completions", {"model": "nope", "prompt": "hi"}, 404, "no adapter named 'nope'"),
+        ("/v1/completions", {"model": "../left", "prompt": "hi"}, 404, "no adapter named"),
+        ("/v1/completions", {"model": "left", "prompt": "hello " * 3000}, 400, "the prompt is"),
+        (
+            "/v1/chat/completions",
+            {"model": "left", "messages": [{"role": "robot", "content": "hi"}]},
+            400,
+            "messages[0]",
+        ),
+        ("/v1/chat/completions", {"model": "left", "messages": []}, 400, "'messages' must be"),
+        ("/v1/classify", {"adapter": "left", "texts": ["hi"]}, 400, "causal-LM adapters"),
+    ],
+)
 def test_bad_generation_requests_get_their_status(server, offline, path, body, status, needle):
     answer = post(server, path, body)
     assert answer.status_code == status, answer.text
@@ -210,9 +241,20 @@ def test_a_client_that_leaves_mid_stream_frees_its_place(lm_adapters, offline):
         return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
 
     try:
-        with httpx.stream("POST", url + "/v1/completions", headers=auth(), timeout=60,
-                          json={"model": "left", "prompt": PROMPTS[4], "max_tokens": 1500, "temperature": 0,
-                                "stream": True, "raw": True}) as response:
+        with httpx.stream(
+            "POST",
+            url + "/v1/completions",
+            headers=auth(),
+            timeout=60,
+            json={
+                "model": "left",
+                "prompt": PROMPTS[4],
+                "max_tokens": 1500,
+                "temperature": 0,
+                "stream": True,
+                "raw": True,
+            },
+        ) as response:
             lines = response.iter_lines()
             first = json.loads(next(line for line in lines if line.startswith("data: "))[6:])
             assert first["choices"][0]["finish_reason"] is None
@@ -234,14 +276,24 @@ def test_sigterm_while_answers_stream_finishes_them_and_exits_0(lm_adapters, off
     started = []
 
     def stream(i: int) -> list:
-        body = {"model": ("left", "right", "ia3")[i % 3], "prompt": PROMPTS[i % 6], "max_tokens": 300 + i,
-                "temperature": 0, "stream": True, "stop": "never-there", "raw": True}
+        body = {
+            "model": ("left", "right", "ia3")[i % 3],
+            "prompt": PROMPTS[i % 6],
+            "max_tokens": 300 + i,
+            "temperature": 0,
+            "stream": True,
+            "stop": "never-there",
+            "raw": True,
+        }
         with httpx.stream("POST", url + "/v1/completions", json=body, headers=auth(), timeout=120) as response:
             lines = response.iter_lines()
             got = [json.loads(next(line for line in lines if line.startswith("data: "))[6:])]
             started.append(i)
-            got += [line[6:] if line == "data: [DONE]" else json.loads(line[6:])
-                    for line in lines if line.startswith("data: ")]
+            got += [
+                line[6:] if line == "data: [DONE]" else json.loads(line[6:])
+                for line in lines
+                if line.startswith("data: ")
+            ]
         return got
 
     with ThreadPoolExecutor(6) as pool:
@@ -262,14 +314,16 @@ def test_sigterm_while_answers_stream_finishes_them_and_exits_0(lm_adapters, off
 def test_the_openai_client_streams_a_chat_answer_unchanged(server, offline):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=server + "/v1", api_key=KEY)
-    stream = client.chat.completions.create(model="right", messages=[{"role": "user", "content": PROMPTS[0]}],
-                                            max_tokens=10, temperature=0, stream=True)
+    stream = client.chat.completions.create(
+        model="right", messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=10, temperature=0, stream=True
+    )
     text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
     assert text == offline("right", PROMPTS[0], 10, chat=True)
     done = client.completions.create(model="ia3", prompt=PROMPTS[1], max_tokens=7, temperature=0)
     assert done.choices[0].text == offline("ia3", PROMPTS[1], 7, chat=True)  # the adapter's format, as generate
-    raw = client.completions.create(model="ia3", prompt=PROMPTS[1], max_tokens=7, temperature=0,
-                                    extra_body={"raw": True})
+    raw = client.completions.create(
+        model="ia3", prompt=PROMPTS[1], max_tokens=7, temperature=0, extra_body={"raw": True}
+    )
     assert raw.choices[0].text == offline("ia3", PROMPTS[1], 7)
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="missing", prompt="hi", max_tokens=3)
@@ -286,9 +340,10 @@ def test_step_decoder_rows_joining_and_leaving_equal_generating_each_alone(tiny_
     lengths = [12, 5, 12, 3, 12, 8, 1]
     want = []
     for p, n in zip(prompts, lengths):
-        out = model.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False, eos_token_id=None,
-                             pad_token_id=0, min_new_tokens=n)
-        want.append(out[0, len(p):].tolist())
+        out = model.generate(
+            torch.tensor([p]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0, min_new_tokens=n
+        )
+        want.append(out[0, len(p) :].tolist())
     dec = StepDecoder(model, 0)
     rows = [Sequence(p, n) for p, n in zip(prompts, lengths)]
     dec.add(rows[:2])
@@ -326,13 +381,15 @@ def test_the_openai_client_streams_a_chat_answer_from_a_smollm2_adapter(tmp_path
     save_adapter(model, tmp_path / "smol", base_model="smollm2-135m", task="causal_lm")
     question = "Is 'a moving, funny film' a positive or a negative review? Answer in one sentence."
     lm = load_adapted_lm(tmp_path / "smol")
-    want = generate(lm.model, lm.tokenizer, [lm.prompt_ids(question)], max_new_tokens=24,
-                    stop_ids=lm.encoder.stop_ids)[0]
+    want = generate(lm.model, lm.tokenizer, [lm.prompt_ids(question)], max_new_tokens=24, stop_ids=lm.encoder.stop_ids)[
+        0
+    ]
     proc, url = start_server({"smol": tmp_path / "smol"}, "--max-tokens", "64")
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY)
-        stream = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": question}],
-                                                max_tokens=24, temperature=0, stream=True)
+        stream = client.chat.completions.create(
+            model="smol", messages=[{"role": "user", "content": question}], max_tokens=24, temperature=0, stream=True
+        )
         pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -352,21 +409,59 @@ def test_completions_in_the_adapter_s_format_equal_generate(tiny_llama_dir, tmp_
     from .conftest import LM_PROMPT
     from .test_merge_export import lm_adapter
 
-    meta = {"prompt_template": LM_PROMPT, "label_names": ["negative", "positive"], "chat_template": True,
-            "system_prompt": "hi"}
+    meta = {
+        "prompt_template": LM_PROMPT,
+        "label_names": ["negative", "positive"],
+        "chat_template": True,
+        "system_prompt": "hi",
+    }
     adapter = lm_adapter(tiny_llama_dir, tmp_path / "mood", 5, meta=meta)
     text = "a fun and moving film"
-    cli = subprocess.run([sys.executable, "-m", "peftkit", "generate", "--adapter", str(adapter), "--prompt", text,
-                          "--max-new-tokens", "6"], capture_output=True, text=True, timeout=300)
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "peftkit",
+            "generate",
+            "--adapter",
+            str(adapter),
+            "--prompt",
+            text,
+            "--max-new-tokens",
+            "6",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert cli.returncode == 0, cli.stderr
-    raw_cli = subprocess.run([sys.executable, "-m", "peftkit", "generate", "--adapter", str(adapter), "--prompt", text,
-                              "--max-new-tokens", "6", "--raw"], capture_output=True, text=True, timeout=300)
+    raw_cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "peftkit",
+            "generate",
+            "--adapter",
+            str(adapter),
+            "--prompt",
+            text,
+            "--max-new-tokens",
+            "6",
+            "--raw",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     proc, url = start_server({"mood": adapter}, "--max-tokens", "16")
     try:
         models = {m["id"]: m for m in httpx.get(url + "/v1/models", headers=auth()).json()["data"]}
         assert models["mood"]["labels"] == ["negative", "positive"]
-        assert models["mood"]["prompt_format"] == {"prompt_template": LM_PROMPT, "chat_template": True,
-                                                    "system_prompt": "hi"}
+        assert models["mood"]["prompt_format"] == {
+            "prompt_template": LM_PROMPT,
+            "chat_template": True,
+            "system_prompt": "hi",
+        }
         body = {"model": "mood", "prompt": text, "max_tokens": 6, "temperature": 0}
         formatted = post(url, "/v1/completions", body).json()["choices"][0]["text"]
         raw = post(url, "/v1/completions", {**body, "raw": True}).json()["choices"][0]["text"]

@@ -28,7 +28,13 @@ def browser():
     os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not look for a browser on the network
     options = Options()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1200,1400"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1200,1400",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(DRIVER), options=options)
     driver.set_page_load_timeout(60)
@@ -42,8 +48,8 @@ def wait(driver, predicate, timeout: float = 60):
     return WebDriverWait(driver, timeout).until(lambda d: predicate(d))
 
 
-def ask(driver, url: str, adapters: int, adapter: str, text: str) -> None:
-    """Open the page, give it the key, wait for the ``adapters`` choices, pick one, run ``text``."""
+def ask(driver, url: str, choices: int, adapter: str, text: str) -> None:
+    """Open the page, give it the key, wait for the ``choices`` adapters, pick one, run ``text``."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
@@ -51,7 +57,7 @@ def ask(driver, url: str, adapters: int, adapter: str, text: str) -> None:
     key = driver.find_element(By.ID, "key")
     key.send_keys(KEY)
     driver.execute_script("arguments[0].dispatchEvent(new Event('change'))", key)
-    wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#adapter option")) == adapters)
+    wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#adapter option")) == choices)
     Select(driver.find_element(By.ID, "adapter")).select_by_value(adapter)
     driver.find_element(By.ID, "text").send_keys(text)
     driver.find_element(By.ID, "run").click()
@@ -74,13 +80,22 @@ def runs_folder(adapters, tmp_path: Path) -> Path:  # noqa: F811
     rows = []
     for name in adapters:
         summary = json.loads((root / name / "summary.json").read_text())
-        rows.append({"run": name, "trainable_params": summary["trainable_params"],
-                     "val_accuracy": summary["validation"]["accuracy"]})
+        rows.append(
+            {
+                "run": name,
+                "trainable_params": summary["trainable_params"],
+                "val_accuracy": summary["validation"]["accuracy"],
+            }
+        )
     (root / "comparison.json").write_text(json.dumps(rows))
     short = root / "short"  # a run that stopped after its first step: one point per series
     short.mkdir()
-    (short / "metrics.jsonl").write_text(json.dumps({"type": "train", "step": 25, "loss": 0.61}) + "\n" + json.dumps(
-        {"type": "eval", "split": "validation", "step": 25, "loss": 0.52, "accuracy": 0.8, "f1": 0.79}) + "\n")
+    (short / "metrics.jsonl").write_text(
+        json.dumps({"type": "train", "step": 25, "loss": 0.61})
+        + "\n"
+        + json.dumps({"type": "eval", "split": "validation", "step": 25, "loss": 0.52, "accuracy": 0.8, "f1": 0.79})
+        + "\n"
+    )
     (short / "summary.json").write_text(json.dumps({"best_step": 25, "validation": {"accuracy": 0.8}}))
     return root
 
@@ -89,8 +104,9 @@ def fill(driver, selector: str) -> str:
     """The colour a browser paints an SVG text in (CSS and attributes resolved)."""
     from selenium.webdriver.common.by import By
 
-    return driver.execute_script("return getComputedStyle(arguments[0]).fill",
-                                 driver.find_element(By.CSS_SELECTOR, selector))
+    return driver.execute_script(
+        "return getComputedStyle(arguments[0]).fill", driver.find_element(By.CSS_SELECTOR, selector)
+    )
 
 
 def test_playground_scores_a_text_and_the_runs_show(browser, adapters, offline, tmp_path):  # noqa: F811
@@ -116,8 +132,9 @@ def test_playground_scores_a_text_and_the_runs_show(browser, adapters, offline, 
         assert sorted(r.find_elements(By.TAG_NAME, "td")[1].text for r in rows) == ["", "ia3", "lora"]  # the methods
         for name in ("ia3", "lora"):
             loss = browser.find_element(By.CSS_SELECTOR, f'svg.curve.loss[data-run="{name}"]')
-            assert loss.find_elements(By.CSS_SELECTOR, "path.train") and loss.find_elements(By.CSS_SELECTOR,
-                                                                                          "path.validation")
+            assert loss.find_elements(By.CSS_SELECTOR, "path.train") and loss.find_elements(
+                By.CSS_SELECTOR, "path.validation"
+            )
             metric = browser.find_element(By.CSS_SELECTOR, f'svg.curve.metric[data-run="{name}"]')
             assert "validation accuracy" in metric.text and metric.find_elements(By.CSS_SELECTOR, "circle")
             steps = json.loads((runs / name / "summary.json").read_text())["steps"]
@@ -128,8 +145,9 @@ def test_playground_scores_a_text_and_the_runs_show(browser, adapters, offline, 
         assert fill(browser, 'svg.curve.loss[data-run="lora"] .legend-train') == "rgb(47, 111, 222)"
         assert fill(browser, 'svg.curve.loss[data-run="lora"] .legend-validation') == "rgb(217, 130, 43)"
         short = browser.find_element(By.CSS_SELECTOR, 'svg.curve.loss[data-run="short"]')
-        assert short.find_elements(By.CSS_SELECTOR, "circle.train-point") and \
-            short.find_elements(By.CSS_SELECTOR, "circle.validation-point")
+        assert short.find_elements(By.CSS_SELECTOR, "circle.train-point") and short.find_elements(
+            By.CSS_SELECTOR, "circle.validation-point"
+        )
         assert [t.text for t in short.find_elements(By.CSS_SELECTOR, 'text[text-anchor="middle"]')] == ["25"]
         table = browser.find_element(By.CSS_SELECTOR, "#comparisons .comparison table")
         assert "val accuracy" in table.text and "ia3" in table.text
@@ -141,7 +159,8 @@ def test_playground_scores_a_text_and_the_runs_show(browser, adapters, offline, 
         browser.get(url + "/")
         status = wait(browser, lambda d: d.find_element(By.ID, "status").text)
         assert status.startswith("API key required") and "needed" in browser.find_element(By.ID, "key").get_attribute(
-            "class")
+            "class"
+        )
         assert not browser.find_elements(By.CSS_SELECTOR, "#adapter option")
         assert browser.find_element(By.CSS_SELECTOR, 'link[rel="icon"]')  # no favicon.ico request to 404
         screenshot(browser, "serve-key-required.png", tmp_path)

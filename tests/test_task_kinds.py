@@ -14,8 +14,15 @@ import pytest
 
 from .conftest import LM_PROMPT, sentiment_rows, tiny_bert_config, tiny_recipe, write_jsonl
 
-OUTPUTS = ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/peftkit.json",
-           "metrics.jsonl", "summary.json", "curves.png", "config.yaml"]
+OUTPUTS = [
+    "adapter/adapter_config.json",
+    "adapter/adapter_model.safetensors",
+    "adapter/peftkit.json",
+    "metrics.jsonl",
+    "summary.json",
+    "curves.png",
+    "config.yaml",
+]
 
 
 def _lm_rows(kind: str, n: int, seed: int) -> list[dict]:
@@ -24,8 +31,9 @@ def _lm_rows(kind: str, n: int, seed: int) -> list[dict]:
         if kind == "text":
             rows.append({"text": r["text"]})
         elif kind == "chat":
-            rows.append({"messages": [{"role": "user", "content": r["text"]},
-                                      {"role": "assistant", "content": r["label"]}]})
+            rows.append(
+                {"messages": [{"role": "user", "content": r["text"]}, {"role": "assistant", "content": r["label"]}]}
+            )
         else:
             rows.append({"prompt": r["text"], "completion": r["label"]})
     return rows
@@ -63,10 +71,19 @@ def still_bert(tmp_path_factory) -> Path:
 
 
 def _recipe(tmp: Path, kind: str, model: Path, data: Path, batch: int) -> Path:
-    extra = {"train.batch_size": batch, "train.epochs": 1, "train.log_steps": 1, "train.lr": 0.01,
-             "train.mixed_precision": "no", "train.group_by_length": False, "train.warmup_ratio": 0.0,
-             "data.max_length": 48, "method.dropout": 0.0, "data.max_train_samples": 64,
-             "data.max_eval_samples": 16}
+    extra = {
+        "train.batch_size": batch,
+        "train.epochs": 1,
+        "train.log_steps": 1,
+        "train.lr": 0.01,
+        "train.mixed_precision": "no",
+        "train.group_by_length": False,
+        "train.warmup_ratio": 0.0,
+        "data.max_length": 48,
+        "method.dropout": 0.0,
+        "data.max_train_samples": 64,
+        "data.max_eval_samples": 16,
+    }
     if kind != "classification":
         extra.update({"task": "causal_lm", "method.target_modules": "all-linear"})
     if kind == "labelled":
@@ -77,10 +94,14 @@ def _recipe(tmp: Path, kind: str, model: Path, data: Path, batch: int) -> Path:
 
 def _train(recipe: Path, processes: int) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] \
-        if processes > 1 else [sys.executable]
-    return subprocess.run([*launch, "-m", "peftkit", "train", str(recipe)], capture_output=True, text=True,
-                          env=env, timeout=300)
+    launch = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+        if processes > 1
+        else [sys.executable]
+    )
+    return subprocess.run(
+        [*launch, "-m", "peftkit", "train", str(recipe)], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def _train_losses(run: Path) -> list[float]:
@@ -114,8 +135,12 @@ def test_every_kind_trains_end_to_end_in_one_and_two_processes(kind, datasets, s
 
 def test_a_packed_run_counts_examples_not_sequences(datasets, tiny_llama_dir, tmp_path):
     recipe = _recipe(tmp_path, "text", tiny_llama_dir, datasets["text"], batch=4)
-    done = subprocess.run([sys.executable, "-m", "peftkit", "train", str(recipe), "data.packing=true"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "peftkit", "train", str(recipe), "data.packing=true"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["train_examples"] == 64  # every training row, packed into fewer sequences

@@ -18,8 +18,10 @@ def train_records(run):
 
 def test_grad_accum_and_max_steps(tiny_bert_dir, sentiment_dir, tmp_path):
     recipe = tiny_recipe(tmp_path, tiny_bert_dir, sentiment_dir)
-    cfg = load_recipe(recipe, ["train.batch_size=8", "train.grad_accum=2", "train.max_steps=25",
-                               "train.eval_steps=10", "train.log_steps=1"])
+    cfg = load_recipe(
+        recipe,
+        ["train.batch_size=8", "train.grad_accum=2", "train.max_steps=25", "train.eval_steps=10", "train.log_steps=1"],
+    )
     summary = train(cfg, echo=lambda _: None)
     records = train_records(tmp_path / "run")
     steps = [r["step"] for r in records if r["type"] == "train"]
@@ -41,11 +43,14 @@ def test_overwrite_replaces_only_run_outputs(tiny_bert_dir, sentiment_dir, tmp_p
     assert json.loads((run / "summary.json").read_text())["best_step"] == 3
 
 
-@pytest.mark.parametrize("kind, expected", [
-    ("linear", [0.5, 1.0, 0.5, 0.0]),
-    ("cosine", [0.5, 1.0, 0.5, 0.0]),
-    ("constant", [0.5, 1.0, 1.0, 1.0]),
-])
+@pytest.mark.parametrize(
+    "kind, expected",
+    [
+        ("linear", [0.5, 1.0, 0.5, 0.0]),
+        ("cosine", [0.5, 1.0, 0.5, 0.0]),
+        ("constant", [0.5, 1.0, 1.0, 1.0]),
+    ],
+)
 def test_lr_schedule(kind, expected):
     f = lr_lambda(kind, warmup=1, total=3)
     assert [round(f(s), 6) for s in range(4)] == expected
@@ -63,10 +68,13 @@ def test_overfitting_is_detected_where_it_starts():
     assert _overfitting_since(both_rise) is None  # training loss rose too: not overfitting
 
 
-@pytest.mark.parametrize("method", [
-    ["method.name=prefix", "method.num_virtual_tokens=4", "train.lr=0.05"],
-    ["method.name=prompt", "method.num_virtual_tokens=4", "method.init=vocab", "train.lr=0.05"],
-])
+@pytest.mark.parametrize(
+    "method",
+    [
+        ["method.name=prefix", "method.num_virtual_tokens=4", "train.lr=0.05"],
+        ["method.name=prompt", "method.num_virtual_tokens=4", "method.init=vocab", "train.lr=0.05"],
+    ],
+)
 def test_prefix_and_prompt_tuning_learn_on_a_bert_classifier(method, tuned_bert_dir, sentiment_dir, tmp_path):
     """Validation loss and accuracy of the trained run against the same setup untrained.
 
@@ -74,8 +82,10 @@ def test_prefix_and_prompt_tuning_learn_on_a_bert_classifier(method, tuned_bert_
     so a fresh random head may already separate the classes by luck: the loss must fall.
     """
     recipe = tiny_recipe(tmp_path, tuned_bert_dir, sentiment_dir)
-    before = train(load_recipe(recipe, [*method, "train.max_steps=1", "train.lr=1e-9",
-                                        f"output_dir={tmp_path / 'before'}"]), echo=lambda _: None)
+    before = train(
+        load_recipe(recipe, [*method, "train.max_steps=1", "train.lr=1e-9", f"output_dir={tmp_path / 'before'}"]),
+        echo=lambda _: None,
+    )
     after = train(load_recipe(recipe, [*method, "train.epochs=6"]), echo=lambda _: None)
     assert after["validation"]["accuracy"] >= 0.9
     assert after["validation"]["accuracy"] >= before["validation"]["accuracy"]

@@ -31,38 +31,70 @@ from .test_lora_variants import build
 peft = pytest.importorskip("peft")
 SEQ_CLS = "SEQ_CLS"
 #: every normalization layer of the tiny models, as peft's target names
-NORMS = {"bert": ["LayerNorm"], "llama": ["input_layernorm", "post_attention_layernorm", "norm"],
-         "gpt2": ["ln_1", "ln_2", "ln_f"]}
+NORMS = {
+    "bert": ["LayerNorm"],
+    "llama": ["input_layernorm", "post_attention_layernorm", "norm"],
+    "gpt2": ["ln_1", "ln_2", "ln_f"],
+}
 
 #: case -> (peft config from targets and family, the same as a peftkit config)
 CASES = {
-    "vera": (lambda t, f: peft.VeraConfig(task_type=SEQ_CLS, r=4, target_modules=t, fan_in_fan_out=f == "gpt2"),
-             lambda t: VeraConfig(r=4, target_modules=t)),
-    "vera-seeded": (lambda t, f: peft.VeraConfig(task_type=SEQ_CLS, r=3, target_modules=t, projection_prng_key=5,
-                                                 save_projection=False, d_initial=0.5, fan_in_fan_out=f == "gpt2"),
-                    lambda t: VeraConfig(r=3, target_modules=t, projection_prng_key=5, save_projection=False,
-                                         d_initial=0.5)),
-    "loha": (lambda t, f: peft.LoHaConfig(task_type=SEQ_CLS, r=4, alpha=8, target_modules=t),
-             lambda t: LoHaConfig(r=4, alpha=8, target_modules=t)),
-    "loha-patterns": (lambda t, f: peft.LoHaConfig(task_type=SEQ_CLS, r=4, alpha=8, target_modules=t,
-                                                   rank_pattern={t[-1]: 2}, alpha_pattern={t[0]: 3.0}),
-                      lambda t: LoHaConfig(r=4, alpha=8, target_modules=t, rank_pattern={t[-1]: 2},
-                                           alpha_pattern={t[0]: 3.0})),
-    "lokr": (lambda t, f: peft.LoKrConfig(task_type=SEQ_CLS, r=4, alpha=8, target_modules=t),
-             lambda t: LoKrConfig(r=4, alpha=8, target_modules=t)),
-    "lokr-both": (lambda t, f: peft.LoKrConfig(task_type=SEQ_CLS, r=1, alpha=2, target_modules=t, decompose_both=True,
-                                               decompose_factor=4),
-                  lambda t: LoKrConfig(r=1, alpha=2, target_modules=t, decompose_both=True, decompose_factor=4)),
-    "adalora": (lambda t, f: peft.AdaLoraConfig(task_type=SEQ_CLS, init_r=6, target_r=2, total_step=10, lora_alpha=8,
-                                                target_modules=t),
-                lambda t: AdaLoraConfig(init_r=6, target_r=2, total_step=10, alpha=8, target_modules=t)),
-    "ptuning": (lambda t, f: peft.PromptEncoderConfig(task_type=SEQ_CLS, num_virtual_tokens=3, encoder_hidden_size=16),
-                lambda t: PTuningConfig(num_virtual_tokens=3, encoder_hidden_size=16)),
-    "ptuning-lstm": (lambda t, f: peft.PromptEncoderConfig(task_type=SEQ_CLS, num_virtual_tokens=3, encoder_hidden_size=8,
-                                                           encoder_reparameterization_type="LSTM"),
-                     lambda t: PTuningConfig(num_virtual_tokens=3, encoder_hidden_size=8, encoder="lstm")),
-    "ln_tuning": (lambda t, f: peft.LNTuningConfig(task_type=SEQ_CLS, target_modules=NORMS[f]),
-                  lambda t: LNTuningConfig()),  # every normalization layer: the same ones
+    "vera": (
+        lambda t, f: peft.VeraConfig(task_type=SEQ_CLS, r=4, target_modules=t, fan_in_fan_out=f == "gpt2"),
+        lambda t: VeraConfig(r=4, target_modules=t),
+    ),
+    "vera-seeded": (
+        lambda t, f: peft.VeraConfig(
+            task_type=SEQ_CLS,
+            r=3,
+            target_modules=t,
+            projection_prng_key=5,
+            save_projection=False,
+            d_initial=0.5,
+            fan_in_fan_out=f == "gpt2",
+        ),
+        lambda t: VeraConfig(r=3, target_modules=t, projection_prng_key=5, save_projection=False, d_initial=0.5),
+    ),
+    "loha": (
+        lambda t, f: peft.LoHaConfig(task_type=SEQ_CLS, r=4, alpha=8, target_modules=t),
+        lambda t: LoHaConfig(r=4, alpha=8, target_modules=t),
+    ),
+    "loha-patterns": (
+        lambda t, f: peft.LoHaConfig(
+            task_type=SEQ_CLS, r=4, alpha=8, target_modules=t, rank_pattern={t[-1]: 2}, alpha_pattern={t[0]: 3.0}
+        ),
+        lambda t: LoHaConfig(r=4, alpha=8, target_modules=t, rank_pattern={t[-1]: 2}, alpha_pattern={t[0]: 3.0}),
+    ),
+    "lokr": (
+        lambda t, f: peft.LoKrConfig(task_type=SEQ_CLS, r=4, alpha=8, target_modules=t),
+        lambda t: LoKrConfig(r=4, alpha=8, target_modules=t),
+    ),
+    "lokr-both": (
+        lambda t, f: peft.LoKrConfig(
+            task_type=SEQ_CLS, r=1, alpha=2, target_modules=t, decompose_both=True, decompose_factor=4
+        ),
+        lambda t: LoKrConfig(r=1, alpha=2, target_modules=t, decompose_both=True, decompose_factor=4),
+    ),
+    "adalora": (
+        lambda t, f: peft.AdaLoraConfig(
+            task_type=SEQ_CLS, init_r=6, target_r=2, total_step=10, lora_alpha=8, target_modules=t
+        ),
+        lambda t: AdaLoraConfig(init_r=6, target_r=2, total_step=10, alpha=8, target_modules=t),
+    ),
+    "ptuning": (
+        lambda t, f: peft.PromptEncoderConfig(task_type=SEQ_CLS, num_virtual_tokens=3, encoder_hidden_size=16),
+        lambda t: PTuningConfig(num_virtual_tokens=3, encoder_hidden_size=16),
+    ),
+    "ptuning-lstm": (
+        lambda t, f: peft.PromptEncoderConfig(
+            task_type=SEQ_CLS, num_virtual_tokens=3, encoder_hidden_size=8, encoder_reparameterization_type="LSTM"
+        ),
+        lambda t: PTuningConfig(num_virtual_tokens=3, encoder_hidden_size=8, encoder="lstm"),
+    ),
+    "ln_tuning": (
+        lambda t, f: peft.LNTuningConfig(task_type=SEQ_CLS, target_modules=NORMS[f]),
+        lambda t: LNTuningConfig(),
+    ),  # every normalization layer: the same ones
 }
 LINEAR_ONLY = ("loha", "lokr")  # peft's LyCORIS layers take nn.Linear, not Conv1D
 PAIRS = [(c, f) for c in CASES for f in ("bert", "llama", "gpt2") if not (f == "gpt2" and c.startswith(LINEAR_ONLY))]
@@ -133,8 +165,9 @@ def _train_adalora_both(steps: int = 10):
     """The same AdaLoRA run in peft (its own update_and_allocate) and in peftkit (the schedule)."""
     base, targets = build("bert")
     common = {"init_r": 4, "target_r": 2, "total_step": steps, "tinit": 2, "tfinal": 3, "deltaT": 2}
-    ref = peft.get_peft_model(copy.deepcopy(base), peft.AdaLoraConfig(
-        task_type=SEQ_CLS, lora_alpha=8, target_modules=targets, **common))
+    ref = peft.get_peft_model(
+        copy.deepcopy(base), peft.AdaLoraConfig(task_type=SEQ_CLS, lora_alpha=8, target_modules=targets, **common)
+    )
     ours = copy.deepcopy(base)
     injection = apply_method(ours, AdaLoraConfig(alpha=8, target_modules=targets, **common))
     with torch.no_grad():  # peft's start, copied
@@ -195,13 +228,17 @@ def test_adalora_prunes_ranks_as_peft_does_and_saves_only_the_kept_ones(tmp_path
     assert (logits(theirs) - logits(ref)).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("config", [LoHaConfig(r=4, alpha=8, target_modules=["query", "value"], rank_dropout=0.1,
-                                               module_dropout=0.1),
-                                    LoKrConfig(r=2, alpha=4, target_modules=["query", "value"]),
-                                    VeraConfig(r=8, target_modules=["query", "value"], dropout=0.1),
-                                    PTuningConfig(num_virtual_tokens=3),
-                                    PTuningConfig(num_virtual_tokens=3, encoder="lstm", encoder_hidden_size=8)],
-                         ids=["loha", "lokr", "vera", "ptuning", "ptuning-lstm"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        LoHaConfig(r=4, alpha=8, target_modules=["query", "value"], rank_dropout=0.1, module_dropout=0.1),
+        LoKrConfig(r=2, alpha=4, target_modules=["query", "value"]),
+        VeraConfig(r=8, target_modules=["query", "value"], dropout=0.1),
+        PTuningConfig(num_virtual_tokens=3),
+        PTuningConfig(num_virtual_tokens=3, encoder="lstm", encoder_hidden_size=8),
+    ],
+    ids=["loha", "lokr", "vera", "ptuning", "ptuning-lstm"],
+)
 def test_each_tuner_reduces_the_loss_on_the_tiny_classifier(config):
     torch.manual_seed(0)
     # virtual tokens go on LLaMA, which reads the last position (BERT's pooler would read a virtual one)
@@ -225,10 +262,18 @@ def test_each_tuner_reduces_the_loss_on_the_tiny_classifier(config):
     assert eval_loss() < 0.5 * before
 
 
-@pytest.mark.parametrize(("case", "key", "value"), [
-    ("vera", "bias", "all"), ("vera", "some_future_option", 3), ("loha", "use_effective_conv2d_x", True),
-    ("lokr", "layers_pattern_x", "h"), ("adalora", "use_dora", True), ("adalora", "loftq_config", {"bits": 4}),
-    ("ptuning", "encoder_reparameterization_type", "GRU")])
+@pytest.mark.parametrize(
+    ("case", "key", "value"),
+    [
+        ("vera", "bias", "all"),
+        ("vera", "some_future_option", 3),
+        ("loha", "use_effective_conv2d_x", True),
+        ("lokr", "layers_pattern_x", "h"),
+        ("adalora", "use_dora", True),
+        ("adalora", "loftq_config", {"bits": 4}),
+        ("ptuning", "encoder_reparameterization_type", "GRU"),
+    ],
+)
 def test_options_peftkit_does_not_reproduce_are_refused_on_one_line(case, key, value, tmp_path):
     base, _ = peft_made(case, "bert", tmp_path / "p")
     path = tmp_path / "p" / "adapter_config.json"
@@ -238,15 +283,22 @@ def test_options_peftkit_does_not_reproduce_are_refused_on_one_line(case, key, v
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize(("kind", "key", "value"), [("ia3", "layers_to_transform", [0]),
-                                                    ("prompt", "num_transformer_submodules_x", 2),
-                                                    ("prefix", "some_future_option", "x")])
+@pytest.mark.parametrize(
+    ("kind", "key", "value"),
+    [
+        ("ia3", "layers_to_transform", [0]),
+        ("prompt", "num_transformer_submodules_x", 2),
+        ("prefix", "some_future_option", "x"),
+    ],
+)
 def test_the_allow_list_covers_ia3_prompt_and_prefix_configs(kind, key, value, tmp_path):
     from peftkit.methods import METHODS, PEFT_TYPES
 
-    cfg = {"ia3": {"peft_type": "IA3", "target_modules": ["query"], "feedforward_modules": []},
-           "prompt": {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 2},
-           "prefix": {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 2}}[kind]
+    cfg = {
+        "ia3": {"peft_type": "IA3", "target_modules": ["query"], "feedforward_modules": []},
+        "prompt": {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 2},
+        "prefix": {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 2},
+    }[kind]
     name = PEFT_TYPES[cfg["peft_type"]]
     METHODS[name].config.from_peft(cfg)  # reads as it is
     with pytest.raises(PeftkitError, match=key):

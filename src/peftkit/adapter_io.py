@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from .errors import PeftkitError
 from .fsio import atomic_dir
@@ -57,13 +56,17 @@ class AdapterFiles:
         peft_type = self.config.get("peft_type")
         name = PEFT_TYPES.get(peft_type)
         if name is None:
-            raise PeftkitError(f"adapter type {peft_type!r} is not supported", str(self.path / CONFIG_FILE),
-                               f"supported: {', '.join(PEFT_TYPES)}")
+            raise PeftkitError(
+                f"adapter type {peft_type!r} is not supported",
+                str(self.path / CONFIG_FILE),
+                f"supported: {', '.join(PEFT_TYPES)}",
+            )
         return METHODS[name].config.from_peft(self.config)
 
 
-def write_adapter(directory: str | Path, config: dict[str, Any], state: dict[str, torch.Tensor],
-                  meta: dict[str, Any]) -> Path:
+def write_adapter(
+    directory: str | Path, config: dict[str, Any], state: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> Path:
     """Write an adapter folder atomically: ``config`` as adapter_config.json, ``state`` (file keys)
     as adapter_model.safetensors and ``meta`` as peftkit.json; an existing folder is replaced whole."""
     from safetensors.torch import save_file
@@ -71,8 +74,11 @@ def write_adapter(directory: str | Path, config: dict[str, Any], state: dict[str
     with atomic_dir(directory) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(tmp / WEIGHTS_FILE),
-                  metadata={"format": "pt"})
+        save_file(
+            {k: v.detach().to("cpu").contiguous() for k, v in state.items()},
+            str(tmp / WEIGHTS_FILE),
+            metadata={"format": "pt"},
+        )
     return Path(directory)
 
 
@@ -85,8 +91,11 @@ def read_adapter(directory: str | Path) -> AdapterFiles:
     path = Path(directory)
     cfg_path = path / CONFIG_FILE
     if not cfg_path.is_file():
-        raise PeftkitError("not an adapter folder (no adapter_config.json)", str(path),
-                           "pass the adapter/ folder of a run, or a peft adapter folder")
+        raise PeftkitError(
+            "not an adapter folder (no adapter_config.json)",
+            str(path),
+            "pass the adapter/ folder of a run, or a peft adapter folder",
+        )
     files = AdapterFiles(path, _read_json(cfg_path))
     if (path / META_FILE).is_file():
         files.meta = _read_json(path / META_FILE)
@@ -123,8 +132,9 @@ def read_adapter_weights(directory: str | Path, method: MethodConfig | None = No
     except PeftkitError:
         raise
     except Exception as exc:
-        raise PeftkitError(f"cannot read adapter weights: {str(exc)[:200]}", str(path),
-                           "the file is damaged; save the adapter again") from None
+        raise PeftkitError(
+            f"cannot read adapter weights: {str(exc)[:200]}", str(path), "the file is damaged; save the adapter again"
+        ) from None
     if method is None:
         method = read_adapter(path).method_config()
     return {method.model_key(k): v for k, v in state.items()}
@@ -132,7 +142,9 @@ def read_adapter_weights(directory: str | Path, method: MethodConfig | None = No
 
 def head_size(state: dict[str, torch.Tensor], modules_to_save: list[str]) -> int | None:
     """The number of labels a saved classification head has (its smallest output size)."""
-    sizes = [t.shape[0] for k, t in state.items()
-             if k.endswith(".weight") and t.ndim == 2 and any(k.startswith(m + ".") for m in modules_to_save)]
+    sizes = [
+        t.shape[0]
+        for k, t in state.items()
+        if k.endswith(".weight") and t.ndim == 2 and any(k.startswith(m + ".") for m in modules_to_save)
+    ]
     return min(sizes) if sizes else None
-

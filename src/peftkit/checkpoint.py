@@ -51,13 +51,17 @@ def encode_tree(value: Any) -> tuple[Any, dict[str, torch.Tensor]]:
             key = keys[id(v)] = str(len(tensors))
             t = v.detach().cpu().contiguous()
             if t.untyped_storage().data_ptr() in storages:  # another view of stored memory: safetensors
-                t = t.clone()                                # refuses shared storage, so a copy
+                t = t.clone()  # refuses shared storage, so a copy
             storages.add(t.untyped_storage().data_ptr())
             tensors[key] = t
             return {"__tensor__": key}
         if isinstance(v, np.ndarray):
-            return {"__ndarray__": enc(torch.from_numpy(np.ascontiguousarray(v).astype(np.int64)))
-                    if v.dtype.kind in "iu" else enc(torch.from_numpy(np.ascontiguousarray(v))), "dtype": v.dtype.str}
+            return {
+                "__ndarray__": enc(torch.from_numpy(np.ascontiguousarray(v).astype(np.int64)))
+                if v.dtype.kind in "iu"
+                else enc(torch.from_numpy(np.ascontiguousarray(v))),
+                "dtype": v.dtype.str,
+            }
         if isinstance(v, np.generic):
             return v.item()
         if isinstance(v, tuple):
@@ -77,6 +81,7 @@ def encode_tree(value: Any) -> tuple[Any, dict[str, torch.Tensor]]:
 
 def decode_tree(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
     """The value :func:`encode_tree` encoded."""
+
     def dec(v: Any) -> Any:
         if isinstance(v, list):
             return [dec(x) for x in v]
@@ -118,9 +123,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save_checkpoint(out: Path, step: int, *, trainable: dict[str, torch.Tensor], best: dict[str, torch.Tensor],
-                    optimizer: Any, scheduler: Any, scaler: Any, rngs: list[dict[str, Any]], loop: dict[str, Any],
-                    metrics: str, config: str, keep: int, best_step: int | None, method: Any = None) -> Path:
+def save_checkpoint(
+    out: Path,
+    step: int,
+    *,
+    trainable: dict[str, torch.Tensor],
+    best: dict[str, torch.Tensor],
+    optimizer: Any,
+    scheduler: Any,
+    scaler: Any,
+    rngs: list[dict[str, Any]],
+    loop: dict[str, Any],
+    metrics: str,
+    config: str,
+    keep: int,
+    best_step: int | None,
+    method: Any = None,
+) -> Path:
     """Write the checkpoint for ``step`` atomically, then prune old ones (keeping the best).
 
     Raises:
@@ -132,13 +151,19 @@ def save_checkpoint(out: Path, step: int, *, trainable: dict[str, torch.Tensor],
     target = out / CHECKPOINTS / f"step-{step:08d}"
     try:
         with atomic_dir(target) as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors")
+            )
             stop_for_test("checkpoint", step)
             if best:
                 save_file({k: v.detach().cpu().contiguous() for k, v in best.items()}, str(tmp / "best.safetensors"))
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict() if scaler is not None else None, "rngs": rngs,
-                     "method": method}  # a method's own training state (AdaLoRA's importance scores)
+            state = {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rngs": rngs,
+                "method": method,
+            }  # a method's own training state (AdaLoRA's importance scores)
             tree, tensors = encode_tree(state)
             save_file(tensors, str(tmp / STATE_TENSORS))
             (tmp / STATE_JSON).write_text(json.dumps(tree))
@@ -146,8 +171,11 @@ def save_checkpoint(out: Path, step: int, *, trainable: dict[str, torch.Tensor],
             (tmp / "config.yaml").write_text(config)
             (tmp / "loop.json").write_text(json.dumps(loop, indent=1))
     except OSError as exc:
-        raise PeftkitError(f"cannot write a checkpoint: {exc.strerror or exc}", str(target),
-                           "free disk space or make output_dir writable; earlier checkpoints are intact") from None
+        raise PeftkitError(
+            f"cannot write a checkpoint: {exc.strerror or exc}",
+            str(target),
+            "free disk space or make output_dir writable; earlier checkpoints are intact",
+        ) from None
     prune(out, keep, best_step)
     return target
 
@@ -157,7 +185,9 @@ def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
     folder = out / CHECKPOINTS
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := NAME.match(p.name)) and (p / "loop.json").is_file()]
+    found = [
+        (int(m.group(1)), p) for p in folder.iterdir() if (m := NAME.match(p.name)) and (p / "loop.json").is_file()
+    ]
     return sorted(found)
 
 
@@ -185,7 +215,9 @@ def find_resume(out: Path, resume: str) -> Path | None:
         return found[-1][1] if found else None
     path = Path(resume)
     if not (path / "loop.json").is_file():
-        raise PeftkitError("not a complete checkpoint folder", str(path), "pass resume=auto or a checkpoints/step-* folder")
+        raise PeftkitError(
+            "not a complete checkpoint folder", str(path), "pass resume=auto or a checkpoints/step-* folder"
+        )
     return path
 
 
@@ -203,8 +235,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         found = " (a state.pt pickle, which peftkit never unpickles)" if (path / "state.pt").exists() else ""
         raise PeftkitError(f"the checkpoint has no {STATE_JSON}{found}", str(path), fix)
     try:
-        state = decode_tree(json.loads((path / STATE_JSON).read_text(encoding="utf-8")),
-                            load_file(str(path / STATE_TENSORS)))
+        state = decode_tree(
+            json.loads((path / STATE_JSON).read_text(encoding="utf-8")), load_file(str(path / STATE_TENSORS))
+        )
         state["trainable"] = load_file(str(path / "trainable.safetensors"))
         state["best"] = load_file(str(path / "best.safetensors")) if (path / "best.safetensors").is_file() else {}
         state["loop"] = json.loads((path / "loop.json").read_text(encoding="utf-8"))

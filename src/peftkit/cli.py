@@ -25,11 +25,19 @@ def _train(args: argparse.Namespace) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) == 1 and not cfg.resume:
         check_output_dir(cfg)  # fail before anything slow is loaded (train() checks again)
     from .train import train
+
     try:
         summary = train(cfg)
     except Interrupted as exc:
-        again = " ".join(["peftkit", "train", args.recipe, *[o for o in args.overrides if not o.startswith("resume=")],
-                          "resume=auto"])
+        again = " ".join(
+            [
+                "peftkit",
+                "train",
+                args.recipe,
+                *[o for o in args.overrides if not o.startswith("resume=")],
+                "resume=auto",
+            ]
+        )
         raise Interrupted(f"{exc}. Resume with: {again}", exc.code) from None
     if os.environ.get("RANK", "0") != "0":  # under torchrun / accelerate launch, process 0 reports
         return 0
@@ -42,8 +50,10 @@ def _train(args: argparse.Namespace) -> int:
     if cfg.task == "causal_lm":
         print(f'generate with: {exe} generate --adapter {summary["adapter"]} --prompt "..."')
     else:
-        print(f"predict with: {exe} predict --adapter {summary['adapter']} --input examples/reviews.txt "
-              f"--output {Path(cfg.output_dir) / 'predictions.jsonl'}")
+        print(
+            f"predict with: {exe} predict --adapter {summary['adapter']} --input examples/reviews.txt "
+            f"--output {Path(cfg.output_dir) / 'predictions.jsonl'}"
+        )
     return 0
 
 
@@ -101,9 +111,11 @@ def _predict(args: argparse.Namespace) -> int:
     specs = _named_specs(args)
     for path in [args.adapter] if specs is None else [p for _, p in specs]:
         if is_causal_lm_adapter(path):
-            raise PeftkitError("this is a causal-LM adapter: predict classifies texts with a classifier adapter",
-                               str(path), f"answer with: peftkit generate --adapter {path} --input FILE (or "
-                               "peftkit eval for its metrics)")
+            raise PeftkitError(
+                "this is a causal-LM adapter: predict classifies texts with a classifier adapter",
+                str(path),
+                f"answer with: peftkit generate --adapter {path} --input FILE (or peftkit eval for its metrics)",
+            )
     if specs is None:
         clf = _load(args)
         probs, _ = clf.predict_proba(texts, batch_size=args.batch_size)
@@ -142,13 +154,20 @@ def _eval(args: argparse.Namespace) -> int:
 
         quiet_transformers()
         lm = load_adapted_lm(args.adapter, args.model, quantize=args.quantize)
-        result = evaluate_lm_adapter(lm, args.data, args.split, max_samples=args.max_samples,
-                                     batch_size=args.batch_size)
+        result = evaluate_lm_adapter(
+            lm, args.data, args.split, max_samples=args.max_samples, batch_size=args.batch_size
+        )
         say(f"{result['dataset']} [{result['split']}] {_metrics_line(result)}")
     else:
-        result = evaluate_adapter(_load(args), args.data, args.split, text_column=args.text_column,
-                                  label_column=args.label_column, max_samples=args.max_samples,
-                                  batch_size=args.batch_size)
+        result = evaluate_adapter(
+            _load(args),
+            args.data,
+            args.split,
+            text_column=args.text_column,
+            label_column=args.label_column,
+            max_samples=args.max_samples,
+            batch_size=args.batch_size,
+        )
         _print_classification(result, say)
     _write_result(output, result, say)
     return 0
@@ -170,8 +189,10 @@ def _write_result(output: str, result: dict, say) -> None:
 
 def _print_classification(result: dict, say=print) -> None:
     names = result["label_names"]
-    say(f"{result['dataset']} [{result['split']}] n={result['n']}: accuracy {result['accuracy']:.4f}  "
-        f"macro-F1 {result['f1']:.4f}  loss {result['loss']:.4f}")
+    say(
+        f"{result['dataset']} [{result['split']}] n={result['n']}: accuracy {result['accuracy']:.4f}  "
+        f"macro-F1 {result['f1']:.4f}  loss {result['loss']:.4f}"
+    )
     width = max(len(n) for n in names) + 2
     say("confusion matrix (rows: true, columns: predicted)")
     say(" " * width + "".join(f"{n:>{width}}" for n in names))
@@ -186,8 +207,15 @@ def _eval_named(args: argparse.Namespace, specs: list) -> int:
         raise PeftkitError("several adapters need --output", "eval", "pass --output FILE.json (or - for stdout)")
     say = _status_printer(args.output)
     named = _load_named(args, specs)
-    result = evaluate_each(named, args.data, args.split, text_column=args.text_column,
-                           label_column=args.label_column, max_samples=args.max_samples, batch_size=args.batch_size)
+    result = evaluate_each(
+        named,
+        args.data,
+        args.split,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        max_samples=args.max_samples,
+        batch_size=args.batch_size,
+    )
     for name, one in result["adapters"].items():
         say(f"== {name}")
         if "confusion_matrix" in one:
@@ -215,17 +243,26 @@ def _merge(args: argparse.Namespace) -> int:
             check, task = merge_lm_to_folder(lm, out, overwrite=args.overwrite, dtype=args.dtype), "text-generation"
         else:
             args.adapter = adapter
-            check, task = merge_to_folder(_load(args), out, overwrite=args.overwrite, dtype=args.dtype), "text-classification"
-    print(f"merged model written to {out} ({args.dtype}; max abs logit difference from the model as loaded: "
-          f"{check.diff:.2e})")
+            check, task = (
+                merge_to_folder(_load(args), out, overwrite=args.overwrite, dtype=args.dtype),
+                "text-classification",
+            )
+    print(
+        f"merged model written to {out} ({args.dtype}; max abs logit difference from the model as loaded: "
+        f"{check.diff:.2e})"
+    )
     if check.large:
         why = ""
         if args.quantize:
             acts = " and int8 activations" if args.quantize == 8 else ""
-            why = (f" the {args.quantize}-bit base computes with quantized weights{acts}, the merged float model "
-                   "with their dequantized values")
-        print(f"warning: the merge moved the logits by {check.diff:.3g} (largest logit {check.scale:.3g});{why}",
-              file=sys.stderr)
+            why = (
+                f" the {args.quantize}-bit base computes with quantized weights{acts}, the merged float model "
+                "with their dequantized values"
+            )
+        print(
+            f"warning: the merge moved the logits by {check.diff:.3g} (largest logit {check.scale:.3g});{why}",
+            file=sys.stderr,
+        )
     print(f'use it with: transformers.pipeline("{task}", model="{out}")')
     return 0
 
@@ -251,8 +288,9 @@ def _weights(text: str) -> list[float]:
     try:
         return [float(w) for w in text.split(",")]
     except ValueError:
-        raise PeftkitError(f"weights {text!r} are not numbers", "--weights",
-                           "give comma-separated numbers, e.g. 0.6,0.4") from None
+        raise PeftkitError(
+            f"weights {text!r} are not numbers", "--weights", "give comma-separated numbers, e.g. 0.6,0.4"
+        ) from None
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -265,8 +303,11 @@ def _generate(args: argparse.Namespace) -> int:
     if args.output and Path(args.output).is_file() and not args.overwrite:  # a pipe or device is written through
         raise PeftkitError("output exists", args.output, "choose another --output or pass --overwrite")
     if args.merge and args.quantize:
-        raise PeftkitError("--merge cannot fold the update into quantized weights", "generate",
-                           "drop --merge (the adapter runs unmerged on the quantized base), or drop --quantize")
+        raise PeftkitError(
+            "--merge cannot fold the update into quantized weights",
+            "generate",
+            "drop --merge (the adapter runs unmerged on the quantized base), or drop --quantize",
+        )
     specs = _named_specs(args)
     if specs is not None:
         return _generate_named(args, specs, rows, texts)
@@ -278,13 +319,22 @@ def _generate(args: argparse.Namespace) -> int:
         check_mergeable(lm.model)
         merge_and_unload(lm.model)
     prompts = [lm.prompt_ids(t, raw=args.raw) for t in texts]
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   stop_ids=None if args.raw else lm.encoder.stop_ids)
+    options = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        stop_ids=None if args.raw else lm.encoder.stop_ids,
+    )
     if args.prompt is not None and args.output is None:  # one prompt, no --output: stream the answer
         from transformers import TextStreamer
 
-        generate(lm.model, lm.tokenizer, prompts, **options,
-                 streamer=TextStreamer(lm.tokenizer, skip_prompt=True, skip_special_tokens=True))
+        generate(
+            lm.model,
+            lm.tokenizer,
+            prompts,
+            **options,
+            streamer=TextStreamer(lm.tokenizer, skip_prompt=True, skip_special_tokens=True),
+        )
         return 0
     answers = generate(lm.model, lm.tokenizer, prompts, batch_size=args.batch_size, **options)
     _write_answers(args, [{"prompt": t, "answer": a} for t, a in zip(texts, answers)], rows)
@@ -297,8 +347,10 @@ def _write_answers(args: argparse.Namespace, answers: list[dict], rows: list[dic
     from .fsio import atomic_write_text
     from .predict import LINE
 
-    lines = [json.dumps({**({"line": r[LINE]} if LINE in r else {}), **({"id": r["id"]} if "id" in r else {}), **a})
-             for r, a in zip(rows, answers)]
+    lines = [
+        json.dumps({**({"line": r[LINE]} if LINE in r else {}), **({"id": r["id"]} if "id" in r else {}), **a})
+        for r, a in zip(rows, answers)
+    ]
     output = args.output or STDIO
     atomic_write_text(output, "".join(line + "\n" for line in lines))
     _status_printer(output)(f"wrote {len(lines)} answers to {output}")
@@ -311,8 +363,16 @@ def _generate_named(args: argparse.Namespace, specs: list, rows: list[dict], pro
     if args.merge:
         raise PeftkitError("--merge takes one adapter", "generate", "drop --merge to generate with several adapters")
     named = _load_named(args, specs)
-    answers = generate_rows(named, prompts, names, raw=args.raw, batch_size=args.batch_size,
-                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    answers = generate_rows(
+        named,
+        prompts,
+        names,
+        raw=args.raw,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+    )
     _write_answers(args, [{"adapter": n, "prompt": p, "answer": a} for n, p, a in zip(names, prompts, answers)], rows)
     return 0
 
@@ -320,8 +380,17 @@ def _generate_named(args: argparse.Namespace, specs: list, rows: list[dict], pro
 def _combine(args: argparse.Namespace) -> int:
     from .multi import combine_folders, parse_specs
 
-    made = combine_folders(parse_specs(args.adapter), _weights(args.weights), args.combination, args.output, density=args.density,
-                           rank=args.rank, seed=args.seed, head=args.head, overwrite=args.overwrite)
+    made = combine_folders(
+        parse_specs(args.adapter),
+        _weights(args.weights),
+        args.combination,
+        args.output,
+        density=args.density,
+        rank=args.rank,
+        seed=args.seed,
+        head=args.head,
+        overwrite=args.overwrite,
+    )
     print(f"combined {len(made['adapters'])} adapters ({args.combination}) into {args.output}")
     return 0
 
@@ -359,41 +428,62 @@ def _serve(args: argparse.Namespace) -> int:
     from .serving.app import Limits, serve
 
     if not args.adapter and not args.adapters_dir:
-        raise PeftkitError("nothing to serve", "--adapter", "name an adapter (--adapter NAME=DIR) or a folder of "
-                           "adapters (--adapters-dir DIR)")
+        raise PeftkitError(
+            "nothing to serve",
+            "--adapter",
+            "name an adapter (--adapter NAME=DIR) or a folder of adapters (--adapters-dir DIR)",
+        )
     for flag in ("max_batch", "max_queue", "max_texts", "max_body", "max_tokens", "max_input_tokens", "max_adapters"):
         if getattr(args, flag) < 1:
             raise PeftkitError(f"--{flag.replace('_', '-')} must be at least 1", f"--{flag.replace('_', '-')}")
-    limits = Limits(max_body=args.max_body, max_texts=args.max_texts, max_batch=args.max_batch,
-                    batch_wait=args.batch_wait_ms / 1000, max_queue=args.max_queue, timeout=args.timeout,
-                    max_tokens=args.max_tokens, max_input_tokens=args.max_input_tokens, max_adapters=args.max_adapters)
-    return serve(parse_specs(args.adapter), model=args.model, adapters_dir=args.adapters_dir, runs=args.runs,
-                 host=args.host, port=args.port, api_key=args.api_key or os.environ.get("PEFTKIT_API_KEY"),
-                 limits=limits)
+    limits = Limits(
+        max_body=args.max_body,
+        max_texts=args.max_texts,
+        max_batch=args.max_batch,
+        batch_wait=args.batch_wait_ms / 1000,
+        max_queue=args.max_queue,
+        timeout=args.timeout,
+        max_tokens=args.max_tokens,
+        max_input_tokens=args.max_input_tokens,
+        max_adapters=args.max_adapters,
+    )
+    return serve(
+        parse_specs(args.adapter),
+        model=args.model,
+        adapters_dir=args.adapters_dir,
+        runs=args.runs,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get("PEFTKIT_API_KEY"),
+        limits=limits,
+    )
 
 
 def _serve_command(sub: Any) -> None:
     sv = sub.add_parser("serve", help="an HTTP API and a web page over many adapters of one base")
     sv.add_argument("--adapter", action="append", default=[], help="NAME=DIR (or a folder); repeat")
-    sv.add_argument("--adapters-dir", help="serve every adapter folder in DIR under its folder name, loaded on "
-                    "first use")
+    sv.add_argument(
+        "--adapters-dir", help="serve every adapter folder in DIR under its folder name, loaded on first use"
+    )
     sv.add_argument("--max-adapters", type=int, default=8, help="adapters from --adapters-dir kept loaded at once")
     sv.add_argument("--runs", help="show the training runs in DIR on the web page")
     sv.add_argument("--model", help="the base model (default: the one the adapters name)")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set PEFTKIT_API_KEY)")
-    sv.add_argument("--max-batch", type=int, default=32, help="texts per forward pass; sequences generated "
-                    "together")
+    sv.add_argument("--max-batch", type=int, default=32, help="texts per forward pass; sequences generated together")
     sv.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
     sv.add_argument("--max-queue", type=int, default=256, help="requests waiting; more are answered 429")
     sv.add_argument("--max-texts", type=int, default=64, help="texts in one request")
     sv.add_argument("--max-body", type=int, default=1 << 20, help="bytes in one request body")
-    sv.add_argument("--timeout", type=float, default=30.0, help="seconds a request may wait for its answer "
-                    "(generation: for each next token)")
+    sv.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="seconds a request may wait for its answer (generation: for each next token)",
+    )
     sv.add_argument("--max-tokens", type=int, default=256, help="tokens one generation request may ask for")
-    sv.add_argument("--max-input-tokens", type=int, default=2048, help="prompt tokens one generation request "
-                    "may send")
+    sv.add_argument("--max-input-tokens", type=int, default=2048, help="prompt tokens one generation request may send")
     sv.set_defaults(run=_serve)
 
 
@@ -402,9 +492,12 @@ def _adapter_file_commands(sub: Any) -> None:
     cb = sub.add_parser("combine", help="combine LoRA adapters of one base into one adapter (peft's weighted adapters)")
     cb.add_argument("--adapter", required=True, action="append", help="an adapter folder, or NAME=DIR; repeat")
     cb.add_argument("--weights", required=True, help="one weight per adapter, comma-separated, e.g. 0.6,0.4")
-    cb.add_argument("--combination", default="linear",
-                    help="linear (default), cat, svd, ties, dare_linear, dare_ties, magnitude_prune, or the last four "
-                         "with _svd (peft's combination types)")
+    cb.add_argument(
+        "--combination",
+        default="linear",
+        help="linear (default), cat, svd, ties, dare_linear, dare_ties, magnitude_prune, or the last four "
+        "with _svd (peft's combination types)",
+    )
     cb.add_argument("--density", type=float, help="fraction of values kept by the pruning combinations (0, 1]")
     cb.add_argument("--rank", type=int, help="rank of the svd combinations' result (default: the largest)")
     cb.add_argument("--seed", type=int, default=0, help="seed of the dare_* masks")
@@ -414,7 +507,7 @@ def _adapter_file_commands(sub: Any) -> None:
     cb.set_defaults(run=_combine)
 
     pk = sub.add_parser("pack", help="write several adapters as one folder in peft's multi-adapter layout")
-    pk.add_argument("--adapter", required=True, action="append", help="NAME=DIR; repeat (\"default\" goes at the root)")
+    pk.add_argument("--adapter", required=True, action="append", help='NAME=DIR; repeat ("default" goes at the root)')
     pk.add_argument("--output", required=True)
     pk.add_argument("--overwrite", action="store_true")
     pk.set_defaults(run=_pack)
@@ -437,19 +530,27 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(run=_compare)
 
     def adapter_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--adapter", required=True, action="append",
-                        help="adapter folder (a run's adapter/, or one saved by peft); repeat as NAME=DIR to "
-                             "load several onto one base (input rows name theirs in an 'adapter' field)")
+        sp.add_argument(
+            "--adapter",
+            required=True,
+            action="append",
+            help="adapter folder (a run's adapter/, or one saved by peft); repeat as NAME=DIR to "
+            "load several onto one base (input rows name theirs in an 'adapter' field)",
+        )
         sp.add_argument("--model", help="base model; overrides the adapter's base_model_name_or_path")
         sp.add_argument("--batch-size", type=int, default=64)
         sp.add_argument("--quantize", type=int, choices=[4, 8], help="quantize the base's linear layers (bitsandbytes)")
 
     pr = sub.add_parser("predict", help="classify texts with an adapter")
     adapter_args(pr)
-    pr.add_argument("--input", required=True, help="JSON Lines with a text field, or plain text one per line "
-                    "(- reads standard input)")
-    pr.add_argument("--output", required=True, help="JSON Lines: line, text, label and scores per input (- writes "
-                    "standard output)")
+    pr.add_argument(
+        "--input",
+        required=True,
+        help="JSON Lines with a text field, or plain text one per line (- reads standard input)",
+    )
+    pr.add_argument(
+        "--output", required=True, help="JSON Lines: line, text, label and scores per input (- writes standard output)"
+    )
     pr.add_argument("--text-field", default="text")
     pr.set_defaults(run=_predict)
 
@@ -460,8 +561,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text-column")
     e.add_argument("--label-column")
     e.add_argument("--max-samples", type=int)
-    e.add_argument("--output", help="where to write the JSON result (default: RUN_DIR/eval-SPLIT.json; - writes "
-                   "standard output)")
+    e.add_argument(
+        "--output", help="where to write the JSON result (default: RUN_DIR/eval-SPLIT.json; - writes standard output)"
+    )
     e.set_defaults(run=_eval)
 
     m = sub.add_parser("merge", help="merge the adapter into its base and save a plain transformers model")
@@ -477,8 +579,9 @@ def build_parser() -> argparse.ArgumentParser:
     adapter_args(g)
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt (for a labelled-data adapter: the text to fill its template)")
-    src.add_argument("--input", help="JSON Lines with a text field, or plain text one prompt per line (- reads "
-                     "standard input)")
+    src.add_argument(
+        "--input", help="JSON Lines with a text field, or plain text one prompt per line (- reads standard input)"
+    )
     g.add_argument("--text-field", default="text")
     g.add_argument("--output", help="JSON Lines of line, prompt and answer (default or -: standard output)")
     g.add_argument("--overwrite", action="store_true")
@@ -497,8 +600,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="loss and metric curves of one run, or several overlaid")
     pl.add_argument("runs", nargs="+", metavar="RUN_DIR")
     pl.add_argument("--output", help="PNG to write (default: RUN_DIR/curves.png for one run, ./curves.png for several)")
-    pl.add_argument("--metric", choices=list(METRICS), help="validation metric to draw (default: accuracy, else "
-                    "the one the run has)")
+    pl.add_argument(
+        "--metric",
+        choices=list(METRICS),
+        help="validation metric to draw (default: accuracy, else the one the run has)",
+    )
     pl.set_defaults(run=_plot)
 
     a = sub.add_parser("assets", help="list the packaged offline models and datasets")

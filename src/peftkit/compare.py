@@ -35,8 +35,9 @@ def _merge(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_comparison(path: str | Path, overrides: list[str] = (), only: list[str] | None = None
-                    ) -> tuple[Path, dict[str, RunConfig]]:
+def load_comparison(
+    path: str | Path, overrides: list[str] = (), only: list[str] | None = None
+) -> tuple[Path, dict[str, RunConfig]]:
     """The comparison's output folder and each run's validated config, in recipe order.
 
     ``overrides`` (``key=value``) apply to every run, after the run's own changes.
@@ -52,15 +53,19 @@ def load_comparison(path: str | Path, overrides: list[str] = (), only: list[str]
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise PeftkitError(f"cannot read the recipe: {str(exc).splitlines()[0]}", where) from None
     if not isinstance(data, dict) or not isinstance(data.get("compare"), dict) or not data["compare"]:
-        raise PeftkitError("the recipe has no compare: block", where,
-                           "add compare: {run name: {method: {...}, train: {...}}, ...}")
+        raise PeftkitError(
+            "the recipe has no compare: block", where, "add compare: {run name: {method: {...}, train: {...}}, ...}"
+        )
     runs_raw = data.pop("compare")
     names = list(runs_raw)
     if only:
         unknown = [n for n in only if n not in runs_raw]
         if unknown:
-            raise PeftkitError(f"no run named {unknown[0]!r} in the comparison", where, f"choose from: {', '.join(names)}")
+            raise PeftkitError(
+                f"no run named {unknown[0]!r} in the comparison", where, f"choose from: {', '.join(names)}"
+            )
         names = [n for n in names if n in only]
+
     def override(run: dict[str, Any]) -> dict[str, Any]:
         for text in overrides:
             keys, value = parse_override(text)
@@ -137,8 +142,10 @@ def row_of(name: str, cfg: RunConfig, summary: dict[str, Any]) -> dict[str, Any]
         "peak_rss_mb": round(summary.get("peak_rss_bytes", 0) / 2**20, 1),
         "train_seconds": summary["train_seconds"],
         "examples_per_s": summary.get("examples_per_s"),
-        "val_accuracy": val["accuracy"], "val_f1": val["f1"],
-        "test_accuracy": test.get("accuracy"), "test_f1": test.get("f1"),
+        "val_accuracy": val["accuracy"],
+        "val_f1": val["f1"],
+        "test_accuracy": test.get("accuracy"),
+        "test_f1": test.get("f1"),
         "lr": cfg.train.lr,
         "epochs": cfg.train.epochs,
     }
@@ -153,8 +160,10 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    head = ("| run | method | trainable params | % of total | peak RSS (MB) | train time (s) | examples/s "
-            "| val acc | val F1 | test acc | test F1 |")
+    head = (
+        "| run | method | trainable params | % of total | peak RSS (MB) | train time (s) | examples/s "
+        "| val acc | val F1 | test acc | test F1 |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if "error" in r:
@@ -163,7 +172,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['run']} | {r['method']} | {_fmt(r['trainable_params'])} | {r['trainable_percent']:.3f} "
             f"| {_fmt(r['peak_rss_mb'], 0)} | {_fmt(r['train_seconds'], 1)} | {_fmt(r['examples_per_s'], 1)} "
-            f"| {_fmt(r['val_accuracy'])} | {_fmt(r['val_f1'])} | {_fmt(r['test_accuracy'])} | {_fmt(r['test_f1'])} |")
+            f"| {_fmt(r['val_accuracy'])} | {_fmt(r['val_f1'])} | {_fmt(r['test_accuracy'])} | {_fmt(r['test_f1'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -16,9 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import PeftkitError
 from .methods.configs import LoraConfig, MethodConfig
-from .methods.registry import AnyMethod
-from .methods.registry import METHODS
-
+from .methods.registry import METHODS, AnyMethod
 
 #: the label of a position that carries no loss (prompt, padding, virtual tokens): PyTorch's
 #: ``cross_entropy`` default ``ignore_index``, which transformers' losses use too
@@ -36,7 +34,8 @@ class QuantizationConfig(_Strict):
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type")
     double_quant: bool = Field(True, description="4-bit: quantize the block scales too")
     compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="4-bit: dtype of the matmul after dequantizing a block")
+        "float32", description="4-bit: dtype of the matmul after dequantizing a block"
+    )
 
 
 class DataConfig(_Strict):
@@ -57,27 +56,35 @@ class DataConfig(_Strict):
     validation_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     max_train_samples: int | None = Field(None, gt=0, description="subsample train (quick runs)")
     max_eval_samples: int | None = Field(None, gt=0, description="subsample validation and test")
-    token_cache: bool = Field(True, description="classification: keep tokenized splits in peftkit's cache "
-                              "folder and reuse them in later runs")
+    token_cache: bool = Field(
+        True, description="classification: keep tokenized splits in peftkit's cache folder and reuse them in later runs"
+    )
     # task causal_lm: which columns hold what, and how they become one token sequence
     prompt_column: str = Field("prompt", description="causal_lm: prompt/completion data")
     completion_column: str = "completion"
     messages_column: str = Field("messages", description="causal_lm: chat records (role/content lists)")
     prompt_template: str | None = Field(
-        None, description="causal_lm on labelled data: the prompt, with {text} (and {text_pair}); the "
-        "completion is the label name")
-    chat_template: bool | None = Field(None, description="causal_lm: render with the tokenizer's chat "
-                                       "template; default: when it has one (chat records always)")
+        None,
+        description="causal_lm on labelled data: the prompt, with {text} (and {text_pair}); the "
+        "completion is the label name",
+    )
+    chat_template: bool | None = Field(
+        None,
+        description="causal_lm: render with the tokenizer's chat "
+        "template; default: when it has one (chat records always)",
+    )
     system_prompt: str | None = Field(None, description="causal_lm with a chat template: a system message")
     train_on_prompt: bool = Field(False, description="causal_lm: loss on prompt tokens too")
     packing: bool = Field(False, description="causal_lm: pack several training examples per sequence")
 
     @model_validator(mode="after")
-    def _system_needs_chat(self) -> "DataConfig":
+    def _system_needs_chat(self) -> DataConfig:
         if self.system_prompt and self.chat_template is False:
-            raise ValueError("data.system_prompt is sent as the chat template's system message, and "
-                             "data.chat_template is false: set data.chat_template: true, or write the instruction "
-                             "into data.prompt_template")
+            raise ValueError(
+                "data.system_prompt is sent as the chat template's system message, and "
+                "data.chat_template is false: set data.chat_template: true, or write the instruction "
+                "into data.prompt_template"
+            )
         return self
 
 
@@ -100,11 +107,13 @@ class TrainConfig(_Strict):
     lr: float = Field(5e-4, gt=0)
     optimizer: Literal["adamw", "adamw_8bit"] = Field("adamw", description="adamw_8bit: bitsandbytes 8-bit states")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
-    low_memory: bool = Field(False, description="hand freed tensor memory back to the OS at once (Linux): "
-                             "lower peak memory, slower steps")
+    low_memory: bool = Field(
+        False, description="hand freed tensor memory back to the OS at once (Linux): lower peak memory, slower steps"
+    )
     head_lr: float | None = Field(None, gt=0, description="lr of the saved modules (task head); default: lr")
     loraplus_lr_ratio: float | None = Field(
-        None, gt=0, description="LoRA+: the B factors of LoRA layers train at lr times this (16 in the paper)")
+        None, gt=0, description="LoRA+: the B factors of LoRA layers train at lr times this (16 in the paper)"
+    )
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
@@ -113,17 +122,22 @@ class TrainConfig(_Strict):
     log_steps: int = Field(50, gt=0)
     metric_for_best: Literal["accuracy", "f1", "loss"] = "accuracy"
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 autocast where the hardware runs bf16 natively (float32 weights and "
-        "accumulation), float32 elsewhere")
+        "auto",
+        description="auto: bf16 autocast where the hardware runs bf16 natively (float32 weights and "
+        "accumulation), float32 elsewhere",
+    )
     save_steps: int | None = Field(None, gt=0, description="checkpoint every N steps (always at epoch end)")
     save_total_limit: int = Field(2, ge=1, description="checkpoints kept, besides the best one")
     early_stopping: EarlyStopping | None = Field(None, description="stop when validation stops improving")
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
-        default_factory=list, description="also send metrics to these (metrics.jsonl is always written)")
+        default_factory=list, description="also send metrics to these (metrics.jsonl is always written)"
+    )
     group_by_length: bool = Field(True, description="batch similar lengths together (less padding)")
     accel: Literal["auto", "on", "off"] = Field(
-        "auto", description="the CPU speed layer around training steps (peftkit.accel): auto turns it on for "
-        "CPU runs, where it pays; off trains with the model's own modules")
+        "auto",
+        description="the CPU speed layer around training steps (peftkit.accel): auto turns it on for "
+        "CPU runs, where it pays; off trains with the model's own modules",
+    )
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -140,7 +154,8 @@ class RunConfig(_Strict):
     """Everything one ``peftkit train`` run needs."""
 
     task: Literal["classification", "causal_lm"] = Field(
-        "classification", description="classification (a head over labels) or causal_lm (next-token loss)")
+        "classification", description="classification (a head over labels) or causal_lm (next-token loss)"
+    )
     model: str = Field("minilm", description="asset name, hub id, or local folder")
     dataset: str = Field("rotten_tomatoes", description="asset name, hub id, local file or folder")
     output_dir: str = "runs/default"
@@ -153,7 +168,7 @@ class RunConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     @model_validator(mode="after")
-    def _loraplus_needs_lora(self) -> "RunConfig":
+    def _loraplus_needs_lora(self) -> RunConfig:
         if self.train.loraplus_lr_ratio is not None and self.method.name != "lora":
             raise ValueError(f"train.loraplus_lr_ratio needs method lora, not {self.method.name}")
         return self
@@ -183,17 +198,28 @@ def _looks_numeric(text: str) -> bool:
 
 #: names users bring from peft and transformers -> ours (used for did-you-mean hints)
 SYNONYMS = {
-    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
-    "learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs",
-    "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
-    "model_name_or_path": "model", "output": "output_dir",
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "learning_rate": "lr",
+    "num_train_epochs": "epochs",
+    "num_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "model_name_or_path": "model",
+    "output": "output_dir",
 }
 
 
 #: LoRA variants peft users name as methods -> the options that choose them
 VARIANTS = {
-    "dora": "method.use_dora=true", "rslora": "method.use_rslora=true", "pissa": "method.init_lora_weights=pissa",
-    "olora": "method.init_lora_weights=olora", "qlora": "quantization.bits=4", "lora+": "train.loraplus_lr_ratio=16",
+    "dora": "method.use_dora=true",
+    "rslora": "method.use_rslora=true",
+    "pissa": "method.init_lora_weights=pissa",
+    "olora": "method.init_lora_weights=olora",
+    "qlora": "quantization.bits=4",
+    "lora+": "train.loraplus_lr_ratio=16",
     "loraplus": "train.loraplus_lr_ratio=16",
 }
 
@@ -206,8 +232,11 @@ def _check_keys(data: Any, model: type[BaseModel], prefix: str, where: str) -> N
     for key, value in data.items():
         if key not in fields:
             if model is not LoraConfig and issubclass(model, MethodConfig) and key in LoraConfig.model_fields:
-                raise PeftkitError(f"'{prefix}{key}' is a LoRA option; method {model.model_fields['name'].default} "
-                                   "does not take it", where, f"use method.name: lora, or remove '{prefix}{key}'")
+                raise PeftkitError(
+                    f"'{prefix}{key}' is a LoRA option; method {model.model_fields['name'].default} does not take it",
+                    where,
+                    f"use method.name: lora, or remove '{prefix}{key}'",
+                )
             known = sorted(fields)
             close = [SYNONYMS[key]] if SYNONYMS.get(key) in fields else []
             close = close or difflib.get_close_matches(str(key), known, n=1)
@@ -223,8 +252,11 @@ def _submodel(model: type[BaseModel], key: str, value: Any) -> type[BaseModel] |
         name = value.get("name", "lora") if isinstance(value, dict) else "lora"
         if name not in METHODS:
             if str(name).lower() in VARIANTS:
-                raise PeftkitError(f"{name} is a variant of LoRA, not a method of its own", "method.name",
-                                   f"use method.name=lora with {VARIANTS[str(name).lower()]}")
+                raise PeftkitError(
+                    f"{name} is a variant of LoRA, not a method of its own",
+                    "method.name",
+                    f"use method.name=lora with {VARIANTS[str(name).lower()]}",
+                )
             close = difflib.get_close_matches(str(name), list(METHODS), n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
             raise PeftkitError(f"unknown method '{name}'", "method.name", f"{hint}choose one of: {', '.join(METHODS)}")
@@ -261,7 +293,9 @@ def build_config(data: dict[str, Any], where: str = "recipe") -> RunConfig:
         value = err.get("input")
         msg = err["msg"].replace("\n", " ")
         if isinstance(value, dict):  # a check across options: its own words say what is wrong
-            raise PeftkitError(msg.removeprefix("Value error, "), where, f"change the {key or 'recipe'} options") from None
+            raise PeftkitError(
+                msg.removeprefix("Value error, "), where, f"change the {key or 'recipe'} options"
+            ) from None
         raise PeftkitError(f"invalid value {value!r} for '{key}'", where, msg) from None
 
 

@@ -26,8 +26,11 @@ from .config import DataConfig
 from .errors import PeftkitError
 
 SUFFIXES = {
-    ".csv": ("csv", {}), ".tsv": ("csv", {"delimiter": "\t"}), ".json": ("json", {}),
-    ".jsonl": ("json", {}), ".parquet": ("parquet", {}),
+    ".csv": ("csv", {}),
+    ".tsv": ("csv", {"delimiter": "\t"}),
+    ".json": ("json", {}),
+    ".jsonl": ("json", {}),
+    ".parquet": ("parquet", {}),
 }
 OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open, ".json": open, ".jsonl": open}
 SPLIT_ALIASES = {"validation": ("validation", "valid", "val", "dev"), "train": ("train",), "test": ("test",)}
@@ -45,7 +48,7 @@ class Split:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def subset(self, indices: Sequence[int]) -> "Split":
+    def subset(self, indices: Sequence[int]) -> Split:
         pick = lambda xs: [xs[i] for i in indices]  # noqa: E731
         return Split(pick(self.texts), pick(self.labels), self.pairs and pick(self.pairs), self.label_names)
 
@@ -56,7 +59,8 @@ def _file_format(path: Path) -> tuple[str, dict]:
         suffixes = suffixes[:-1]
     if not suffixes or suffixes[-1] not in SUFFIXES:
         raise PeftkitError(
-            f"unsupported data file type '{''.join(path.suffixes)}'", str(path),
+            f"unsupported data file type '{''.join(path.suffixes)}'",
+            str(path),
             "use csv, tsv, json, jsonl, jsonl.gz or parquet",
         )
     return SUFFIXES[suffixes[-1]]
@@ -94,8 +98,11 @@ def _load_tables(source: str) -> dict[str, Any]:
         files = _split_files(path)
     elif path.exists() or source.startswith((".", "/", "~")) or _has_data_suffix(path):
         if path.is_dir():
-            raise PeftkitError("no train/validation/test data files in this folder", source,
-                               "name files train.jsonl, validation.jsonl, test.jsonl (or csv/parquet)")
+            raise PeftkitError(
+                "no train/validation/test data files in this folder",
+                source,
+                "name files train.jsonl, validation.jsonl, test.jsonl (or csv/parquet)",
+            )
         raise PeftkitError("dataset file not found", source, "check the path")
     else:
         return _load_hub(source)
@@ -117,8 +124,9 @@ def _load_tables(source: str) -> dict[str, Any]:
             while exc.__cause__ is not None:  # the innermost error says what is wrong
                 exc = exc.__cause__
             reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-            raise PeftkitError(f"cannot read {builder} data: {reason}", str(file),
-                               "check the file is well-formed") from None
+            raise PeftkitError(
+                f"cannot read {builder} data: {reason}", str(file), "check the file is well-formed"
+            ) from None
     return tables
 
 
@@ -134,7 +142,7 @@ def read_json_lines(path: Path) -> dict[str, list] | None:
     opener = OPENERS.get(path.suffix.lower())
     if opener is None:
         return None
-    rows = []
+    rows: list[dict[str, Any]] = []
     try:
         with opener(path, "rt", encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
@@ -171,13 +179,20 @@ def json_line(line: str, lineno: int, where: str) -> dict[str, Any]:
         row = json.loads(line)
     except json.JSONDecodeError as exc:
         if "Unterminated" in exc.msg or exc.pos >= len(line.rstrip()):
-            raise PeftkitError(f"line {lineno} ends before its JSON object does: it was cut short", where,
-                               "restore or remove that line") from None
-        raise PeftkitError(f"line {lineno} is not valid JSON ({exc.msg} at column {exc.colno})", where,
-                           "write one JSON object per line") from None
+            raise PeftkitError(
+                f"line {lineno} ends before its JSON object does: it was cut short",
+                where,
+                "restore or remove that line",
+            ) from None
+        raise PeftkitError(
+            f"line {lineno} is not valid JSON ({exc.msg} at column {exc.colno})",
+            where,
+            "write one JSON object per line",
+        ) from None
     if not isinstance(row, dict):
-        raise PeftkitError(f"line {lineno} is a JSON {type(row).__name__}, not an object", where,
-                           "write one JSON object per line") from None
+        raise PeftkitError(
+            f"line {lineno} is a JSON {type(row).__name__}, not an object", where, "write one JSON object per line"
+        ) from None
     return row
 
 
@@ -204,8 +219,11 @@ def _to_split(table: Any, cfg: DataConfig, source: str, split: str) -> Split:
     for key in ("text_column", "label_column", "text_pair_column"):
         col = getattr(cfg, key)
         if col is not None and col not in columns:
-            raise PeftkitError(f"column '{col}' not found in the {split} split", source,
-                               f"set data.{key} to one of: {', '.join(columns)}")
+            raise PeftkitError(
+                f"column '{col}' not found in the {split} split",
+                source,
+                f"set data.{key} to one of: {', '.join(columns)}",
+            )
     names = None
     features = getattr(table, "features", None)
     if features is not None and hasattr(features.get(cfg.label_column), "names"):
@@ -227,9 +245,9 @@ def column_lists(table: Any, names: list[str]) -> dict[str, list]:
     return {n: list(table[n]) for n in names}
 
 
-def load_splits(source: str, cfg: DataConfig, seed: int, convert: Callable[..., Any] | None = None
-                ) -> dict[str, Split]:
-    """Load ``source`` into train / validation / (test) splits.
+def load_splits(source: str, cfg: DataConfig, seed: int, convert: Callable[..., Any] | None = None) -> dict[str, Any]:
+    """Load ``source`` into train / validation / (test) splits (:class:`Split`, or what ``convert``
+    makes of them: :class:`~peftkit.causal.Rows` for causal LMs).
 
     A validation split is carved from train (``cfg.validation_fraction``, seeded) when the
     source has none. Subsampling (``max_*_samples``) is seeded too.
@@ -244,8 +262,9 @@ def load_splits(source: str, cfg: DataConfig, seed: int, convert: Callable[..., 
     convert = convert or _to_split
     tables = _load_tables(source)
     if cfg.train_split not in tables:
-        raise PeftkitError(f"no '{cfg.train_split}' split", source,
-                           f"set data.train_split to one of: {', '.join(tables) or '(none)'}")
+        raise PeftkitError(
+            f"no '{cfg.train_split}' split", source, f"set data.train_split to one of: {', '.join(tables) or '(none)'}"
+        )
     splits = {"train": convert(tables[cfg.train_split], cfg, source, cfg.train_split)}
     if cfg.validation_split and cfg.validation_split in tables:
         splits["validation"] = convert(tables[cfg.validation_split], cfg, source, cfg.validation_split)
@@ -302,9 +321,12 @@ def check_label_typos(labels: list[Any], where: str) -> None:
         close = difflib.get_close_matches(name, common, n=1, cutoff=0.75)
         if close:
             rows = [i + 1 for i, v in enumerate(labels) if v == name]
-            raise PeftkitError(f"label {name!r} appears on {n} row{'s' if n > 1 else ''} only (row "
-                               f"{', '.join(map(str, rows))}) and looks like a typo of {close[0]!r}", where,
-                               f"correct those rows, or list every label in data.label_names to keep it")
+            raise PeftkitError(
+                f"label {name!r} appears on {n} row{'s' if n > 1 else ''} only (row "
+                f"{', '.join(map(str, rows))}) and looks like a typo of {close[0]!r}",
+                where,
+                "correct those rows, or list every label in data.label_names to keep it",
+            )
 
 
 def infer_label_names(train: Split, given: list[str] | None) -> list[str]:
@@ -323,11 +345,17 @@ def infer_label_names(train: Split, given: list[str] | None) -> list[str]:
     elif all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
         names = [str(i) for i in range(max(values) + 1)]
     else:
-        raise PeftkitError("labels must be all strings or all non-negative integers", "data.label_column",
-                           f"found values like {sorted(map(repr, values))[:5]}")
+        raise PeftkitError(
+            "labels must be all strings or all non-negative integers",
+            "data.label_column",
+            f"found values like {sorted(map(repr, values))[:5]}",
+        )
     if len(values) < 2:
-        raise PeftkitError(f"the training data has only one label ({next(iter(values))!r})",
-                           "data.label_column", "a classifier needs at least two labels")
+        raise PeftkitError(
+            f"the training data has only one label ({next(iter(values))!r})",
+            "data.label_column",
+            "a classifier needs at least two labels",
+        )
     return names
 
 
@@ -342,19 +370,26 @@ def encode_labels(split: Split, names: list[str], where: str) -> list[int]:
     for value in raw:
         if isinstance(value, str):
             if value not in index:
-                raise PeftkitError(f"label {value!r} is not one of the model's labels {names}", where,
-                                   "map the labels, or set data.label_names")
+                raise PeftkitError(
+                    f"label {value!r} is not one of the model's labels {names}",
+                    where,
+                    "map the labels, or set data.label_names",
+                )
             ids.append(index[value])
         elif isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
             ids.append(value)
         else:
-            raise PeftkitError(f"label {value!r} is out of range for {len(names)} labels", where,
-                               "labels must be names or integers 0..K-1")
+            raise PeftkitError(
+                f"label {value!r} is out of range for {len(names)} labels",
+                where,
+                "labels must be names or integers 0..K-1",
+            )
     return ids
 
 
-def tokenize(tokenizer: Any, texts: list[str], max_length: int, pairs: list[str] | None = None,
-             cache: bool = False) -> list[dict[str, list[int]]]:
+def tokenize(
+    tokenizer: Any, texts: list[str], max_length: int, pairs: list[str] | None = None, cache: bool = False
+) -> list[dict[str, list[int]]]:
     """Tokenize texts (truncated, unpadded) into one feature dict per example.
 
     With ``cache``, the result is read from / written to the on-disk token cache
@@ -376,8 +411,9 @@ def tokenize(tokenizer: Any, texts: list[str], max_length: int, pairs: list[str]
     return features
 
 
-def collate(features: list[dict[str, list[int]]], pad_id: int, labels: list[int] | None = None,
-            padding_side: str = "right") -> dict[str, torch.Tensor]:
+def collate(
+    features: list[dict[str, list[int]]], pad_id: int, labels: list[int] | None = None, padding_side: str = "right"
+) -> dict[str, torch.Tensor]:
     """Pad a batch to its longest example (dynamic padding)."""
     width = max(len(f["input_ids"]) for f in features)
     batch: dict[str, torch.Tensor] = {}
@@ -409,9 +445,17 @@ class LengthGroupedBatches:
         group_by_length: False gives plain shuffled batches.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, shuffle: bool = True,
-                 group_by_length: bool = True, num_processes: int = 1, process_index: int = 0,
-                 group: int = 50):
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        group_by_length: bool = True,
+        num_processes: int = 1,
+        process_index: int = 0,
+        group: int = 50,
+    ):
         self.lengths, self.batch_size, self.seed = list(lengths), batch_size, seed
         self.shuffle, self.group_by_length, self.group = shuffle, group_by_length, group
         self.num_processes, self.process_index = num_processes, process_index

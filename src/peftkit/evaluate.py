@@ -16,8 +16,9 @@ from .config import IGNORE_INDEX as IGNORE
 from .data import LengthGroupedBatches, collate
 
 
-def classification_metrics(labels: list[int], probs: np.ndarray, label_names: list[str],
-                           loss: float | None = None) -> dict[str, Any]:
+def classification_metrics(
+    labels: list[int], probs: np.ndarray, label_names: list[str], loss: float | None = None
+) -> dict[str, Any]:
     """Accuracy, macro-F1, (loss) and the confusion matrix (rows: true, columns: predicted).
 
     Computed with numpy, with scikit-learn's definitions (a class's F1 is ``2 tp / (2 tp + fp +
@@ -40,10 +41,18 @@ def classification_metrics(labels: list[int], probs: np.ndarray, label_names: li
 
 
 @torch.inference_mode()
-def predict_probs(model: nn.Module, features: list[dict[str, list[int]]], *, pad_id: int,
-                  batch_size: int = 64, labels: list[int] | None = None,
-                  device: torch.device | str = "cpu", num_processes: int = 1, process_index: int = 0,
-                  padding_side: str = "right") -> tuple[np.ndarray, float | None]:
+def predict_probs(
+    model: nn.Module,
+    features: list[dict[str, list[int]]],
+    *,
+    pad_id: int,
+    batch_size: int = 64,
+    labels: list[int] | None = None,
+    device: torch.device | str = "cpu",
+    num_processes: int = 1,
+    process_index: int = 0,
+    padding_side: str = "right",
+) -> tuple[np.ndarray, float | None]:
     """Class probabilities for every example (in input order), and the mean loss if ``labels``.
 
     Examples are run longest-first in batches of similar length. With several processes
@@ -51,8 +60,13 @@ def predict_probs(model: nn.Module, features: list[dict[str, list[int]]], *, pad
     """
     was_training = model.training
     model.eval()
-    sampler = LengthGroupedBatches([len(f["input_ids"]) for f in features], batch_size, shuffle=False,
-                                   num_processes=num_processes, process_index=process_index)
+    sampler = LengthGroupedBatches(
+        [len(f["input_ids"]) for f in features],
+        batch_size,
+        shuffle=False,
+        num_processes=num_processes,
+        process_index=process_index,
+    )
     rows: list[tuple[int, np.ndarray, float]] = []
     for idx in sampler:
         batch = collate([features[i] for i in idx], pad_id, padding_side=padding_side)
@@ -77,8 +91,9 @@ def predict_probs(model: nn.Module, features: list[dict[str, list[int]]], *, pad
 
 # ---- decoders ----
 @torch.inference_mode()
-def lm_eval_loss(model: nn.Module, features: list[dict[str, list[int]]], pad_id: int, batch_size: int,
-                 device: Any = "cpu") -> dict[str, float]:
+def lm_eval_loss(
+    model: nn.Module, features: list[dict[str, list[int]]], pad_id: int, batch_size: int, device: Any = "cpu"
+) -> dict[str, float]:
     """Mean next-token loss over the labelled tokens, and its perplexity."""
     from .causal import collate_lm
     from .lm_loss import causal_lm_loss
@@ -96,8 +111,14 @@ def lm_eval_loss(model: nn.Module, features: list[dict[str, list[int]]], pad_id:
 
 
 @torch.inference_mode()
-def label_probs(model: nn.Module, prompts: list[list[int]], label_tokens: list[int], pad_id: int,
-                batch_size: int, device: Any = "cpu") -> np.ndarray:
+def label_probs(
+    model: nn.Module,
+    prompts: list[list[int]],
+    label_tokens: list[int],
+    pad_id: int,
+    batch_size: int,
+    device: Any = "cpu",
+) -> np.ndarray:
     """``(len(prompts), len(label_tokens))``: the softmax, over the label words only, of the
     next-token scores after each prompt (prompts right-padded; each read at its last token)."""
     from .causal import collate_lm
@@ -110,8 +131,9 @@ def label_probs(model: nn.Module, prompts: list[list[int]], label_tokens: list[i
     out = np.zeros((len(prompts), len(label_tokens)), dtype=np.float32)
     for idx in LengthGroupedBatches([len(p) for p in prompts], batch_size, shuffle=False):
         batch = collate_lm([{"input_ids": prompts[i], "labels": prompts[i]} for i in idx], pad_id)
-        hidden = final_hidden_states(model, input_ids=batch["input_ids"].to(device),
-                                     attention_mask=batch["attention_mask"].to(device))
+        hidden = final_hidden_states(
+            model, input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+        )
         last = batch["attention_mask"].sum(1) - 1 + (hidden.shape[1] - batch["input_ids"].shape[1])
         scores = head(hidden[torch.arange(len(idx)), last.to(hidden.device)]).float()[:, label_tokens]
         out[idx] = scores.softmax(-1).cpu().numpy()
@@ -127,5 +149,7 @@ def exact_match(answers: list[str], classes: list[int], label_names: list[str]) 
     """Accuracy of generated answers against the label names, and the share that is a valid label."""
     names = [normalise_answer(n) for n in label_names]
     said = [normalise_answer(a) for a in answers]
-    return {"exact_match": float(np.mean([s == names[c] for s, c in zip(said, classes)])) if said else 0.0,
-            "valid_label_rate": float(np.mean([s in names for s in said])) if said else 0.0}
+    return {
+        "exact_match": float(np.mean([s == names[c] for s, c in zip(said, classes)])) if said else 0.0,
+        "valid_label_rate": float(np.mean([s in names for s in said])) if said else 0.0,
+    }

@@ -4,18 +4,28 @@ for a server's continuous batching)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 
 @torch.inference_mode()
-def generate(model: nn.Module, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int,
-             batch_size: int = 16, temperature: float = 0.0, top_p: float = 1.0, streamer: Any = None,
-             stop_ids: list[int] | None = None, around: Callable[[list[int]], Any] | None = None) -> list[str]:
+def generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int = 16,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    streamer: Any = None,
+    stop_ids: list[int] | None = None,
+    around: Callable[[list[int]], Any] | None = None,
+) -> list[str]:
     """The decoded continuation of each prompt (greedy when ``temperature`` is 0), up to the
     first of ``stop_ids`` (default: the tokenizer's end of sequence). ``around(indices)``, when
     given, is a context manager entered around each batch (e.g. which adapter each row uses)."""
@@ -26,15 +36,24 @@ def generate(model: nn.Module, tokenizer: Any, prompts: list[list[int]], max_new
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     device = next(model.parameters()).device
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         ids, mask = left_padded([prompts[i] for i in idx], pad_id, device)
         width = ids.shape[1]
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
-            {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        sampling = (
+            {"do_sample": True, "temperature": temperature, "top_p": top_p}
+            if temperature > 0
+            else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        )
         with around(idx) if around else nullcontext():
-            new = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
-                                 eos_token_id=stop_ids or tokenizer.eos_token_id, streamer=streamer,
-                                 **sampling)[:, width:]
+            new = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad_id,
+                eos_token_id=stop_ids or tokenizer.eos_token_id,
+                streamer=streamer,
+                **sampling,
+            )[:, width:]
         for row, i in zip(new, idx):
             answers[i] = tokenizer.decode(row, skip_special_tokens=True)
     model.train(was_training)
@@ -78,8 +97,13 @@ class StepDecoder:
     each forward pass (which adapter each row uses).
     """
 
-    def __init__(self, model: nn.Module, pad_id: int, around: Callable[[list[str | None]], Any] | None = None,
-                 seed: int | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        pad_id: int,
+        around: Callable[[list[str | None]], Any] | None = None,
+        seed: int | None = None,
+    ):
         self.model, self.pad_id, self.around = model, pad_id, around
         self.rows: list[Sequence] = []
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -102,9 +126,13 @@ class StepDecoder:
             mask, width = torch.cat([mask.new_ones(len(rows), virtual), mask], dim=1), width + virtual
         if self.rows:
             old, new = self.mask.shape[1], width
-            self.kv = [(torch.cat([_pad_left(k0, new - old), _pad_left(k1, old - new)]),
-                        torch.cat([_pad_left(v0, new - old), _pad_left(v1, old - new)]))
-                       for (k0, v0), (k1, v1) in zip(self.kv, kv)]
+            self.kv = [
+                (
+                    torch.cat([_pad_left(k0, new - old), _pad_left(k1, old - new)]),
+                    torch.cat([_pad_left(v0, new - old), _pad_left(v1, old - new)]),
+                )
+                for (k0, v0), (k1, v1) in zip(self.kv, kv)
+            ]
             self.mask = torch.cat([_pad_left(self.mask, new - old, -1), _pad_left(mask, old - new, -1)])
         else:
             self.kv, self.mask = kv, mask
@@ -140,26 +168,38 @@ class StepDecoder:
         self.kv = [(k[index, :, first:], v[index, :, first:]) for k, v in self.kv]
         return left
 
-    def _forward(self, rows: list[Sequence], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                 kv: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, list]:
+    def _forward(
+        self,
+        rows: list[Sequence],
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        kv: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> tuple[torch.Tensor, list]:
         from transformers import DynamicCache
 
         cache = DynamicCache(ddp_cache_data=kv) if kv else DynamicCache()
         with self.around([r.adapter for r in rows]) if self.around else nullcontext():
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                             use_cache=True, logits_to_keep=1)
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         cache = getattr(out, "cache", None) or out.past_key_values
         return out.logits[:, -1].float(), [(layer.keys, layer.values) for layer in cache.layers]
 
     def _choose(self, rows: list[Sequence], logits: torch.Tensor) -> None:
-        for row, token in zip(rows, sample(logits, [r.temperature for r in rows], [r.top_p for r in rows],
-                                           self.rng)):
+        for row, token in zip(rows, sample(logits, [r.temperature for r in rows], [r.top_p for r in rows], self.rng)):
             if row.finish is None:
                 row.push(int(token))
 
 
-def sample(logits: torch.Tensor, temperature: list[float], top_p: list[float],
-           rng: torch.Generator | None = None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor, temperature: list[float], top_p: list[float], rng: torch.Generator | None = None
+) -> torch.Tensor:
     """One token per row of ``(rows, vocab)`` logits: the most likely where the row's temperature
     is 0, else drawn from the softmax at that temperature, kept to the smallest set of tokens
     whose probability reaches ``top_p`` (at least one)."""

@@ -23,7 +23,6 @@ if TYPE_CHECKING:  # torch loads on first use
     from torch import nn
 
 
-
 def is_linear(module: nn.Module) -> bool:
     """True for modules LoRA can wrap: ``nn.Linear`` (and subclasses) and ``Conv1D``."""
     from torch import nn

@@ -20,13 +20,20 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import IGNORE_INDEX as IGNORE
 from .inject import output_embedding
+
 CHUNK_ELEMENTS = 2**22  # logits per chunk (16 MiB in float32)
 
 
-def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
-                   attention_mask: torch.Tensor | None = None, num_items: float | None = None,
-                   chunk_elements: int = CHUNK_ELEMENTS, across_processes: bool = False,
-                   **inputs: Any) -> torch.Tensor:
+def causal_lm_loss(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    num_items: float | None = None,
+    chunk_elements: int = CHUNK_ELEMENTS,
+    across_processes: bool = False,
+    **inputs: Any,
+) -> torch.Tensor:
     """Mean cross-entropy of ``labels[:, 1:]`` given the hidden state one position earlier.
 
     Args:
@@ -57,8 +64,10 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     if type(head) is nn.Linear:
         total = _ChunkedLinearCrossEntropy.apply(states, head.weight, head.bias, targets, rows)
     else:  # a wrapped head (LoRA on it, say): one chunk's logits at a time, recomputed in backward
-        total = sum(checkpoint(_chunk_loss, head, states[s:s + rows], targets[s:s + rows], use_reentrant=False)
-                    for s in range(0, len(targets), rows))
+        total = sum(
+            checkpoint(_chunk_loss, head, states[s : s + rows], targets[s : s + rows], use_reentrant=False)
+            for s in range(0, len(targets), rows)
+        )
     return total / count
 
 
@@ -88,15 +97,21 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     forward (softmax minus one-hot), so backward only scales them."""
 
     @staticmethod
-    def forward(ctx: Any, states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor, rows: int) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        states: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        rows: int,
+    ) -> torch.Tensor:
         want_w, want_b = ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
         grad_states = torch.empty_like(states) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(weight) if want_w else None
         grad_b = torch.zeros_like(bias) if want_b else None
         total = torch.zeros((), dtype=torch.float32, device=states.device)
         for s in range(0, len(targets), rows):
-            h, y = states[s:s + rows], targets[s:s + rows]
+            h, y = states[s : s + rows], targets[s : s + rows]
             logits = F.linear(h, weight, bias).float()
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
@@ -104,7 +119,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             probs[torch.arange(len(y), device=y.device), y] -= 1.0  # d loss / d logits
             g = probs.to(states.dtype)
             if grad_states is not None:
-                grad_states[s:s + rows] = g @ weight
+                grad_states[s : s + rows] = g @ weight
             if want_w:
                 grad_w.addmm_(g.t(), h)
             if want_b:
@@ -115,5 +130,5 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
         grad_states, grad_w, grad_b = ctx.saved_tensors
-        scale = (lambda t: None if t is None else t * grad.to(t.dtype))
+        scale = lambda t: None if t is None else t * grad.to(t.dtype)
         return scale(grad_states), scale(grad_w), scale(grad_b), None, None

@@ -41,8 +41,11 @@ def load_tokenizer(name: str) -> Any:
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as exc:
-        raise PeftkitError(f"cannot load a tokenizer for '{name}': {_first_line(exc)}", "model",
-                           "give a packaged name (minilm), a local model folder, or a reachable hub id") from None
+        raise PeftkitError(
+            f"cannot load a tokenizer for '{name}': {_first_line(exc)}",
+            "model",
+            "give a packaged name (minilm), a local model folder, or a reachable hub id",
+        ) from None
     if tok.pad_token is None:  # decoder tokenizers often have none; padding needs one
         tok.pad_token = tok.eos_token or tok.unk_token
     return tok
@@ -62,12 +65,18 @@ def load_classifier(name: str, label_names: list[str]) -> LoadedBase:
     id2label = dict(enumerate(label_names))
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=len(label_names), id2label=id2label,
-            label2id={n: i for i, n in id2label.items()}, output_loading_info=True,
+            path,
+            num_labels=len(label_names),
+            id2label=id2label,
+            label2id={n: i for i, n in id2label.items()},
+            output_loading_info=True,
         )
     except Exception as exc:
-        raise PeftkitError(f"cannot load '{name}' as a sequence classifier: {_first_line(exc)}", "model",
-                           "use a model whose family has a ...ForSequenceClassification class") from None
+        raise PeftkitError(
+            f"cannot load '{name}' as a sequence classifier: {_first_line(exc)}",
+            "model",
+            "use a model whose family has a ...ForSequenceClassification class",
+        ) from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     new = sorted({key.rsplit(".", 1)[0] for key in info.get("missing_keys", ())})
@@ -87,8 +96,11 @@ def load_causal_lm(name: str) -> LoadedBase:
     try:
         model = AutoModelForCausalLM.from_pretrained(resolve_model(name))
     except Exception as exc:
-        raise PeftkitError(f"cannot load '{name}' as a causal LM: {_first_line(exc)}", "model",
-                           "use a decoder model (LLaMA, Qwen2, Mistral, SmolLM, GPT-2...)") from None
+        raise PeftkitError(
+            f"cannot load '{name}' as a causal LM: {_first_line(exc)}",
+            "model",
+            "use a decoder model (LLaMA, Qwen2, Mistral, SmolLM, GPT-2...)",
+        ) from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return LoadedBase(model, tokenizer, [])
@@ -96,4 +108,4 @@ def load_causal_lm(name: str) -> LoadedBase:
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
-    return (text.splitlines()[0][:200] if text else type(exc).__name__)
+    return text.splitlines()[0][:200] if text else type(exc).__name__

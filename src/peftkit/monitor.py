@@ -24,8 +24,9 @@ def _require(module: str, package: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise PeftkitError(f"report_to {package} needs the {package} package", "train.report_to",
-                           f"pip install {package}") from None
+        raise PeftkitError(
+            f"report_to {package} needs the {package} package", "train.report_to", f"pip install {package}"
+        ) from None
 
 
 def _scalars(record: dict[str, Any]) -> dict[str, float]:
@@ -52,8 +53,14 @@ class WandbReporter:
         wandb = _require("wandb", "wandb")
         configured = "WANDB_MODE" in os.environ or "WANDB_API_KEY" in os.environ
         self.wandb = wandb
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "peftkit"), dir=str(out), config=config,
-                              name=out.name, mode=None if configured else "offline", reinit="finish_previous")
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "peftkit"),
+            dir=str(out),
+            config=config,
+            name=out.name,
+            mode=None if configured else "offline",
+            reinit="finish_previous",
+        )
 
     def log(self, record: dict[str, Any]) -> None:
         self.run.log(_scalars(record), step=record["step"])

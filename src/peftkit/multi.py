@@ -42,8 +42,11 @@ def parse_specs(values: list[str]) -> list[tuple[str, Path]]:
     seen: set[str] = set()
     for name, _ in specs:
         if name in seen:
-            raise PeftkitError(f"adapter name {name!r} is given twice", "--adapter",
-                               "give each adapter its own name: --adapter NAME=DIR")
+            raise PeftkitError(
+                f"adapter name {name!r} is given twice",
+                "--adapter",
+                "give each adapter its own name: --adapter NAME=DIR",
+            )
         seen.add(name)
     return specs
 
@@ -52,8 +55,7 @@ def folder_adapters(path: Path) -> list[tuple[str, Path]]:
     """The adapters of one folder: itself when it is an adapter, and, as peft saves several, each
     subfolder holding an adapter_config.json (named after the subfolder; the root is "default")."""
     subs = sorted(p for p in path.iterdir() if (p / CONFIG_FILE).is_file()) if path.is_dir() else []
-    found = ([(DEFAULT_NAME if subs else check_name(_folder_name(path)), path)]
-             if (path / CONFIG_FILE).is_file() else [])
+    found = [(DEFAULT_NAME if subs else check_name(_folder_name(path)), path)] if (path / CONFIG_FILE).is_file() else []
     found += [(check_name(p.name), p) for p in subs]
     if not found:
         read_adapter(path)  # says what is missing, on one line
@@ -80,8 +82,11 @@ def check_rows(names: list[Any], known: list[str], where: str) -> None:
     loaded = set(known)
     for i, name in enumerate(names, 1):
         if not isinstance(name, str) or name not in loaded:
-            raise PeftkitError(f"row {i} names adapter {name!r}, which is not loaded", where,
-                               f"loaded: {', '.join(known)}; load it with --adapter NAME=DIR")
+            raise PeftkitError(
+                f"row {i} names adapter {name!r}, which is not loaded",
+                where,
+                f"loaded: {', '.join(known)}; load it with --adapter NAME=DIR",
+            )
 
 
 @dataclass
@@ -115,8 +120,11 @@ class NamedModel:
         """
         _, task, loaded = read_specs([(check_name(name), Path(path))], self.base_model)
         if task != self.task:
-            raise PeftkitError(f"the adapter is a {task} adapter; these adapters are {self.task} ones", str(path),
-                               "serve adapters of one task together")
+            raise PeftkitError(
+                f"the adapter is a {task} adapter; these adapters are {self.task} ones",
+                str(path),
+                "serve adapters of one task together",
+            )
         item = loaded[name]
         labels = None
         if task == "classification":
@@ -160,13 +168,18 @@ def read_specs(specs: list[tuple[str, Path]], model: str | None) -> tuple[str | 
         loaded[name] = _Loaded(files, read_adapter_weights(path, files.method_config()))
     if len(set(tasks.values())) > 1:
         shown = ", ".join(f"{n}: {t}" for n, t in tasks.items())
-        raise PeftkitError(f"the adapters are for different tasks ({shown})", "--adapter",
-                           "load classifiers and causal-LM adapters separately")
+        raise PeftkitError(
+            f"the adapters are for different tasks ({shown})",
+            "--adapter",
+            "load classifiers and causal-LM adapters separately",
+        )
     if model is None and len(set(bases.values())) > 1:
         shown = ", ".join(f"{n}: {b}" for n, b in bases.items())
-        raise PeftkitError(f"the adapters were trained on different bases ({shown})", "--adapter",
-                           "load adapters of one base together (--model names the base if they only differ "
-                           "in how they name it)")
+        raise PeftkitError(
+            f"the adapters were trained on different bases ({shown})",
+            "--adapter",
+            "load adapters of one base together (--model names the base if they only differ in how they name it)",
+        )
     return model or next(iter(bases.values()), None), next(iter(tasks.values())), loaded
 
 
@@ -198,8 +211,9 @@ def load_named(specs: list[tuple[str, Path]], model: str | None = None, quantize
         adapters.add(name, item.files.method_config(), item.state, where=str(item.files.path))
     adapters.set_active(next(iter(loaded)))
     base_model.model.eval()
-    return NamedModel(base_model.model, base_model.tokenizer, adapters, {n: i.files for n, i in loaded.items()},
-                      base, labels, task)
+    return NamedModel(
+        base_model.model, base_model.tokenizer, adapters, {n: i.files for n, i in loaded.items()}, base, labels, task
+    )
 
 
 def _quantize(model: Any, files: list[AdapterFiles], bits: int) -> None:
@@ -235,7 +249,7 @@ def predict_rows(named: NamedModel, texts: list[str], names: list[str], batch_si
         logits = named.adapters.forward_rows([names[i] for i in idx], **{k: v.to(device) for k, v in batch.items()})
         probs = logits.float().softmax(-1)
         for row, i in zip(probs.cpu().numpy(), idx):
-            out[i] = row[:len(named.label_names[names[i]])]
+            out[i] = row[: len(named.label_names[names[i]])]
     return out
 
 
@@ -253,8 +267,14 @@ def _evaluate_one(named: NamedModel, name: str, source: str, split: str, **optio
     from .predict import AdaptedClassifier, evaluate_adapter, evaluate_lm_adapter
 
     if name in named.label_names:
-        clf = AdaptedClassifier(named.model, named.tokenizer, named.label_names[name], named.max_length(name),
-                                named.files[name], named.base_model)
+        clf = AdaptedClassifier(
+            named.model,
+            named.tokenizer,
+            named.label_names[name],
+            named.max_length(name),
+            named.files[name],
+            named.base_model,
+        )
         return evaluate_adapter(clf, source, split, **options)
     options = {k: v for k, v in options.items() if k in ("max_samples", "batch_size")}
     return evaluate_lm_adapter(language_model(named, name), source, split, **options)
@@ -265,12 +285,18 @@ def language_model(named: NamedModel, name: str) -> Any:
     it active (``named.adapters.using(name)``)."""
     from .predict import AdaptedLM, lm_encoder
 
-    return AdaptedLM(named.model, named.tokenizer, lm_encoder(named.tokenizer, named.files[name]),
-                     named.files[name], named.base_model)
+    return AdaptedLM(
+        named.model,
+        named.tokenizer,
+        lm_encoder(named.tokenizer, named.files[name]),
+        named.files[name],
+        named.base_model,
+    )
 
 
-def generate_rows(named: NamedModel, prompts: list[str], names: list[str], *, raw: bool = False,
-                  batch_size: int = 16, **options: Any) -> list[str]:
+def generate_rows(
+    named: NamedModel, prompts: list[str], names: list[str], *, raw: bool = False, batch_size: int = 16, **options: Any
+) -> list[str]:
     """Each prompt's answer from its own adapter, in its prompt format. Where the adapters stop
     on the same tokens (always with ``raw``) and none adds tokens (prompt, prefix), rows of
     different adapters share batches, each row routed to its adapter in every forward; otherwise
@@ -282,23 +308,44 @@ def generate_rows(named: NamedModel, prompts: list[str], names: list[str], *, ra
     ids = [lms[n].prompt_ids(p, raw=raw) for p, n in zip(prompts, names)]
     stops = {tuple(lm.encoder.stop_ids) for lm in lms.values()}
     if (raw or len(stops) == 1) and not any(named.adapters.adds_tokens(n) for n in lms):
-        return generate(named.model, named.tokenizer, ids, batch_size=batch_size,
-                        stop_ids=None if raw else list(stops.pop()),
-                        around=lambda idx: named.adapters.per_row([names[i] for i in idx]), **options)
+        return generate(
+            named.model,
+            named.tokenizer,
+            ids,
+            batch_size=batch_size,
+            stop_ids=None if raw else list(stops.pop()),
+            around=lambda idx: named.adapters.per_row([names[i] for i in idx]),
+            **options,
+        )
     answers = [""] * len(prompts)
     for name, lm in lms.items():
         idx = [i for i, n in enumerate(names) if n == name]
         with named.adapters.using(name):
-            got = generate(named.model, named.tokenizer, [ids[i] for i in idx], batch_size=batch_size,
-                           stop_ids=lm.encoder.stop_ids, **options)
+            got = generate(
+                named.model,
+                named.tokenizer,
+                [ids[i] for i in idx],
+                batch_size=batch_size,
+                stop_ids=lm.encoder.stop_ids,
+                **options,
+            )
         for i, answer in zip(idx, got):
             answers[i] = answer
     return answers
 
 
-def combine_folders(specs: list[tuple[str, Path]], weights: list[float], combination: str, output: str | Path, *,
-                    density: float | None = None, rank: int | None = None, seed: int = 0,
-                    head: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+def combine_folders(
+    specs: list[tuple[str, Path]],
+    weights: list[float],
+    combination: str,
+    output: str | Path,
+    *,
+    density: float | None = None,
+    rank: int | None = None,
+    seed: int = 0,
+    head: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Combine LoRA adapter folders into one adapter folder at ``output`` (peft's format), heads
     included: weighted like the factors, or ``head``'s alone.
 
@@ -318,8 +365,11 @@ def combine_folders(specs: list[tuple[str, Path]], weights: list[float], combina
     _, task, loaded = read_specs(specs, None)
     for name, item in loaded.items():
         if not isinstance(item.files.method_config(), LoraConfig):
-            raise PeftkitError(f"adapter {name!r} is {item.files.method_config().name}, not LoRA", str(item.files.path),
-                               "combine takes LoRA adapters")
+            raise PeftkitError(
+                f"adapter {name!r} is {item.files.method_config().name}, not LoRA",
+                str(item.files.path),
+                "combine takes LoRA adapters",
+            )
     factors, heads = {}, {}
     for name, item in loaded.items():
         factors[name], heads[name] = _split_lora(item)
@@ -328,22 +378,37 @@ def combine_folders(specs: list[tuple[str, Path]], weights: list[float], combina
         raise PeftkitError(f"rank {rank} is not positive", "--rank", "pass a rank of 1 or more")
     _check_same_layers(factors)
     labels = _same_labels(loaded, heads)
-    layers, new_rank = combine_lora(list(factors.values()), weights, combination, density=density, rank=rank,
-                                    seed=seed)
-    state = {f"{p}.lora_A.weight": a for p, (a, _) in layers.items()} | {f"{p}.lora_B.weight": b for p, (_, b) in layers.items()}
+    layers, new_rank = combine_lora(list(factors.values()), weights, combination, density=density, rank=rank, seed=seed)
+    state = {f"{p}.lora_A.weight": a for p, (a, _) in layers.items()} | {
+        f"{p}.lora_B.weight": b for p, (_, b) in layers.items()
+    }
     if head is not None:
         if head not in heads:
-            raise PeftkitError(f"--head names {head!r}, which is not among the adapters", "--head",
-                               f"use one of: {', '.join(heads)}")
+            raise PeftkitError(
+                f"--head names {head!r}, which is not among the adapters", "--head", f"use one of: {', '.join(heads)}"
+            )
         state |= heads[head]
     elif any(heads.values()):
         state |= combine_heads(list(heads.values()), weights)
     first = next(iter(loaded.values())).files
     method = first.method_config()
-    config = {**first.config, "r": new_rank, "lora_alpha": new_rank, "use_rslora": False,
-              "target_modules": sorted(layers), "rank_pattern": {}, "alpha_pattern": {}}
-    made = {"combination": combination, "weights": weights, "density": density, "seed": seed,
-            "adapters": [{"name": n, "path": str(p)} for n, p in specs], "head": head}
+    config = {
+        **first.config,
+        "r": new_rank,
+        "lora_alpha": new_rank,
+        "use_rslora": False,
+        "target_modules": sorted(layers),
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    made = {
+        "combination": combination,
+        "weights": weights,
+        "density": density,
+        "seed": seed,
+        "adapters": [{"name": n, "path": str(p)} for n, p in specs],
+        "head": head,
+    }
     meta = {**first.meta, "task": task, "base_model": first.base_model, "combined": made}
     if labels:
         meta["id2label"] = dict(enumerate(labels))
@@ -357,22 +422,25 @@ def _split_lora(item: _Loaded) -> tuple[Any, dict[str, torch.Tensor]]:
 
     method = item.files.method_config()
     if method.variant():
-        raise PeftkitError(f"combine takes plain LoRA adapters; this one uses {method.variant()}",
-                           str(item.files.path), "combine adapters without DoRA, lora_bias, residual inits "
-                           "or rank/alpha patterns")
+        raise PeftkitError(
+            f"combine takes plain LoRA adapters; this one uses {method.variant()}",
+            str(item.files.path),
+            "combine adapters without DoRA, lora_bias, residual inits or rank/alpha patterns",
+        )
     layers: dict[str, list] = {}
     rest = {}
     for key, t in item.state.items():
         for i, leaf in enumerate((".lora_A.weight", ".lora_B.weight")):
             if key.endswith(leaf):
-                layers.setdefault(key[:-len(leaf)], [None, None])[i] = t.float()
+                layers.setdefault(key[: -len(leaf)], [None, None])[i] = t.float()
                 break
         else:
             rest[key] = t.float()
     broken = [p for p, (a, b) in layers.items() if a is None or b is None or a.shape[0] != b.shape[1]]
     if broken:
-        raise PeftkitError(f"the adapter's LoRA tensors for {broken[0]} do not pair up", str(item.files.path),
-                           "save the adapter again")
+        raise PeftkitError(
+            f"the adapter's LoRA tensors for {broken[0]} do not pair up", str(item.files.path), "save the adapter again"
+        )
     return LoRAFactors({p: (a, b) for p, (a, b) in layers.items()}, method.scaling(), method.r), rest
 
 
@@ -384,9 +452,12 @@ def _check_same_layers(factors: dict[str, Any]) -> None:
             shape = (a.shape[1], b.shape[0])
             seen = shapes.setdefault(path, (name, shape))
             if seen[1] != shape:
-                raise PeftkitError(f"{path} is {seen[1][0]} -> {seen[1][1]} in {seen[0]!r} and {shape[0]} -> "
-                                   f"{shape[1]} in {name!r}: the adapters are of different bases", "--adapter",
-                                   "combine adapters of one base model")
+                raise PeftkitError(
+                    f"{path} is {seen[1][0]} -> {seen[1][1]} in {seen[0]!r} and {shape[0]} -> "
+                    f"{shape[1]} in {name!r}: the adapters are of different bases",
+                    "--adapter",
+                    "combine adapters of one base model",
+                )
 
 
 def _same_labels(loaded: dict[str, _Loaded], heads: dict[str, dict]) -> list[str] | None:
@@ -395,13 +466,21 @@ def _same_labels(loaded: dict[str, _Loaded], heads: dict[str, dict]) -> list[str
     lists = {n: [v[k] for k in sorted(v, key=int)] for n, v in named.items() if v}
     if len({tuple(v) for v in lists.values()}) > 1:
         shown = "; ".join(f"{n}: {', '.join(v)}" for n, v in lists.items())
-        raise PeftkitError(f"the adapters' label sets differ ({shown})", "--adapter",
-                           "combine classifiers of the same labels, in the same order")
-    sizes = {n: min((t.shape[0] for k, t in h.items() if k.endswith(".weight") and t.ndim == 2), default=None)
-             for n, h in heads.items()}
+        raise PeftkitError(
+            f"the adapters' label sets differ ({shown})",
+            "--adapter",
+            "combine classifiers of the same labels, in the same order",
+        )
+    sizes = {
+        n: min((t.shape[0] for k, t in h.items() if k.endswith(".weight") and t.ndim == 2), default=None)
+        for n, h in heads.items()
+    }
     if len({s for s in sizes.values() if s is not None}) > 1:
-        raise PeftkitError("the adapters' heads have different numbers of labels", "--adapter",
-                           "combine classifiers of the same labels")
+        raise PeftkitError(
+            "the adapters' heads have different numbers of labels",
+            "--adapter",
+            "combine classifiers of the same labels",
+        )
     return next(iter(lists.values()), None)
 
 

@@ -71,23 +71,37 @@ def plot_runs(runs: list[str | Path], output: str | Path, metric: str | None = N
         name = names[run]
         if train:
             steps, losses = [r["step"] for r in train], [r["loss"] for r in train]
-            ax_loss.plot(steps, losses, color=color, alpha=0.3, linewidth=1,
-                         label=f"{label} train loss (raw)".strip())
-            ax_loss.plot(steps, smooth(losses), color=color, linewidth=2,
-                         label=f"{label} train loss (smoothed)".strip())
+            ax_loss.plot(steps, losses, color=color, alpha=0.3, linewidth=1, label=f"{label} train loss (raw)".strip())
+            ax_loss.plot(
+                steps, smooth(losses), color=color, linewidth=2, label=f"{label} train loss (smoothed)".strip()
+            )
         if val:
             steps = [r["step"] for r in val]
-            ax_loss.plot(steps, [r["loss"] for r in val], color=color, linestyle="--", marker="o",
-                         label=f"{label} validation loss".strip())
+            ax_loss.plot(
+                steps,
+                [r["loss"] for r in val],
+                color=color,
+                linestyle="--",
+                marker="o",
+                label=f"{label} validation loss".strip(),
+            )
             if name is not None:
-                ax_metric.plot(steps, [r[name] for r in val], color=color, marker="o",
-                               label=f"{label} validation {name}".strip())
+                ax_metric.plot(
+                    steps, [r[name] for r in val], color=color, marker="o", label=f"{label} validation {name}".strip()
+                )
         best = _best_step(run)
         if best is not None:
             for ax in (ax_loss, ax_metric):
                 ax.axvline(best, color=color, linestyle=":", linewidth=1.5)
-            ax_metric.annotate(f"best step {best}", xy=(best, 0.02), xycoords=("data", "axes fraction"),
-                               color=color, rotation=90, va="bottom", ha="right")
+            ax_metric.annotate(
+                f"best step {best}",
+                xy=(best, 0.02),
+                xycoords=("data", "axes fraction"),
+                color=color,
+                rotation=90,
+                va="bottom",
+                ha="right",
+            )
     ax_loss.set(xlabel="step", ylabel="loss", title="loss")
     ax_metric.set(xlabel="step", ylabel=title, title=f"validation {title}")
     for ax in (ax_loss, ax_metric):
@@ -119,11 +133,19 @@ def plot_comparison(rows: list[dict[str, Any]], output: str | Path) -> Path:
     fig, (ax_acc, ax_time) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in rows:
         ax_acc.scatter(r["trainable_params"], r[f"{split}_accuracy"], s=40)
-        ax_acc.annotate(r["run"], (r["trainable_params"], r[f"{split}_accuracy"]), textcoords="offset points",
-                        xytext=(5, 4), fontsize=9)
+        ax_acc.annotate(
+            r["run"],
+            (r["trainable_params"], r[f"{split}_accuracy"]),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=9,
+        )
     ax_acc.set_xscale("log")
-    ax_acc.set(xlabel="trainable parameters (log scale)", ylabel=f"{split} accuracy",
-               title=f"{split} accuracy against trainable parameters")
+    ax_acc.set(
+        xlabel="trainable parameters (log scale)",
+        ylabel=f"{split} accuracy",
+        title=f"{split} accuracy against trainable parameters",
+    )
     names = [r["run"] for r in rows]
     ax_time.barh(names, [r["train_seconds"] for r in rows], color="tab:gray")
     ax_time.invert_yaxis()

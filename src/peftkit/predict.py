@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,15 +29,17 @@ class AdaptedClassifier:
     adapter: AdapterFiles
     base_model: str
 
-    def predict_proba(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64,
-                      labels: list[int] | None = None) -> tuple[np.ndarray, float | None]:
+    def predict_proba(
+        self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64, labels: list[int] | None = None
+    ) -> tuple[np.ndarray, float | None]:
         """``(len(texts), num_labels)`` class probabilities, and the mean loss given ``labels``."""
         from .data import tokenize
         from .evaluate import predict_probs
 
         features = tokenize(self.tokenizer, texts, self.max_length, pairs)
-        return predict_probs(self.model, features, pad_id=self.tokenizer.pad_token_id,
-                             batch_size=batch_size, labels=labels)
+        return predict_probs(
+            self.model, features, pad_id=self.tokenizer.pad_token_id, batch_size=batch_size, labels=labels
+        )
 
     @torch.no_grad()
     def logits(self, texts: list[str]) -> torch.Tensor:
@@ -48,8 +49,9 @@ class AdaptedClassifier:
         return self.model(**batch).logits.float()
 
 
-def load_adapted_classifier(adapter_dir: str | Path, model: str | None = None,
-                            quantize: int | None = None) -> AdaptedClassifier:
+def load_adapted_classifier(
+    adapter_dir: str | Path, model: str | None = None, quantize: int | None = None
+) -> AdaptedClassifier:
     """Load the adapter in ``adapter_dir`` onto its base (or onto ``model``).
 
     Works for adapters written by peftkit and by ``peft`` (sequence classification).
@@ -105,8 +107,9 @@ def label_names_of(files: AdapterFiles, state: dict[str, torch.Tensor], keep: li
         return [id2label[k] for k in sorted(id2label, key=int)]
     n = head_size(state, keep)
     if n is None:
-        raise PeftkitError("the adapter holds no classification head", str(files.path),
-                           "train with the head in modules_to_save")
+        raise PeftkitError(
+            "the adapter holds no classification head", str(files.path), "train with the head in modules_to_save"
+        )
     from transformers import AutoConfig
 
     from .assets import resolve_model
@@ -175,8 +178,9 @@ def _json_row(line: str, lineno: int, field: str, path: str) -> dict[str, Any]:
 
     record = json_line(line, lineno, path)
     if field not in record:
-        raise PeftkitError(f"line {lineno} has no '{field}' field", str(path),
-                           f"give each line a '{field}' field, or use --text-field") from None
+        raise PeftkitError(
+            f"line {lineno} has no '{field}' field", str(path), f"give each line a '{field}' field, or use --text-field"
+        ) from None
     return record
 
 
@@ -188,8 +192,13 @@ def check_merge_output(output: str | Path, overwrite: bool) -> Path:
     return output
 
 
-def merge_to_folder(clf: AdaptedClassifier, output: str | Path, overwrite: bool = False,
-                    check_texts: list[str] | None = None, dtype: str = "float32") -> float:
+def merge_to_folder(
+    clf: AdaptedClassifier,
+    output: str | Path,
+    overwrite: bool = False,
+    check_texts: list[str] | None = None,
+    dtype: str = "float32",
+) -> MergeCheck:
     """Merge the adapter into the base and save a plain transformers model folder.
 
     A quantized base is dequantized first; the folder is written in ``dtype`` (float32 or
@@ -216,8 +225,13 @@ def merge_to_folder(clf: AdaptedClassifier, output: str | Path, overwrite: bool 
 CHECK_TEXTS = ["a quick check sentence", "another, somewhat longer, sentence to compare"]
 
 
-def merge_lm_to_folder(lm: "AdaptedLM", output: str | Path, overwrite: bool = False,
-                       check_texts: list[str] | None = None, dtype: str = "float32") -> float:
+def merge_lm_to_folder(
+    lm: AdaptedLM,
+    output: str | Path,
+    overwrite: bool = False,
+    check_texts: list[str] | None = None,
+    dtype: str = "float32",
+) -> MergeCheck:
     """Merge a causal-LM adapter into its base and save a plain ``...ForCausalLM`` folder: weights,
     config, tokenizer (with its chat template) and a generation config that stops where the
     adapter's training format stops, so ``transformers.pipeline("text-generation", model=output)``
@@ -246,8 +260,9 @@ def merge_lm_to_folder(lm: "AdaptedLM", output: str | Path, overwrite: bool = Fa
     return _merge_and_save(lm.model, lm.tokenizer, logits, output, overwrite, dtype, generation)
 
 
-def _merge_and_save(model: Any, tokenizer: Any, logits: Any, output: str | Path, overwrite: bool, dtype: str,
-                    configure: Any) -> float:
+def _merge_and_save(
+    model: Any, tokenizer: Any, logits: Any, output: str | Path, overwrite: bool, dtype: str, configure: Any
+) -> MergeCheck:
     """Dequantize, merge, cast to ``dtype``, let ``configure()`` set the config, save the model and
     tokenizer atomically; the largest logit difference the merge made."""
     from .fsio import atomic_dir
@@ -283,9 +298,16 @@ class MergeCheck:
         return self.diff > 0.01 * max(self.scale, 1.0)
 
 
-def evaluate_adapter(clf: AdaptedClassifier, source: str, split: str = "test", *,
-                     text_column: str | None = None, label_column: str | None = None,
-                     max_samples: int | None = None, batch_size: int = 64) -> dict[str, Any]:
+def evaluate_adapter(
+    clf: AdaptedClassifier,
+    source: str,
+    split: str = "test",
+    *,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    max_samples: int | None = None,
+    batch_size: int = 64,
+) -> dict[str, Any]:
     """Accuracy, macro-F1, loss and confusion matrix of ``clf`` on a dataset split.
 
     Columns default to the ones the adapter was trained with (``peftkit.json``).
@@ -295,9 +317,11 @@ def evaluate_adapter(clf: AdaptedClassifier, source: str, split: str = "test", *
     from .tasks import ClassificationTask
 
     meta = clf.adapter.meta
-    cfg = DataConfig(text_column=text_column or meta.get("text_column") or "text",
-                     label_column=label_column or meta.get("label_column") or "label",
-                     text_pair_column=meta.get("text_pair_column") if not text_column else None)
+    cfg = DataConfig(
+        text_column=text_column or meta.get("text_column") or "text",
+        label_column=label_column or meta.get("label_column") or "label",
+        text_pair_column=meta.get("text_pair_column") if not text_column else None,
+    )
     data = load_one_split(source, split, cfg)
     data = subsample(data, max_samples, clf.adapter.meta.get("seed", 0))
     labels = encode_labels(data, clf.label_names, f"{source}, {split} split")
@@ -343,8 +367,12 @@ def lm_encoder(tokenizer: Any, files: AdapterFiles) -> Any:
     from .config import DataConfig
 
     meta = files.meta
-    cfg = DataConfig(max_length=int(meta.get("max_length") or 1024), prompt_template=meta.get("prompt_template"),
-                     chat_template=meta.get("chat_template"), system_prompt=meta.get("system_prompt"))
+    cfg = DataConfig(
+        max_length=int(meta.get("max_length") or 1024),
+        prompt_template=meta.get("prompt_template"),
+        chat_template=meta.get("chat_template"),
+        system_prompt=meta.get("system_prompt"),
+    )
     return LMEncoder(tokenizer, cfg, meta.get("label_names"))
 
 
@@ -353,8 +381,9 @@ def is_causal_lm_adapter(adapter_dir: str | Path) -> bool:
     return files.meta.get("task") == "causal_lm" or files.config.get("task_type") == "CAUSAL_LM"
 
 
-def evaluate_lm_adapter(lm: AdaptedLM, source: str, split: str = "test", *, max_samples: int | None = None,
-                        batch_size: int = 32) -> dict[str, Any]:
+def evaluate_lm_adapter(
+    lm: AdaptedLM, source: str, split: str = "test", *, max_samples: int | None = None, batch_size: int = 32
+) -> dict[str, Any]:
     """Loss and perplexity of a causal-LM adapter on a dataset split, in the format it was
     trained with; for labelled prompts also label-scoring accuracy, F1 and exact match."""
     from .causal import LMEncoder, to_rows
@@ -362,8 +391,9 @@ def evaluate_lm_adapter(lm: AdaptedLM, source: str, split: str = "test", *, max_
     from .tasks import CausalLMTask
 
     meta = lm.adapter.meta
-    cfg = lm.encoder.cfg.model_copy(update={"text_column": meta.get("text_column") or "text",
-                                            "label_column": meta.get("label_column") or "label"})
+    cfg = lm.encoder.cfg.model_copy(
+        update={"text_column": meta.get("text_column") or "text", "label_column": meta.get("label_column") or "label"}
+    )
     rows = load_one_split(source, split, cfg, convert=to_rows)
     rows = subsample(rows, max_samples, lm.adapter.meta.get("seed", 0))
     names = lm.encoder.label_names if rows.kind == "labelled" else None

@@ -7,9 +7,10 @@ config, and the optimizer. Every input error surfaces here, before anything is w
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from .config import RunConfig, TrainConfig
 from .errors import PeftkitError
@@ -29,8 +30,17 @@ class Prepared:
     quantization: Any = None  # a QuantizationReport when the base was quantized
 
 
-RUN_OUTPUTS = ("adapter", "checkpoints", "metrics.jsonl", "summary.json", "config.yaml", "curves.png",
-               "tensorboard", "wandb", "mlruns")
+RUN_OUTPUTS = (
+    "adapter",
+    "checkpoints",
+    "metrics.jsonl",
+    "summary.json",
+    "config.yaml",
+    "curves.png",
+    "tensorboard",
+    "wandb",
+    "mlruns",
+)
 
 
 def check_output_dir(cfg: RunConfig) -> Path:
@@ -39,8 +49,11 @@ def check_output_dir(cfg: RunConfig) -> Path:
     if out.exists() and not out.is_dir():
         raise PeftkitError("output_dir is a file", str(out), "choose a folder name")
     if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
-        raise PeftkitError("output_dir exists and is not empty", str(out),
-                           "choose another output_dir=..., or pass overwrite=true to replace it")
+        raise PeftkitError(
+            "output_dir exists and is not empty",
+            str(out),
+            "choose another output_dir=..., or pass overwrite=true to replace it",
+        )
     return out
 
 
@@ -68,8 +81,11 @@ def prepare(cfg: RunConfig) -> Prepared:
         release_freed_memory()
     lm = cfg.task == "causal_lm"
     if lm and cfg.data.packing and method_of(cfg.method).virtual_tokens:
-        raise PeftkitError(f"data.packing cannot be combined with {cfg.method.name} tuning", "data.packing",
-                           "set data.packing: false (virtual tokens would be shared across packed examples)")
+        raise PeftkitError(
+            f"data.packing cannot be combined with {cfg.method.name} tuning",
+            "data.packing",
+            "set data.packing: false (virtual tokens would be shared across packed examples)",
+        )
     splits = load_splits(cfg.dataset, cfg.data, cfg.seed, convert=to_rows if lm else None)
     labelled = not lm or splits["train"].kind == "labelled"
     names = infer_label_names(splits["train"], cfg.data.label_names) if labelled else None
@@ -119,16 +135,20 @@ def _changed_key(out: Path, cfg: RunConfig) -> tuple[str | None, dict[str, Any]]
     try:
         old = yaml.safe_load((out / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
-        raise PeftkitError("the run to resume has no readable config.yaml", str(out),
-                           "resume from a complete peftkit run folder") from None
+        raise PeftkitError(
+            "the run to resume has no readable config.yaml", str(out), "resume from a complete peftkit run folder"
+        ) from None
     if not isinstance(old, dict):
-        raise PeftkitError("the run's config.yaml is not a mapping", str(out), "resume from a complete peftkit run folder")
+        raise PeftkitError(
+            "the run's config.yaml is not a mapping", str(out), "resume from a complete peftkit run folder"
+        )
     new = cfg.model_dump(mode="json")
     for run in (old, new):  # the token cache changes no token: a run may resume with it either way
         if isinstance(run.get("data"), dict):
             run["data"] = {k: v for k, v in run["data"].items() if k != "token_cache"}
-    changed = next((k for k in ("model", "dataset", "method", "data", "quantization") if old.get(k) != new.get(k)),
-                   None)
+    changed = next(
+        (k for k in ("model", "dataset", "method", "data", "quantization") if old.get(k) != new.get(k)), None
+    )
     return changed, old
 
 
@@ -136,14 +156,20 @@ def check_resume_config(out: Path, cfg: RunConfig, say: Callable[[str], None]) -
     """Refuse a resume whose config changes what the checkpoint holds; log what may change."""
     key, old = _changed_key(out, cfg)
     if key is not None:
-        raise PeftkitError(f"cannot resume with a different '{key}'", str(out / "config.yaml"),
-                           f"keep {key} as it was, or start a new run in another output_dir")
+        raise PeftkitError(
+            f"cannot resume with a different '{key}'",
+            str(out / "config.yaml"),
+            f"keep {key} as it was, or start a new run in another output_dir",
+        )
     new = cfg.model_dump(mode="json")
-    changed = sorted(k for k in set(old.get("train", {})) | set(new["train"])
-                     if old.get("train", {}).get(k) != new["train"].get(k))
+    changed = sorted(
+        k for k in set(old.get("train", {})) | set(new["train"]) if old.get("train", {}).get(k) != new["train"].get(k)
+    )
     if changed:
-        say("resuming with changed settings: " + ", ".join(
-            f"train.{k} {old.get('train', {}).get(k)!r} -> {new['train'].get(k)!r}" for k in changed))
+        say(
+            "resuming with changed settings: "
+            + ", ".join(f"train.{k} {old.get('train', {}).get(k)!r} -> {new['train'].get(k)!r}" for k in changed)
+        )
 
 
 def is_own_unfinished_run(out: Path, cfg: RunConfig) -> bool:
@@ -158,8 +184,9 @@ def is_own_unfinished_run(out: Path, cfg: RunConfig) -> bool:
         return False
 
 
-def param_groups(model: torch.nn.Module, lr: float, head_lr: float | None,
-                 loraplus_lr_ratio: float | None = None) -> list[dict[str, Any]]:
+def param_groups(
+    model: torch.nn.Module, lr: float, head_lr: float | None, loraplus_lr_ratio: float | None = None
+) -> list[dict[str, Any]]:
     """Optimizer groups: the method's parameters at ``lr``; the saved heads at ``head_lr`` if set;
     with LoRA+ (``loraplus_lr_ratio``) the ``B`` factors of LoRA layers at ``lr * ratio``."""
     from .inject import is_under
@@ -167,9 +194,11 @@ def param_groups(model: torch.nn.Module, lr: float, head_lr: float | None,
 
     params = trainable_parameters(model)
     heads = injection_of(model).modules_to_save if head_lr is not None else []
-    groups: dict[str, dict[str, Any]] = {"method": {"params": [], "lr": lr},
-                                         "b": {"params": [], "lr": lr * (loraplus_lr_ratio or 1.0)},
-                                         "head": {"params": [], "lr": head_lr}}
+    groups: dict[str, dict[str, Any]] = {
+        "method": {"params": [], "lr": lr},
+        "b": {"params": [], "lr": lr * (loraplus_lr_ratio or 1.0)},
+        "head": {"params": [], "lr": head_lr},
+    }
     for name, p in params.items():
         if is_under(name, heads):
             groups["head"]["params"].append(p)

@@ -39,9 +39,11 @@ def require_bitsandbytes() -> Any:
     try:
         import bitsandbytes
     except Exception as exc:  # not installed, or its native library failed to load
-        raise PeftkitError(f"quantization needs bitsandbytes ({type(exc).__name__}: {str(exc)[:80]})",
-                           "quantization", "pip install bitsandbytes==0.50.2, or remove the quantization block"
-                           ) from None
+        raise PeftkitError(
+            f"quantization needs bitsandbytes ({type(exc).__name__}: {str(exc)[:80]})",
+            "quantization",
+            "pip install bitsandbytes==0.50.2, or remove the quantization block",
+        ) from None
     return bitsandbytes
 
 
@@ -55,14 +57,20 @@ class QuantizationReport:
     bytes_after: int
 
     def as_dict(self) -> dict[str, Any]:
-        return {"bits": self.bits, "layers": self.layers, "base_linear_bytes_before": self.bytes_before,
-                "base_linear_bytes_after": self.bytes_after,
-                "ratio": round(self.bytes_after / max(1, self.bytes_before), 4)}
+        return {
+            "bits": self.bits,
+            "layers": self.layers,
+            "base_linear_bytes_before": self.bytes_before,
+            "base_linear_bytes_after": self.bytes_after,
+            "ratio": round(self.bytes_after / max(1, self.bytes_before), 4),
+        }
 
     def line(self) -> str:
-        return (f"quantized {self.layers} linear layers to {self.bits} bits: base linear weights "
-                f"{self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB "
-                f"({100 * self.bytes_after / max(1, self.bytes_before):.1f}%)")
+        return (
+            f"quantized {self.layers} linear layers to {self.bits} bits: base linear weights "
+            f"{self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB "
+            f"({100 * self.bytes_after / max(1, self.bytes_before):.1f}%)"
+        )
 
 
 def is_quantized(module: nn.Module) -> bool:
@@ -145,14 +153,22 @@ def _quantized_linear(bnb: Any, layer: nn.Linear, cfg: QuantizationConfig) -> nn
     weight = layer.weight.data.to("cpu", torch.float32).contiguous()
     has_bias = layer.bias is not None
     if cfg.bits == 4:
-        q = _cpu_linear4bit_class(bnb)(layer.in_features, layer.out_features, bias=has_bias,
-                              compute_dtype=DTYPES[cfg.compute_dtype], compress_statistics=cfg.double_quant,
-                              quant_type=cfg.quant_type, device="meta")
-        q.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=cfg.quant_type,
-                                     compress_statistics=cfg.double_quant, module=q)
+        q = _cpu_linear4bit_class(bnb)(
+            layer.in_features,
+            layer.out_features,
+            bias=has_bias,
+            compute_dtype=DTYPES[cfg.compute_dtype],
+            compress_statistics=cfg.double_quant,
+            quant_type=cfg.quant_type,
+            device="meta",
+        )
+        q.weight = bnb.nn.Params4bit(
+            weight, requires_grad=False, quant_type=cfg.quant_type, compress_statistics=cfg.double_quant, module=q
+        )
     else:
-        q = bnb.nn.Linear8bitLt(layer.in_features, layer.out_features, bias=has_bias, has_fp16_weights=False,
-                                threshold=0.0, device="meta")
+        q = bnb.nn.Linear8bitLt(
+            layer.in_features, layer.out_features, bias=has_bias, has_fp16_weights=False, threshold=0.0, device="meta"
+        )
         q.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
     if has_bias:
         q.bias = nn.Parameter(layer.bias.data.to("cpu").clone(), requires_grad=False)
@@ -167,6 +183,7 @@ def _cpu_linear4bit_class(bnb: Any) -> type:
     """``bnb.nn.Linear4bit`` whose CPU forward and backward dequantize into a reused buffer."""
     global _CPU_LINEAR4BIT
     if _CPU_LINEAR4BIT is None:
+
         class Linear4bit(bnb.nn.Linear4bit):  # same name: peft, and readers of the layer, see a Linear4bit
             def forward(self, x: torch.Tensor) -> torch.Tensor:
                 state = getattr(self.weight, "quant_state", None)
@@ -200,7 +217,7 @@ def _dequantize_shared(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     """The ``(out, in)`` weight in ``dtype``, written over this thread's buffer (valid until the next call)."""
     import bitsandbytes as bnb
 
-    state = weight.quant_state
+    state = weight.quant_state  # type: ignore[attr-defined]  # bitsandbytes' Params4bit
     n, k = state.shape
     store = _buffers.__dict__
     buf = store.get(dtype)
@@ -215,8 +232,14 @@ def _dequantize_shared(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
         absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
     absmax = absmax.float().contiguous()
     packed = weight.data.view(torch.uint8).contiguous()
-    kernel(ctypes.c_void_p(packed.data_ptr()), ctypes.c_void_p(absmax.data_ptr()), ctypes.c_void_p(out.data_ptr()),
-           ctypes.c_longlong(state.blocksize), ctypes.c_longlong(n), ctypes.c_longlong(k))
+    kernel(
+        ctypes.c_void_p(packed.data_ptr()),
+        ctypes.c_void_p(absmax.data_ptr()),
+        ctypes.c_void_p(out.data_ptr()),
+        ctypes.c_longlong(state.blocksize),
+        ctypes.c_longlong(n),
+        ctypes.c_longlong(k),
+    )
     return out
 
 
@@ -230,6 +253,7 @@ def _native_dequantizer(state: Any, dtype: torch.dtype, k: int) -> Any:
         return None
     try:
         from bitsandbytes.cextension import lib
+
         return getattr(lib, f"cdequantize_blockwise_cpu_{state.quant_type}_{names[dtype]}")
     except Exception:  # another bitsandbytes build: fall back to its public function
         return None
@@ -250,8 +274,13 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> in
     count = 0
     for name, module in list(model.named_modules()):
         if is_quantized(module):
-            plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                              device=module.weight.device, dtype=dtype)
+            plain = nn.Linear(
+                module.in_features,
+                module.out_features,
+                bias=module.bias is not None,
+                device=module.weight.device,
+                dtype=dtype,
+            )
             with torch.no_grad():
                 plain.weight.copy_(dequantized_weight(module))
                 if module.bias is not None:

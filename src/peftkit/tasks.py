@@ -47,8 +47,16 @@ class Task(Protocol):
         """The validation metric the best checkpoint follows (``wanted`` where it applies)."""
         ...
 
-    def evaluate(self, model: nn.Module, split: str, batch_size: int, device: Any, num_processes: int = 1,
-                 process_index: int = 0, final: bool = False) -> dict[str, Any]:
+    def evaluate(
+        self,
+        model: nn.Module,
+        split: str,
+        batch_size: int,
+        device: Any,
+        num_processes: int = 1,
+        process_index: int = 0,
+        final: bool = False,
+    ) -> dict[str, Any]:
         """Metrics of ``split`` (every process calls it; each takes its share of the rows)."""
         ...
 
@@ -85,16 +93,30 @@ class ClassificationTask:
     def best_metric(self, wanted: str) -> str:
         return wanted
 
-    def evaluate(self, model: nn.Module, split: str, batch_size: int, device: Any, num_processes: int = 1,
-                 process_index: int = 0, final: bool = False) -> dict[str, Any]:
+    def evaluate(
+        self,
+        model: nn.Module,
+        split: str,
+        batch_size: int,
+        device: Any,
+        num_processes: int = 1,
+        process_index: int = 0,
+        final: bool = False,
+    ) -> dict[str, Any]:
         from .evaluate import classification_metrics, predict_probs
 
         # the model itself, not its DDP wrapper: a wrapped forward is a collective (it broadcasts
         # buffers), and the processes may run different numbers of evaluation batches
-        probs, loss = predict_probs(getattr(model, "module", model), self.features[split], pad_id=self.pad_id,
-                                    batch_size=batch_size,
-                                    labels=self.labels[split], device=device, num_processes=num_processes,
-                                    process_index=process_index)
+        probs, loss = predict_probs(
+            getattr(model, "module", model),
+            self.features[split],
+            pad_id=self.pad_id,
+            batch_size=batch_size,
+            labels=self.labels[split],
+            device=device,
+            num_processes=num_processes,
+            process_index=process_index,
+        )
         return classification_metrics(self.labels[split], probs, self.label_names, loss)
 
     @staticmethod
@@ -123,11 +145,17 @@ class CausalLMTask:
 
     def describe(self) -> str:
         parts = [f"{s} {len(f)}" for s, f in self.features.items()]
-        cut = [f"{s}: {e.truncated} over the limit, {e.completion_cut} of them lost part of the completion"
-               for s, e in self.encoded.items() if e.truncated or e.completion_cut]
+        cut = [
+            f"{s}: {e.truncated} over the limit, {e.completion_cut} of them lost part of the completion"
+            for s, e in self.encoded.items()
+            if e.truncated or e.completion_cut
+        ]
         labels = f"; labels {self.label_names}" if self.label_names else ""
-        return ", ".join(parts) + labels + (f"; truncated to {self.encoder.cfg.max_length} tokens ("
-                                            + "; ".join(cut) + ")" if cut else "")
+        return (
+            ", ".join(parts)
+            + labels
+            + (f"; truncated to {self.encoder.cfg.max_length} tokens (" + "; ".join(cut) + ")" if cut else "")
+        )
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         from .causal import collate_lm
@@ -142,24 +170,40 @@ class CausalLMTask:
     def best_metric(self, wanted: str) -> str:
         return wanted if self.label_names else "loss"
 
-    def evaluate(self, model: nn.Module, split: str, batch_size: int, device: Any, num_processes: int = 1,
-                 process_index: int = 0, final: bool = False) -> dict[str, Any]:
+    def evaluate(
+        self,
+        model: nn.Module,
+        split: str,
+        batch_size: int,
+        device: Any,
+        num_processes: int = 1,
+        process_index: int = 0,
+        final: bool = False,
+    ) -> dict[str, Any]:
         """Loss and perplexity; labelled prompts add label-scoring accuracy and F1 (and, when
         ``final``, exact match of greedy answers). Every process computes the whole split."""
         from .evaluate import classification_metrics, exact_match, label_probs, lm_eval_loss
         from .generation import generate
 
         unwrapped = getattr(model, "module", model)
-        metrics = {"n": len(self.features[split]),
-                   **lm_eval_loss(unwrapped, self.features[split], self.pad_id, batch_size, device)}
+        metrics = {
+            "n": len(self.features[split]),
+            **lm_eval_loss(unwrapped, self.features[split], self.pad_id, batch_size, device),
+        }
         enc = self.encoded[split]
         if self.label_names:
             probs = label_probs(unwrapped, enc.prompts, self.encoder.label_tokens, self.pad_id, batch_size, device)
             metrics.update(classification_metrics(enc.classes, probs, self.label_names, metrics["loss"]))
             if final:
                 longest = max(len(self.tokenizer(n, add_special_tokens=False)["input_ids"]) for n in self.label_names)
-                answers = generate(unwrapped, self.tokenizer, enc.prompts, max_new_tokens=longest + 2,
-                                   batch_size=batch_size, stop_ids=self.encoder.stop_ids)
+                answers = generate(
+                    unwrapped,
+                    self.tokenizer,
+                    enc.prompts,
+                    max_new_tokens=longest + 2,
+                    batch_size=batch_size,
+                    stop_ids=self.encoder.stop_ids,
+                )
                 metrics.update(exact_match(answers, enc.classes, self.label_names))
                 metrics["answers_sample"] = answers[:5]
         return metrics
@@ -172,9 +216,12 @@ class CausalLMTask:
         return text
 
     def summary(self) -> dict[str, Any]:
-        return {"label_names": self.label_names,
-                "truncation": {s: {"over_max_length": e.truncated, "completion_cut": e.completion_cut}
-                               for s, e in self.encoded.items()}}
+        return {
+            "label_names": self.label_names,
+            "truncation": {
+                s: {"over_max_length": e.truncated, "completion_cut": e.completion_cut} for s, e in self.encoded.items()
+            },
+        }
 
 
 def build_task(cfg: RunConfig, tokenizer: Any, splits: dict[str, Any], label_names: list[str] | None) -> Any:
@@ -185,26 +232,39 @@ def build_task(cfg: RunConfig, tokenizer: Any, splits: dict[str, Any], label_nam
     """
     from .data import encode_labels
 
-    meta = {"seed": cfg.seed, "max_length": cfg.data.max_length, "text_column": cfg.data.text_column,
-            "label_column": cfg.data.label_column, "text_pair_column": cfg.data.text_pair_column}
+    meta = {
+        "seed": cfg.seed,
+        "max_length": cfg.data.max_length,
+        "text_column": cfg.data.text_column,
+        "label_column": cfg.data.label_column,
+        "text_pair_column": cfg.data.text_pair_column,
+    }
     classes = None
     if label_names is not None:
         classes = {s: encode_labels(sp, label_names, f"{cfg.dataset}, {s} split") for s, sp in splits.items()}
     if cfg.task == "classification":
         from .data import tokenize
 
-        features = {s: tokenize(tokenizer, sp.texts, cfg.data.max_length, sp.pairs, cache=cfg.data.token_cache)
-                    for s, sp in splits.items()}
-        return ClassificationTask(label_names, features, classes, tokenizer.pad_token_id,
-                                  {"id2label": dict(enumerate(label_names)), **meta})
+        features = {
+            s: tokenize(tokenizer, sp.texts, cfg.data.max_length, sp.pairs, cache=cfg.data.token_cache)
+            for s, sp in splits.items()
+        }
+        return ClassificationTask(
+            label_names, features, classes, tokenizer.pad_token_id, {"id2label": dict(enumerate(label_names)), **meta}
+        )
     from .causal import LMEncoder, pack
 
     encoder = LMEncoder(tokenizer, cfg.data, label_names)
-    encoded = {s: encoder.encode_split(sp, f"{cfg.dataset}, {s} split", classes and classes[s])
-               for s, sp in splits.items()}
+    encoded = {
+        s: encoder.encode_split(sp, f"{cfg.dataset}, {s} split", classes and classes[s]) for s, sp in splits.items()
+    }
     features = {s: e.features for s, e in encoded.items()}
     if cfg.data.packing:
         features["train"] = pack(features["train"], cfg.data.max_length, cfg.seed)
-    meta.update(chat_template=encoder.chat, prompt_template=cfg.data.prompt_template,
-                system_prompt=cfg.data.system_prompt, label_names=label_names)
+    meta.update(
+        chat_template=encoder.chat,
+        prompt_template=cfg.data.prompt_template,
+        system_prompt=cfg.data.system_prompt,
+        label_names=label_names,
+    )
     return CausalLMTask(encoder, features, encoded, tokenizer.pad_token_id, tokenizer, meta)

@@ -40,8 +40,15 @@ def cache_key(tokenizer: Any, texts: list[str], max_length: int, pairs: list[str
     import transformers
 
     h = hashlib.sha256()
-    for part in (FORMAT, tokenizers.__version__, transformers.__version__, type(tokenizer).__name__,
-                 getattr(tokenizer, "truncation_side", "right"), str(max_length), backend.to_str()):
+    for part in (
+        FORMAT,
+        tokenizers.__version__,
+        transformers.__version__,
+        type(tokenizer).__name__,
+        getattr(tokenizer, "truncation_side", "right"),
+        str(max_length),
+        backend.to_str(),
+    ):
         h.update(part.encode("utf-8") + b"\0")
     for column in (texts, pairs or []):
         h.update(f"{len(column)}\0".encode())
@@ -64,7 +71,7 @@ def read(key: str) -> list[dict[str, list[int]]] | None:
     features = []
     start = 0
     for n in lengths:
-        feat = {k: [1] * n if k == "attention_mask" else columns[k][start:start + n] for k in names}
+        feat = {k: [1] * n if k == "attention_mask" else columns[k][start : start + n] for k in names}
         features.append(feat)
         start += n
     return features
@@ -82,8 +89,7 @@ def write(key: str, features: list[dict[str, list[int]]]) -> None:
         if k != "attention_mask":
             arrays[k] = np.fromiter((t for f in features for t in f[k]), dtype=np.int32, count=int(lengths.sum()))
     try:
-        with atomic_path(cache_dir() / f"{key}.npz") as tmp:
-            with open(tmp, "wb") as out:
-                np.savez(out, **arrays)
+        with atomic_path(cache_dir() / f"{key}.npz") as tmp, open(tmp, "wb") as out:
+            np.savez(out, **arrays)
     except OSError:
         pass

@@ -22,9 +22,10 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -33,15 +34,22 @@ from torch import nn
 from . import accel
 from .checkpoint import find_resume, load_checkpoint, rng_state, save_checkpoint, set_rng_state, stop_for_test
 from .config import RunConfig, dump_config
+from .data import LengthGroupedBatches
 from .errors import Interrupted, PeftkitError
 from .fsio import atomic_write_text, write_json
-from .precision import compute_dtype, resolve_mixed_precision
-from .data import LengthGroupedBatches
 from .methods.base import MethodHooks, count_parameters, injection_of, parameter_report, trainable_state
 from .methods.saving import save_adapter
 from .monitor import Progress, open_reporters, peak_rss_bytes
-from .prepare import (Prepared, build_optimizer, check_output_dir, check_resume_config, clear_run_outputs,
-                      is_own_unfinished_run, prepare)
+from .precision import compute_dtype, resolve_mixed_precision
+from .prepare import (
+    Prepared,
+    build_optimizer,
+    check_output_dir,
+    check_resume_config,
+    clear_run_outputs,
+    is_own_unfinished_run,
+    prepare,
+)
 from .tasks import Task
 
 
@@ -72,7 +80,7 @@ class MetricsLog:
         self.reporters = list(reporters)
         if path:
             atomic_write_text(path, history)
-            self.file = open(path, "a", encoding="utf-8")
+            self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - open for the run, closed by close()
 
     def write(self, record: dict[str, Any]) -> None:
         line = json.dumps(record) + "\n"
@@ -106,7 +114,7 @@ class StopSignals:
         self.received: int | None = None
         self.previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in self.CODES:
                 self.previous[sig] = signal.signal(sig, self._handle)
@@ -156,7 +164,7 @@ def overfitting_since(history: list[list], evals: int = 3) -> int | None:
     in a row while the training loss fell over the same stretch."""
     if len(history) <= evals:
         return None
-    recent = history[-(evals + 1):]
+    recent = history[-(evals + 1) :]
     val = [h[1] for h in recent]
     train = [h[2] for h in recent]
     if all(b > a for a, b in zip(val, val[1:])) and None not in train and train[-1] < train[0]:
@@ -181,8 +189,7 @@ class Trainer:
         # bf16 autocast covers the training steps only (``autocast`` below): evaluation runs in
         # float32, so its metrics are the ones ``peftkit eval`` and ``predict`` reproduce. fp16
         # needs a gradient scaler, which accelerate brings along with its own autocast.
-        self.acc = Accelerator(mixed_precision="fp16" if self.precision == "fp16" else "no",
-                               cpu=not _has_accelerator())
+        self.acc = Accelerator(mixed_precision="fp16" if self.precision == "fp16" else "no", cpu=not _has_accelerator())
         self.main = self.acc.is_main_process
         self.progress = Progress(enabled=self.main, echo=echo)
         self.trained = self.seen = 0  # examples trained on (in all), and since the last logged step
@@ -232,8 +239,7 @@ class Trainer:
         if resume_from is not None:
             history = self._restore(resume_from)
         elif restart:
-            self.say(f"resume=auto: {out} holds this run's outputs but no complete checkpoint; "
-                     "starting from step 0")
+            self.say(f"resume=auto: {out} holds this run's outputs but no complete checkpoint; starting from step 0")
         self._open_outputs(fresh=resume_from is None, clear=cfg.overwrite or restart, history=history)
 
     def _report_setup(self) -> None:
@@ -244,19 +250,28 @@ class Trainer:
             self.say(self.prep.quantization.line())
         self.say(f"data {cfg.dataset}: {self.task.describe()}")
         n = self.acc.num_processes
-        self.say(f"processes: {n} ({'data parallel, ' if n > 1 else ''}{self.acc.device.type}); batch_size "
-                 f"{tc.batch_size} per process x {n} x grad_accum {tc.grad_accum} = {tc.batch_size * n * tc.grad_accum} "
-                 "examples per optimizer step")
+        self.say(
+            f"processes: {n} ({'data parallel, ' if n > 1 else ''}{self.acc.device.type}); batch_size "
+            f"{tc.batch_size} per process x {n} x grad_accum {tc.grad_accum} = {tc.batch_size * n * tc.grad_accum} "
+            "examples per optimizer step"
+        )
         if n == 1 and os.environ.get("ACCELERATE_USE_CPU") and "WORLD_SIZE" not in os.environ:
-            self.say("note: accelerate launch --cpu starts one process whatever --num_processes says; for several "
-                     "CPU processes use torchrun --standalone --nproc_per_node N -m peftkit train ...")
+            self.say(
+                "note: accelerate launch --cpu starts one process whatever --num_processes says; for several "
+                "CPU processes use torchrun --standalone --nproc_per_node N -m peftkit train ..."
+            )
         if tc.mixed_precision == "auto":
-            self.say("mixed precision: bf16 autocast (native bf16 here; train.mixed_precision=no for float32)"
-                     if self.precision == "bf16" else "mixed precision: none, float32 (no native bf16 here)")
+            self.say(
+                "mixed precision: bf16 autocast (native bf16 here; train.mixed_precision=no for float32)"
+                if self.precision == "bf16"
+                else "mixed precision: none, float32 (no native bf16 here)"
+            )
         self.best_metric = self.task.best_metric(tc.metric_for_best)
         if self.best_metric != tc.metric_for_best:
-            self.say(f"train.metric_for_best {tc.metric_for_best} does not apply to this data: the best adapter "
-                     f"is chosen by validation {self.best_metric}")
+            self.say(
+                f"train.metric_for_best {tc.metric_for_best} does not apply to this data: the best adapter "
+                f"is chosen by validation {self.best_metric}"
+            )
 
     def _build_training(self) -> None:
         """The optimizer, the learning-rate schedule and the batch sampler."""
@@ -266,17 +281,25 @@ class Trainer:
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.lrs = [g["lr"] for g in self.optimizer.param_groups]  # this run's, whatever a checkpoint says
         lengths = [len(f["input_ids"]) for f in self.task.features["train"]]
-        self.sampler = LengthGroupedBatches(lengths, tc.batch_size, seed=self.cfg.seed,
-                                            group_by_length=tc.group_by_length, num_processes=acc.num_processes,
-                                            process_index=acc.process_index)
+        self.sampler = LengthGroupedBatches(
+            lengths,
+            tc.batch_size,
+            seed=self.cfg.seed,
+            group_by_length=tc.group_by_length,
+            num_processes=acc.num_processes,
+            process_index=acc.process_index,
+        )
         self.steps_per_epoch = max(1, len(self.sampler) // tc.grad_accum)
         self.total_steps = tc.max_steps or max(1, int(self.steps_per_epoch * tc.epochs))
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(tc.scheduler, int(tc.warmup_ratio * self.total_steps), self.total_steps))
+            self.optimizer, lr_lambda(tc.scheduler, int(tc.warmup_ratio * self.total_steps), self.total_steps)
+        )
         budget = getattr(self.cfg.method, "total_step", None)
         if self.hooks is not None and budget is not None and budget != self.total_steps:
-            self.say(f"note: method.total_step is {budget} but this run takes {self.total_steps} optimizer steps; "
-                     "the rank budget follows method.total_step")
+            self.say(
+                f"note: method.total_step is {budget} but this run takes {self.total_steps} optimizer steps; "
+                "the rank budget follows method.total_step"
+            )
 
     def _restore(self, path: Path) -> str:
         """Load the checkpoint at ``path`` into the model, optimizer, LR schedule, RNGs, method
@@ -375,8 +398,9 @@ class Trainer:
                 self.save_checkpoint(epoch, i + 1)
             if signals.received:
                 name = signal.Signals(signals.received).name
-                raise Interrupted(f"stopped by {name} at step {st.step}; checkpoint written",
-                                  StopSignals.CODES[signals.received])
+                raise Interrupted(
+                    f"stopped by {name} at step {st.step}; checkpoint written", StopSignals.CODES[signals.received]
+                )
             if last or stop:
                 return True
         return False
@@ -386,16 +410,19 @@ class Trainer:
         ``sync``), inside the speed layer; refuses a non-finite loss before it reaches the weights."""
         acc = self.acc
         batch = {k: v.to(acc.device) for k, v in self.task.batch(indices).items()}
-        with contextlib.nullcontext() if sync else acc.no_sync(self.ddp_model):
-            with self.speedups:  # from the forward through the backward, which uses it too
-                with self._autocast():
-                    loss = self.task.loss(self.ddp_model, batch)
-                    total = loss if self.hooks is None else loss + self.hooks.penalty()
-                acc.backward(total / self.tc.grad_accum)
+        # the speed layer from the forward through the backward, which uses it too
+        with contextlib.nullcontext() if sync else acc.no_sync(self.ddp_model), self.speedups:
+            with self._autocast():
+                loss = self.task.loss(self.ddp_model, batch)
+                total = loss if self.hooks is None else loss + self.hooks.penalty()
+            acc.backward(total / self.tc.grad_accum)
         value = loss.detach().float().item()
         if not math.isfinite(value):
-            raise PeftkitError(f"training loss became {value} at step {self.state.step + 1}", "train",
-                               "lower train.lr, or check the data; the last checkpoint is intact")
+            raise PeftkitError(
+                f"training loss became {value} at step {self.state.step + 1}",
+                "train",
+                "lower train.lr, or check the data; the last checkpoint is intact",
+            )
         self.state.window_loss += value
         self.state.window_n += 1
         examples = self._examples(indices) * acc.num_processes
@@ -431,19 +458,29 @@ class Trainer:
         rate = self.seen / max(1e-9, time.perf_counter() - self.window_start)
         lr = self.lr_schedule.get_last_lr()[0]
         epoch = st.step / self.steps_per_epoch
-        self.log.write({"type": "train", "step": st.step, "epoch": round(epoch, 4), "loss": mean, "lr": lr,
-                        "examples_per_s": rate})
+        self.log.write(
+            {"type": "train", "step": st.step, "epoch": round(epoch, 4), "loss": mean, "lr": lr, "examples_per_s": rate}
+        )
         self.progress.show(mean, lr, rate)
-        self.progress.say(f"step {st.step}/{self.total_steps} epoch {epoch:.2f} loss {mean:.4f} lr {lr:.2e} "
-                          f"{rate:.0f} examples/s", line_only=True)
+        self.progress.say(
+            f"step {st.step}/{self.total_steps} epoch {epoch:.2f} loss {mean:.4f} lr {lr:.2e} {rate:.0f} examples/s",
+            line_only=True,
+        )
         st.last_train_loss = mean
         st.window_loss, st.window_n, self.seen, self.window_start = 0.0, 0, 0, time.perf_counter()
 
     # ---- evaluation ----
     def evaluate(self, split: str, final: bool = False) -> dict[str, Any]:
         acc = self.acc
-        return self.task.evaluate(self.ddp_model, split, self.tc.eval_batch_size, acc.device, acc.num_processes,
-                                  acc.process_index, final=final)
+        return self.task.evaluate(
+            self.ddp_model,
+            split,
+            self.tc.eval_batch_size,
+            acc.device,
+            acc.num_processes,
+            acc.process_index,
+            final=final,
+        )
 
     def evaluate_validation(self) -> bool:
         """Evaluate, keep the best adapter, watch for overfitting; True when early stopping fires."""
@@ -452,8 +489,15 @@ class Trainer:
         began = time.perf_counter()
         metrics = self.evaluate("validation")
         self.eval_seconds += time.perf_counter() - began
-        self.log.write({"type": "eval", "split": "validation", "step": st.step, "epoch": round(epoch, 4),
-                        **{k: v for k, v in metrics.items() if k != "confusion_matrix"}})
+        self.log.write(
+            {
+                "type": "eval",
+                "split": "validation",
+                "step": st.step,
+                "epoch": round(epoch, 4),
+                **{k: v for k, v in metrics.items() if k != "confusion_matrix"},
+            }
+        )
         metric = self.best_metric
         is_best = improved(metrics[metric], st.best and st.best[metric], metric)
         self.say(f"eval step {st.step} epoch {epoch:.2f}: {self.task.line(metrics)}" + (" (best)" if is_best else ""))
@@ -463,8 +507,10 @@ class Trainer:
         rising = overfitting_since(st.history)
         if rising is not None and st.warned_at is None:
             st.warned_at = rising
-            self.say(f"warning: validation loss has risen since step {rising} while training loss kept falling "
-                     "(overfitting); the adapter of the best evaluation is kept")
+            self.say(
+                f"warning: validation loss has risen since step {rising} while training loss kept falling "
+                "(overfitting); the adapter of the best evaluation is kept"
+            )
         return self.early_stop(metrics)
 
     def keep_best(self, metrics: dict[str, Any], epoch: float) -> None:
@@ -472,8 +518,9 @@ class Trainer:
         self.state.best = {**metrics, "step": self.state.step, "epoch": round(epoch, 4)}
         self.best_state = {k: v.detach().clone() for k, v in trainable_state(self.model).items()}
         if self.main:
-            save_adapter(self.model, self.out / "adapter", base_model=self.cfg.model, task=self.task.name,
-                         meta=self.task.meta)
+            save_adapter(
+                self.model, self.out / "adapter", base_model=self.cfg.model, task=self.task.name, meta=self.task.meta
+            )
 
     def early_stop(self, metrics: dict[str, Any]) -> bool:
         es, st = self.tc.early_stopping, self.state
@@ -498,11 +545,22 @@ class Trainer:
         rngs = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
         st.epoch, st.next_batch = epoch, next_batch
         if self.main:
-            save_checkpoint(self.out, st.step, trainable=trainable_state(self.model), best=self.best_state,
-                            optimizer=self.optimizer, scheduler=self.lr_schedule, scaler=acc.scaler, rngs=rngs,
-                            method=self.hooks.state_dict() if self.hooks is not None else None,
-                            loop=dataclasses.asdict(st), metrics=self.log.text, config=dump_config(self.cfg),
-                            keep=self.tc.save_total_limit, best_step=st.best and st.best["step"])
+            save_checkpoint(
+                self.out,
+                st.step,
+                trainable=trainable_state(self.model),
+                best=self.best_state,
+                optimizer=self.optimizer,
+                scheduler=self.lr_schedule,
+                scaler=acc.scaler,
+                rngs=rngs,
+                method=self.hooks.state_dict() if self.hooks is not None else None,
+                loop=dataclasses.asdict(st),
+                metrics=self.log.text,
+                config=dump_config(self.cfg),
+                keep=self.tc.save_total_limit,
+                best_step=st.best and st.best["step"],
+            )
         acc.wait_for_everyone()
 
     def finish(self, train_seconds: float) -> dict[str, Any]:
@@ -517,8 +575,14 @@ class Trainer:
             began = time.perf_counter()
             summary["test"] = self.evaluate("test", final=True)
             summary["test_seconds"] = round(time.perf_counter() - began, 2)
-            self.log.write({"type": "eval", "split": "test", "step": st.step,
-                            **{k: v for k, v in summary["test"].items() if k != "confusion_matrix"}})
+            self.log.write(
+                {
+                    "type": "eval",
+                    "split": "test",
+                    "step": st.step,
+                    **{k: v for k, v in summary["test"].items() if k != "confusion_matrix"},
+                }
+            )
         self.log.close()
         if self.main:
             from .plot import plot_runs  # matplotlib loads only when a run draws its curves

@@ -52,8 +52,16 @@ class StepSpeedups:
     The parts can be switched off one by one; the benchmarks measure each that way.
     """
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype, *, products: bool = True, fuse_lora: bool = True,
-                 dropout: bool = True, attention: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        dtype: torch.dtype,
+        *,
+        products: bool = True,
+        fuse_lora: bool = True,
+        dropout: bool = True,
+        attention: bool = True,
+    ):
         self.model = model
         self.frozen = FrozenLinears(model, dtype, fuse_lora) if products else None
         dropouts = [m for m in model.modules() if type(m) is nn.Dropout and m.p > 0] if dropout else []

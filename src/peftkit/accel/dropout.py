@@ -56,7 +56,7 @@ def _hashed_lanes(seed: int, n: int, device: torch.device | str) -> torch.Tensor
 def _draw(p: float) -> tuple[int, int, float]:
     """A mask's seed (one draw of torch's default generator), the lane threshold at and above
     which an element is kept, and the factor that rescales kept elements."""
-    seed = int(torch.empty((), dtype=torch.int64).random_(-2**63, None)) & _MASK64
+    seed = int(torch.empty((), dtype=torch.int64).random_(-(2**63), None)) & _MASK64
     dropped = round(p * _LANES)
     return seed, dropped - _LANES // 2, _LANES / (_LANES - dropped)
 
@@ -197,17 +197,31 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return bias
 
 
-def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-               is_causal: bool | None = None, **kwargs):
+def _attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+):
     """transformers' SDPA attention, except that attention-probability dropout in CPU training
     runs :class:`_AttentionCore` with :func:`keep_mask`. Torch's SDPA leaves its fused kernel for
     a slower path when it has to drop, and draws its mask element by element (at 256 tokens the
     mask was the costliest part of a MiniLM step)."""
-    if (dropout == 0.0 or not module.training or not _cheap(dropout, query) or kwargs.get("position_bias") is not None
-            or kwargs.get("softcap") is not None):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+    if (
+        dropout == 0.0
+        or not module.training
+        or not _cheap(dropout, query)
+        or kwargs.get("position_bias") is not None
+        or kwargs.get("softcap") is not None
+    ):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
@@ -223,8 +237,14 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
     return out.transpose(1, 2).contiguous(), None
 
 
-def _prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      attention_mask: torch.Tensor | None, **kwargs):
+def _prefix_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs,
+):
     """Prefix tuning's attention (:func:`peftkit.methods.prefix.add_prefix`) through :func:`_attention`."""
     key, value, attention_mask, kwargs = add_prefix(module, query, key, value, attention_mask, kwargs)
     return _attention(module, query, key, value, attention_mask, **kwargs)

@@ -120,6 +120,7 @@ class _FrozenLinear(torch.autograd.Function):
 
 def frozen_forward(product: FrozenProduct) -> Callable[[torch.Tensor], torch.Tensor]:
     """A frozen layer's forward through its prepared product."""
+
     def forward(x: torch.Tensor) -> torch.Tensor:
         return _FrozenLinear.apply(x, product)
 
@@ -156,10 +157,17 @@ class FrozenLinears:
             pack = m.weight.device.type == "cpu" and can_pack(dtype)
             self.products.append((m, FrozenProduct.of(m, dtype, pack)))
         by_layer = {id(layer): product for layer, product in self.products}
-        self.fused = [(m, by_layer[id(m.base_layer)]) for m in model.modules()
-                      if isinstance(m, AdaptedLinear) and id(m.base_layer) in by_layer
-                      and any(getattr(u, "can_fuse", lambda: False)() for u in m.updates.values())
-                      ] if fuse_lora else []
+        self.fused = (
+            [
+                (m, by_layer[id(m.base_layer)])
+                for m in model.modules()
+                if isinstance(m, AdaptedLinear)
+                and id(m.base_layer) in by_layer
+                and any(getattr(u, "can_fuse", lambda: False)() for u in m.updates.values())
+            ]
+            if fuse_lora
+            else []
+        )
 
     def __len__(self) -> int:
         return len(self.products)
@@ -183,5 +191,7 @@ class FrozenLinears:
             return "frozen linear layers: none"
         packed = " oneDNN-packed" if self.products[0][1].weight is None else ""
         dtype = str(self.products[0][1].dtype).removeprefix("torch.")
-        return (f"frozen linear layers: {len(self)} multiply with{packed} {dtype} weights prepared once "
-                f"({self.nbytes() / 2**20:.0f} MiB); {len(self.fused)} LoRA layers fused with them")
+        return (
+            f"frozen linear layers: {len(self)} multiply with{packed} {dtype} weights prepared once "
+            f"({self.nbytes() / 2**20:.0f} MiB); {len(self.fused)} LoRA layers fused with them"
+        )

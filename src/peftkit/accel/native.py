@@ -36,8 +36,14 @@ class Kernels:
 
     def __init__(self, lib: ctypes.CDLL, parallel: bool):
         self.lib, self.parallel = lib, parallel
-        i64, u64, i32, ptr, f32, i = (ctypes.c_int64, ctypes.c_uint64, ctypes.c_int32, ctypes.c_void_p,
-                                      ctypes.c_float, ctypes.c_int)
+        i64, u64, i32, ptr, f32, i = (
+            ctypes.c_int64,
+            ctypes.c_uint64,
+            ctypes.c_int32,
+            ctypes.c_void_p,
+            ctypes.c_float,
+            ctypes.c_int,
+        )
         lib.peftkit_keep_mask.argtypes = [ptr, i64, u64, i32, i]
         for fn in (lib.peftkit_dropout_f32, lib.peftkit_dropout_bf16):
             fn.argtypes = [ptr, ptr, ptr, i64, i, u64, i32, f32, i]
@@ -69,8 +75,12 @@ def _build(target: Path) -> bool:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
-            done = subprocess.run([compiler, *flags, "-shared", "-fPIC", str(SOURCE), "-o", tmp],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+            done = subprocess.run(
+                [compiler, *flags, "-shared", "-fPIC", str(SOURCE), "-o", tmp],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=120,
+            )
             if done.returncode == 0:
                 os.replace(tmp, target)
                 return True
@@ -99,15 +109,17 @@ def kernels() -> Kernels | None:
         return None
     import torch  # noqa: F401  (its OpenMP runtime must be loaded first, for the check below)
 
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), repr(_FLAG_SETS), os.environ.get("CC", "cc"),
-                                    platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        "\0".join(
+            [SOURCE.read_text(), repr(_FLAG_SETS), os.environ.get("CC", "cc"), platform.machine(), _cpu_flags()]
+        ).encode()
+    ).hexdigest()[:16]
     target = cache_dir() / f"native-{key}.so"
     failed = target.with_suffix(".failed")
     try:
-        if not target.exists():
-            if failed.exists() or not _build(target):
-                failed.touch()
-                return None
+        if not target.exists() and (failed.exists() or not _build(target)):
+            failed.touch()
+            return None
         lib = ctypes.CDLL(str(target))
     except OSError:
         return None

@@ -30,15 +30,44 @@ from .tuner_configs import AdaLoraConfig, LoHaConfig, LoKrConfig, PTuningConfig,
 
 #: names that need torch -> the module that defines them
 _LAZY = {
-    **dict.fromkeys(["AdapterModule", "AdaptedLinear", "Update", "Routing", "adapters_disabled", "active_adapters",
-                     "Injection", "adapter_state_dict", "apply_method", "count_parameters",
-                     "default_modules_to_save", "injection_of", "merge", "merge_and_unload", "parameter_report",
-                     "resolve_modules_to_save", "set_trainable", "trainable_parameters", "trainable_state",
-                     "unmerge", "HEAD_NAMES", "check_mergeable"], "base"),
+    **dict.fromkeys(
+        [
+            "AdapterModule",
+            "AdaptedLinear",
+            "Update",
+            "Routing",
+            "adapters_disabled",
+            "active_adapters",
+            "Injection",
+            "adapter_state_dict",
+            "apply_method",
+            "count_parameters",
+            "default_modules_to_save",
+            "injection_of",
+            "merge",
+            "merge_and_unload",
+            "parameter_report",
+            "resolve_modules_to_save",
+            "set_trainable",
+            "trainable_parameters",
+            "trainable_state",
+            "unmerge",
+            "HEAD_NAMES",
+            "check_mergeable",
+        ],
+        "base",
+    ),
     **dict.fromkeys(["save_adapter", "load_adapter", "load_adapter_weights"], "saving"),
-    "BottleneckAdapter": "bottleneck", "IA3Update": "ia3", "LoRAUpdate": "lora", "NamedAdapters": "named",
-    "VeraUpdate": "vera", "LoHaUpdate": "lycoris", "LoKrUpdate": "lycoris", "AdaLoraUpdate": "adalora",
-    "RankAllocator": "adalora", "PromptEncoder": "ptuning",
+    "BottleneckAdapter": "bottleneck",
+    "IA3Update": "ia3",
+    "LoRAUpdate": "lora",
+    "NamedAdapters": "named",
+    "VeraUpdate": "vera",
+    "LoHaUpdate": "lycoris",
+    "LoKrUpdate": "lycoris",
+    "AdaLoraUpdate": "adalora",
+    "RankAllocator": "adalora",
+    "PromptEncoder": "ptuning",
 }
 
 
@@ -49,7 +78,23 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(f".{module}", __name__), name)
 
 
-__all__ = ["METHODS", "PEFT_TYPES", "AdaLoraConfig", "AnyMethod", "BitFitConfig", "BottleneckConfig", "FullConfig",
-           "IA3Config", "LoHaConfig", "LoKrConfig", "LoraConfig", "Method", "MethodConfig", "PTuningConfig",
-           "PrefixTuningConfig", "PromptTuningConfig", "VeraConfig"]
+__all__ = [
+    "METHODS",
+    "PEFT_TYPES",
+    "AdaLoraConfig",
+    "AnyMethod",
+    "BitFitConfig",
+    "BottleneckConfig",
+    "FullConfig",
+    "IA3Config",
+    "LoHaConfig",
+    "LoKrConfig",
+    "LoraConfig",
+    "Method",
+    "MethodConfig",
+    "PTuningConfig",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
+    "VeraConfig",
+]
 __all__ += sorted(_LAZY)

@@ -30,8 +30,9 @@ class AdaLoraUpdate(AdditiveUpdate):
     Shapes: ``lora_A`` ``(r, in)``, ``lora_E`` ``(r, 1)``, ``lora_B`` ``(out, r)``.
     """
 
-    def __init__(self, base: nn.Module, r: int, init_r: int, alpha: float, dropout: float = 0.0,
-                 kept: list[bool] | None = None):
+    def __init__(
+        self, base: nn.Module, r: int, init_r: int, alpha: float, dropout: float = 0.0, kept: list[bool] | None = None
+    ):
         super().__init__(base)
         self.r = r
         self.scaling = alpha / (init_r + 1e-5)
@@ -70,8 +71,11 @@ class AdaLoraUpdate(AdditiveUpdate):
 
 def svd_layers(model: nn.Module, adapter: str = DEFAULT) -> dict[str, AdaLoraUpdate]:
     """The AdaLoRA updates of adapter ``adapter``, by layer path."""
-    return {name: u for name, m in model.named_modules()
-            if isinstance(m, AdaptedLinear) and isinstance(u := m.update_of(adapter), AdaLoraUpdate)}
+    return {
+        name: u
+        for name, m in model.named_modules()
+        if isinstance(m, AdaptedLinear) and isinstance(u := m.update_of(adapter), AdaLoraUpdate)
+    }
 
 
 class RankAllocator:
@@ -124,7 +128,7 @@ class RankAllocator:
         if step > cfg.total_step - cfg.tfinal:
             return self.target_budget, True
         left = 1 - (step - cfg.tinit) / (cfg.total_step - cfg.tfinal - cfg.tinit)
-        return int((self.init_budget - self.target_budget) * left ** 3 + self.target_budget), step % cfg.deltaT == 0
+        return int((self.init_budget - self.target_budget) * left**3 + self.target_budget), step % cfg.deltaT == 0
 
     def _update_importance(self) -> None:
         b1, b2 = self.cfg.beta1, self.cfg.beta2
@@ -172,8 +176,11 @@ def attach_adalora(model: nn.Module, cfg: AdaLoraConfig, at: Attachment) -> Atta
     for name in targets:
         kept = pattern.get(f"{name}.lora_E")
         if kept is not None and len(kept) != cfg.init_r:
-            raise PeftkitError(f"rank_pattern for {name} has {len(kept)} entries, init_r is {cfg.init_r}",
-                               "adapter_config.json", "save the adapter again")
+            raise PeftkitError(
+                f"rank_pattern for {name} has {len(kept)} entries, init_r is {cfg.init_r}",
+                "adapter_config.json",
+                "save the adapter again",
+            )
 
     def make(path: str, base: nn.Module) -> AdaLoraUpdate:
         kept = pattern.get(f"{path}.lora_E")

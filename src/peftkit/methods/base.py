@@ -29,7 +29,6 @@ from .configs import DEFAULT_ADAPTER, MethodConfig
 from .registry import check_mergeable as _refuse_unmergeable
 from .registry import method_of
 
-
 #: the name of the adapter a method puts on a model to train (peft's name for it too)
 DEFAULT = DEFAULT_ADAPTER
 
@@ -175,7 +174,7 @@ class AdaptedLinear(nn.Module):
             del self.updates[name]
 
     def update_of(self, name: str = DEFAULT) -> Update | None:
-        return self.updates[name] if name in self.updates else None
+        return self.updates._modules.get(name)
 
     def adapter_params(self, name: str = DEFAULT) -> dict[str, torch.Tensor]:
         update = self.update_of(name)
@@ -214,13 +213,16 @@ class AdaptedLinear(nn.Module):
     def _mixed(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         if rows.shape[0] != n:
-            raise RuntimeError(f"a mixed-adapter batch of {rows.shape[0]} rows met an input of {n} rows; "
-                               "mixed batches need batch-first inputs")
+            raise RuntimeError(
+                f"a mixed-adapter batch of {rows.shape[0]} rows met an input of {n} rows; "
+                "mixed batches need batch-first inputs"
+            )
         present = rows.unique().tolist()
         groups = {s: u for s in present if (u := self.update_of(self.routing.slots[s] or "")) is not None}
         if self.merged and groups:
-            raise PeftkitError("a layer with merged adapters cannot take a mixed batch", "adapter",
-                               "unmerge the adapters first")
+            raise PeftkitError(
+                "a layer with merged adapters cannot take a mixed batch", "adapter", "unmerge the adapters first"
+            )
         if not groups:
             return self.base_layer(x)
         if len(present) == 1:
@@ -261,16 +263,16 @@ class AdaptedLinear(nn.Module):
         return f"adapters={list(self.updates)}, merged={self.merged}"
 
 
-def wrap_targets(model: nn.Module, targets: list[str], make: Callable[[str, nn.Module], Update], name: str,
-                 routing: Routing) -> None:
+def wrap_targets(
+    model: nn.Module, targets: list[str], make: Callable[[str, nn.Module], Update], name: str, routing: Routing
+) -> None:
     """The shared "find targets, wrap them": give each layer in ``targets`` adapter ``name``'s
     update ``make(path, base_layer)``, wrapping it in an :class:`AdaptedLinear` on first use."""
     for path in targets:
         module = model.get_submodule(path)
         if not isinstance(module, AdaptedLinear):
             if not is_linear(module):
-                raise PeftkitError(f"{path} is not a linear layer", "method.target_modules",
-                                   "target linear layers")
+                raise PeftkitError(f"{path} is not a linear layer", "method.target_modules", "target linear layers")
             module = AdaptedLinear(module, routing)
             replace_module(model, path, module)
         module.add(name, make(path, module.base_layer))
@@ -287,8 +289,11 @@ def chosen_layers(model: nn.Module, cfg: Any, modules_to_save: list[str]) -> lis
     in_layers = getattr(cfg, "in_layers", None)
     targets = [n for n in targets if in_layers is None or in_layers(n)]
     if not targets:
-        raise PeftkitError(f"layers_to_transform {getattr(cfg, 'layers_to_transform', None)!r} leaves no targeted "
-                           "layer", "method.layers_to_transform", "name block indices the model has")
+        raise PeftkitError(
+            f"layers_to_transform {getattr(cfg, 'layers_to_transform', None)!r} leaves no targeted layer",
+            "method.layers_to_transform",
+            "name block indices the model has",
+        )
     return targets
 
 
@@ -444,8 +449,9 @@ def parameter_report(model: nn.Module) -> str:
     return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {pct:.4f}"
 
 
-def apply_method(model: nn.Module, cfg: MethodConfig, modules_to_save: list[str] | None = None,
-                 tokenizer: Any = None) -> Injection:
+def apply_method(
+    model: nn.Module, cfg: MethodConfig, modules_to_save: list[str] | None = None, tokenizer: Any = None
+) -> Injection:
     """Apply the method ``cfg`` describes to ``model`` in place, as the adapter "default" that
     trains; freeze everything else.
 
@@ -468,13 +474,22 @@ def apply_method(model: nn.Module, cfg: MethodConfig, modules_to_save: list[str]
     saved = resolve_modules_to_save(model, modules_to_save)
     routing = Routing((DEFAULT,))
     attached = method_of(cfg).attach(model, cfg, Attachment(DEFAULT, routing, saved, tokenizer))
-    injection = Injection(method=cfg, replaced=attached.replaced, modules_to_save=saved, params=attached.params,
-                          schedule=attached.schedule, routing=routing)
+    injection = Injection(
+        method=cfg,
+        replaced=attached.replaced,
+        modules_to_save=saved,
+        params=attached.params,
+        schedule=attached.schedule,
+        routing=routing,
+    )
     model.peftkit = injection
     set_trainable(model)
     with torch.no_grad():
-        injection.originals = {k: t.detach().clone() for k, t in trainable_state(model).items()
-                               if k in injection.params or is_under(k, saved)}
+        injection.originals = {
+            k: t.detach().clone()
+            for k, t in trainable_state(model).items()
+            if k in injection.params or is_under(k, saved)
+        }
     return injection
 
 
@@ -491,8 +506,11 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
     inj = injection_of(model)
     merged = [n for n, m in model.named_modules() if getattr(m, "merged", None)]
     if merged:
-        raise PeftkitError(f"an adapter is merged into {merged[0]}", "adapter",
-                           "unmerge the adapters before running the base without them")
+        raise PeftkitError(
+            f"an adapter is merged into {merged[0]}",
+            "adapter",
+            "unmerge the adapters before running the base without them",
+        )
     routing = inj.routing
     before = routing.active, routing.rows
     routing.active, routing.rows = (), None
@@ -567,12 +585,18 @@ def _mergeable(model: nn.Module) -> list[tuple[str, Any]]:
     """The adapted layers that merge: each holds a ``base_layer`` and merges the active
     adapters into it (``merge()``, ``unmerge()``)."""
     check_mergeable(model)
-    found = [(n, m) for n, m in model.named_modules()
-             if isinstance(m, AdapterModule) and hasattr(m, "merge") and hasattr(m, "base_layer")]
+    found = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, AdapterModule) and hasattr(m, "merge") and hasattr(m, "base_layer")
+    ]
     quantized = [n for n, m in found if is_quantized(m.base_layer)]
     if quantized:  # adding a float update to packed 4-bit or int8 weights would lose it or fail
-        raise PeftkitError(f"cannot merge into quantized weights ({quantized[0]})", "merge",
-                           "dequantize the base first (peftkit merge does), or use the adapter unmerged")
+        raise PeftkitError(
+            f"cannot merge into quantized weights ({quantized[0]})",
+            "merge",
+            "dequantize the base first (peftkit merge does), or use the adapter unmerged",
+        )
     return found
 
 

@@ -27,15 +27,15 @@ from ..inject import is_linear, is_under, linear_shape, name_matches, replace_mo
 from .base import DEFAULT, Attached, Attachment, Routing
 from .configs import BottleneckConfig
 
-ACTIVATIONS = {"relu": nn.functional.relu, "gelu": nn.functional.gelu, "silu": nn.functional.silu,
-               "tanh": torch.tanh}
+ACTIVATIONS = {"relu": nn.functional.relu, "gelu": nn.functional.gelu, "silu": nn.functional.silu, "tanh": torch.tanh}
 
 
 def _hidden_size(model: nn.Module) -> int:
     size = getattr(getattr(model, "config", None), "hidden_size", None)
     if not isinstance(size, int):
-        raise PeftkitError("the model's config has no hidden_size", "method.placement",
-                           "use placement houlsby or pfeiffer")
+        raise PeftkitError(
+            "the model's config has no hidden_size", "method.placement", "use placement houlsby or pfeiffer"
+        )
     return size
 
 
@@ -52,9 +52,18 @@ class BottleneckAdapter(nn.Module):
         parallel: read the block's input instead of its output.
     """
 
-    def __init__(self, base_layer: nn.Module, dim: int, size: int, activation: str, scaling: float,
-                 residual: bool = True, parallel: bool = False, routing: Routing | None = None,
-                 adapter: str = DEFAULT):
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        dim: int,
+        size: int,
+        activation: str,
+        scaling: float,
+        residual: bool = True,
+        parallel: bool = False,
+        routing: Routing | None = None,
+        adapter: str = DEFAULT,
+    ):
         super().__init__()
         self.routing = routing if routing is not None else Routing((adapter,))
         self.adapter = adapter
@@ -70,8 +79,9 @@ class BottleneckAdapter(nn.Module):
     def adapter_params(self, name: str = DEFAULT) -> dict[str, torch.Tensor]:
         if name != self.adapter:
             return {}
-        return {f"{m}.{p}": getattr(getattr(self, m), p) for m in ("adapter_down", "adapter_up")
-                for p in ("weight", "bias")}
+        return {
+            f"{m}.{p}": getattr(getattr(self, m), p) for m in ("adapter_down", "adapter_up") for p in ("weight", "bias")
+        }
 
     def bottleneck(self, h: torch.Tensor) -> torch.Tensor:
         act = ACTIVATIONS[self.activation]
@@ -100,16 +110,36 @@ def attach_bottleneck(model: nn.Module, cfg: BottleneckConfig, at: Attachment) -
         patterns = [cfg.ffn_blocks]
     else:
         patterns = [cfg.ffn_modules] + ([cfg.attention_modules] if cfg.placement == "houlsby" else [])
-    targets = [n for n, m in model.named_modules()
-               if n and any(name_matches(n, p) for p in patterns) and not is_under(n, at.modules_to_save)
-               and (cfg.placement == "parallel" or is_linear(m))]
+    targets = [
+        n
+        for n, m in model.named_modules()
+        if n
+        and any(name_matches(n, p) for p in patterns)
+        and not is_under(n, at.modules_to_save)
+        and (cfg.placement == "parallel" or is_linear(m))
+    ]
     if not targets:
-        raise PeftkitError(f"no {cfg.placement} adapter places found in {type(model).__name__}",
-                           "method", "set method.ffn_modules / attention_modules / ffn_blocks to its module names")
+        raise PeftkitError(
+            f"no {cfg.placement} adapter places found in {type(model).__name__}",
+            "method",
+            "set method.ffn_modules / attention_modules / ffn_blocks to its module names",
+        )
     for name in targets:
         base = model.get_submodule(name)
         dim = linear_shape(base)[1] if cfg.placement != "parallel" else _hidden_size(model)
-        replace_module(model, name, BottleneckAdapter(
-            base, dim, cfg.width(dim), cfg.non_linearity, cfg.scaling, cfg.residual,
-            parallel=cfg.placement == "parallel", routing=at.routing, adapter=at.name))
+        replace_module(
+            model,
+            name,
+            BottleneckAdapter(
+                base,
+                dim,
+                cfg.width(dim),
+                cfg.non_linearity,
+                cfg.scaling,
+                cfg.residual,
+                parallel=cfg.placement == "parallel",
+                routing=at.routing,
+                adapter=at.name,
+            ),
+        )
     return Attached(replaced=targets)

@@ -43,8 +43,7 @@ class LoRAFactors:
     rank: int
 
 
-def check_combination(combination: str, n: int, weights: list[float], density: float | None,
-                      ranks: list[int]) -> str:
+def check_combination(combination: str, n: int, weights: list[float], density: float | None, ranks: list[int]) -> str:
     """The combination to run (one adapter: ``linear``, as peft does), after checking its options.
 
     Raises:
@@ -52,23 +51,37 @@ def check_combination(combination: str, n: int, weights: list[float], density: f
             missing where it prunes), ranks that differ where the combination needs one rank.
     """
     if combination not in COMBINATIONS:
-        raise PeftkitError(f"unknown combination {combination!r}", "--combination", f"use one of: {', '.join(COMBINATIONS)}")
+        raise PeftkitError(
+            f"unknown combination {combination!r}", "--combination", f"use one of: {', '.join(COMBINATIONS)}"
+        )
     if len(weights) != n:
         raise PeftkitError(f"{len(weights)} weights for {n} adapters", "--weights", "give one weight per adapter")
     if n == 1:
         combination = "linear"
     if combination in PRUNING and (density is None or not 0 < density <= 1):
-        raise PeftkitError(f"{combination} needs a density in (0, 1]; got {density}", "--density",
-                           "pass --density, e.g. 0.5 (the fraction of values kept)")
+        raise PeftkitError(
+            f"{combination} needs a density in (0, 1]; got {density}",
+            "--density",
+            "pass --density, e.g. 0.5 (the fraction of values kept)",
+        )
     if combination in LINEAR_FAMILY and len(set(ranks)) > 1:
-        raise PeftkitError(f"{combination} needs adapters of one rank; got r {', '.join(map(str, ranks))}",
-                           "--combination", "use cat or svd (or a *_svd variant), which take any ranks")
+        raise PeftkitError(
+            f"{combination} needs adapters of one rank; got r {', '.join(map(str, ranks))}",
+            "--combination",
+            "use cat or svd (or a *_svd variant), which take any ranks",
+        )
     return combination
 
 
-def combine_lora(adapters: list[LoRAFactors], weights: list[float], combination: str, *,
-                 density: float | None = None, rank: int | None = None,
-                 seed: int = 0) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]:
+def combine_lora(
+    adapters: list[LoRAFactors],
+    weights: list[float],
+    combination: str,
+    *,
+    density: float | None = None,
+    rank: int | None = None,
+    seed: int = 0,
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]:
     """The combined adapter's factors per layer (scaling 1) and its rank; see the module docstring.
 
     Layers are visited in sorted order and DARE masks drawn from ``torch.Generator`` seeded with
@@ -103,8 +116,9 @@ def combine_lora(adapters: list[LoRAFactors], weights: list[float], combination:
     return out, new_rank
 
 
-def _merge(kind: str, tensors: list[torch.Tensor], weights: list[float], density: float | None,
-           g: torch.Generator) -> torch.Tensor:
+def _merge(
+    kind: str, tensors: list[torch.Tensor], weights: list[float], density: float | None, g: torch.Generator
+) -> torch.Tensor:
     """One merge of same-shaped tensors (``svd`` is the weighted sum of the full updates)."""
     if kind in ("ties", "magnitude_prune"):
         tensors = [keep_largest(t, density) for t in tensors]
@@ -148,7 +162,7 @@ def _pad(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, tor
         return a.contiguous(), b.contiguous()
     a_p = a.new_zeros(rank, a.shape[1])
     b_p = b.new_zeros(b.shape[0], rank)
-    a_p[:a.shape[0]], b_p[:, :b.shape[1]] = a, b
+    a_p[: a.shape[0]], b_p[:, : b.shape[1]] = a, b
     return a_p, b_p
 
 
@@ -161,6 +175,9 @@ def combine_heads(heads: list[dict[str, torch.Tensor]], weights: list[float]) ->
     keys = set(heads[0])
     for h in heads[1:]:
         if set(h) != keys or any(h[k].shape != heads[0][k].shape for k in keys):
-            raise PeftkitError("the adapters' heads differ in shape", "--adapter",
-                               "combine adapters trained with the same labels, or take one head (--head NAME)")
+            raise PeftkitError(
+                "the adapters' heads differ in shape",
+                "--adapter",
+                "combine adapters trained with the same labels, or take one head (--head NAME)",
+            )
     return {k: sum(w * h[k] for h, w in zip(heads, weights)) for k in sorted(keys)}

@@ -79,11 +79,14 @@ class MethodConfig(BaseModel):
 
     def to_peft(self, injection: Any, model: nn.Module) -> dict[str, Any]:
         """adapter_config.json fields for this method (``task_type`` and base are added by the writer)."""
-        return {"peft_type": self.peft_type, **self.model_dump(exclude={"name"}),
-                "modules_to_save": injection.modules_to_save or None}
+        return {
+            "peft_type": self.peft_type,
+            **self.model_dump(exclude={"name"}),
+            "modules_to_save": injection.modules_to_save or None,
+        }
 
     @classmethod
-    def from_peft(cls, cfg: dict[str, Any]) -> "MethodConfig":
+    def from_peft(cls, cfg: dict[str, Any]) -> MethodConfig:
         """The config an adapter_config.json describes."""
         fields = {k: v for k, v in cfg.items() if k in cls.model_fields and k != "name"}
         return cls(**fields)
@@ -101,10 +104,19 @@ PLAIN_INITS = (True, False, "gaussian")
 #: peft's layer-index patterns look for ``<pattern>.<index>.`` in a module name
 _DEFAULT_LAYER_INDEX = r".*?\.[^.]*\.(?P<idx>\d+)\."
 #: adapter_config.json keys that say nothing about the computation (metadata, defaults of other methods)
-METADATA = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
-            "peft_version", "auto_mapping", "megatron_core", "qalora_group_size"}
+METADATA = {
+    "peft_type",
+    "task_type",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "peft_version",
+    "auto_mapping",
+    "megatron_core",
+    "qalora_group_size",
+}
 #: values of an option peftkit does not know that leave peft's computation as it is
-_NEUTRAL = (None, False, {}, [], "none", "", "megatron.core")
+_NEUTRAL: tuple[Any, ...] = (None, False, {}, [], "none", "", "megatron.core")
 
 
 def refuse_unknown(cfg: dict[str, Any], known: set[str], kind: str) -> None:
@@ -117,9 +129,12 @@ def refuse_unknown(cfg: dict[str, Any], known: set[str], kind: str) -> None:
 
 
 def refuse_option(kind: str, key: str, value: Any, why: str = "") -> None:
-    raise PeftkitError(f"the adapter uses {kind} option {key}={value!r}, which peftkit does not reproduce"
-                       + (f" ({why})" if why else ""), "adapter_config.json",
-                       "retrain without it, or load this adapter with peft")
+    raise PeftkitError(
+        f"the adapter uses {kind} option {key}={value!r}, which peftkit does not reproduce"
+        + (f" ({why})" if why else ""),
+        "adapter_config.json",
+        "retrain without it, or load this adapter with peft",
+    )
 
 
 def validated(cls: type[BaseModel], kind: str, **fields: Any) -> Any:
@@ -129,8 +144,11 @@ def validated(cls: type[BaseModel], kind: str, **fields: Any) -> Any:
     except ValueError as exc:  # pydantic's ValidationError is one
         first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
         where = ".".join(str(p) for p in first["loc"])
-        raise PeftkitError(f"the adapter's {kind} options are not valid ({where + ': ' if where else ''}"
-                           f"{first['msg']})", "adapter_config.json", "save the adapter again") from None
+        raise PeftkitError(
+            f"the adapter's {kind} options are not valid ({where + ': ' if where else ''}{first['msg']})",
+            "adapter_config.json",
+            "save the adapter again",
+        ) from None
 
 
 def in_layers(name: str, wanted: int | list[int] | None, patterns: str | list[str] | None) -> bool:
@@ -180,26 +198,32 @@ class LoraConfig(MethodConfig):
     )
     exclude_modules: str | list[str] | None = None
     use_rslora: bool = Field(False, description="scale by alpha / sqrt(r) (rank-stabilised)")
-    use_dora: bool = Field(False, description="DoRA: a learned magnitude per output row times the "
-                                              "direction of W + s B A")
+    use_dora: bool = Field(
+        False, description="DoRA: a learned magnitude per output row times the direction of W + s B A"
+    )
     init_lora_weights: bool | str = Field(
-        True, description="true (A Kaiming-uniform, B zero), gaussian (A normal), false (both random), "
-                          "pissa / pissa_niter_N (the top singular directions of W; the base keeps the "
-                          "residual), olora (a QR factorisation of W; same)")
+        True,
+        description="true (A Kaiming-uniform, B zero), gaussian (A normal), false (both random), "
+        "pissa / pissa_niter_N (the top singular directions of W; the base keeps the "
+        "residual), olora (a QR factorisation of W; same)",
+    )
     rank_pattern: dict[str, int] = Field(default_factory=dict, description="module pattern -> its own rank")
     alpha_pattern: dict[str, float] = Field(default_factory=dict, description="module pattern -> its own alpha")
     layers_to_transform: int | list[int] | None = Field(
-        None, description="only the blocks with these indices (with a list of target_modules)")
+        None, description="only the blocks with these indices (with a list of target_modules)"
+    )
     layers_pattern: str | list[str] | None = Field(None, description="what precedes the block index in a name")
     lora_bias: bool = Field(False, description="B gets a trainable bias")
 
     @model_validator(mode="after")
-    def _check_init(self) -> "LoraConfig":
+    def _check_init(self) -> LoraConfig:
         init = self.init_lora_weights
-        if isinstance(init, str) and not (init in ("gaussian", "pissa", "olora")
-                                          or re.fullmatch(r"pissa_niter_[1-9]\d*", init)):
-            raise ValueError(f"init_lora_weights {init!r} is not one of true, false, gaussian, pissa, "
-                             "pissa_niter_N, olora")
+        if isinstance(init, str) and not (
+            init in ("gaussian", "pissa", "olora") or re.fullmatch(r"pissa_niter_[1-9]\d*", init)
+        ):
+            raise ValueError(
+                f"init_lora_weights {init!r} is not one of true, false, gaussian, pissa, pissa_niter_N, olora"
+            )
         if any(r <= 0 for r in self.rank_pattern.values()):
             raise ValueError("rank_pattern ranks must be positive")
         if self.use_dora and self.lora_bias:
@@ -239,8 +263,7 @@ class LoraConfig(MethodConfig):
     def in_layers(self, name: str) -> bool:
         """peft's ``layers_to_transform`` rule for a targeted module ``name`` (a regex target
         string already says which blocks it wants)."""
-        return isinstance(self.target_modules, str) or in_layers(name, self.layers_to_transform,
-                                                                 self.layers_pattern)
+        return isinstance(self.target_modules, str) or in_layers(name, self.layers_to_transform, self.layers_pattern)
 
     @property
     def label(self) -> str:
@@ -277,27 +300,57 @@ class LoraConfig(MethodConfig):
         }
 
     @classmethod
-    def from_peft(cls, cfg: dict[str, Any]) -> "LoraConfig":
+    def from_peft(cls, cfg: dict[str, Any]) -> LoraConfig:
         """Read a ``peft`` LoRA adapter_config.json; refuses, naming it, any option whose effect
         peftkit does not reproduce exactly."""
-        known = {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "modules_to_save",
-                 "use_rslora", "fan_in_fan_out", "init_lora_weights", "use_dora", "layers_to_transform",
-                 "layers_pattern", "rank_pattern", "alpha_pattern", "lora_bias"}
+        known = {
+            "r",
+            "lora_alpha",
+            "lora_dropout",
+            "target_modules",
+            "exclude_modules",
+            "modules_to_save",
+            "use_rslora",
+            "fan_in_fan_out",
+            "init_lora_weights",
+            "use_dora",
+            "layers_to_transform",
+            "layers_pattern",
+            "rank_pattern",
+            "alpha_pattern",
+            "lora_bias",
+        }
         refuse_unknown(cfg, known, "LoRA")
         init = cfg.get("init_lora_weights", True)
         if init not in (*PLAIN_INITS, "pissa", "olora"):
             niter = isinstance(init, str) and init.startswith("pissa_niter_")
-            refuse_option("LoRA", "init_lora_weights", init, "its residual base comes from a randomised SVD that "
-                          "cannot be recomputed on load; convert it to a plain LoRA adapter with peft" if niter else "")
+            refuse_option(
+                "LoRA",
+                "init_lora_weights",
+                init,
+                "its residual base comes from a randomised SVD that "
+                "cannot be recomputed on load; convert it to a plain LoRA adapter with peft"
+                if niter
+                else "",
+            )
         return validated(
-            cls, "LoRA", r=cfg["r"], alpha=cfg.get("lora_alpha", 8), dropout=cfg.get("lora_dropout", 0.0),
-            target_modules=sorted_targets(cfg.get("target_modules")), exclude_modules=cfg.get("exclude_modules"),
+            cls,
+            "LoRA",
+            r=cfg["r"],
+            alpha=cfg.get("lora_alpha", 8),
+            dropout=cfg.get("lora_dropout", 0.0),
+            target_modules=sorted_targets(cfg.get("target_modules")),
+            exclude_modules=cfg.get("exclude_modules"),
             modules_to_save=list(cfg.get("modules_to_save") or []),
-            use_rslora=bool(cfg.get("use_rslora", False)), use_dora=bool(cfg.get("use_dora", False)),
-            init_lora_weights=init, rank_pattern=dict(cfg.get("rank_pattern") or {}),
+            use_rslora=bool(cfg.get("use_rslora", False)),
+            use_dora=bool(cfg.get("use_dora", False)),
+            init_lora_weights=init,
+            rank_pattern=dict(cfg.get("rank_pattern") or {}),
             alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
-            layers_to_transform=cfg.get("layers_to_transform"), layers_pattern=cfg.get("layers_pattern"),
-            lora_bias=bool(cfg.get("lora_bias", False)))
+            layers_to_transform=cfg.get("layers_to_transform"),
+            layers_pattern=cfg.get("layers_pattern"),
+            lora_bias=bool(cfg.get("lora_bias", False)),
+        )
 
 
 class BottleneckConfig(MethodConfig):
@@ -320,8 +373,11 @@ class BottleneckConfig(MethodConfig):
         if self.bottleneck_size is not None:
             return self.bottleneck_size
         if self.reduction_factor > dim:
-            raise PeftkitError(f"reduction_factor {self.reduction_factor:g} is larger than the hidden size {dim}",
-                               "method.reduction_factor", f"use a value up to {dim}, or set bottleneck_size")
+            raise PeftkitError(
+                f"reduction_factor {self.reduction_factor:g} is larger than the hidden size {dim}",
+                "method.reduction_factor",
+                f"use a value up to {dim}, or set bottleneck_size",
+            )
         return max(1, int(dim // self.reduction_factor))
 
     def to_peft(self, injection: Any, model: nn.Module) -> dict[str, Any]:
@@ -337,9 +393,7 @@ class IA3Config(MethodConfig):
     target_modules: str | list[str] = Field(
         f"{KEY_VALUE}|{FFN_OUTPUT}", description="layers to rescale; default: keys, values, feed-forward outputs"
     )
-    feedforward_modules: str | list[str] = Field(
-        FFN_OUTPUT, description="targets whose input (not output) is rescaled"
-    )
+    feedforward_modules: str | list[str] = Field(FFN_OUTPUT, description="targets whose input (not output) is rescaled")
     exclude_modules: str | list[str] | None = None
 
     def to_peft(self, injection: Any, model: nn.Module) -> dict[str, Any]:
@@ -356,13 +410,27 @@ class IA3Config(MethodConfig):
         }
 
     @classmethod
-    def from_peft(cls, cfg: dict[str, Any]) -> "IA3Config":
-        refuse_unknown(cfg, {"target_modules", "feedforward_modules", "exclude_modules", "modules_to_save",
-                             "fan_in_fan_out", "init_ia3_weights"}, "IA3")
-        return validated(cls, "IA3", target_modules=sorted_targets(cfg["target_modules"]),
-                         feedforward_modules=sorted_targets(cfg.get("feedforward_modules") or []),
-                         exclude_modules=sorted_targets(cfg.get("exclude_modules")),
-                         modules_to_save=list(cfg.get("modules_to_save") or []))
+    def from_peft(cls, cfg: dict[str, Any]) -> IA3Config:
+        refuse_unknown(
+            cfg,
+            {
+                "target_modules",
+                "feedforward_modules",
+                "exclude_modules",
+                "modules_to_save",
+                "fan_in_fan_out",
+                "init_ia3_weights",
+            },
+            "IA3",
+        )
+        return validated(
+            cls,
+            "IA3",
+            target_modules=sorted_targets(cfg["target_modules"]),
+            feedforward_modules=sorted_targets(cfg.get("feedforward_modules") or []),
+            exclude_modules=sorted_targets(cfg.get("exclude_modules")),
+            modules_to_save=list(cfg.get("modules_to_save") or []),
+        )
 
 
 class PromptLearningConfig(MethodConfig):
@@ -376,8 +444,19 @@ class PromptLearningConfig(MethodConfig):
         encoder-decoder models), and no option outside what peftkit reproduces."""
         if cfg.get("num_transformer_submodules", 1) != 1:
             raise PeftkitError(f"{kind} for encoder-decoder models is not supported", "adapter_config.json")
-        refuse_unknown(cfg, known | {"num_virtual_tokens", "token_dim", "num_transformer_submodules",
-                                     "num_attention_heads", "num_layers", "modules_to_save"}, kind)
+        refuse_unknown(
+            cfg,
+            known
+            | {
+                "num_virtual_tokens",
+                "token_dim",
+                "num_transformer_submodules",
+                "num_attention_heads",
+                "num_layers",
+                "modules_to_save",
+            },
+            kind,
+        )
 
     def file_key(self, key: str) -> str:
         return key if key == PROMPT_KEY else "base_model." + key
@@ -393,11 +472,12 @@ class PromptTuningConfig(PromptLearningConfig):
 
     name: Literal["prompt"] = "prompt"
     init: Literal["random", "vocab", "text"] = Field(
-        "random", description="random vectors, embeddings of random vocabulary tokens, or of init_text")
+        "random", description="random vectors, embeddings of random vocabulary tokens, or of init_text"
+    )
     init_text: str | None = Field(None, description="text whose token embeddings start the prompt")
 
     @model_validator(mode="after")
-    def _text_init(self) -> "PromptTuningConfig":
+    def _text_init(self) -> PromptTuningConfig:
         if self.init_text and self.init == "random":
             self.init = "text"
         if self.init == "text" and not self.init_text:
@@ -421,12 +501,18 @@ class PromptTuningConfig(PromptLearningConfig):
         }
 
     @classmethod
-    def from_peft(cls, cfg: dict[str, Any]) -> "PromptTuningConfig":
-        cls.check_peft(cfg, {"prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path",
-                             "tokenizer_kwargs"}, "prompt tuning")
+    def from_peft(cls, cfg: dict[str, Any]) -> PromptTuningConfig:
+        cls.check_peft(
+            cfg,
+            {"prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs"},
+            "prompt tuning",
+        )
         # the file's weights replace any initialisation: loading needs no tokenizer
-        return cls(num_virtual_tokens=cfg["num_virtual_tokens"], init="random",
-                   modules_to_save=list(cfg.get("modules_to_save") or []))
+        return cls(
+            num_virtual_tokens=cfg["num_virtual_tokens"],
+            init="random",
+            modules_to_save=list(cfg.get("modules_to_save") or []),
+        )
 
 
 class PrefixTuningConfig(PromptLearningConfig):
@@ -438,7 +524,8 @@ class PrefixTuningConfig(PromptLearningConfig):
     prefix_projection: bool = Field(False, description="train the prefixes through an MLP (reparameterisation)")
     encoder_hidden_size: int | None = Field(None, gt=0, description="the MLP's width; default: the hidden size")
     init: Literal["random", "vocab"] = Field(
-        "vocab", description="start from the keys/values of random vocabulary tokens, or from noise")
+        "vocab", description="start from the keys/values of random vocabulary tokens, or from noise"
+    )
 
     def to_peft(self, injection: Any, model: nn.Module) -> dict[str, Any]:
         return {
@@ -451,11 +538,15 @@ class PrefixTuningConfig(PromptLearningConfig):
         }
 
     @classmethod
-    def from_peft(cls, cfg: dict[str, Any]) -> "PrefixTuningConfig":
+    def from_peft(cls, cfg: dict[str, Any]) -> PrefixTuningConfig:
         cls.check_peft(cfg, {"prefix_projection", "encoder_hidden_size"}, "prefix tuning")
         # files hold the projected prefixes: loading needs no MLP
-        return cls(num_virtual_tokens=cfg["num_virtual_tokens"], prefix_projection=False, init="random",
-                   modules_to_save=list(cfg.get("modules_to_save") or []))
+        return cls(
+            num_virtual_tokens=cfg["num_virtual_tokens"],
+            prefix_projection=False,
+            init="random",
+            modules_to_save=list(cfg.get("modules_to_save") or []),
+        )
 
 
 class BitFitConfig(MethodConfig):

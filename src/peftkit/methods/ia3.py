@@ -67,6 +67,11 @@ class IA3Update(Update):
 def attach_ia3(model: nn.Module, cfg: IA3Config, at: Attachment) -> Attached:
     """Give the targeted linear layers of ``model`` adapter ``at.name``'s IA3 vector, in place."""
     targets = select_targets(model, cfg.target_modules, cfg.exclude_modules, skip=at.modules_to_save)
-    wrap_targets(model, targets, lambda path, base: IA3Update(base, name_matches(path, cfg.feedforward_modules)),
-                 at.name, at.routing)
+    wrap_targets(
+        model,
+        targets,
+        lambda path, base: IA3Update(base, name_matches(path, cfg.feedforward_modules)),
+        at.name,
+        at.routing,
+    )
     return Attached(replaced=targets)

@@ -16,11 +16,15 @@ from .configs import BitFitConfig, FullConfig
 
 def attach_bitfit(model: nn.Module, cfg: BitFitConfig, at: Attachment) -> Attached:
     """Train every bias term of ``model`` (and the saved modules); freeze the rest."""
-    names = [n for n, _ in model.named_parameters()
-             if n.rsplit(".", 1)[-1] == "bias" and not is_under(n, at.modules_to_save)]
+    names = [
+        n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias" and not is_under(n, at.modules_to_save)
+    ]
     if not names:
-        raise PeftkitError(f"{type(model).__name__} has no bias terms for BitFit to train", "method.name",
-                           "choose another method (lora, ia3...) for this model")
+        raise PeftkitError(
+            f"{type(model).__name__} has no bias terms for BitFit to train",
+            "method.name",
+            "choose another method (lora, ia3...) for this model",
+        )
     return Attached(params=names)
 
 

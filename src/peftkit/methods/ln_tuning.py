@@ -106,12 +106,19 @@ def chosen_norms(model: nn.Module, cfg: LNTuningConfig, skip: list[str]) -> list
             continue
         if isinstance(module, TunedNorm):
             inside, module = path + ".", module.base_layer
-        if (is_norm(module) and not is_under(path, skip) and not name_matches(path, cfg.exclude_modules)
-                and (cfg.target_modules is None or name_matches(path, cfg.target_modules))):
+        if (
+            is_norm(module)
+            and not is_under(path, skip)
+            and not name_matches(path, cfg.exclude_modules)
+            and (cfg.target_modules is None or name_matches(path, cfg.target_modules))
+        ):
             chosen.append(path)
     if not chosen:
-        raise PeftkitError(f"target_modules {cfg.target_modules!r} matches no normalization layer",
-                           "method.target_modules", "name LayerNorm or RMSNorm modules, or leave target_modules out")
+        raise PeftkitError(
+            f"target_modules {cfg.target_modules!r} matches no normalization layer",
+            "method.target_modules",
+            "name LayerNorm or RMSNorm modules, or leave target_modules out",
+        )
     return chosen
 
 

@@ -50,8 +50,16 @@ class LoRAUpdate(Update):
     ``(..., out_features)``.
     """
 
-    def __init__(self, base: nn.Module, r: int, scaling: float, dropout: float = 0.0, *,
-                 bias: bool = False, init: bool | str = True):
+    def __init__(
+        self,
+        base: nn.Module,
+        r: int,
+        scaling: float,
+        dropout: float = 0.0,
+        *,
+        bias: bool = False,
+        init: bool | str = True,
+    ):
         super().__init__(base)
         self.r, self.scaling = r, scaling
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=self.device, dtype=self.dtype)
@@ -97,8 +105,9 @@ class LoRAUpdate(Update):
     def weight_norm(self, base: nn.Module) -> torch.Tensor:
         """``||W + s B A||`` of every output row, ``(out,)``, outside the autograd graph."""
         with torch.no_grad():
-            return torch.linalg.norm(self.base_weight(base) + self.scaling * (self.lora_B.weight @ self.lora_A.weight),
-                                     dim=1)
+            return torch.linalg.norm(
+                self.base_weight(base) + self.scaling * (self.lora_B.weight @ self.lora_A.weight), dim=1
+            )
 
     def use_dora(self, base: nn.Module) -> None:
         """Make this a DoRA update, its magnitude starting at the current row norms."""
@@ -123,8 +132,9 @@ class LoRAUpdate(Update):
         if self.lora_B.bias is not None or (out.dtype != h.dtype and not torch.is_autocast_enabled(out.device.type)):
             return out + (self.lora_B(h) * self.scaling).to(out.dtype)
         # out + s * h B^T in one product that accumulates into a copy of the base output
-        flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, self.r), self.lora_B.weight.t(),
-                           alpha=self.scaling)
+        flat = torch.addmm(
+            out.reshape(-1, out.shape[-1]), h.reshape(-1, self.r), self.lora_B.weight.t(), alpha=self.scaling
+        )
         return flat.view(out.shape)
 
     def fused(self, x: torch.Tensor, product: Any) -> torch.Tensor:
@@ -133,8 +143,9 @@ class LoRAUpdate(Update):
         return _LinearPlusLoRA.apply(x, product, self.lora_A.weight, self.lora_B.weight, self.scaling)
 
     @staticmethod
-    def mixed_rows(updates: dict[int, LoRAUpdate], x: torch.Tensor, out: torch.Tensor, rows: torch.Tensor,
-                   layer: nn.Module) -> torch.Tensor:
+    def mixed_rows(
+        updates: dict[int, LoRAUpdate], x: torch.Tensor, out: torch.Tensor, rows: torch.Tensor, layer: nn.Module
+    ) -> torch.Tensor:
         """Inference over a mixed batch of plain LoRA rows: every slot's factors stacked once
         (ranks padded with zeros, the scale folded into ``B``) and all rows' low-rank products
         in two batched products, gathered per row (the idea of Punica and S-LoRA). DoRA and
@@ -166,8 +177,11 @@ class LoRAUpdate(Update):
         """Fold the update into the base weight. For DoRA the weight becomes
         ``m / ||W + s B A|| * (W + s B A)``."""
         if self.lora_B.bias is not None and getattr(base, "bias", None) is None:
-            raise PeftkitError("a LoRA layer with lora_bias cannot merge into a layer without a bias", "merge",
-                               "use the adapter unmerged")
+            raise PeftkitError(
+                "a LoRA layer with lora_bias cannot merge into a layer without a bias",
+                "merge",
+                "use the adapter unmerged",
+            )
         w = base.weight
         if self.lora_magnitude_vector is not None:
             self._merged_factor = self.lora_magnitude_vector / self.weight_norm(base)
@@ -198,8 +212,10 @@ def _stacks(layer: nn.Module, updates: dict[int, LoRAUpdate]) -> tuple[torch.Ten
     """The stacked factors of ``updates`` by slot, ``(S, in, r)`` and ``(S, r, out)``, kept on
     ``layer`` until its slots change (inference only: the factors are frozen there)."""
     slots = len(layer.routing.slots)
-    key = (slots, tuple((s, id(u), u.lora_A.weight._version, u.lora_B.weight._version)
-                        for s, u in sorted(updates.items())))
+    key = (
+        slots,
+        tuple((s, id(u), u.lora_A.weight._version, u.lora_B.weight._version) for s, u in sorted(updates.items())),
+    )
     cached = layer.__dict__.get("_lora_stacks")
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -208,8 +224,8 @@ def _stacks(layer: nn.Module, updates: dict[int, LoRAUpdate]) -> tuple[torch.Ten
     a = torch.zeros(slots, first.in_features, rank, device=first.lora_A.weight.device, dtype=first.dtype)
     b = torch.zeros(slots, rank, first.out_features, device=a.device, dtype=a.dtype)
     for s, u in updates.items():
-        a[s, :, :u.r] = u.lora_A.weight.t()
-        b[s, :u.r] = u.lora_B.weight.t() * u.scaling
+        a[s, :, : u.r] = u.lora_A.weight.t()
+        b[s, : u.r] = u.lora_B.weight.t() * u.scaling
     layer.__dict__["_lora_stacks"] = (key, (a, b))
     return a, b
 
@@ -267,21 +283,27 @@ def residual_init(layer: LoRAUpdate, base: nn.Module, init: str) -> None:
             ``Conv1D`` layer.
     """
     if is_quantized(base) or not base.weight.dtype.is_floating_point:
-        raise PeftkitError(f"init_lora_weights={init} needs the base's full weights", "method.init_lora_weights",
-                           "initialise without quantization, or use init_lora_weights: true on a quantized base")
+        raise PeftkitError(
+            f"init_lora_weights={init} needs the base's full weights",
+            "method.init_lora_weights",
+            "initialise without quantization, or use init_lora_weights: true on a quantized base",
+        )
     dtype = base.weight.dtype
     weight = base.weight.float()
     if init == "olora":
         if layer.fan_in_fan_out:
-            raise PeftkitError("init_lora_weights=olora does not take Conv1D layers", "method.init_lora_weights",
-                               "use pissa or the default init for GPT-2-style models")
+            raise PeftkitError(
+                "init_lora_weights=olora does not take Conv1D layers",
+                "method.init_lora_weights",
+                "use pissa or the default init for GPT-2-style models",
+            )
         q, r_ = torch.linalg.qr(weight)
-        a, b = r_[:layer.r].contiguous(), q[:, :layer.r].contiguous()
+        a, b = r_[: layer.r].contiguous(), q[:, : layer.r].contiguous()
     else:
         weight = weight.T if layer.fan_in_fan_out else weight
         if init == "pissa":
             v, s, uh = torch.linalg.svd(weight, full_matrices=False)
-            v, s, uh = v[:, :layer.r], s[:layer.r], uh[:layer.r]
+            v, s, uh = v[:, : layer.r], s[: layer.r], uh[: layer.r]
         else:
             v, s, u = torch.svd_lowrank(weight, layer.r, niter=int(init.rsplit("_", 1)[1]))
             uh = u.t()
@@ -307,16 +329,25 @@ def as_plain_lora(model: nn.Module, cfg: LoraConfig) -> tuple[LoraConfig, dict[s
             to the residual base and does not convert).
     """
     if not cfg.residual_init:
-        raise PeftkitError("only PiSSA and OLoRA adapters convert to plain LoRA", "save",
-                           "a plain LoRA adapter is already one")
+        raise PeftkitError(
+            "only PiSSA and OLoRA adapters convert to plain LoRA", "save", "a plain LoRA adapter is already one"
+        )
     if cfg.use_dora:
-        raise PeftkitError(f"a DoRA adapter with init_lora_weights={cfg.residual_init} cannot be converted "
-                           "to plain LoRA", "save", "save it as it is (it loads in peft and peftkit)")
+        raise PeftkitError(
+            f"a DoRA adapter with init_lora_weights={cfg.residual_init} cannot be converted to plain LoRA",
+            "save",
+            "save it as it is (it loads in peft and peftkit)",
+        )
     grow = math.sqrt(2) if cfg.use_rslora else 2.0
-    plain = cfg.model_copy(update={
-        "r": 2 * cfg.r, "alpha": cfg.alpha * grow, "init_lora_weights": True,
-        "rank_pattern": {k: 2 * v for k, v in cfg.rank_pattern.items()},
-        "alpha_pattern": {k: v * grow for k, v in cfg.alpha_pattern.items()}})
+    plain = cfg.model_copy(
+        update={
+            "r": 2 * cfg.r,
+            "alpha": cfg.alpha * grow,
+            "init_lora_weights": True,
+            "rank_pattern": {k: 2 * v for k, v in cfg.rank_pattern.items()},
+            "alpha_pattern": {k: v * grow for k, v in cfg.alpha_pattern.items()},
+        }
+    )
     state: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
         layer = module.update_of(DEFAULT) if isinstance(module, AdaptedLinear) else None
@@ -335,8 +366,14 @@ def attach_lora(model: nn.Module, cfg: LoraConfig, at: Attachment) -> Attached:
     init = cfg.residual_init
 
     def make(path: str, base: nn.Module) -> LoRAUpdate:
-        update = LoRAUpdate(base, cfg.rank_for(path), cfg.scaling_for(path), cfg.dropout, bias=cfg.lora_bias,
-                            init=True if init else cfg.init_lora_weights)
+        update = LoRAUpdate(
+            base,
+            cfg.rank_for(path),
+            cfg.scaling_for(path),
+            cfg.dropout,
+            bias=cfg.lora_bias,
+            init=True if init else cfg.init_lora_weights,
+        )
         if init:
             residual_init(update, base, init)
         if cfg.use_dora:

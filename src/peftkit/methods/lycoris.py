@@ -64,12 +64,14 @@ class FactoredUpdate(AdditiveUpdate):
 
     factor_names: tuple[str, ...] = ()
 
-    def __init__(self, base: nn.Module, scaling: float, rank_dropout: float, module_dropout: float,
-                 rescale_rows: bool):
+    def __init__(self, base: nn.Module, scaling: float, rank_dropout: float, module_dropout: float, rescale_rows: bool):
         super().__init__(base)
         if self.fan_in_fan_out:
-            raise PeftkitError(f"{type(self).__name__} takes nn.Linear layers, not GPT-2's Conv1D", "method.name",
-                               "use lora, vera, adalora or ia3 for GPT-2-style models")
+            raise PeftkitError(
+                f"{type(self).__name__} takes nn.Linear layers, not GPT-2's Conv1D",
+                "method.name",
+                "use lora, vera, adalora or ia3 for GPT-2-style models",
+            )
         self.scaling, self.rank_dropout, self.module_dropout = scaling, rank_dropout, module_dropout
         self.rescale_rows = rescale_rows
 
@@ -98,8 +100,7 @@ class LoHaUpdate(FactoredUpdate):
 
     factor_names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 
-    def __init__(self, base: nn.Module, r: int, scaling: float, rank_dropout: float = 0.0,
-                 module_dropout: float = 0.0):
+    def __init__(self, base: nn.Module, r: int, scaling: float, rank_dropout: float = 0.0, module_dropout: float = 0.0):
         super().__init__(base, scaling, rank_dropout, module_dropout, rescale_rows=True)
         kw = {"device": self.device, "dtype": self.dtype}
         self.hada_w1_a, self.hada_w1_b = _kaiming(self.out_features, r, **kw), _kaiming(r, self.in_features, **kw)
@@ -122,12 +123,23 @@ class LoKrUpdate(FactoredUpdate):
 
     factor_names = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 
-    def __init__(self, base: nn.Module, r: int, scaling: float, *, rank_dropout: float = 0.0,
-                 module_dropout: float = 0.0, decompose_both: bool = False, decompose_factor: int = -1,
-                 rank_dropout_scale: bool = False):
+    def __init__(
+        self,
+        base: nn.Module,
+        r: int,
+        scaling: float,
+        *,
+        rank_dropout: float = 0.0,
+        module_dropout: float = 0.0,
+        decompose_both: bool = False,
+        decompose_factor: int = -1,
+        rank_dropout_scale: bool = False,
+    ):
         super().__init__(base, scaling, rank_dropout, module_dropout, rescale_rows=rank_dropout_scale)
-        (a, b), (c, d) = factorization(self.out_features, decompose_factor), factorization(self.in_features,
-                                                                                             decompose_factor)
+        (a, b), (c, d) = (
+            factorization(self.out_features, decompose_factor),
+            factorization(self.in_features, decompose_factor),
+        )
         kw = {"device": self.device, "dtype": self.dtype}
         self.lokr_w1 = self.lokr_w1_a = self.lokr_w1_b = None
         self.lokr_w2 = self.lokr_w2_a = self.lokr_w2_b = None
@@ -157,11 +169,13 @@ class LoKrUpdate(FactoredUpdate):
         return y.reshape(*x.shape[:-1], self.out_features) * self.scaling
 
 
-def _attach(model: nn.Module, cfg: LycorisConfig, at: Attachment,
-            build: Callable[[nn.Module, int, float], FactoredUpdate]) -> Attached:
+def _attach(
+    model: nn.Module, cfg: LycorisConfig, at: Attachment, build: Callable[[nn.Module, int, float], FactoredUpdate]
+) -> Attached:
     targets = chosen_layers(model, cfg, at.modules_to_save)
-    wrap_targets(model, targets, lambda path, base: build(base, cfg.rank_for(path), cfg.scaling_for(path)), at.name,
-                 at.routing)
+    wrap_targets(
+        model, targets, lambda path, base: build(base, cfg.rank_for(path), cfg.scaling_for(path)), at.name, at.routing
+    )
     return Attached(replaced=targets)
 
 
@@ -172,7 +186,18 @@ def attach_loha(model: nn.Module, cfg: LoHaConfig, at: Attachment) -> Attached:
 
 def attach_lokr(model: nn.Module, cfg: LoKrConfig, at: Attachment) -> Attached:
     """Give the targeted linear layers of ``model`` adapter ``at.name``'s LoKr update, in place."""
-    return _attach(model, cfg, at, lambda base, r, s: LoKrUpdate(
-        base, r, s, rank_dropout=cfg.rank_dropout, module_dropout=cfg.module_dropout,
-        decompose_both=cfg.decompose_both, decompose_factor=cfg.decompose_factor,
-        rank_dropout_scale=cfg.rank_dropout_scale))
+    return _attach(
+        model,
+        cfg,
+        at,
+        lambda base, r, s: LoKrUpdate(
+            base,
+            r,
+            s,
+            rank_dropout=cfg.rank_dropout,
+            module_dropout=cfg.module_dropout,
+            decompose_both=cfg.decompose_both,
+            decompose_factor=cfg.decompose_factor,
+            rank_dropout_scale=cfg.rank_dropout_scale,
+        ),
+    )

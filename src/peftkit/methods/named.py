@@ -43,8 +43,11 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,63}")
 def check_name(name: str) -> str:
     """``name`` if it can name an adapter (letters, digits, ``_`` and ``-``; 64 at most)."""
     if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise PeftkitError(f"adapter name {name!r} is not allowed", "adapter",
-                           "use letters, digits, '_' and '-' (at most 64), starting with a letter or digit")
+        raise PeftkitError(
+            f"adapter name {name!r} is not allowed",
+            "adapter",
+            "use letters, digits, '_' and '-' (at most 64), starting with a letter or digit",
+        )
     return name
 
 
@@ -82,7 +85,7 @@ def gather_rows(parts: list[tuple[Any, torch.Tensor]], n: int) -> torch.Tensor:
     first = parts[0][1]
     out = first.new_full((n, *first.shape[1:-1], width), float("-inf"))
     for idx, p in parts:
-        out[idx, ..., :p.shape[-1]] = p
+        out[idx, ..., : p.shape[-1]] = p
     return out
 
 
@@ -130,8 +133,9 @@ class NamedAdapters:
     def active(self) -> str | None:
         return self.routing.active[0] if self.routing.active else None
 
-    def add(self, name: str, method: MethodConfig, state: dict[str, torch.Tensor],
-            where: str = "adapter") -> NamedAdapter:
+    def add(
+        self, name: str, method: MethodConfig, state: dict[str, torch.Tensor], where: str = "adapter"
+    ) -> NamedAdapter:
         """Put the adapter ``method`` + ``state`` (tensors keyed by module path, as in its file)
         on the model, frozen.
 
@@ -141,18 +145,25 @@ class NamedAdapters:
         """
         check_name(name)
         if name in self.adapters or name in self.routing.slots:
-            raise PeftkitError(f"an adapter named {name!r} is already loaded", where,
-                               "give each adapter its own name (NAME=DIR)")
+            raise PeftkitError(
+                f"an adapter named {name!r} is already loaded", where, "give each adapter its own name (NAME=DIR)"
+            )
         if not isinstance(method, TOKEN_METHODS) and not method_of(method).named:
-            raise PeftkitError(f"{method.name} adapters cannot share a base with other adapters", where,
-                               "named adapters take the methods that update linear layers, and prompt, P-tuning "
-                               "and prefix adapters; load this one alone (--adapter DIR)")
+            raise PeftkitError(
+                f"{method.name} adapters cannot share a base with other adapters",
+                where,
+                "named adapters take the methods that update linear layers, and prompt, P-tuning "
+                "and prefix adapters; load this one alone (--adapter DIR)",
+            )
         variant = method.variant() if isinstance(method, LoraConfig) else None
         if variant is not None and variant.startswith("init_lora_weights"):
-            raise PeftkitError(f"LoRA adapters with {variant} cannot share a base with other adapters", where,
-                               "load this one alone (--adapter DIR), or save it as plain LoRA")
+            raise PeftkitError(
+                f"LoRA adapters with {variant} cannot share a base with other adapters",
+                where,
+                "load this one alone (--adapter DIR), or save it as plain LoRA",
+            )
         heads = resolve_modules_to_save(self._plain_view(), list(method.modules_to_save or []))
-        head_states = {h: {k[len(h) + 1:]: t for k, t in state.items() if k.startswith(h + ".")} for h in heads}
+        head_states = {h: {k[len(h) + 1 :]: t for k, t in state.items() if k.startswith(h + ".")} for h in heads}
         head_copies = {h: self._head_copy(h, s, where) for h, s in head_states.items() if s}
         rest = {k: t for k, t in state.items() if not is_under_any(k, heads)}
         layers: list[str] = []
@@ -167,8 +178,9 @@ class NamedAdapters:
         self.routing.slots.append(name)
         return entry
 
-    def _attach(self, name: str, method: MethodConfig, state: dict[str, torch.Tensor], heads: list[str],
-                where: str) -> list[str]:
+    def _attach(
+        self, name: str, method: MethodConfig, state: dict[str, torch.Tensor], heads: list[str], where: str
+    ) -> list[str]:
         """Give the layers adapter ``name``'s updates (the method's own attach) and copy its
         tensors in; on any error the layers are as they were."""
         fix = "load it onto the base model it was trained with (--model)"
@@ -180,8 +192,12 @@ class NamedAdapters:
                 if got is None:
                     raise PeftkitError(f"the adapter has no tensor for {key}", where, fix)
                 if tuple(got.shape) != tuple(target.shape):
-                    raise PeftkitError(f"the adapter's tensors do not fit this model: {key} has shape "
-                                       f"{tuple(got.shape)}, the model expects {tuple(target.shape)}", where, fix)
+                    raise PeftkitError(
+                        f"the adapter's tensors do not fit this model: {key} has shape "
+                        f"{tuple(got.shape)}, the model expects {tuple(target.shape)}",
+                        where,
+                        fix,
+                    )
             extra = sorted(set(state) - set(expected))
             if extra:
                 raise PeftkitError(f"the adapter has a tensor this model has no place for ({extra[0]})", where, fix)
@@ -199,7 +215,9 @@ class NamedAdapters:
         return attached.replaced
 
     def _updates(self, name: str) -> list[nn.Module]:
-        return [u for m in self.model.modules() if isinstance(m, AdaptedLinear) and (u := m.update_of(name)) is not None]
+        return [
+            u for m in self.model.modules() if isinstance(m, AdaptedLinear) and (u := m.update_of(name)) is not None
+        ]
 
     def _detach(self, name: str) -> None:
         """Take adapter ``name``'s layer updates and shared modules off the model."""
@@ -245,9 +263,12 @@ class NamedAdapters:
             self._known(n)
         apart = [n for n in dict.fromkeys(names) if n in self.tokens]
         if apart and len(set(names)) > 1:
-            raise PeftkitError(f"rows of the {self.adapters[apart[0]].method.name} adapter {apart[0]!r} cannot "
-                               "share a forward pass with other adapters' rows", "adapter",
-                               "call NamedAdapters.forward_rows, which gives them a pass of their own")
+            raise PeftkitError(
+                f"rows of the {self.adapters[apart[0]].method.name} adapter {apart[0]!r} cannot "
+                "share a forward pass with other adapters' rows",
+                "adapter",
+                "call NamedAdapters.forward_rows, which gives them a pass of their own",
+            )
         slot = {n: i for i, n in enumerate(self.routing.slots)}
         device = next(self.model.parameters()).device
         self.routing.rows = torch.tensor([slot[n] for n in names], dtype=torch.long, device=device)
@@ -282,7 +303,7 @@ class NamedAdapters:
                 logits = self.model(**rows).logits
             prompt = self.tokens.prompts.get(names[idx[0]])
             if prompt is not None and logits.ndim == 3:
-                logits = logits[:, prompt.shape[0]:]
+                logits = logits[:, prompt.shape[0] :]
             if len(groups) == 1:
                 return logits
             parts.append((index, logits))
@@ -295,8 +316,9 @@ class NamedAdapters:
     # ---- the pieces ----
     def _known(self, name: str) -> NamedAdapter:
         if name not in self.adapters:
-            raise PeftkitError(f"no adapter named {name!r} is loaded", "adapter",
-                               f"loaded: {', '.join(self.adapters) or 'none'}")
+            raise PeftkitError(
+                f"no adapter named {name!r} is loaded", "adapter", f"loaded: {', '.join(self.adapters) or 'none'}"
+            )
         return self.adapters[name]
 
     def _plain_view(self) -> nn.Module:
@@ -322,9 +344,12 @@ class NamedAdapters:
         missing = sorted(set(expected) - set(state))
         extra = sorted(set(state) - set(expected))
         if missing or extra:
-            raise PeftkitError(f"the adapter's saved module {path} does not match this model's "
-                               f"({'missing ' + missing[0] if missing else 'unexpected ' + extra[0]})", where,
-                               "load it onto the base model it was trained with (--model)")
+            raise PeftkitError(
+                f"the adapter's saved module {path} does not match this model's "
+                f"({'missing ' + missing[0] if missing else 'unexpected ' + extra[0]})",
+                where,
+                "load it onto the base model it was trained with (--model)",
+            )
         for key, t in state.items():
             owner, _, leaf = key.rpartition(".")
             module = head.get_submodule(owner) if owner else head
@@ -335,8 +360,11 @@ class NamedAdapters:
                 continue
             fits = (leaf == "weight" and t.ndim == 2 and t.shape[1] == old.shape[1]) or (leaf == "bias" and t.ndim == 1)
             if not isinstance(module, nn.Linear) or not fits:
-                raise PeftkitError(f"adapter tensor {path}.{key} has shape {tuple(t.shape)}, the model expects "
-                                   f"{tuple(old.shape)}", where, "load it onto the base it was trained with")
+                raise PeftkitError(
+                    f"adapter tensor {path}.{key} has shape {tuple(t.shape)}, the model expects {tuple(old.shape)}",
+                    where,
+                    "load it onto the base it was trained with",
+                )
             setattr(module, leaf, nn.Parameter(t.to(old.device, old.dtype).clone(), requires_grad=False))
             module.out_features = t.shape[0]
         for p in head.parameters():

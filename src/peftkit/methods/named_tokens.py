@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from ..errors import PeftkitError
-from .configs import PROMPT_KEY, MethodConfig, PrefixTuningConfig, PromptTuningConfig
-from .tuner_configs import PTuningConfig
+from .configs import PROMPT_KEY, MethodConfig, PrefixTuningConfig, PromptLearningConfig, PromptTuningConfig
 from .prefix import attention_layers, kv_shape, route_prefixes, use_prefix_attention
 from .prompt import as_kwargs, prepend_prompt
+from .tuner_configs import PTuningConfig
 
 TOKEN_METHODS = (PromptTuningConfig, PrefixTuningConfig, PTuningConfig)
 
@@ -58,22 +58,33 @@ class TokenAdapters:
             PeftkitError: the tensor is missing or does not fit this base.
         """
         fix = "load it onto the base model it was trained with (--model)"
+        assert isinstance(method, PromptLearningConfig)
         flat = state.get(PROMPT_KEY)
         if flat is None or flat.ndim != 2 or flat.shape[0] != method.num_virtual_tokens:
-            raise PeftkitError(f"the adapter holds no {method.num_virtual_tokens} x D '{PROMPT_KEY}' tensor",
-                               where, "save the adapter again")
+            raise PeftkitError(
+                f"the adapter holds no {method.num_virtual_tokens} x D '{PROMPT_KEY}' tensor",
+                where,
+                "save the adapter again",
+            )
         embeddings = self.model.get_input_embeddings()
         ref = embeddings.weight
         if not isinstance(method, PrefixTuningConfig):  # prompt tuning and P-tuning: the virtual tokens
             if flat.shape[1] != ref.shape[1]:
-                raise PeftkitError(f"the adapter's virtual tokens are {flat.shape[1]} wide, this model's "
-                                   f"embeddings {ref.shape[1]}", where, fix)
+                raise PeftkitError(
+                    f"the adapter's virtual tokens are {flat.shape[1]} wide, this model's embeddings {ref.shape[1]}",
+                    where,
+                    fix,
+                )
             return flat.to(ref.device, ref.dtype)
         layers = self._layers if self._layers is not None else attention_layers(self.model)
         kv_heads, head_dim = kv_shape(self.model)
         if flat.shape[1] != len(layers) * 2 * kv_heads * head_dim:
-            raise PeftkitError(f"the adapter's prefixes are {flat.shape[1]} wide, this model needs "
-                               f"{len(layers)} layers x 2 x {kv_heads} heads x {head_dim}", where, fix)
+            raise PeftkitError(
+                f"the adapter's prefixes are {flat.shape[1]} wide, this model needs "
+                f"{len(layers)} layers x 2 x {kv_heads} heads x {head_dim}",
+                where,
+                fix,
+            )
         self._layers = layers
         kv = flat.view(flat.shape[0], len(layers), 2, kv_heads, head_dim).permute(1, 2, 3, 0, 4)
         return kv.to(ref.device, ref.dtype)

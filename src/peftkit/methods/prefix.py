@@ -43,18 +43,25 @@ def attention_layers(model: nn.Module) -> list[nn.Module]:
     Raises:
         PeftkitError: the model has none (its attention is computed in a way peftkit cannot reach).
     """
+
     def calls_interface(module: nn.Module) -> bool:
         code = getattr(inspect.unwrap(type(module).forward), "__code__", None)
         return code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names
 
     found = [m for m in model.modules() if calls_interface(m) and not getattr(m, "is_cross_attention", False)]
     if not found:
-        raise PeftkitError(f"{type(model).__name__} has no attention layers peftkit can reach",
-                           "method.name", "prefix tuning needs attention through transformers' attention "
-                           "interface (BERT, RoBERTa, DistilBERT, LLaMA, Qwen2, GPT-2...); try lora or prompt")
+        raise PeftkitError(
+            f"{type(model).__name__} has no attention layers peftkit can reach",
+            "method.name",
+            "prefix tuning needs attention through transformers' attention "
+            "interface (BERT, RoBERTa, DistilBERT, LLaMA, Qwen2, GPT-2...); try lora or prompt",
+        )
     if not getattr(model, "_supports_sdpa", False):
-        raise PeftkitError(f"{type(model).__name__} does not support SDPA attention", "method.name",
-                           "prefix tuning builds on SDPA attention; try lora or prompt")
+        raise PeftkitError(
+            f"{type(model).__name__} does not support SDPA attention",
+            "method.name",
+            "prefix tuning builds on SDPA attention; try lora or prompt",
+        )
     return found
 
 
@@ -75,8 +82,16 @@ class PrefixEncoder(nn.Module):
 
     top_level = True
 
-    def __init__(self, cfg: PrefixTuningConfig, num_layers: int, kv_heads: int, head_dim: int, model: nn.Module,
-                 routing: Routing, adapter: str = DEFAULT):
+    def __init__(
+        self,
+        cfg: PrefixTuningConfig,
+        num_layers: int,
+        kv_heads: int,
+        head_dim: int,
+        model: nn.Module,
+        routing: Routing,
+        adapter: str = DEFAULT,
+    ):
         super().__init__()
         self.routing, self.adapter = routing, adapter
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
@@ -88,8 +103,11 @@ class PrefixEncoder(nn.Module):
         opts = {"device": ref.device, "dtype": ref.dtype}
         if cfg.prefix_projection:
             self.embedding = nn.Parameter(torch.randn(cfg.num_virtual_tokens, token_dim, **opts))
-            self.transform = nn.Sequential(nn.Linear(token_dim, self.encoder_hidden_size, **opts), nn.Tanh(),
-                                           nn.Linear(self.encoder_hidden_size, width, **opts))
+            self.transform = nn.Sequential(
+                nn.Linear(token_dim, self.encoder_hidden_size, **opts),
+                nn.Tanh(),
+                nn.Linear(self.encoder_hidden_size, width, **opts),
+            )
         else:
             self.embedding = nn.Parameter(torch.randn(cfg.num_virtual_tokens, width, **opts) * 0.02)
             self.transform = None
@@ -112,8 +130,12 @@ class PrefixEncoder(nn.Module):
         return {PROMPT_KEY: self.flat()} if name == self.adapter else {}
 
     def peft_fields(self) -> dict[str, Any]:
-        return {"token_dim": self.kv_heads * self.head_dim, "num_attention_heads": self.kv_heads,
-                "num_layers": self.num_layers, "encoder_hidden_size": self.encoder_hidden_size}
+        return {
+            "token_dim": self.kv_heads * self.head_dim,
+            "num_attention_heads": self.kv_heads,
+            "num_layers": self.num_layers,
+            "encoder_hidden_size": self.encoder_hidden_size,
+        }
 
     def key_values(self) -> torch.Tensor:
         """``(layers, 2, kv_heads, P, head_dim)``."""
@@ -137,8 +159,9 @@ class PrefixEncoder(nn.Module):
         self.embedding.copy_(kv.permute(3, 0, 1, 2, 4).reshape(self.num_virtual_tokens, -1))
 
 
-def _set_prefixes(enc: PrefixEncoder, model: nn.Module, args: tuple, kwargs: dict[str, Any]
-                  ) -> tuple[tuple, dict[str, Any]]:
+def _set_prefixes(
+    enc: PrefixEncoder, model: nn.Module, args: tuple, kwargs: dict[str, Any]
+) -> tuple[tuple, dict[str, Any]]:
     """The model's forward pre-hook: this forward's prefixes for every layer, and positions after them."""
     kwargs = as_kwargs(model, args, kwargs)
     if enc.seen is not None:  # recording the frozen model's own keys and values
@@ -148,8 +171,9 @@ def _set_prefixes(enc: PrefixEncoder, model: nn.Module, args: tuple, kwargs: dic
     return (), route_prefixes(enc, kv, enc.layers, kwargs)
 
 
-def route_prefixes(router: Any, kv: torch.Tensor | None, layers: list[nn.Module], kwargs: dict[str, Any]
-                   ) -> dict[str, Any]:
+def route_prefixes(
+    router: Any, kv: torch.Tensor | None, layers: list[nn.Module], kwargs: dict[str, Any]
+) -> dict[str, Any]:
     """Point ``router.current`` (what :func:`add_prefix` reads) at this forward's prefixes ``kv``
     ``(layers, 2, kv_heads, P, head_dim)``, or at none; on decoders the real tokens' positions
     then start after the ``P`` prefixes."""
@@ -167,8 +191,9 @@ def route_prefixes(router: Any, kv: torch.Tensor | None, layers: list[nn.Module]
     return kwargs
 
 
-def _widen_mask(mask: torch.Tensor | None, n: int, q_len: int, kv_len: int, causal: bool,
-                device: torch.device) -> torch.Tensor | None:
+def _widen_mask(
+    mask: torch.Tensor | None, n: int, q_len: int, kv_len: int, causal: bool, device: torch.device
+) -> torch.Tensor | None:
     """The attention mask for ``n`` prefix keys in front of ``kv_len`` real ones."""
     if mask is None:
         if not causal or q_len == 1:
@@ -181,8 +206,14 @@ def _widen_mask(mask: torch.Tensor | None, n: int, q_len: int, kv_len: int, caus
     return torch.cat([front, mask[..., :kv_len]], dim=-1)
 
 
-def add_prefix(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               attention_mask: torch.Tensor | None, kwargs: dict[str, Any]) -> tuple:
+def add_prefix(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    kwargs: dict[str, Any],
+) -> tuple:
     """``(key, value, attention_mask, kwargs)`` with the layer's prefix keys/values in front and
     the mask widened to match; unchanged for a layer without prefixes. Any attention function
     that reads these (SDPA here; the speed layer's) computes prefix attention."""
@@ -207,8 +238,14 @@ def add_prefix(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
     return key, value, attention_mask, kwargs
 
 
-def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+def prefix_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, Any]:
     """SDPA attention with the layer's prefix keys/values in front (see the module docstring)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

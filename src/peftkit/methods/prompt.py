@@ -60,8 +60,9 @@ def cache_length(kwargs: dict[str, Any]) -> int:
     return int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
 
 
-def prepend_prompt(prompt: torch.Tensor, model: nn.Module, args: tuple, kwargs: dict[str, Any]
-                   ) -> tuple[tuple, dict[str, Any]]:
+def prepend_prompt(
+    prompt: torch.Tensor, model: nn.Module, args: tuple, kwargs: dict[str, Any]
+) -> tuple[tuple, dict[str, Any]]:
     """A forward call's arguments with the virtual tokens ``prompt`` ``(n, hidden)`` in front of
     every row's embeddings (the masks, token types and labels widened to match).
 
@@ -108,8 +109,9 @@ def _widen_mask_and_positions(kwargs: dict[str, Any], n: int, new: int, cached: 
     kwargs["position_ids"] = positions[:, -new:]
 
 
-def _prompt_hook(module: PromptEmbedding, model: nn.Module, args: tuple, kwargs: dict[str, Any]
-                 ) -> tuple[tuple, dict[str, Any]]:
+def _prompt_hook(
+    module: PromptEmbedding, model: nn.Module, args: tuple, kwargs: dict[str, Any]
+) -> tuple[tuple, dict[str, Any]]:
     if not module.routing.on(module.adapter):
         return args, kwargs
     return prepend_prompt(module.embedding, model, args, kwargs)
@@ -119,15 +121,21 @@ def attach_prompt(model: nn.Module, cfg: PromptTuningConfig, at: Attachment) -> 
     """Give ``model`` learned virtual tokens before its input embeddings (a forward pre-hook)."""
     embeddings = model.get_input_embeddings()
     if embeddings is None:
-        raise PeftkitError(f"{type(model).__name__} has no input embeddings", "method.name",
-                           "prompt tuning needs a transformer with a token embedding")
+        raise PeftkitError(
+            f"{type(model).__name__} has no input embeddings",
+            "method.name",
+            "prompt tuning needs a transformer with a token embedding",
+        )
     weight = embeddings.weight
     with torch.no_grad():
         tokenizer = at.tokenizer
         if cfg.init == "text":
             if tokenizer is None:
-                raise PeftkitError("init_text needs the model's tokenizer", "method.init_text",
-                                   "use init: random or vocab, or load the model with its tokenizer")
+                raise PeftkitError(
+                    "init_text needs the model's tokenizer",
+                    "method.init_text",
+                    "use init: random or vocab, or load the model with its tokenizer",
+                )
             ids = tokenizer(cfg.init_text, add_special_tokens=False)["input_ids"]
             if not ids:
                 raise PeftkitError("init_text has no tokens", "method.init_text", "write a sentence")

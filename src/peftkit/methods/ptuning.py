@@ -28,8 +28,9 @@ class PromptEncoder(nn.Module):
 
     top_level = True
 
-    def __init__(self, cfg: PTuningConfig, hidden: int, device: Any, dtype: torch.dtype, routing: Routing,
-                 adapter: str = DEFAULT):
+    def __init__(
+        self, cfg: PTuningConfig, hidden: int, device: Any, dtype: torch.dtype, routing: Routing, adapter: str = DEFAULT
+    ):
         super().__init__()
         self.routing, self.adapter = routing, adapter
         n, width = cfg.num_virtual_tokens, cfg.encoder_hidden_size or hidden
@@ -39,13 +40,26 @@ class PromptEncoder(nn.Module):
         self.mlp_head: nn.Sequential | None = None
         kw = {"device": device, "dtype": dtype}
         if cfg.encoder == "lstm":
-            self.lstm_head = nn.LSTM(hidden, width, num_layers=cfg.encoder_num_layers, dropout=cfg.encoder_dropout,
-                                     bidirectional=True, batch_first=True, **kw)
-            self.mlp_head = nn.Sequential(nn.Linear(2 * width, 2 * width, **kw), nn.ReLU(),
-                                          nn.Linear(2 * width, hidden, **kw))
+            self.lstm_head = nn.LSTM(
+                hidden,
+                width,
+                num_layers=cfg.encoder_num_layers,
+                dropout=cfg.encoder_dropout,
+                bidirectional=True,
+                batch_first=True,
+                **kw,
+            )
+            self.mlp_head = nn.Sequential(
+                nn.Linear(2 * width, 2 * width, **kw), nn.ReLU(), nn.Linear(2 * width, hidden, **kw)
+            )
         elif cfg.encoder == "mlp":
-            self.mlp_head = nn.Sequential(nn.Linear(hidden, width, **kw), nn.ReLU(), nn.Linear(width, width, **kw),
-                                          nn.ReLU(), nn.Linear(width, hidden, **kw))
+            self.mlp_head = nn.Sequential(
+                nn.Linear(hidden, width, **kw),
+                nn.ReLU(),
+                nn.Linear(width, width, **kw),
+                nn.ReLU(),
+                nn.Linear(width, hidden, **kw),
+            )
 
     def adapter_params(self, name: str = DEFAULT) -> dict[str, torch.Tensor]:
         return dict(self.named_parameters()) if name == self.adapter else {}
@@ -68,8 +82,7 @@ class PromptEncoder(nn.Module):
         return {"token_dim": self.embedding.weight.shape[1], "encoder_hidden_size": self.width}
 
 
-def _hook(module: PromptEncoder, model: nn.Module, args: tuple, kwargs: dict[str, Any]
-          ) -> tuple[tuple, dict[str, Any]]:
+def _hook(module: PromptEncoder, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
     if not module.routing.on(module.adapter):
         return args, kwargs
     return prepend_prompt(module.prompts(), model, args, kwargs)
@@ -79,8 +92,11 @@ def attach_ptuning(model: nn.Module, cfg: PTuningConfig, at: Attachment) -> Atta
     """Give ``model`` encoder-made virtual tokens before its input embeddings (a forward pre-hook)."""
     embeddings = model.get_input_embeddings()
     if embeddings is None:
-        raise PeftkitError(f"{type(model).__name__} has no input embeddings", "method.name",
-                           "P-tuning needs a transformer with a token embedding")
+        raise PeftkitError(
+            f"{type(model).__name__} has no input embeddings",
+            "method.name",
+            "P-tuning needs a transformer with a token embedding",
+        )
     weight = embeddings.weight
     encoder = PromptEncoder(cfg, weight.shape[1], weight.device, weight.dtype, at.routing, at.name)
     model.add_module("peftkit_prompt", encoder)

@@ -88,8 +88,12 @@ _ALL = (
 METHODS: dict[str, Method] = {m.name: m for m in _ALL}
 #: the ``peft_type`` written in adapter_config.json -> our method name
 PEFT_TYPES: dict[str, str] = {m.config.peft_type: m.name for m in _ALL}
-#: the type of a recipe's ``method:`` block: one of the configs, chosen by ``name``
-AnyMethod = Annotated[Union[tuple(m.config for m in _ALL)], Field(discriminator="name")]
+#: the type of a recipe's ``method:`` block: one of the configs, chosen by ``name`` (built from the
+#: registry at run time; a type checker sees their common base)
+if TYPE_CHECKING:
+    AnyMethod = MethodConfig
+else:
+    AnyMethod = Annotated[Union[tuple(m.config for m in _ALL)], Field(discriminator="name")]  # noqa: UP007
 
 
 def method_of(cfg: MethodConfig) -> Method:
@@ -100,12 +104,18 @@ def method_of(cfg: MethodConfig) -> Method:
 def check_quantizable(cfg: MethodConfig) -> None:
     """The one-line error for a method that cannot train on a quantized base."""
     if not method_of(cfg).quantized_base:
-        raise PeftkitError(f"{cfg.name} fine-tuning cannot train a quantized base", "quantization",
-                           "remove the quantization block, or choose a parameter-efficient method")
+        raise PeftkitError(
+            f"{cfg.name} fine-tuning cannot train a quantized base",
+            "quantization",
+            "remove the quantization block, or choose a parameter-efficient method",
+        )
 
 
 def check_mergeable(cfg: MethodConfig) -> None:
     """The one-line error for a method whose update cannot fold into the base weights."""
     if not method_of(cfg).mergeable:
-        raise PeftkitError(f"{cfg.name} adapters cannot be merged into the base weights", "method",
-                           "use the adapter unmerged (predict and eval load it as it is)")
+        raise PeftkitError(
+            f"{cfg.name} adapters cannot be merged into the base weights",
+            "method",
+            "use the adapter unmerged (predict and eval load it as it is)",
+        )

@@ -18,9 +18,15 @@ from ..errors import PeftkitError
 from .base import Injection, adapter_state_dict, apply_method, injection_of
 
 
-def save_adapter(model: nn.Module, directory: str | Path, *, base_model: str,
-                 task: str = "classification", meta: dict[str, Any] | None = None,
-                 plain_lora: bool = False) -> Path:
+def save_adapter(
+    model: nn.Module,
+    directory: str | Path,
+    *,
+    base_model: str,
+    task: str = "classification",
+    meta: dict[str, Any] | None = None,
+    plain_lora: bool = False,
+) -> Path:
     """Write the adapter of ``model`` (see :func:`peftkit.apply_method`) to ``directory``.
 
     Args:
@@ -42,15 +48,15 @@ def save_adapter(model: nn.Module, directory: str | Path, *, base_model: str,
         method, lora_state = as_plain_lora(model, method)
         state = {**state, **lora_state}
     config = method.to_peft(inj, model)
-    config.update(task_type=TASK_TYPES.get(task, task), base_model_name_or_path=base_model,
-                  inference_mode=True, revision=None)
+    config.update(
+        task_type=TASK_TYPES.get(task, task), base_model_name_or_path=base_model, inference_mode=True, revision=None
+    )
     state = {method.file_key(k): v for k, v in state.items()}
     info = {"format": 1, "task": task, "base_model": base_model, **(meta or {})}
     return write_adapter(directory, config, state, info)
 
 
-def load_adapter_weights(model: nn.Module, directory: str | Path,
-                         state: dict[str, torch.Tensor] | None = None) -> None:
+def load_adapter_weights(model: nn.Module, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
     """Copy an adapter's tensors into an adapted ``model``, checking every name and shape.
 
     Args:
@@ -70,19 +76,25 @@ def load_adapter_weights(model: nn.Module, directory: str | Path,
             raise PeftkitError(f"the adapter has no tensor for {key}", str(directory), fix)
         if tuple(state[key].shape) != tuple(target.shape):
             raise PeftkitError(
-                f"adapter tensor {key} has shape {tuple(state[key].shape)}, the model expects "
-                f"{tuple(target.shape)}", str(directory), fix)
+                f"adapter tensor {key} has shape {tuple(state[key].shape)}, the model expects {tuple(target.shape)}",
+                str(directory),
+                fix,
+            )
     unexpected = sorted(set(state) - set(expected))
     if unexpected:
-        raise PeftkitError(f"the adapter has {len(unexpected)} tensors this model has no place for "
-                           f"(first: {unexpected[0]})", str(directory), fix)
+        raise PeftkitError(
+            f"the adapter has {len(unexpected)} tensors this model has no place for (first: {unexpected[0]})",
+            str(directory),
+            fix,
+        )
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(state[key].to(target.dtype))
 
 
-def load_adapter(model: nn.Module, adapter: str | Path | AdapterFiles,
-                 state: dict[str, torch.Tensor] | None = None) -> Injection:
+def load_adapter(
+    model: nn.Module, adapter: str | Path | AdapterFiles, state: dict[str, torch.Tensor] | None = None
+) -> Injection:
     """Apply the method an adapter folder describes to ``model`` and load its weights.
 
     Works for folders written by peftkit and by ``peft``. ``adapter`` is the folder, or its

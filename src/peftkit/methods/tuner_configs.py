@@ -39,31 +39,43 @@ class TargetedConfig(MethodConfig):
     target_modules: Targets = Field(ALL_LINEAR, description="name suffixes, a regex, or all-linear (PEFT semantics)")
     exclude_modules: Targets | None = None
     layers_to_transform: int | list[int] | None = Field(
-        None, description="only the blocks with these indices (with a list of target_modules)")
+        None, description="only the blocks with these indices (with a list of target_modules)"
+    )
     layers_pattern: str | list[str] | None = Field(None, description="what precedes the block index in a name")
 
     #: adapter_config.json keys every targeted tuner reads
-    TARGET_KEYS: ClassVar[set[str]] = {"target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
-                                       "modules_to_save", "fan_in_fan_out"}
+    TARGET_KEYS: ClassVar[set[str]] = {
+        "target_modules",
+        "exclude_modules",
+        "layers_to_transform",
+        "layers_pattern",
+        "modules_to_save",
+        "fan_in_fan_out",
+    }
 
     def in_layers(self, name: str) -> bool:
-        return isinstance(self.target_modules, str) or _in_layers(name, self.layers_to_transform,
-                                                                  self.layers_pattern)
+        return isinstance(self.target_modules, str) or _in_layers(name, self.layers_to_transform, self.layers_pattern)
 
     def target_fields(self, injection: Any) -> dict[str, Any]:
         """The targeting fields as peft writes them; all-linear is stored as the layers it chose."""
         listed = self.target_modules == ALL_LINEAR
-        return {"target_modules": injection.replaced if listed else self.target_modules,
-                "exclude_modules": self.exclude_modules, "modules_to_save": injection.modules_to_save or None,
-                "layers_to_transform": None if listed else self.layers_to_transform,
-                "layers_pattern": None if listed else self.layers_pattern}
+        return {
+            "target_modules": injection.replaced if listed else self.target_modules,
+            "exclude_modules": self.exclude_modules,
+            "modules_to_save": injection.modules_to_save or None,
+            "layers_to_transform": None if listed else self.layers_to_transform,
+            "layers_pattern": None if listed else self.layers_pattern,
+        }
 
     @staticmethod
     def read_targets(cfg: dict[str, Any]) -> dict[str, Any]:
-        return {"target_modules": sorted_targets(cfg.get("target_modules")),
-                "exclude_modules": sorted_targets(cfg.get("exclude_modules")),
-                "modules_to_save": list(cfg.get("modules_to_save") or []),
-                "layers_to_transform": cfg.get("layers_to_transform"), "layers_pattern": cfg.get("layers_pattern")}
+        return {
+            "target_modules": sorted_targets(cfg.get("target_modules")),
+            "exclude_modules": sorted_targets(cfg.get("exclude_modules")),
+            "modules_to_save": list(cfg.get("modules_to_save") or []),
+            "layers_to_transform": cfg.get("layers_to_transform"),
+            "layers_pattern": cfg.get("layers_pattern"),
+        }
 
 
 class VeraConfig(TargetedConfig):
@@ -77,23 +89,43 @@ class VeraConfig(TargetedConfig):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the input of the update")
     d_initial: float = Field(0.1, description="the start of every lambda_d entry")
     projection_prng_key: int = Field(0, description="seed of the shared projections")
-    save_projection: bool = Field(True, description="write the projections into the adapter file (else "
-                                                    "readers regenerate them from the seed)")
+    save_projection: bool = Field(
+        True, description="write the projections into the adapter file (else readers regenerate them from the seed)"
+    )
 
     def to_peft(self, injection: Any, model: nn.Module) -> dict[str, Any]:
         conv1d = any(getattr(model.get_submodule(n), "fan_in_fan_out", False) for n in injection.replaced)
-        return {"peft_type": self.peft_type, "r": self.r, **self.target_fields(injection),
-                "vera_dropout": self.dropout, "d_initial": self.d_initial, "fan_in_fan_out": conv1d, "bias": "none",
-                "projection_prng_key": self.projection_prng_key, "save_projection": self.save_projection,
-                "init_weights": True}
+        return {
+            "peft_type": self.peft_type,
+            "r": self.r,
+            **self.target_fields(injection),
+            "vera_dropout": self.dropout,
+            "d_initial": self.d_initial,
+            "fan_in_fan_out": conv1d,
+            "bias": "none",
+            "projection_prng_key": self.projection_prng_key,
+            "save_projection": self.save_projection,
+            "init_weights": True,
+        }
 
     @classmethod
-    def from_peft(cls, cfg: dict[str, Any]) -> "VeraConfig":
-        refuse_unknown(cfg, cls.TARGET_KEYS | {"r", "vera_dropout", "d_initial", "projection_prng_key",
-                                               "save_projection", "init_weights"}, "VeRA")
-        return validated(cls, "VeRA", r=cfg.get("r", 256), dropout=cfg.get("vera_dropout", 0.0),
-                         d_initial=cfg.get("d_initial", 0.1), projection_prng_key=cfg.get("projection_prng_key", 0),
-                         save_projection=cfg.get("save_projection", True), **cls.read_targets(cfg))
+    def from_peft(cls, cfg: dict[str, Any]) -> VeraConfig:
+        refuse_unknown(
+            cfg,
+            cls.TARGET_KEYS
+            | {"r", "vera_dropout", "d_initial", "projection_prng_key", "save_projection", "init_weights"},
+            "VeRA",
+        )
+        return validated(
+            cls,
+            "VeRA",
+            r=cfg.get("r", 256),
+            dropout=cfg.get("vera_dropout", 0.0),
+            d_initial=cfg.get("d_initial", 0.1),
+            projection_prng_key=cfg.get("projection_prng_key", 0),
+            save_projection=cfg.get("save_projection", True),
+            **cls.read_targets(cfg),
+        )
 
     # the shared projections sit at the top of peft's file: base_model.vera_A, base_model.vera_B
     def file_key(self, key: str) -> str:
@@ -117,8 +149,16 @@ class LycorisConfig(TargetedConfig):
     alpha_pattern: dict[str, float] = Field(default_factory=dict, description="module pattern -> its own alpha")
 
     #: adapter_config.json keys both read (use_effective_conv2d only concerns convolutions)
-    LYCORIS_KEYS: ClassVar[set[str]] = {"r", "alpha", "rank_dropout", "module_dropout", "rank_pattern",
-                                        "alpha_pattern", "init_weights", "use_effective_conv2d"}
+    LYCORIS_KEYS: ClassVar[set[str]] = {
+        "r",
+        "alpha",
+        "rank_dropout",
+        "module_dropout",
+        "rank_pattern",
+        "alpha_pattern",
+        "init_weights",
+        "use_effective_conv2d",
+    }
 
     def rank_for(self, name: str) -> int:
         return int(pattern_value(self.rank_pattern, name, self.r))
@@ -127,17 +167,33 @@ class LycorisConfig(TargetedConfig):
         return float(pattern_value(self.alpha_pattern, name, self.alpha)) / self.rank_for(name)
 
     def lycoris_fields(self, injection: Any) -> dict[str, Any]:
-        return {"peft_type": self.peft_type, "r": self.r, "alpha": self.alpha, **self.target_fields(injection),
-                "rank_dropout": self.rank_dropout, "module_dropout": self.module_dropout,
-                "rank_pattern": dict(self.rank_pattern), "alpha_pattern": dict(self.alpha_pattern),
-                "use_effective_conv2d": False, "init_weights": True}
+        return {
+            "peft_type": self.peft_type,
+            "r": self.r,
+            "alpha": self.alpha,
+            **self.target_fields(injection),
+            "rank_dropout": self.rank_dropout,
+            "module_dropout": self.module_dropout,
+            "rank_pattern": dict(self.rank_pattern),
+            "alpha_pattern": dict(self.alpha_pattern),
+            "use_effective_conv2d": False,
+            "init_weights": True,
+        }
 
     @classmethod
     def read_lycoris(cls, cfg: dict[str, Any], kind: str, **extra: Any) -> Any:
-        return validated(cls, kind, r=cfg.get("r", 8), alpha=cfg.get("alpha", 8.0),
-                         rank_dropout=cfg.get("rank_dropout", 0.0), module_dropout=cfg.get("module_dropout", 0.0),
-                         rank_pattern=dict(cfg.get("rank_pattern") or {}),
-                         alpha_pattern=dict(cfg.get("alpha_pattern") or {}), **cls.read_targets(cfg), **extra)
+        return validated(
+            cls,
+            kind,
+            r=cfg.get("r", 8),
+            alpha=cfg.get("alpha", 8.0),
+            rank_dropout=cfg.get("rank_dropout", 0.0),
+            module_dropout=cfg.get("module_dropout", 0.0),
+            rank_pattern=dict(cfg.get("rank_pattern") or {}),
+            alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
+            **cls.read_targets(cfg),
+            **extra,
+        )
 
 
 class LoHaConfig(LycorisConfig):
@@ -152,7 +208,7 @@ class LoHaConfig(LycorisConfig):
         return self.lycoris_fields(injection)
 
     @classmethod
-    def from_peft(cls, cfg: dict[str, Any]) -> "LoHaConfig":
+    def from_peft(cls, cfg: dict[str, Any]) -> LoHaConfig:
         refuse_unknown(cfg, cls.TARGET_KEYS | cls.LYCORIS_KEYS, "LoHa")
         return cls.read_lycoris(cfg, "LoHa")
 
@@ -165,21 +221,34 @@ class LoKrConfig(LycorisConfig):
 
     name: Literal["lokr"] = "lokr"
     decompose_both: bool = Field(False, description="factor the small Kronecker factor too")
-    decompose_factor: int = Field(-1, description="the small factor's size when it divides the dimension "
-                                                  "(-1: the divisor nearest the square root)")
+    decompose_factor: int = Field(
+        -1,
+        description="the small factor's size when it divides the dimension (-1: the divisor nearest the square root)",
+    )
     rank_dropout_scale: bool = Field(False, description="rescale the rows kept by rank_dropout")
 
     def to_peft(self, injection: Any, model: nn.Module) -> dict[str, Any]:
-        return {**self.lycoris_fields(injection), "decompose_both": self.decompose_both,
-                "decompose_factor": self.decompose_factor, "rank_dropout_scale": self.rank_dropout_scale}
+        return {
+            **self.lycoris_fields(injection),
+            "decompose_both": self.decompose_both,
+            "decompose_factor": self.decompose_factor,
+            "rank_dropout_scale": self.rank_dropout_scale,
+        }
 
     @classmethod
-    def from_peft(cls, cfg: dict[str, Any]) -> "LoKrConfig":
-        refuse_unknown(cfg, cls.TARGET_KEYS | cls.LYCORIS_KEYS | {"decompose_both", "decompose_factor",
-                                                                  "rank_dropout_scale"}, "LoKr")
-        return cls.read_lycoris(cfg, "LoKr", decompose_both=bool(cfg.get("decompose_both", False)),
-                                decompose_factor=int(cfg.get("decompose_factor", -1)),
-                                rank_dropout_scale=bool(cfg.get("rank_dropout_scale", False)))
+    def from_peft(cls, cfg: dict[str, Any]) -> LoKrConfig:
+        refuse_unknown(
+            cfg,
+            cls.TARGET_KEYS | cls.LYCORIS_KEYS | {"decompose_both", "decompose_factor", "rank_dropout_scale"},
+            "LoKr",
+        )
+        return cls.read_lycoris(
+            cfg,
+            "LoKr",
+            decompose_both=bool(cfg.get("decompose_both", False)),
+            decompose_factor=int(cfg.get("decompose_factor", -1)),
+            rank_dropout_scale=bool(cfg.get("rank_dropout_scale", False)),
+        )
 
 
 class AdaLoraConfig(TargetedConfig):
@@ -198,8 +267,9 @@ class AdaLoraConfig(TargetedConfig):
     target_r: int = Field(8, gt=0, description="average rank kept at the end")
     alpha: float = Field(8.0, gt=0, description="scale numerator: s = alpha / init_r")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the update's input")
-    total_step: int | None = Field(None, description="the run's optimizer steps: the budget schedule's length "
-                                                     "(required)")
+    total_step: int | None = Field(
+        None, description="the run's optimizer steps: the budget schedule's length (required)"
+    )
     tinit: int = Field(0, ge=0, description="steps at full rank before pruning starts")
     tfinal: int = Field(0, ge=0, description="steps at the final ranks at the end")
     deltaT: int = Field(1, gt=0, description="steps between two re-allocations")
@@ -207,28 +277,46 @@ class AdaLoraConfig(TargetedConfig):
     beta2: float = Field(0.85, gt=0, lt=1, description="smoothing of their uncertainty")
     orth_reg_weight: float = Field(0.5, ge=0, description="weight of the penalty keeping A and B orthogonal")
     rank_pattern: dict[str, list[bool]] | None = Field(
-        None, description="the ranks kept per layer (written by training; read from adapter files)")
+        None, description="the ranks kept per layer (written by training; read from adapter files)"
+    )
 
     @model_validator(mode="after")
-    def _check_schedule(self) -> "AdaLoraConfig":
+    def _check_schedule(self) -> AdaLoraConfig:
         if self.total_step is None or self.total_step <= 0:
-            raise ValueError("AdaLoRA needs a step budget: set method.total_step to the run's optimizer steps "
-                             "(epochs x batches per epoch / grad_accum, or train.max_steps)")
+            raise ValueError(
+                "AdaLoRA needs a step budget: set method.total_step to the run's optimizer steps "
+                "(epochs x batches per epoch / grad_accum, or train.max_steps)"
+            )
         if self.target_r > self.init_r:
             raise ValueError(f"target_r {self.target_r} is larger than init_r {self.init_r}")
         if self.tinit >= self.total_step - self.tfinal:
-            raise ValueError(f"tinit {self.tinit} and tfinal {self.tfinal} leave no pruning phase in total_step "
-                             f"{self.total_step}")
+            raise ValueError(
+                f"tinit {self.tinit} and tfinal {self.tfinal} leave no pruning phase in total_step {self.total_step}"
+            )
         return self
 
     def to_peft(self, injection: Any, model: nn.Module) -> dict[str, Any]:
         conv1d = any(getattr(model.get_submodule(n), "fan_in_fan_out", False) for n in injection.replaced)
-        return {"peft_type": self.peft_type, **self.target_fields(injection), "init_r": self.init_r,
-                "target_r": self.target_r, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
-                "total_step": self.total_step, "tinit": self.tinit, "tfinal": self.tfinal, "deltaT": self.deltaT,
-                "beta1": self.beta1, "beta2": self.beta2, "orth_reg_weight": self.orth_reg_weight,
-                "rank_pattern": self.kept_ranks(injection, model), "fan_in_fan_out": conv1d, "bias": "none",
-                "init_lora_weights": True, "r": 8}
+        return {
+            "peft_type": self.peft_type,
+            **self.target_fields(injection),
+            "init_r": self.init_r,
+            "target_r": self.target_r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "total_step": self.total_step,
+            "tinit": self.tinit,
+            "tfinal": self.tfinal,
+            "deltaT": self.deltaT,
+            "beta1": self.beta1,
+            "beta2": self.beta2,
+            "orth_reg_weight": self.orth_reg_weight,
+            "rank_pattern": self.kept_ranks(injection, model),
+            "fan_in_fan_out": conv1d,
+            "bias": "none",
+            "init_lora_weights": True,
+            "r": 8,
+        }
 
     @staticmethod
     def kept_ranks(injection: Any, model: nn.Module) -> dict[str, list[bool]] | None:
@@ -240,18 +328,46 @@ class AdaLoraConfig(TargetedConfig):
         return {f"{name}.lora_E": m.tolist() for name, m in masks.items()}
 
     @classmethod
-    def from_peft(cls, cfg: dict[str, Any]) -> "AdaLoraConfig":
+    def from_peft(cls, cfg: dict[str, Any]) -> AdaLoraConfig:
         # r, use_rslora, alpha_pattern, lora_bias and the init are LoraConfig fields peft's AdaLoRA never reads
         ignored = {"r", "use_rslora", "alpha_pattern", "lora_bias", "init_lora_weights"}
-        refuse_unknown(cfg, cls.TARGET_KEYS | ignored | {
-            "init_r", "target_r", "lora_alpha", "lora_dropout", "total_step", "tinit", "tfinal", "deltaT", "beta1",
-            "beta2", "orth_reg_weight", "rank_pattern"}, "AdaLoRA")
-        return validated(cls, "AdaLoRA", init_r=cfg.get("init_r", 12), target_r=cfg.get("target_r", 8),
-                         alpha=cfg.get("lora_alpha", 8), dropout=cfg.get("lora_dropout", 0.0),
-                         total_step=cfg.get("total_step"), tinit=cfg.get("tinit", 0), tfinal=cfg.get("tfinal", 0),
-                         deltaT=cfg.get("deltaT", 1), beta1=cfg.get("beta1", 0.85), beta2=cfg.get("beta2", 0.85),
-                         orth_reg_weight=cfg.get("orth_reg_weight", 0.5), rank_pattern=cfg.get("rank_pattern"),
-                         **cls.read_targets(cfg))
+        refuse_unknown(
+            cfg,
+            cls.TARGET_KEYS
+            | ignored
+            | {
+                "init_r",
+                "target_r",
+                "lora_alpha",
+                "lora_dropout",
+                "total_step",
+                "tinit",
+                "tfinal",
+                "deltaT",
+                "beta1",
+                "beta2",
+                "orth_reg_weight",
+                "rank_pattern",
+            },
+            "AdaLoRA",
+        )
+        return validated(
+            cls,
+            "AdaLoRA",
+            init_r=cfg.get("init_r", 12),
+            target_r=cfg.get("target_r", 8),
+            alpha=cfg.get("lora_alpha", 8),
+            dropout=cfg.get("lora_dropout", 0.0),
+            total_step=cfg.get("total_step"),
+            tinit=cfg.get("tinit", 0),
+            tfinal=cfg.get("tfinal", 0),
+            deltaT=cfg.get("deltaT", 1),
+            beta1=cfg.get("beta1", 0.85),
+            beta2=cfg.get("beta2", 0.85),
+            orth_reg_weight=cfg.get("orth_reg_weight", 0.5),
+            rank_pattern=cfg.get("rank_pattern"),
+            **cls.read_targets(cfg),
+        )
 
 
 class PTuningConfig(PromptLearningConfig):
@@ -262,34 +378,47 @@ class PTuningConfig(PromptLearningConfig):
     peft_type: ClassVar[str] = "P_TUNING"
 
     name: Literal["ptuning"] = "ptuning"
-    encoder: Literal["mlp", "lstm", "none"] = Field("mlp", description="what turns the embeddings into prompts "
-                                                                       "(none: the embeddings are the prompts)")
+    encoder: Literal["mlp", "lstm", "none"] = Field(
+        "mlp", description="what turns the embeddings into prompts (none: the embeddings are the prompts)"
+    )
     encoder_hidden_size: int | None = Field(None, gt=0, description="the encoder's width; default: the hidden size")
     encoder_num_layers: int = Field(2, gt=0, description="LSTM layers (the MLP always has 3 linear layers)")
     encoder_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout between LSTM layers")
 
     def to_peft(self, injection: Any, model: nn.Module) -> dict[str, Any]:
         config = model.config
-        return {"peft_type": self.peft_type, "num_virtual_tokens": self.num_virtual_tokens,
-                **module_fields(model),  # token_dim, encoder_hidden_size
-                "num_transformer_submodules": 1, "num_attention_heads": getattr(config, "num_attention_heads", None),
-                "num_layers": getattr(config, "num_hidden_layers", None),
-                "encoder_reparameterization_type": "LSTM" if self.encoder == "lstm" else "MLP",
-                "encoder_num_layers": self.encoder_num_layers, "encoder_dropout": self.encoder_dropout,
-                "modules_to_save": injection.modules_to_save or None}
+        return {
+            "peft_type": self.peft_type,
+            "num_virtual_tokens": self.num_virtual_tokens,
+            **module_fields(model),  # token_dim, encoder_hidden_size
+            "num_transformer_submodules": 1,
+            "num_attention_heads": getattr(config, "num_attention_heads", None),
+            "num_layers": getattr(config, "num_hidden_layers", None),
+            "encoder_reparameterization_type": "LSTM" if self.encoder == "lstm" else "MLP",
+            "encoder_num_layers": self.encoder_num_layers,
+            "encoder_dropout": self.encoder_dropout,
+            "modules_to_save": injection.modules_to_save or None,
+        }
 
     @classmethod
-    def from_peft(cls, cfg: dict[str, Any]) -> "PTuningConfig":
-        cls.check_peft(cfg, {"encoder_reparameterization_type", "encoder_hidden_size", "encoder_num_layers",
-                             "encoder_dropout"}, "P-tuning")
+    def from_peft(cls, cfg: dict[str, Any]) -> PTuningConfig:
+        cls.check_peft(
+            cfg,
+            {"encoder_reparameterization_type", "encoder_hidden_size", "encoder_num_layers", "encoder_dropout"},
+            "P-tuning",
+        )
         kind = cfg.get("encoder_reparameterization_type", "MLP")
         if kind not in ("MLP", "LSTM"):
             refuse_option("P-tuning", "encoder_reparameterization_type", kind)
         # peft saves the encoder's output as prompt_embeddings: loading needs no encoder
-        return validated(cls, "P-tuning", num_virtual_tokens=cfg["num_virtual_tokens"], encoder="none",
-                         encoder_hidden_size=cfg.get("encoder_hidden_size"),
-                         modules_to_save=sorted(set(cfg.get("modules_to_save") or []),
-                                                key=(cfg.get("modules_to_save") or []).index))
+        return validated(
+            cls,
+            "P-tuning",
+            num_virtual_tokens=cfg["num_virtual_tokens"],
+            encoder="none",
+            encoder_hidden_size=cfg.get("encoder_hidden_size"),
+            modules_to_save=sorted(set(cfg.get("modules_to_save") or []), key=(cfg.get("modules_to_save") or []).index),
+        )
 
 
 class LNTuningConfig(MethodConfig):
@@ -300,17 +429,26 @@ class LNTuningConfig(MethodConfig):
 
     name: Literal["ln_tuning"] = "ln_tuning"
     target_modules: Targets | None = Field(
-        None, description="normalization layers to tune (name suffixes or a regex); default: every one")
+        None, description="normalization layers to tune (name suffixes or a regex); default: every one"
+    )
     exclude_modules: Targets | None = None
 
     def to_peft(self, injection: Any, model: nn.Module) -> dict[str, Any]:
         # stored as the layers chosen, so peft's suffix matching selects exactly these
-        return {"peft_type": self.peft_type, "target_modules": injection.replaced, "exclude_modules": None,
-                "modules_to_save": injection.modules_to_save or None}
+        return {
+            "peft_type": self.peft_type,
+            "target_modules": injection.replaced,
+            "exclude_modules": None,
+            "modules_to_save": injection.modules_to_save or None,
+        }
 
     @classmethod
-    def from_peft(cls, cfg: dict[str, Any]) -> "LNTuningConfig":
+    def from_peft(cls, cfg: dict[str, Any]) -> LNTuningConfig:
         refuse_unknown(cfg, {"target_modules", "exclude_modules", "modules_to_save"}, "LN_TUNING")
-        return validated(cls, "LN_TUNING", target_modules=sorted_targets(cfg.get("target_modules")),
-                         exclude_modules=sorted_targets(cfg.get("exclude_modules")),
-                         modules_to_save=list(cfg.get("modules_to_save") or []))
+        return validated(
+            cls,
+            "LN_TUNING",
+            target_modules=sorted_targets(cfg.get("target_modules")),
+            exclude_modules=sorted_targets(cfg.get("exclude_modules")),
+            modules_to_save=list(cfg.get("modules_to_save") or []),
+        )

@@ -16,6 +16,7 @@ generator seeded with ``projection_prng_key``, ``A`` first), so a file written w
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -60,8 +61,7 @@ class VeraUpdate(AdditiveUpdate):
     output ``(..., out_features)``.
     """
 
-    def __init__(self, base: nn.Module, projections: VeraProjections, r: int, d_initial: float,
-                 dropout: float = 0.0):
+    def __init__(self, base: nn.Module, projections: VeraProjections, r: int, d_initial: float, dropout: float = 0.0):
         super().__init__(base)
         self._shared = [projections]  # a list, so the shared module is registered once, on the model
         self.vera_lambda_b = nn.Parameter(torch.zeros(self.out_features, device=self.device, dtype=self.dtype))
@@ -74,7 +74,7 @@ class VeraUpdate(AdditiveUpdate):
     def _projections(self) -> tuple[torch.Tensor, torch.Tensor]:
         shared = self._shared[0]
         dtype = self.vera_lambda_d.dtype
-        return (shared.vera_A[:, :self.in_features].to(dtype), shared.vera_B[:self.out_features].to(dtype))
+        return (shared.vera_A[:, : self.in_features].to(dtype), shared.vera_B[: self.out_features].to(dtype))
 
     def forward(self, x: torch.Tensor, out: torch.Tensor, base: nn.Module) -> torch.Tensor:
         a, b = self._projections()
@@ -106,13 +106,20 @@ def attach_vera(model: nn.Module, cfg: VeraConfig, at: Attachment) -> Attached:
     shapes = {name: linear_shape(model.get_submodule(name))[:2] for name in targets}
     narrow = min(shapes, key=lambda n: min(shapes[n]))
     if cfg.r > min(shapes[narrow]):
-        raise PeftkitError(f"VeRA rank r={cfg.r} is larger than the smallest targeted dimension "
-                           f"({min(shapes[narrow])}, in {narrow})", "method.r",
-                           f"use r up to {min(shapes[narrow])}, or leave the narrow layers out of target_modules")
+        raise PeftkitError(
+            f"VeRA rank r={cfg.r} is larger than the smallest targeted dimension ({min(shapes[narrow])}, in {narrow})",
+            "method.r",
+            f"use r up to {min(shapes[narrow])}, or leave the narrow layers out of target_modules",
+        )
     in_max, out_max = (max(s[i] for s in shapes.values()) for i in (0, 1))
     projections = VeraProjections(cfg.r, in_max, out_max, cfg.projection_prng_key, cfg.save_projection, at.name)
     device = plain_layer(model.get_submodule(targets[0])).weight.device
     model.add_module(projections_name(at.name), projections.to(device))
-    wrap_targets(model, targets, lambda path, base: VeraUpdate(base, projections, cfg.r, cfg.d_initial, cfg.dropout),
-                 at.name, at.routing)
+    wrap_targets(
+        model,
+        targets,
+        lambda path, base: VeraUpdate(base, projections, cfg.r, cfg.d_initial, cfg.dropout),
+        at.name,
+        at.routing,
+    )
     return Attached(replaced=targets)

@@ -43,16 +43,36 @@ from ..generation import Sequence
 from ..multi import NamedModel, load_named, predict_rows
 from ..predict import lm_encoder
 from .page import page_html, read_runs, run_of
-from .protocol import (ChatRequest, Sampling, bad, chat_prompt, completion, new_id, parse_chat, parse_classify, parse_completion,
-                       parse_sampling, read_json, sse)
-from .workers import (AdapterStore, ApiError, Batcher, Generator, GenWork, Job, Limits, Metrics, TextStream,
-                      served_path)
+from .protocol import (
+    ChatRequest,
+    Sampling,
+    bad,
+    chat_prompt,
+    completion,
+    new_id,
+    parse_chat,
+    parse_classify,
+    parse_completion,
+    parse_sampling,
+    read_json,
+    sse,
+)
+from .workers import AdapterStore, ApiError, Batcher, Generator, GenWork, Job, Limits, Metrics, TextStream, served_path
+
 
 class Service:
     """What the endpoints do, over one :class:`~.multi.NamedModel` (classifiers or causal LMs)."""
 
-    def __init__(self, named: NamedModel, limits: Limits, api_key: str | None = None, adapters_dir: Path | None = None,
-                 runs: Path | None = None, fixed: list[str] | None = None, thread: bool = True):
+    def __init__(
+        self,
+        named: NamedModel,
+        limits: Limits,
+        api_key: str | None = None,
+        adapters_dir: Path | None = None,
+        runs: Path | None = None,
+        fixed: list[str] | None = None,
+        thread: bool = True,
+    ):
         self.named, self.limits, self.api_key, self.runs = named, limits, api_key, runs
         self.metrics = Metrics()
         self.store = AdapterStore(named, adapters_dir, limits.max_adapters, self.metrics, fixed)
@@ -60,9 +80,16 @@ class Service:
         if self.causal:
             self.worker: Generator | Batcher = Generator(named, self.render, self.store, limits, self.metrics, thread)
         else:
-            self.worker = Batcher(lambda texts, names: self._classify_rows(predict_rows, texts, names), self.store,
-                                  limits, self.metrics, thread)
-        self._encoders: dict[str | None, tuple[AdapterFiles | None, LMEncoder]] = {}  # adapter -> (its files, its prompt format)
+            self.worker = Batcher(
+                lambda texts, names: self._classify_rows(predict_rows, texts, names),
+                self.store,
+                limits,
+                self.metrics,
+                thread,
+            )
+        self._encoders: dict[
+            str | None, tuple[AdapterFiles | None, LMEncoder]
+        ] = {}  # adapter -> (its files, its prompt format)
 
     # ---- shared by the endpoints ----
     def error(self, exc: ApiError, endpoint: str, adapter: str = "") -> JSONResponse:
@@ -78,8 +105,12 @@ class Service:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), self.api_key.encode()):
-            raise ApiError(401, "authentication_error", "a valid 'Authorization: Bearer KEY' header is required",
-                           {"WWW-Authenticate": "Bearer"})
+            raise ApiError(
+                401,
+                "authentication_error",
+                "a valid 'Authorization: Bearer KEY' header is required",
+                {"WWW-Authenticate": "Bearer"},
+            )
 
     async def body(self, request: Request, shape: str) -> dict[str, Any]:
         """The request's JSON object, read up to the body limit (413 past it)."""
@@ -98,16 +129,26 @@ class Service:
                 raise too_large
         data = read_json(bytes(body), shape)
         name = data.get("adapter", data.get("model"))
-        if isinstance(name, str) and (name in self.named.names or self.store.path(name) or
-                                      (self.causal and name == self.named.base_model)):
+        if isinstance(name, str) and (
+            name in self.named.names or self.store.path(name) or (self.causal and name == self.named.base_model)
+        ):
             request.state.adapter = name  # the metrics' adapter label: only names that exist
         return data
 
     def models(self) -> list[dict[str, Any]]:
         task = self.named.task
-        data = [{"id": name, "object": "model", "owned_by": "peftkit", "task": task,
-                 "labels": self.named.label_names.get(name), "base": self.named.base_model, "loaded":
-                 name in self.named.names} for name in self.store.available()]
+        data = [
+            {
+                "id": name,
+                "object": "model",
+                "owned_by": "peftkit",
+                "task": task,
+                "labels": self.named.label_names.get(name),
+                "base": self.named.base_model,
+                "loaded": name in self.named.names,
+            }
+            for name in self.store.available()
+        ]
         for entry in data:
             folder = self._folder_of(entry["id"])
             run = run_of(self.runs, folder)  # the training run it came from, where --runs shows it
@@ -116,11 +157,21 @@ class Service:
             if self.causal:  # what a completion's prompt goes through, as `peftkit generate` sends it
                 files = self.named.files.get(entry["id"]) or read_adapter(folder)
                 entry["labels"] = files.meta.get("label_names")
-                entry["prompt_format"] = {key: files.meta.get(key) for key in ("prompt_template", "chat_template",
-                                                                                "system_prompt")}
+                entry["prompt_format"] = {
+                    key: files.meta.get(key) for key in ("prompt_template", "chat_template", "system_prompt")
+                }
         if self.causal:
-            data.append({"id": self.named.base_model, "object": "model", "owned_by": "peftkit", "task": task,
-                         "labels": None, "base": None, "loaded": True})
+            data.append(
+                {
+                    "id": self.named.base_model,
+                    "object": "model",
+                    "owned_by": "peftkit",
+                    "task": task,
+                    "labels": None,
+                    "base": None,
+                    "loaded": True,
+                }
+            )
         return data
 
     def _folder_of(self, name: str) -> Path | None:
@@ -128,8 +179,9 @@ class Service:
         return Path(files.path) if files is not None and files.path else self.store.path(name)
 
     # ---- classification ----
-    def _classify_rows(self, predict_rows: Callable[..., list[np.ndarray]], texts: list[str], names: list[str]
-                       ) -> list[tuple[np.ndarray, bool]]:
+    def _classify_rows(
+        self, predict_rows: Callable[..., list[np.ndarray]], texts: list[str], names: list[str]
+    ) -> list[tuple[np.ndarray, bool]]:
         """Each text's probabilities under its adapter, and whether it was cut to the adapter's
         max_length (on the worker thread)."""
         rows = predict_rows(self.named, texts, names, batch_size=self.limits.max_batch)
@@ -168,7 +220,9 @@ class Service:
         files = self.named.files.get(adapter) if adapter else None
         cached = self._encoders.get(adapter)
         if cached is None or cached[0] is not files:  # new, or its folder was loaded again
-            encoder = lm_encoder(self.named.tokenizer, files) if files else LMEncoder(self.named.tokenizer, DataConfig())
+            encoder = (
+                lm_encoder(self.named.tokenizer, files) if files else LMEncoder(self.named.tokenizer, DataConfig())
+            )
             self._encoders[adapter] = cached = (files, encoder)
         return cached[1]
 
@@ -188,8 +242,10 @@ class Service:
             ids, stops = enc.prompt_for(work.prompt, raw), [tok.eos_token_id] if raw else enc.stop_ids
         window = getattr(self.named.model.config, "max_position_embeddings", None) or 1 << 30
         if len(ids) > self.limits.max_input_tokens or len(ids) + s.max_tokens > window:
-            raise bad(f"the prompt is {len(ids)} tokens; with max_tokens={s.max_tokens} at most "
-                      f"{min(self.limits.max_input_tokens, window - s.max_tokens)} fit")
+            raise bad(
+                f"the prompt is {len(ids)} tokens; with max_tokens={s.max_tokens} at most "
+                f"{min(self.limits.max_input_tokens, window - s.max_tokens)} fit"
+            )
         seq = Sequence(ids, s.max_tokens, adapter, s.temperature, s.top_p, frozenset(t for t in stops if t is not None))
         return seq, TextStream(tok, s.stop)
 
@@ -203,8 +259,12 @@ class Service:
         raw = asked.raw
         adapter = None if s.model == self.named.base_model else self.store.check(s.model)
         events: asyncio.Queue = asyncio.Queue()
-        job = Job(adapter, GenWork(kind, s, prompt, raw), asyncio.get_running_loop(),
-                  lambda value, error: events.put_nowait((value, error)))
+        job = Job(
+            adapter,
+            GenWork(kind, s, prompt, raw),
+            asyncio.get_running_loop(),
+            lambda value, error: events.put_nowait((value, error)),
+        )
         self.worker.submit(job)
         try:
             first = await self._event(events, job)
@@ -231,8 +291,9 @@ class Service:
             raise error
         return value
 
-    def _stream(self, kind: str, s: Sampling, job: Job, events: asyncio.Queue, first: tuple[str, str | None]
-                ) -> StreamingResponse:
+    def _stream(
+        self, kind: str, s: Sampling, job: Job, events: asyncio.Queue, first: tuple[str, str | None]
+    ) -> StreamingResponse:
         ident = new_id(kind)
 
         async def chunks() -> AsyncIterator[bytes]:
@@ -273,8 +334,11 @@ async def _drain(chunks: AsyncIterator[bytes]) -> None:
 
 
 def _usage(seq: Sequence) -> dict[str, int]:
-    return {"prompt_tokens": len(seq.prompt), "completion_tokens": len(seq.tokens),
-            "total_tokens": len(seq.prompt) + len(seq.tokens)}
+    return {
+        "prompt_tokens": len(seq.prompt),
+        "completion_tokens": len(seq.tokens),
+        "total_tokens": len(seq.prompt) + len(seq.tokens),
+    }
 
 
 def _settle(future: asyncio.Future, value: Any, error: BaseException | None) -> None:
@@ -286,9 +350,15 @@ def _settle(future: asyncio.Future, value: Any, error: BaseException | None) -> 
         future.set_result(value)
 
 
-def create_app(named: NamedModel, limits: Limits | None = None, api_key: str | None = None,
-               adapters_dir: Path | None = None, runs: Path | None = None, fixed: list[str] | None = None,
-               thread: bool = True) -> FastAPI:
+def create_app(
+    named: NamedModel,
+    limits: Limits | None = None,
+    api_key: str | None = None,
+    adapters_dir: Path | None = None,
+    runs: Path | None = None,
+    fixed: list[str] | None = None,
+    thread: bool = True,
+) -> FastAPI:
     """The FastAPI app over ``named`` (a :class:`~.multi.NamedModel`); ``fixed`` are the adapters
     that stay loaded (default: all of ``named``'s), the others came from ``adapters_dir``. Its
     worker (``app.state.service.worker``) runs on a thread of its own, or, without ``thread``,
@@ -309,7 +379,9 @@ def create_app(named: NamedModel, limits: Limits | None = None, api_key: str | N
                     return service.error(exc, name, getattr(request.state, "adapter", ""))
                 service.done(name, getattr(request.state, "adapter", ""), start)
                 return answer
+
             return getattr(app, method)(path)(run)
+
         return register
 
     @app.get("/health")
@@ -349,15 +421,25 @@ def create_app(named: NamedModel, limits: Limits | None = None, api_key: str | N
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"error": {"message": f"internal error: {type(exc).__name__}", "type": "server_error"}},
-                            500)
+        return JSONResponse(
+            {"error": {"message": f"internal error: {type(exc).__name__}", "type": "server_error"}}, 500
+        )
 
     return app
 
 
-def serve(specs: list[tuple[str, Path]], *, model: str | None = None, adapters_dir: str | Path | None = None,
-          runs: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          limits: Limits | None = None, echo: Callable[[str], object] = print) -> int:
+def serve(
+    specs: list[tuple[str, Path]],
+    *,
+    model: str | None = None,
+    adapters_dir: str | Path | None = None,
+    runs: str | Path | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    limits: Limits | None = None,
+    echo: Callable[[str], object] = print,
+) -> int:
     """Load the adapters and serve them until SIGINT/SIGTERM (uvicorn stops accepting, lets the
     requests in flight finish, then returns); returns the exit code.
 
@@ -374,17 +456,27 @@ def serve(specs: list[tuple[str, Path]], *, model: str | None = None, adapters_d
             found = sorted(p.name for p in folder.iterdir() if served_path(folder, p.name)) if folder else []
             first = [(found[0], folder / found[0])] if found else [None]
             if first[0] is None:
-                raise PeftkitError("nothing to serve", "--adapter", "name an adapter (--adapter NAME=DIR), or put adapter "
-                                   "folders in --adapters-dir")
+                raise PeftkitError(
+                    "nothing to serve",
+                    "--adapter",
+                    "name an adapter (--adapter NAME=DIR), or put adapter folders in --adapters-dir",
+                )
         for name, path in first:
             if not (Path(path) / WEIGHTS_FILE).is_file():
-                raise PeftkitError(f"adapter {name!r} has no {WEIGHTS_FILE}; serve reads safetensors only", str(path),
-                                   "save the adapter again with peftkit or peft (safetensors)")
+                raise PeftkitError(
+                    f"adapter {name!r} has no {WEIGHTS_FILE}; serve reads safetensors only",
+                    str(path),
+                    "save the adapter again with peftkit or peft (safetensors)",
+                )
         named = load_named(first, model)
         tokens = [n for n in named.names if named.task == "causal_lm" and named.adapters.adds_tokens(n)]
         if tokens:
-            raise PeftkitError(f"{tokens[0]!r} is a prompt or prefix causal-LM adapter; serve generates with LoRA and "
-                               "IA3 adapters so far", "--adapter", "serve it with peftkit generate")
+            raise PeftkitError(
+                f"{tokens[0]!r} is a prompt or prefix causal-LM adapter; serve generates with LoRA and "
+                "IA3 adapters so far",
+                "--adapter",
+                "serve it with peftkit generate",
+            )
         app = create_app(named, limits, api_key, folder, runs, fixed=[n for n, _ in specs], thread=False)
         shown = ", ".join(named.names) + (f" and the adapters in {folder}" if folder else "")
         echo(f"serving {shown} on {named.base_model} at http://{host}:{port}")
@@ -408,8 +500,11 @@ def _listen(host: str, port: int) -> socket.socket:
     except OSError as exc:
         if sock is not None:
             sock.close()
-        raise PeftkitError(f"cannot listen on {host}:{port} ({exc.strerror or exc})", "--port",
-                           "pick a free port, or stop what uses it") from None
+        raise PeftkitError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc})",
+            "--port",
+            "pick a free port, or stop what uses it",
+        ) from None
     return sock
 
 
@@ -450,6 +545,7 @@ def _folder(path: str | Path, flag: str) -> Path:
 def _server_class() -> type:
     """uvicorn's Server class for a thread that is not the main one (built here, once uvicorn is
     imported): the main thread takes the signals (:func:`_run`)."""
+
     class Server(uvicorn.Server):
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:

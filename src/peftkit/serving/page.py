@@ -14,8 +14,15 @@ import yaml
 
 PAGE = Path(__file__).with_name("page.html")
 #: the summary fields the page shows (the rest, such as confusion matrices, stay on disk)
-SUMMARY_KEYS = ("trainable_params", "trainable_percent", "best_step", "train_seconds", "examples_per_s",
-                "validation", "test")
+SUMMARY_KEYS = (
+    "trainable_params",
+    "trainable_percent",
+    "best_step",
+    "train_seconds",
+    "examples_per_s",
+    "validation",
+    "test",
+)
 
 
 @lru_cache(maxsize=1)
@@ -66,8 +73,11 @@ def _run(folder: Path, path: Path) -> dict[str, Any] | None:
     if isinstance(method, dict) and isinstance(method.get("name"), str):
         summary["method"] = method["name"]
     train = [[r["step"], r["loss"]] for r in records if r.get("type") == "train" and "loss" in r]
-    val = [{k: v for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-           for r in records if r.get("type") == "eval" and r.get("split") == "validation"]
+    val = [
+        {k: v for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for r in records
+        if r.get("type") == "eval" and r.get("split") == "validation"
+    ]
     return {"name": _name(folder, path), "summary": summary, "train": train, "validation": val}
 
 

@@ -64,8 +64,9 @@ class ClassifyRequest(_Body):
     def _adapter(cls, value: Any, info: ValidationInfo) -> str:
         value = info.context.get("only") if value is None else value
         if not isinstance(value, str):
-            raise ValueError("'adapter' must be a string: the name of a loaded adapter (it may be left out when "
-                             "the server has one)")
+            raise ValueError(
+                "'adapter' must be a string: the name of a loaded adapter (it may be left out when the server has one)"
+            )
         return value
 
     @field_validator("texts", mode="before")
@@ -183,17 +184,18 @@ class ChatRequest(_Body):
     @classmethod
     def _messages(cls, value: Any) -> list[dict[str, str]]:
         if not isinstance(value, list) or not value:
-            raise ValueError("'messages' must be a non-empty list of {\"role\", \"content\"} objects")
+            raise ValueError('\'messages\' must be a non-empty list of {"role", "content"} objects')
         out = []
         for i, m in enumerate(value):
             content = m.get("content") if isinstance(m, dict) else None
             if isinstance(content, list):
-                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                           for p in content):
+                if not all(
+                    isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+                ):
                     raise ValueError(f"messages[{i}].content: only text parts are understood")
                 content = "".join(p["text"] for p in content)
             if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(content, str):
-                raise ValueError(f"messages[{i}] must be {{\"role\": one of {', '.join(ROLES)}, \"content\": a string}}")
+                raise ValueError(f'messages[{i}] must be {{"role": one of {", ".join(ROLES)}, "content": a string}}')
             out.append({"role": m["role"], "content": content})
         return out
 
@@ -234,8 +236,16 @@ def chat_prompt(tokenizer: Any, messages: list[dict[str, str]], system: str | No
     return tokenizer(text)["input_ids"]
 
 
-def completion(kind: str, model: str, text: str, finish: str | None, usage: dict[str, int] | None = None,
-               ident: str | None = None, chunk: bool = False, first: bool = False) -> dict[str, Any]:
+def completion(
+    kind: str,
+    model: str,
+    text: str,
+    finish: str | None,
+    usage: dict[str, int] | None = None,
+    ident: str | None = None,
+    chunk: bool = False,
+    first: bool = False,
+) -> dict[str, Any]:
     """One answer (or, with ``chunk``, one streamed piece) of a completion or chat request."""
     if kind == "chat":
         if chunk:
@@ -247,8 +257,7 @@ def completion(kind: str, model: str, text: str, finish: str | None, usage: dict
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
         obj = "text_completion"
-    out = {"id": ident or new_id(kind), "object": obj, "created": int(time.time()), "model": model,
-           "choices": [choice]}
+    out = {"id": ident or new_id(kind), "object": obj, "created": int(time.time()), "model": model, "choices": [choice]}
     if usage is not None:
         out["usage"] = usage
     return out

@@ -75,10 +75,19 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("peftkit_requests", "requests answered", ["endpoint", "adapter", "status"], registry=r)
-        self.latency = Histogram("peftkit_request_seconds", "time to answer a request", ["endpoint"], registry=r,
-                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
-        self.batch_size = Histogram("peftkit_batch_rows", "rows per forward pass (texts, or generating sequences)",
-                                    registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.latency = Histogram(
+            "peftkit_request_seconds",
+            "time to answer a request",
+            ["endpoint"],
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.batch_size = Histogram(
+            "peftkit_batch_rows",
+            "rows per forward pass (texts, or generating sequences)",
+            registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        )
         self.queue_depth = Gauge("peftkit_queue_depth", "requests waiting for the worker", registry=r)
         self.adapters = Gauge("peftkit_adapters_loaded", "adapters in memory", registry=r)
         self.generating = Gauge("peftkit_generating", "sequences in the running generation batch", registry=r)
@@ -96,12 +105,19 @@ class AdapterStore:
     Names are checked before any path is built: letters, digits, ``_`` and ``-`` only, and the
     folder must resolve inside ``folder`` (a symlink out of it is refused)."""
 
-    def __init__(self, named: Any, folder: Path | None, capacity: int, metrics: Metrics | None = None,
-                 fixed: list[str] | None = None):
+    def __init__(
+        self,
+        named: Any,
+        folder: Path | None,
+        capacity: int,
+        metrics: Metrics | None = None,
+        fixed: list[str] | None = None,
+    ):
         self.named, self.folder, self.capacity, self.metrics = named, folder, capacity, metrics
         self.fixed = list(named.names if fixed is None else fixed)
-        self.loaded: OrderedDict[str, float] = OrderedDict((n, _stamp(self.path(n))) for n in named.names
-                                                           if n not in self.fixed)
+        self.loaded: OrderedDict[str, float] = OrderedDict(
+            (n, _stamp(self.path(n))) for n in named.names if n not in self.fixed
+        )
         self._count()
 
     def available(self) -> list[str]:
@@ -143,7 +159,7 @@ class AdapterStore:
         except PeftkitError as exc:
             raise ApiError(400, "invalid_request_error", f"adapter {name!r} cannot be served: {exc.what}") from None
         self.loaded[name] = stamp
-        for old in [n for n in self.loaded if n not in busy and n != name][:max(0, len(self.loaded) - self.capacity)]:
+        for old in [n for n in self.loaded if n not in busy and n != name][: max(0, len(self.loaded) - self.capacity)]:
             self._unload(old)
         self._count()
 
@@ -256,8 +272,9 @@ class Batcher(Worker):
     """Classification: requests for any adapters gathered into mixed batches (``compute(texts,
     names)`` -> one probability row per text) under the time and size budget of ``limits``."""
 
-    def __init__(self, compute: Any, store: AdapterStore, limits: Limits, metrics: Metrics | None = None,
-                 start: bool = True):
+    def __init__(
+        self, compute: Any, store: AdapterStore, limits: Limits, metrics: Metrics | None = None, start: bool = True
+    ):
         self.compute = compute
         super().__init__(store, limits, metrics, start)
 
@@ -296,7 +313,7 @@ class Batcher(Worker):
                 self.metrics.batch_size.observe(len(texts))
             start = 0
             for j in batch:
-                j.send(rows[start:start + len(j.payload)])
+                j.send(rows[start : start + len(j.payload)])
                 start += len(j.payload)
             self._trim()
 
@@ -318,8 +335,15 @@ class Generator(Worker):
     """Generation with continuous batching. A job's payload is a :class:`GenWork`; it is sent
     ``(text delta, finish reason or None)`` as tokens come, until the finish reason."""
 
-    def __init__(self, named: Any, render: Any, store: AdapterStore, limits: Limits, metrics: Metrics | None = None,
-                 start: bool = True):
+    def __init__(
+        self,
+        named: Any,
+        render: Any,
+        store: AdapterStore,
+        limits: Limits,
+        metrics: Metrics | None = None,
+        start: bool = True,
+    ):
         self.render = render  # (GenWork, adapter) -> (Sequence, TextStream), or ApiError
         self.decoder = StepDecoder(named.model, named.tokenizer.pad_token_id, around=named.adapters.per_row)
         super().__init__(store, limits, metrics, start)
@@ -406,5 +430,5 @@ class TextStream:
                 end -= 1
             held = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
             end = max(self.sent, min(end, len(text) - held))
-        delta, self.sent = text[self.sent:end], max(self.sent, end)
+        delta, self.sent = text[self.sent : end], max(self.sent, end)
         return delta
