@@ -189,7 +189,7 @@ def child_inference(s: dict) -> dict:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from peftkit.methods.base import merge_and_unload
-    from peftkit.predict import load_adapted_classifier
+    from peftkit.multi import load_adapted_classifier
 
     tok = AutoTokenizer.from_pretrained(s["model"])
     texts = [r[s["text_column"]] for r in read_jsonl(Path(s["validation"]))]

@@ -22,7 +22,7 @@ from _shared import command  # noqa: E402
 
 def change(name_dir: str) -> tuple[str, float, float, int]:
     from peftkit.methods import merge_and_unload
-    from peftkit.predict import load_adapted_classifier
+    from peftkit.multi import load_adapted_classifier
 
     name, _, folder = name_dir.partition("=")
     clf = load_adapted_classifier(folder)

@@ -163,7 +163,7 @@ def tuned_bert_dir(tmp_path_factory, tiny_bert_dir, sentiment_dir) -> Path:
     """
     from peftkit import load_recipe
     from peftkit.methods import merge_and_unload
-    from peftkit.predict import load_adapted_classifier
+    from peftkit.multi import load_adapted_classifier
     from peftkit.train import train
 
     path = tmp_path_factory.mktemp("tuned-bert")

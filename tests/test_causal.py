@@ -206,7 +206,7 @@ def test_causal_lm_training_learns_labelled_prompts(lm_run):
 
 def test_merged_and_unmerged_adapters_generate_the_same_greedy_tokens(lm_run):
     from peftkit.methods import merge_and_unload
-    from peftkit.predict import load_adapted_lm
+    from peftkit.multi import load_adapted_lm
 
     lm = load_adapted_lm(lm_run[0] / "adapter")
     prompts = [lm.prompt_ids(t) for t in ["the film was great", "a dull and tedious story", "hello"]]
@@ -253,7 +253,7 @@ def test_lm_adapter_loads_in_peft_with_the_same_logits(lm_run, tiny_llama_dir):
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
-    from peftkit.predict import load_adapted_lm
+    from peftkit.multi import load_adapted_lm
 
     ids = torch.tensor([[5, 8, 9, 39, 41, 12, 11, 13, 7, 6]])
     ours = load_adapted_lm(lm_run[0] / "adapter")
@@ -268,7 +268,7 @@ def test_lm_adapter_loads_in_peft_with_the_same_logits(lm_run, tiny_llama_dir):
 def test_a_peft_lora_on_gpt2_conv1d_loads_for_generation(tmp_path):
     """peft -> peftkit for a causal LM whose linear layers are Conv1D (fan-in/fan-out)."""
     peft = pytest.importorskip("peft")
-    from peftkit.predict import load_adapted_lm
+    from peftkit.multi import load_adapted_lm
 
     base = build_lm("gpt2")
     base.save_pretrained(tmp_path / "base")
@@ -298,7 +298,7 @@ def test_a_peft_lora_on_gpt2_conv1d_loads_for_generation(tmp_path):
 @pytest.mark.parametrize("method", ["lora", "adapter", "prefix", "prompt", "ia3", "bitfit", "full"])
 def test_every_method_trains_a_decoder_and_generates(method, tmp_path, tiny_llama_dir, sentiment_dir):
     from peftkit import load_recipe
-    from peftkit.predict import load_adapted_lm
+    from peftkit.multi import load_adapted_lm
     from peftkit.train import train
 
     extra = {"method.target_modules": "all-linear"} if method == "lora" else {}

@@ -116,7 +116,7 @@ def test_merge_refuses_methods_that_cannot_merge(tiny_bert_dir, sentiment_dir, t
         )
         == 0
     )
-    from peftkit.predict import load_adapted_classifier
+    from peftkit.multi import load_adapted_classifier
 
     row = json.loads((tmp_path / "p.jsonl").read_text())
     probs, _ = load_adapted_classifier(tmp_path / "run" / "adapter").predict_proba(["a good movie"])

@@ -272,7 +272,7 @@ def test_loraplus_gives_the_b_factors_their_own_lr():
 )
 def test_dora_loraplus_and_pissa_runs_train_save_and_predict(options, tuned_bert_dir, sentiment_dir, tmp_path):
     from peftkit import load_recipe
-    from peftkit.predict import load_adapted_classifier
+    from peftkit.multi import load_adapted_classifier
     from peftkit.train import train
 
     from .conftest import tiny_recipe
@@ -307,12 +307,12 @@ def test_named_adapters_take_dora_and_refuse_residual_inits_and_combine_refuses_
     named.add("d", files.method_config(), read_adapter_weights(tmp_path / "dora", files.method_config()))
     named.set_active("d")
     assert (logits(named.model) - logits(ours)).abs().max() <= 1e-5  # a DoRA adapter computes as it did alone
-    named.delete("d")
-    assert named.names == []
     pissa = LoraConfig(r=4, target_modules=["query"], init_lora_weights="pissa", rank_pattern={"query": 2})
     with pytest.raises(PeftkitError, match="init_lora_weights=pissa cannot share a base") as err:
         named.add("p", pissa, {})  # a pattern beside the residual init must not hide it
-    assert "\n" not in str(err.value) and named.names == []
+    assert "\n" not in str(err.value) and named.names == ["d"]
+    named.delete("d")
+    assert named.names == []
     capsys.readouterr()
     expect_error(
         capsys,

@@ -36,7 +36,7 @@ def lm_adapter(base_dir, folder, seed: int, method=None, meta=None):
 
 def unmerged_answers(adapter, max_new_tokens: int = 8) -> list[str]:
     from peftkit.generation import generate
-    from peftkit.predict import load_adapted_lm
+    from peftkit.multi import load_adapted_lm
 
     lm = load_adapted_lm(adapter)
     return generate(
@@ -135,7 +135,7 @@ def test_merge_from_a_quantized_base_is_the_dequantized_base_plus_the_update(bit
     from transformers import AutoModelForCausalLM
 
     from peftkit.methods.base import trainable_parameters
-    from peftkit.predict import load_adapted_lm
+    from peftkit.multi import load_adapted_lm
     from peftkit.quantize import dequantize_model
 
     a = lm_adapter(tiny_llama_dir, tmp_path / "a", 1)
@@ -169,9 +169,8 @@ def test_generate_merge_on_a_quantized_base_is_refused_on_one_line(tiny_llama_di
 
 def test_merging_a_model_with_a_quantized_base_in_place_is_refused(tiny_llama_dir, tmp_path):
     from peftkit import PeftkitError
-    from peftkit.methods import merge_and_unload
-    from peftkit.predict import load_adapted_lm
+    from peftkit.multi import load_adapted_lm
 
     lm = load_adapted_lm(lm_adapter(tiny_llama_dir, tmp_path / "a", 1), quantize=8)
     with pytest.raises(PeftkitError, match="cannot merge into quantized weights"):
-        merge_and_unload(lm.model)
+        lm.adapters.merge_and_unload(lm.name)

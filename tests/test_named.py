@@ -359,7 +359,7 @@ def test_cli_generate_answers_each_row_with_its_adapter(tiny_llama_dir, tmp_path
     from peftkit.cli import main
     from peftkit.generation import generate
     from peftkit.methods import apply_method, save_adapter
-    from peftkit.predict import load_adapted_lm
+    from peftkit.multi import load_adapted_lm
 
     for name, seed in (("left", 3), ("right", 4)):
         model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
@@ -409,8 +409,7 @@ def test_cli_generate_answers_each_row_with_its_adapter(tiny_llama_dir, tmp_path
 
 @pytest.mark.skipif(not __import__("importlib").util.find_spec("bitsandbytes"), reason="needs bitsandbytes")
 def test_named_adapters_on_a_quantized_base_match_each_adapter_alone(tiny_bert_dir, tmp_path):
-    from peftkit.multi import load_named, parse_specs, predict_rows
-    from peftkit.predict import load_adapted_classifier
+    from peftkit.multi import load_adapted_classifier, load_named, parse_specs, predict_rows
 
     saved_classifier(tiny_bert_dir, tmp_path / "a", ["negative", "positive"], 1)
     saved_classifier(tiny_bert_dir, tmp_path / "b", ["x", "y", "z"], 2, ("query", "key", "dense"))

@@ -161,7 +161,7 @@ def test_cli_predict_mixes_prompt_prefix_and_lora_rows(tiny_bert_dir, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     from peftkit.cli import main
-    from peftkit.predict import load_adapted_classifier
+    from peftkit.multi import load_adapted_classifier
 
     labels = {"lora": ["negative", "positive"], "prompt": ["no", "yes", "maybe"], "prefix": ["bad", "good"]}
     for seed, (name, method) in enumerate(METHODS.items(), 1):

@@ -56,7 +56,7 @@ def offline(lm_adapters):
 def lm_oracle(lm_adapters: dict[str, Path]):
     """``answer(adapter, prompt, max_tokens, chat)``: the adapter's own greedy generation."""
     from peftkit.generation import generate
-    from peftkit.predict import load_adapted_lm
+    from peftkit.multi import load_adapted_lm
 
     alone = {name: load_adapted_lm(path) for name, path in lm_adapters.items()}
 
@@ -368,7 +368,7 @@ def test_the_openai_client_streams_a_chat_answer_from_a_smollm2_adapter(tmp_path
     from peftkit.assets import resolve_model
     from peftkit.generation import generate
     from peftkit.methods import LoraConfig, apply_method, save_adapter
-    from peftkit.predict import load_adapted_lm
+    from peftkit.multi import load_adapted_lm
 
     base = resolve_model("smollm2-135m")
     model = AutoModelForCausalLM.from_pretrained(base)

@@ -165,7 +165,7 @@ def test_causal_lm_runs_train_and_generate(name, tiny_llama_dir, sentiment_dir, 
         == 0
     )
     from peftkit.generation import generate
-    from peftkit.predict import load_adapted_lm
+    from peftkit.multi import load_adapted_lm
 
     got = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     lm = load_adapted_lm(tmp_path / "run" / "adapter")

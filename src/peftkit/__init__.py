@@ -43,7 +43,8 @@ _EXPORTS = {
     "load_adapter": "methods.saving",
     "RunConfig": "config",
     "load_recipe": "config",
-    "load_adapted_classifier": "predict",
+    "load_adapted_classifier": "multi",
+    "load_adapted_lm": "multi",
     "evaluate_adapter": "predict",
     "merge_to_folder": "predict",
 }

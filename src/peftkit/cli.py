@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import Interrupted, PeftkitError
+
+# Each subcommand imports what it runs inside its own function: `peftkit --help` and a recipe's
+# validation errors answer before torch and transformers load (tests/test_cli.py checks it).
 from .fsio import STDIO
 
 
@@ -74,24 +77,14 @@ def _compare(args: argparse.Namespace) -> int:
     return 1 if any("error" in r for r in rows) else 0
 
 
-def _load(args: argparse.Namespace):
-    from .models import quiet_transformers
-    from .predict import load_adapted_classifier
-
-    quiet_transformers()
-    return load_adapted_classifier(args.adapter, args.model, quantize=args.quantize)
-
-
-def _named_specs(args: argparse.Namespace) -> list | None:
-    """The named adapters ``--adapter`` asks for, or None for one plain adapter folder (then
-    ``args.adapter`` becomes that folder)."""
+def _adapters(args: argparse.Namespace) -> tuple[list, bool]:
+    """The adapters ``--adapter`` names, as ``(name, folder)`` pairs, and whether it named one plain
+    folder (whose outputs then look as they always did: no ``adapter`` fields, one result)."""
     from .multi import parse_specs
 
     specs = parse_specs(args.adapter)
-    if len(args.adapter) == 1 and len(specs) == 1 and specs[0][1] == Path(args.adapter[0]):
-        args.adapter = args.adapter[0]
-        return None
-    return specs
+    single = len(args.adapter) == 1 and len(specs) == 1 and specs[0][1] == Path(args.adapter[0])
+    return specs, single
 
 
 def _load_named(args: argparse.Namespace, specs: list):
@@ -104,33 +97,28 @@ def _load_named(args: argparse.Namespace, specs: list):
 
 def _predict(args: argparse.Namespace) -> int:
     from .fsio import atomic_write_text
+    from .multi import predict_rows, row_adapters
     from .predict import LINE, is_causal_lm_adapter, read_rows
 
     rows = read_rows(args.input, args.text_field)
     texts = [str(r[args.text_field]) for r in rows]
-    specs = _named_specs(args)
-    for path in [args.adapter] if specs is None else [p for _, p in specs]:
+    specs, single = _adapters(args)
+    for _, path in specs:
         if is_causal_lm_adapter(path):
             raise PeftkitError(
                 "this is a causal-LM adapter: predict classifies texts with a classifier adapter",
                 str(path),
                 f"answer with: peftkit generate --adapter {path} --input FILE (or peftkit eval for its metrics)",
             )
-    if specs is None:
-        clf = _load(args)
-        probs, _ = clf.predict_proba(texts, batch_size=args.batch_size)
-        labels, names = [clf.label_names] * len(rows), [None] * len(rows)
-    else:
-        from .multi import predict_rows, row_adapters
-
-        names = row_adapters(rows, [n for n, _ in specs], args.input)  # before the slow load
-        named = _load_named(args, specs)
-        probs = predict_rows(named, texts, names, batch_size=args.batch_size)
-        labels = [named.label_names[n] for n in names]
+    known = [n for n, _ in specs]
+    names = [known[0]] * len(rows) if single else row_adapters(rows, known, args.input)  # before the slow load
+    named = _load_named(args, specs)
+    probs = predict_rows(named, texts, names, batch_size=args.batch_size)
     lines = []
-    for row, p, label_names, name in zip(rows, probs, labels, names):
+    for row, p, name in zip(rows, probs, names):
+        label_names = named.label_names[name]
         out = {"line": row[LINE], **({"id": row["id"]} if "id" in row else {}), "text": row[args.text_field]}
-        if name is not None:
+        if not single:
             out["adapter"] = name
         out["label"] = label_names[int(p.argmax())]
         out["scores"] = {n: round(float(v), 6) for n, v in zip(label_names, p)}
@@ -141,35 +129,31 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .predict import evaluate_adapter, is_causal_lm_adapter
+    from .multi import evaluate_each
 
-    specs = _named_specs(args)
-    if specs is not None:
-        return _eval_named(args, specs)
-    output = args.output or str(Path(args.adapter).resolve().parent / f"eval-{args.split}.json")
+    specs, single = _adapters(args)
+    if not single and not args.output:
+        raise PeftkitError("several adapters need --output", "eval", "pass --output FILE.json (or - for stdout)")
+    output = args.output or str(Path(args.adapter[0]).resolve().parent / f"eval-{args.split}.json")
     say = _status_printer(output)
-    if is_causal_lm_adapter(args.adapter):
-        from .models import quiet_transformers
-        from .predict import evaluate_lm_adapter, load_adapted_lm
-
-        quiet_transformers()
-        lm = load_adapted_lm(args.adapter, args.model, quantize=args.quantize)
-        result = evaluate_lm_adapter(
-            lm, args.data, args.split, max_samples=args.max_samples, batch_size=args.batch_size
-        )
-        say(f"{result['dataset']} [{result['split']}] {_metrics_line(result)}")
-    else:
-        result = evaluate_adapter(
-            _load(args),
-            args.data,
-            args.split,
-            text_column=args.text_column,
-            label_column=args.label_column,
-            max_samples=args.max_samples,
-            batch_size=args.batch_size,
-        )
-        _print_classification(result, say)
-    _write_result(output, result, say)
+    named = _load_named(args, specs)
+    result = evaluate_each(
+        named,
+        args.data,
+        args.split,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        max_samples=args.max_samples,
+        batch_size=args.batch_size,
+    )
+    for name, one in result["adapters"].items():
+        if not single:
+            say(f"== {name}")
+        if "confusion_matrix" in one:
+            _print_classification(one, say)
+        else:
+            say(f"{one['dataset']} [{one['split']}] {_metrics_line(one)}")
+    _write_result(output, result["adapters"][specs[0][0]] if single else result, say)
     return 0
 
 
@@ -200,53 +184,22 @@ def _print_classification(result: dict, say=print) -> None:
         say(f"{name:>{width}}" + "".join(f"{v:>{width}}" for v in row))
 
 
-def _eval_named(args: argparse.Namespace, specs: list) -> int:
-    from .multi import evaluate_each
-
-    if not args.output:
-        raise PeftkitError("several adapters need --output", "eval", "pass --output FILE.json (or - for stdout)")
-    say = _status_printer(args.output)
-    named = _load_named(args, specs)
-    result = evaluate_each(
-        named,
-        args.data,
-        args.split,
-        text_column=args.text_column,
-        label_column=args.label_column,
-        max_samples=args.max_samples,
-        batch_size=args.batch_size,
-    )
-    for name, one in result["adapters"].items():
-        say(f"== {name}")
-        if "confusion_matrix" in one:
-            _print_classification(one, say)
-        else:
-            say(f"{one['dataset']} [{one['split']}] {_metrics_line(one)}")
-    _write_result(args.output, result, say)
-    return 0
-
-
 def _merge(args: argparse.Namespace) -> int:
     import tempfile
 
-    from .predict import check_merge_output, is_causal_lm_adapter, merge_lm_to_folder, merge_to_folder
+    from .multi import DEFAULT_NAME, classifier, language_model
+    from .predict import check_merge_output, merge_lm_to_folder, merge_to_folder
 
     out = check_merge_output(args.output, args.overwrite)  # before the slow load
     with tempfile.TemporaryDirectory(prefix="peftkit-merge-") as work:
         adapter = _merge_source(args, Path(work))
-        if is_causal_lm_adapter(adapter):
-            from .models import quiet_transformers
-            from .predict import load_adapted_lm
-
-            quiet_transformers()
-            lm = load_adapted_lm(adapter, args.model, quantize=args.quantize)
-            check, task = merge_lm_to_folder(lm, out, overwrite=args.overwrite, dtype=args.dtype), "text-generation"
+        named = _load_named(args, [(DEFAULT_NAME, Path(adapter))])
+        if named.task == "causal_lm":
+            check = merge_lm_to_folder(language_model(named, DEFAULT_NAME), out, args.overwrite, dtype=args.dtype)
+            task = "text-generation"
         else:
-            args.adapter = adapter
-            check, task = (
-                merge_to_folder(_load(args), out, overwrite=args.overwrite, dtype=args.dtype),
-                "text-classification",
-            )
+            check = merge_to_folder(classifier(named, DEFAULT_NAME), out, args.overwrite, dtype=args.dtype)
+            task = "text-classification"
     print(
         f"merged model written to {out} ({args.dtype}; max abs logit difference from the model as loaded: "
         f"{check.diff:.2e})"
@@ -270,11 +223,11 @@ def _merge(args: argparse.Namespace) -> int:
 def _merge_source(args: argparse.Namespace, work: Path) -> str:
     """The one adapter folder to merge: ``--adapter DIR``, or several adapters with ``--weights``
     combined exactly first (``cat``: the merged update is the weighted sum of theirs)."""
-    specs = _named_specs(args)
-    if specs is None:
+    specs, single = _adapters(args)
+    if single:
         if args.weights:
             raise PeftkitError("--weights needs several adapters", "merge", "repeat --adapter NAME=DIR")
-        return args.adapter
+        return args.adapter[0]
     if not args.weights:
         raise PeftkitError("merging several adapters needs --weights", "merge", "pass e.g. --weights 0.5,0.5")
     from .multi import combine_folders
@@ -295,8 +248,8 @@ def _weights(text: str) -> list[float]:
 
 def _generate(args: argparse.Namespace) -> int:
     from .generation import generate
-    from .models import quiet_transformers
-    from .predict import load_adapted_lm, read_rows
+    from .multi import language_model
+    from .predict import read_rows
 
     rows = [{args.text_field: args.prompt}] if args.prompt is not None else read_rows(args.input, args.text_field)
     texts = [str(r[args.text_field]) for r in rows]
@@ -308,16 +261,19 @@ def _generate(args: argparse.Namespace) -> int:
             "generate",
             "drop --merge (the adapter runs unmerged on the quantized base), or drop --quantize",
         )
-    specs = _named_specs(args)
-    if specs is not None:
+    specs, single = _adapters(args)
+    if not single:
         return _generate_named(args, specs, rows, texts)
-    quiet_transformers()
-    lm = load_adapted_lm(args.adapter, args.model, quantize=args.quantize)
+    named = _load_named(args, specs)
+    if named.task != "causal_lm":
+        raise PeftkitError(
+            "this is a classification adapter: generate answers with a causal-LM adapter",
+            args.adapter[0],
+            "classify with: peftkit predict --adapter DIR --input FILE",
+        )
+    lm = language_model(named, specs[0][0])
     if args.merge:
-        from .methods.base import check_mergeable, merge_and_unload
-
-        check_mergeable(lm.model)
-        merge_and_unload(lm.model)
+        lm.adapters.merge_and_unload(lm.name)
     prompts = [lm.prompt_ids(t, raw=args.raw) for t in texts]
     options = dict(
         max_new_tokens=args.max_new_tokens,

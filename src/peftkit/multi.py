@@ -8,6 +8,7 @@ The adapters share one copy of the base; each keeps its own head, label names an
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,28 @@ from typing import Any
 import numpy as np
 import torch
 
-from .adapter_io import CONFIG_FILE, AdapterFiles, read_adapter
+from .adapter_io import CONFIG_FILE, AdapterFiles, read_adapter, read_adapter_weights, write_adapter
+from .config import QuantizationConfig
+from .data import LengthGroupedBatches, collate, tokenize
 from .errors import PeftkitError
+from .fsio import atomic_dir
+from .generation import generate
+from .methods.base import resolve_modules_to_save
+from .methods.combine import LoRAFactors, check_combination, combine_heads, combine_lora
+from .methods.configs import LoraConfig
 from .methods.named import NAME, NamedAdapters, check_name
+from .methods.registry import check_quantizable
+from .models import load_causal_lm, load_classifier
+from .predict import (
+    AdaptedClassifier,
+    AdaptedLM,
+    check_merge_output,
+    evaluate_adapter,
+    evaluate_lm_adapter,
+    label_names_of,
+    lm_encoder,
+)
+from .quantize import quantize_model
 
 #: the adapter name peft gives the adapter it saves at a folder's root
 DEFAULT_NAME = "default"
@@ -128,8 +148,6 @@ class NamedModel:
         item = loaded[name]
         labels = None
         if task == "classification":
-            from .predict import label_names_of
-
             keep = list(item.files.method_config().modules_to_save or [])
             labels = label_names_of(item.files, item.state, keep, self.base_model)
         self.adapters.add(name, item.files.method_config(), item.state, where=str(item.files.path))
@@ -154,8 +172,6 @@ def read_specs(specs: list[tuple[str, Path]], model: str | None) -> tuple[str | 
     Raises:
         PeftkitError: adapters of different bases or tasks, unreadable files.
     """
-    from .adapter_io import read_adapter_weights
-
     loaded: dict[str, _Loaded] = {}
     bases: dict[str, str] = {}
     tasks: dict[str, str] = {}
@@ -190,9 +206,6 @@ def load_named(specs: list[tuple[str, Path]], model: str | None = None, quantize
         PeftkitError: bad names, mixed bases or tasks, methods that cannot share a base, tensors
             that do not fit it.
     """
-    from .models import load_causal_lm, load_classifier
-    from .predict import label_names_of
-
     base, task, loaded = read_specs(specs, model)
     if not base:
         raise PeftkitError("no adapter names its base model", "--adapter", "pass --model")
@@ -217,11 +230,6 @@ def load_named(specs: list[tuple[str, Path]], model: str | None = None, quantize
 
 
 def _quantize(model: Any, files: list[AdapterFiles], bits: int) -> None:
-    from .config import QuantizationConfig
-    from .methods.base import resolve_modules_to_save
-    from .methods.registry import check_quantizable
-    from .quantize import quantize_model
-
     keep: list[str] = []
     for f in files:
         check_quantizable(f.method_config())
@@ -234,8 +242,6 @@ def predict_rows(named: NamedModel, texts: list[str], names: list[str], batch_si
     """Each text's class probabilities under its own adapter (and head), in mixed batches: one
     forward pass per batch for the rows of LoRA and IA3 adapters, whatever adapters they name
     (one more for each prompt or prefix adapter among them)."""
-    from .data import LengthGroupedBatches, collate, tokenize
-
     check_rows(names, named.names, "input")
     features: list[dict[str, list[int]]] = [{}] * len(texts)
     for name in dict.fromkeys(names):
@@ -264,34 +270,77 @@ def evaluate_each(named: NamedModel, source: str, split: str = "test", **options
 
 
 def _evaluate_one(named: NamedModel, name: str, source: str, split: str, **options: Any) -> dict[str, Any]:
-    from .predict import AdaptedClassifier, evaluate_adapter, evaluate_lm_adapter
-
     if name in named.label_names:
-        clf = AdaptedClassifier(
-            named.model,
-            named.tokenizer,
-            named.label_names[name],
-            named.max_length(name),
-            named.files[name],
-            named.base_model,
-        )
-        return evaluate_adapter(clf, source, split, **options)
+        return evaluate_adapter(classifier(named, name), source, split, **options)
     options = {k: v for k, v in options.items() if k in ("max_samples", "batch_size")}
     return evaluate_lm_adapter(language_model(named, name), source, split, **options)
 
 
-def language_model(named: NamedModel, name: str) -> Any:
+def classifier(named: NamedModel, name: str) -> AdaptedClassifier:
+    """The classification adapter ``name`` seen alone (its head, labels, length); the caller makes
+    it active (``named.adapters.using(name)``)."""
+    return AdaptedClassifier(
+        named.model,
+        named.tokenizer,
+        named.label_names[name],
+        named.max_length(name),
+        named.files[name],
+        named.base_model,
+        named.adapters,
+        name,
+    )
+
+
+def language_model(named: NamedModel, name: str) -> AdaptedLM:
     """The adapter ``name`` seen as one adapted causal LM (its own prompt format); the caller makes
     it active (``named.adapters.using(name)``)."""
-    from .predict import AdaptedLM, lm_encoder
-
     return AdaptedLM(
         named.model,
         named.tokenizer,
         lm_encoder(named.tokenizer, named.files[name]),
         named.files[name],
         named.base_model,
+        named.adapters,
+        name,
     )
+
+
+def load_adapted_classifier(
+    adapter_dir: str | Path, model: str | None = None, quantize: int | None = None
+) -> AdaptedClassifier:
+    """Load the classification adapter in ``adapter_dir`` onto its base (or onto ``model``): the
+    one-adapter case of :func:`load_named`. Works for adapters written by peftkit and by ``peft``.
+    ``quantize`` (4 or 8) quantizes the base's linear layers first, whether or not the adapter was
+    trained on a quantized base.
+
+    Raises:
+        PeftkitError: unreadable adapter, unknown base, or an adapter that does not fit the base.
+    """
+    named = load_named([(DEFAULT_NAME, Path(adapter_dir))], model, quantize)
+    if named.task != "classification":
+        raise PeftkitError(
+            "this is a causal-LM adapter, not a classifier",
+            str(adapter_dir),
+            "use peftkit generate, or load it with load_adapted_lm",
+        )
+    return classifier(named, DEFAULT_NAME)
+
+
+def load_adapted_lm(adapter_dir: str | Path, model: str | None = None, quantize: int | None = None) -> AdaptedLM:
+    """Load a causal-LM adapter (peftkit's or ``peft``'s) onto its base (or onto ``model``): the
+    one-adapter case of :func:`load_named`.
+
+    Raises:
+        PeftkitError: unreadable adapter, unknown base, or an adapter that does not fit the base.
+    """
+    named = load_named([(DEFAULT_NAME, Path(adapter_dir))], model, quantize)
+    if named.task != "causal_lm":
+        raise PeftkitError(
+            "this is a classification adapter, not a causal LM",
+            str(adapter_dir),
+            "use peftkit predict, or load it with load_adapted_classifier",
+        )
+    return language_model(named, DEFAULT_NAME)
 
 
 def generate_rows(
@@ -301,8 +350,6 @@ def generate_rows(
     on the same tokens (always with ``raw``) and none adds tokens (prompt, prefix), rows of
     different adapters share batches, each row routed to its adapter in every forward; otherwise
     each adapter's rows are generated apart."""
-    from .generation import generate
-
     check_rows(names, named.names, "input")
     lms = {n: language_model(named, n) for n in dict.fromkeys(names)}
     ids = [lms[n].prompt_ids(p, raw=raw) for p, n in zip(prompts, names)]
@@ -356,11 +403,6 @@ def combine_folders(
         PeftkitError: a non-empty ``output`` (unless ``overwrite``), adapters that are not LoRA or
             of different bases, tasks or label sets, bad weights, density or rank; nothing is written.
     """
-    from .adapter_io import write_adapter
-    from .methods.combine import check_combination, combine_heads, combine_lora
-    from .methods.configs import LoraConfig
-    from .predict import check_merge_output
-
     output = check_merge_output(output, overwrite)
     _, task, loaded = read_specs(specs, None)
     for name, item in loaded.items():
@@ -418,8 +460,6 @@ def combine_folders(
 
 def _split_lora(item: _Loaded) -> tuple[Any, dict[str, torch.Tensor]]:
     """An adapter's LoRA factors per layer, and its other tensors (saved modules, heads)."""
-    from .methods.combine import LoRAFactors
-
     method = item.files.method_config()
     if method.variant():
         raise PeftkitError(
@@ -492,11 +532,6 @@ def write_folder(specs: list[tuple[str, Path]], output: str | Path, overwrite: b
     Raises:
         PeftkitError: a non-empty ``output`` (unless ``overwrite``), unreadable adapters.
     """
-    import shutil
-
-    from .fsio import atomic_dir
-    from .predict import check_merge_output
-
     output = check_merge_output(output, overwrite)
     for _, path in specs:
         read_adapter(path)

@@ -11,16 +11,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from .adapter_io import AdapterFiles, head_size, read_adapter, read_adapter_weights
+from .adapter_io import AdapterFiles, head_size, read_adapter
+from .assets import resolve_model
+from .causal import LMEncoder, to_rows
+from .config import DataConfig
+from .data import encode_labels, json_line, load_one_split, subsample, tokenize
 from .errors import PeftkitError
-from .fsio import STDIO
+from .evaluate import predict_probs
+from .fsio import STDIO, atomic_dir
+from .methods.registry import check_mergeable
+from .quantize import DTYPES, dequantize_model
+from .tasks import CausalLMTask, ClassificationTask
 
 LINE = "_line"  # the key under which read_rows keeps each row's 1-based line number
 
 
 @dataclass
 class AdaptedClassifier:
-    """A base model with an adapter loaded, ready for inference."""
+    """One classification adapter of a base with named adapters (:func:`peftkit.multi.load_named`;
+    :func:`peftkit.multi.load_adapted_classifier` loads one), ready for inference; the caller
+    makes it the active one."""
 
     model: Any
     tokenizer: Any
@@ -28,14 +38,13 @@ class AdaptedClassifier:
     max_length: int
     adapter: AdapterFiles
     base_model: str
+    adapters: Any = None  # the model's methods.named.NamedAdapters, which merges it
+    name: str = ""  # its name among them
 
     def predict_proba(
         self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64, labels: list[int] | None = None
     ) -> tuple[np.ndarray, float | None]:
         """``(len(texts), num_labels)`` class probabilities, and the mean loss given ``labels``."""
-        from .data import tokenize
-        from .evaluate import predict_probs
-
         features = tokenize(self.tokenizer, texts, self.max_length, pairs)
         return predict_probs(
             self.model, features, pad_id=self.tokenizer.pad_token_id, batch_size=batch_size, labels=labels
@@ -49,56 +58,6 @@ class AdaptedClassifier:
         return self.model(**batch).logits.float()
 
 
-def load_adapted_classifier(
-    adapter_dir: str | Path, model: str | None = None, quantize: int | None = None
-) -> AdaptedClassifier:
-    """Load the adapter in ``adapter_dir`` onto its base (or onto ``model``).
-
-    Works for adapters written by peftkit and by ``peft`` (sequence classification).
-    ``quantize`` (4 or 8) quantizes the base's linear layers first, whether or not the
-    adapter was trained on a quantized base.
-
-    Raises:
-        PeftkitError: unreadable adapter, unknown base, or an adapter that does not fit the base.
-    """
-    from .models import load_classifier
-
-    files, base, state = _read_for_loading(adapter_dir, model)
-    names = label_names_of(files, state, list(files.method_config().modules_to_save or []), base)
-    loaded = load_classifier(base, names)
-    _attach(loaded.model, files, state, quantize)
-    max_length = int(files.meta.get("max_length") or min(512, loaded.tokenizer.model_max_length))
-    return AdaptedClassifier(loaded.model, loaded.tokenizer, names, max_length, files, base)
-
-
-def _read_for_loading(adapter_dir: str | Path, model: str | None) -> tuple[AdapterFiles, str, dict]:
-    """The adapter's files (its config read once), base model name (``model`` wins) and weights."""
-    files = read_adapter(adapter_dir)
-    base = model or files.base_model
-    if not base:
-        raise PeftkitError("the adapter does not name its base model", str(adapter_dir), "pass --model")
-    return files, base, read_adapter_weights(adapter_dir, files.method_config())
-
-
-def _attach(model: Any, files: AdapterFiles, state: dict, quantize: int | None) -> None:
-    """Quantize the base's linear layers if asked (saved modules stay full precision), load the
-    adapter's weights onto it, and switch to eval mode."""
-    from .methods.saving import load_adapter
-
-    if quantize:
-        from .config import QuantizationConfig
-        from .methods.base import resolve_modules_to_save
-        from .methods.registry import check_quantizable
-        from .quantize import quantize_model
-
-        method_cfg = files.method_config()
-        check_quantizable(method_cfg)
-        keep = list(method_cfg.modules_to_save or [])
-        quantize_model(model, QuantizationConfig(bits=quantize), skip=resolve_modules_to_save(model, keep))
-    load_adapter(model, files, state)
-    model.eval()
-
-
 def label_names_of(files: AdapterFiles, state: dict[str, torch.Tensor], keep: list[str], base: str) -> list[str]:
     """A classification adapter's label names: from peftkit.json, else the base's config when
     its head has as many labels, else LABEL_0, LABEL_1, ..."""
@@ -110,9 +69,7 @@ def label_names_of(files: AdapterFiles, state: dict[str, torch.Tensor], keep: li
         raise PeftkitError(
             "the adapter holds no classification head", str(files.path), "train with the head in modules_to_save"
         )
-    from transformers import AutoConfig
-
-    from .assets import resolve_model
+    from transformers import AutoConfig  # transformers loads with the model; a file with label names never needs it
 
     try:
         known = AutoConfig.from_pretrained(resolve_model(base)).id2label
@@ -174,8 +131,6 @@ def _parse_rows(lines: Any, where: str, field: str, json_lines: bool | None) -> 
 
 
 def _json_row(line: str, lineno: int, field: str, path: str) -> dict[str, Any]:
-    from .data import json_line
-
     record = json_line(line, lineno, path)
     if field not in record:
         raise PeftkitError(
@@ -218,7 +173,7 @@ def merge_to_folder(
         clf.model.config.id2label = dict(enumerate(clf.label_names))
         clf.model.config.label2id = {n: i for i, n in enumerate(clf.label_names)}
 
-    return _merge_and_save(clf.model, clf.tokenizer, lambda: clf.logits(texts), output, overwrite, dtype, label_names)
+    return _merge_and_save(clf, clf.tokenizer, lambda: clf.logits(texts), output, overwrite, dtype, label_names)
 
 
 #: what a merge's fidelity is measured on when the caller gives nothing
@@ -257,23 +212,27 @@ def merge_lm_to_folder(
         if lm.model.generation_config.pad_token_id is None:
             lm.model.generation_config.pad_token_id = lm.tokenizer.pad_token_id
 
-    return _merge_and_save(lm.model, lm.tokenizer, logits, output, overwrite, dtype, generation)
+    return _merge_and_save(lm, lm.tokenizer, logits, output, overwrite, dtype, generation)
 
 
 def _merge_and_save(
-    model: Any, tokenizer: Any, logits: Any, output: str | Path, overwrite: bool, dtype: str, configure: Any
+    view: AdaptedClassifier | AdaptedLM,
+    tokenizer: Any,
+    logits: Any,
+    output: str | Path,
+    overwrite: bool,
+    dtype: str,
+    configure: Any,
 ) -> MergeCheck:
-    """Dequantize, merge, cast to ``dtype``, let ``configure()`` set the config, save the model and
-    tokenizer atomically; the largest logit difference the merge made."""
-    from .fsio import atomic_dir
-    from .methods.base import check_mergeable, merge_and_unload
-    from .quantize import DTYPES, dequantize_model
-
+    """Dequantize, merge the view's adapter and unload every peftkit module, cast to ``dtype``,
+    let ``configure()`` set the config, save the model and tokenizer atomically; the largest
+    logit difference the merge made."""
     output = check_merge_output(output, overwrite)
-    check_mergeable(model)
+    check_mergeable(view.adapter.method_config())
+    model = view.model
     before = logits()
     dequantize_model(model)
-    merge_and_unload(model)
+    view.adapters.merge_and_unload(view.name)
     model.to(DTYPES[dtype])
     after = logits()
     configure()
@@ -312,10 +271,6 @@ def evaluate_adapter(
 
     Columns default to the ones the adapter was trained with (``peftkit.json``).
     """
-    from .config import DataConfig
-    from .data import encode_labels, load_one_split, subsample, tokenize
-    from .tasks import ClassificationTask
-
     meta = clf.adapter.meta
     cfg = DataConfig(
         text_column=text_column or meta.get("text_column") or "text",
@@ -340,6 +295,8 @@ class AdaptedLM:
     encoder: Any  # causal.LMEncoder: the training's prompt template and chat template
     adapter: AdapterFiles
     base_model: str
+    adapters: Any = None  # the model's methods.named.NamedAdapters, which merges it
+    name: str = ""  # its name among them
 
     def prompt_ids(self, text: str, raw: bool = False) -> list[int]:
         """``text`` as the training saw a prompt: through its template (labelled data) and the
@@ -347,25 +304,8 @@ class AdaptedLM:
         return self.encoder.prompt_for(text, raw)
 
 
-def load_adapted_lm(adapter_dir: str | Path, model: str | None = None, quantize: int | None = None) -> AdaptedLM:
-    """Load a causal-LM adapter (peftkit's or ``peft``'s) onto its base (or onto ``model``).
-
-    Raises:
-        PeftkitError: unreadable adapter, unknown base, or an adapter that does not fit the base.
-    """
-    from .models import load_causal_lm
-
-    files, base, state = _read_for_loading(adapter_dir, model)
-    loaded = load_causal_lm(base)
-    _attach(loaded.model, files, state, quantize)
-    return AdaptedLM(loaded.model, loaded.tokenizer, lm_encoder(loaded.tokenizer, files), files, base)
-
-
 def lm_encoder(tokenizer: Any, files: AdapterFiles) -> Any:
     """The prompt format a causal-LM adapter was trained with (template, chat template, labels)."""
-    from .causal import LMEncoder
-    from .config import DataConfig
-
     meta = files.meta
     cfg = DataConfig(
         max_length=int(meta.get("max_length") or 1024),
@@ -386,10 +326,6 @@ def evaluate_lm_adapter(
 ) -> dict[str, Any]:
     """Loss and perplexity of a causal-LM adapter on a dataset split, in the format it was
     trained with; for labelled prompts also label-scoring accuracy, F1 and exact match."""
-    from .causal import LMEncoder, to_rows
-    from .data import encode_labels, load_one_split, subsample
-    from .tasks import CausalLMTask
-
     meta = lm.adapter.meta
     cfg = lm.encoder.cfg.model_copy(
         update={"text_column": meta.get("text_column") or "text", "label_column": meta.get("label_column") or "label"}

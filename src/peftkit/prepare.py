@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 from .config import RunConfig, TrainConfig
 from .errors import PeftkitError
+
+# The checks here run before torch loads (a bad recipe or output folder answers at once;
+# tests/test_config.py checks it), so what needs torch is imported inside the functions using it.
 from .methods.registry import check_quantizable, method_of
 
 if TYPE_CHECKING:  # torch loads when a run starts, not for the output-folder checks

@@ -14,7 +14,12 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
+from .causal import LMEncoder, collate_lm, pack
 from .config import RunConfig
+from .data import collate, encode_labels, tokenize
+from .evaluate import classification_metrics, exact_match, label_probs, lm_eval_loss, predict_probs
+from .generation import generate
+from .lm_loss import causal_lm_loss
 
 
 class Task(Protocol):
@@ -82,8 +87,6 @@ class ClassificationTask:
         return ", ".join(f"{s} {len(f)}" for s, f in self.features.items()) + f"; labels {self.label_names}"
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        from .data import collate
-
         feats, labels = self.features["train"], self.labels["train"]
         return collate([feats[i] for i in indices], self.pad_id, [labels[i] for i in indices])
 
@@ -103,8 +106,6 @@ class ClassificationTask:
         process_index: int = 0,
         final: bool = False,
     ) -> dict[str, Any]:
-        from .evaluate import classification_metrics, predict_probs
-
         # the model itself, not its DDP wrapper: a wrapped forward is a collective (it broadcasts
         # buffers), and the processes may run different numbers of evaluation batches
         probs, loss = predict_probs(
@@ -158,13 +159,9 @@ class CausalLMTask:
         )
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        from .causal import collate_lm
-
         return collate_lm([self.features["train"][i] for i in indices], self.pad_id)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        from .lm_loss import causal_lm_loss
-
         return causal_lm_loss(model, **batch, across_processes=True)
 
     def best_metric(self, wanted: str) -> str:
@@ -182,9 +179,6 @@ class CausalLMTask:
     ) -> dict[str, Any]:
         """Loss and perplexity; labelled prompts add label-scoring accuracy and F1 (and, when
         ``final``, exact match of greedy answers). Every process computes the whole split."""
-        from .evaluate import classification_metrics, exact_match, label_probs, lm_eval_loss
-        from .generation import generate
-
         unwrapped = getattr(model, "module", model)
         metrics = {
             "n": len(self.features[split]),
@@ -230,8 +224,6 @@ def build_task(cfg: RunConfig, tokenizer: Any, splits: dict[str, Any], label_nam
     ``label_names``: the run's labels (inferred once, by the caller), or None for unlabelled
     causal-LM data.
     """
-    from .data import encode_labels
-
     meta = {
         "seed": cfg.seed,
         "max_length": cfg.data.max_length,
@@ -243,8 +235,6 @@ def build_task(cfg: RunConfig, tokenizer: Any, splits: dict[str, Any], label_nam
     if label_names is not None:
         classes = {s: encode_labels(sp, label_names, f"{cfg.dataset}, {s} split") for s, sp in splits.items()}
     if cfg.task == "classification":
-        from .data import tokenize
-
         features = {
             s: tokenize(tokenizer, sp.texts, cfg.data.max_length, sp.pairs, cache=cfg.data.token_cache)
             for s, sp in splits.items()
@@ -252,8 +242,6 @@ def build_task(cfg: RunConfig, tokenizer: Any, splits: dict[str, Any], label_nam
         return ClassificationTask(
             label_names, features, classes, tokenizer.pad_token_id, {"id2label": dict(enumerate(label_names)), **meta}
         )
-    from .causal import LMEncoder, pack
-
     encoder = LMEncoder(tokenizer, cfg.data, label_names)
     encoded = {
         s: encoder.encode_split(sp, f"{cfg.dataset}, {s} split", classes and classes[s]) for s, sp in splits.items()

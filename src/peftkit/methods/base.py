@@ -259,6 +259,11 @@ class AdaptedLinear(nn.Module):
         while self.merged:
             self.updates[self.merged.pop()].unmerge(self.base_layer)
 
+    def unload(self) -> nn.Module:
+        """The base layer with the active adapters merged into it, to stand in this layer's place."""
+        self.merge()
+        return self.base_layer
+
     def extra_repr(self) -> str:
         return f"adapters={list(self.updates)}, merged={self.merged}"
 
@@ -354,6 +359,7 @@ class Injection:
             BitFit's biases, full fine-tuning's weights), which :func:`adapters_disabled` puts
             back while it runs.
         disabled: how many :func:`adapters_disabled` blocks are open.
+        methods: every adapter's method config, by adapter name (the trained one is "default").
     """
 
     method: Any
@@ -364,6 +370,7 @@ class Injection:
     routing: Routing = field(default_factory=lambda: Routing((DEFAULT,)))
     originals: dict[str, torch.Tensor] = field(default_factory=dict)
     disabled: int = 0
+    methods: dict[str, Any] = field(default_factory=dict)
 
 
 def unwrapped(model: nn.Module) -> nn.Module:
@@ -481,6 +488,7 @@ def apply_method(
         params=attached.params,
         schedule=attached.schedule,
         routing=routing,
+        methods={DEFAULT: cfg},
     )
     model.peftkit = injection
     set_trainable(model)
@@ -577,8 +585,11 @@ def default_modules_to_save(model: nn.Module, newly_initialized: list[str] = ())
 
 
 def check_mergeable(model: nn.Module) -> None:
-    """Raise the one-line error when the method on ``model`` cannot merge into the base."""
-    _refuse_unmergeable(injection_of(model).method)
+    """Raise the one-line error when an active adapter's method cannot merge into the base."""
+    inj = injection_of(model)
+    for name in inj.routing.active:
+        if name in inj.methods:
+            _refuse_unmergeable(inj.methods[name])
 
 
 def _mergeable(model: nn.Module) -> list[tuple[str, Any]]:
@@ -613,18 +624,19 @@ def unmerge(model: nn.Module) -> None:
 
 
 def merge_and_unload(model: nn.Module) -> list[str]:
-    """Merge, then put the plain base layers back; returns the names restored.
+    """Merge the active adapters, then put plain modules back everywhere; returns the layers
+    merged.
 
-    Afterwards ``model`` is an ordinary model with no peftkit modules in it; its heads
-    (``modules_to_save``) keep their trained weights.
+    Afterwards ``model`` is an ordinary model with no peftkit modules in it, equal to the base
+    with its active adapters: every wrapper gives back what stands in its place (``unload()``:
+    a merged layer's base, a head bank's active copy); heads trained in place keep their weights.
     """
-    restored = []
-    for name, module in _mergeable(model):
-        module.merge()
-        replace_module(model, name, module.base_layer)
-        restored.append(name)
+    merged = [name for name, _ in _mergeable(model)]
+    wrappers = [(n, m) for n, m in model.named_modules() if callable(getattr(m, "unload", None))]
+    for name, module in wrappers:
+        replace_module(model, name, module.unload())
     for name in [n for n, _ in model.named_children() if n.startswith("peftkit_")]:
         delattr(model, name)  # state the layers shared (VeRA's projections)
     if hasattr(model, "peftkit"):
         del model.peftkit
-    return restored
+    return merged

@@ -93,6 +93,11 @@ class TunedNorm(nn.Module):
             p.copy_(saved)
         self._saved, self.merged = [], []
 
+    def unload(self) -> nn.Module:
+        """The base layer holding the active adapter's tuned weights, to stand in this one's place."""
+        self.merge()
+        return self.base_layer
+
     def extra_repr(self) -> str:
         return f"adapters={list(self.tuned)}, merged={self.merged}"
 

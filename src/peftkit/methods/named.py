@@ -31,7 +31,15 @@ from torch import nn
 
 from ..errors import PeftkitError
 from ..inject import replace_module
-from .base import AdaptedLinear, Attachment, Injection, Routing, adapter_state_dict, resolve_modules_to_save
+from .base import (
+    AdaptedLinear,
+    Attachment,
+    Injection,
+    Routing,
+    adapter_state_dict,
+    merge_and_unload,
+    resolve_modules_to_save,
+)
 from .configs import LoraConfig, MethodConfig
 from .named_tokens import TOKEN_METHODS, TokenAdapters
 from .registry import method_of
@@ -73,6 +81,10 @@ class HeadBank(nn.Module):
             idx = (rows == slot).nonzero().squeeze(1)
             parts.append((idx, self._module(self.routing.slots[slot])(x[idx], *args, **kwargs)))
         return gather_rows(parts, x.shape[0])
+
+    def unload(self) -> nn.Module:
+        """The active adapter's copy (or the base's module), to stand in this bank's place."""
+        return self._module(next((n for n in self.routing.active if n in self.copies), None))
 
     def _module(self, name: str | None) -> nn.Module:
         return self.copies[name] if name is not None and name in self.copies else self.base_module
@@ -124,6 +136,8 @@ class NamedAdapters:
         self.routing: Routing = injection.routing
         self.tokens = TokenAdapters(model, self.routing)
         self.adapters: dict[str, NamedAdapter] = {}
+        #: the adapter that is the only one on this base (one that changes what every row sees)
+        self.solo: str | None = None
 
     @property
     def names(self) -> list[str]:
@@ -148,19 +162,22 @@ class NamedAdapters:
             raise PeftkitError(
                 f"an adapter named {name!r} is already loaded", where, "give each adapter its own name (NAME=DIR)"
             )
-        if not isinstance(method, TOKEN_METHODS) and not method_of(method).named:
+        if self.solo is not None:
+            alone = self.adapters[self.solo].method
             raise PeftkitError(
-                f"{method.name} adapters cannot share a base with other adapters",
+                f"the {alone.name} adapter {self.solo!r} changes what every row sees, so no other adapter can "
+                "share its base",
                 where,
-                "named adapters take the methods that update linear layers, and prompt, P-tuning "
-                "and prefix adapters; load this one alone (--adapter DIR)",
+                f"load {self.solo!r} alone (--adapter DIR)",
             )
-        variant = method.variant() if isinstance(method, LoraConfig) else None
-        if variant is not None and variant.startswith("init_lora_weights"):
+        if not shares_a_base(method) and (self.adapters or self.injection.method is not None):
+            variant = method.variant() if isinstance(method, LoraConfig) else None
             raise PeftkitError(
-                f"LoRA adapters with {variant} cannot share a base with other adapters",
+                f"{f'LoRA adapters with {variant}' if variant else f'{method.name} adapters'} cannot share a base "
+                "with other adapters",
                 where,
-                "load this one alone (--adapter DIR), or save it as plain LoRA",
+                "named adapters take the methods that update linear layers (PiSSA/OLoRA saved as plain LoRA), "
+                "and prompt, P-tuning and prefix adapters; load this one alone (--adapter DIR)",
             )
         heads = resolve_modules_to_save(self._plain_view(), list(method.modules_to_save or []))
         head_states = {h: {k[len(h) + 1 :]: t for k, t in state.items() if k.startswith(h + ".")} for h in heads}
@@ -175,7 +192,10 @@ class NamedAdapters:
             self._wrapped(path).copies[name] = module
         entry = NamedAdapter(name, method, layers, sorted(head_copies))
         self.adapters[name] = entry
+        self.injection.methods[name] = method
         self.routing.slots.append(name)
+        if not shares_a_base(method):
+            self.solo = name
         return entry
 
     def _attach(
@@ -187,6 +207,8 @@ class NamedAdapters:
         try:
             attached = method_of(method).attach(self.model, method, Attachment(name, self.routing, heads))
             expected = adapter_state_dict(self.model, name)
+            params = dict(self.model.named_parameters())
+            expected.update({path: params[path] for path in attached.params})  # trained in place (BitFit, full)
             for key, target in expected.items():
                 got = state.get(key)
                 if got is None:
@@ -206,6 +228,8 @@ class NamedAdapters:
                     target.copy_(state[key].to(target.dtype))
             for update in self._updates(name):
                 update.requires_grad_(False)
+            for tensor in expected.values():
+                tensor.requires_grad_(False)
         except PeftkitError:
             self._detach(name)
             raise
@@ -247,7 +271,10 @@ class NamedAdapters:
             del self.model.get_submodule(path).copies[name]
         self.tokens.remove(name)
         del self.adapters[name]
+        self.injection.methods.pop(name, None)
         self.routing.slots.remove(name)
+        if self.solo == name:
+            self.solo = None
         if name in self.routing.active:
             self.routing.active = tuple(n for n in self.routing.active if n != name)
 
@@ -261,6 +288,17 @@ class NamedAdapters:
         """
         for n in set(names) - {None}:
             self._known(n)
+        if len(set(names)) == 1:  # every row the same adapter: no routing per row
+            with self.using(names[0]):
+                yield
+            return
+        if self.solo is not None:
+            raise PeftkitError(
+                f"the {self.adapters[self.solo].method.name} adapter {self.solo!r} changes what every row sees; its "
+                "rows cannot share a pass with the base's",
+                "adapter",
+                "give every row the same adapter",
+            )
         apart = [n for n in dict.fromkeys(names) if n in self.tokens]
         if apart and len(set(names)) > 1:
             raise PeftkitError(
@@ -308,6 +346,20 @@ class NamedAdapters:
                 return logits
             parts.append((index, logits))
         return gather_rows(parts, len(names))
+
+    def merge_and_unload(self, name: str) -> list[str]:
+        """Fold adapter ``name`` into the base weights and put plain modules back everywhere (its
+        head copies where heads were): :func:`~.base.merge_and_unload` with ``name`` active.
+        Afterwards the model is an ordinary model, equal to the base with this adapter.
+
+        Raises:
+            PeftkitError: a method that does not merge, or quantized base weights.
+        """
+        self.set_active(name)
+        merged = merge_and_unload(self.model)
+        self.tokens.remove(name)
+        self.adapters.clear()
+        return merged
 
     def adds_tokens(self, name: str | None) -> bool:
         """Whether ``name`` is a prompt or prefix adapter (its rows take passes of their own)."""
@@ -378,6 +430,16 @@ class NamedAdapters:
             module = HeadBank(module, self.routing)
             replace_module(self.model, path, module)
         return module
+
+
+def shares_a_base(method: MethodConfig) -> bool:
+    """Whether adapters of ``method`` can share a base with others: they leave the base as it is
+    (the layer-updating methods, PiSSA/OLoRA excepted, whose base is a residual; and the virtual
+    token ones). The others (bottleneck layers, BitFit, full fine-tuning) load alone."""
+    if isinstance(method, TOKEN_METHODS):
+        return True
+    residual = isinstance(method, LoraConfig) and method.residual_init
+    return method_of(method).named and not residual
 
 
 def is_under_any(key: str, paths: list[str]) -> bool:
