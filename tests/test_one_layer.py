@@ -129,3 +129,29 @@ def test_mixed_rows_of_every_layer_method_equal_each_adapter_alone(tmp_path):
             want = out(model, rows[i : i + 1], masks[i : i + 1])[0]
             assert (got[i] - want).abs().max() <= 1e-5, name
     assert not torch.equal(got[0], got[-1])
+
+
+@pytest.mark.parametrize("method", ["bitfit", "full", "adapter"])
+def test_an_adapter_that_loads_alone_is_exact_off_and_back_out(method, tmp_path):
+    """BitFit, full fine-tuning and bottleneck adapters load only alone; the base's own values come
+    back with adapters_disabled and when the adapter is deleted, and another adapter is refused."""
+    from peftkit.errors import PeftkitError
+
+    reference, cfg, state = saved_adapter("bert", METHOD_EXAMPLES[method], tmp_path / method, seed=5)
+    base = out(build("bert"))
+    named = NamedAdapters(build("bert"))
+    named.add("alone", cfg, state)
+    named.set_active("alone")
+    assert (out(named.model) - out(reference)).abs().max() <= 1e-5
+    with adapters_disabled(named.model):
+        assert torch.equal(out(named.model), base) or method == "adapter"  # the head is the adapter's own
+    _, lora, lora_state = saved_adapter("bert", LoraConfig(r=2), tmp_path / "lora", seed=6)
+    with pytest.raises(PeftkitError, match="no other adapter can share its base"):
+        named.add("other", lora, lora_state)
+    if method != "adapter":
+        with pytest.raises(PeftkitError, match="loaded into the base's own weights"):
+            named.disable()
+    named.delete("alone")
+    named.add("other", lora, lora_state)  # the base is free again
+    named.delete("other")
+    assert torch.equal(out(named.model), base)

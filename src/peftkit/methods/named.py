@@ -33,6 +33,7 @@ from ..errors import PeftkitError
 from ..inject import replace_module
 from .base import (
     AdaptedLinear,
+    Attached,
     Attachment,
     Injection,
     Routing,
@@ -109,6 +110,7 @@ class NamedAdapter:
     method: MethodConfig
     layers: list[str] = field(default_factory=list)
     heads: list[str] = field(default_factory=list)
+    in_place: list[str] = field(default_factory=list)  #: base parameters it was loaded into (BitFit, full)
 
 
 class NamedAdapters:
@@ -183,14 +185,14 @@ class NamedAdapters:
         head_states = {h: {k[len(h) + 1 :]: t for k, t in state.items() if k.startswith(h + ".")} for h in heads}
         head_copies = {h: self._head_copy(h, s, where) for h, s in head_states.items() if s}
         rest = {k: t for k, t in state.items() if not is_under_any(k, heads)}
-        layers: list[str] = []
+        attached = Attached()
         if isinstance(method, TOKEN_METHODS):
             self.tokens.add(name, method, self.tokens.check(method, rest, where))
         else:
-            layers = self._attach(name, method, rest, heads, where)
+            attached = self._attach(name, method, rest, heads, where)
         for path, module in head_copies.items():
             self._wrapped(path).copies[name] = module
-        entry = NamedAdapter(name, method, layers, sorted(head_copies))
+        entry = NamedAdapter(name, method, attached.replaced, sorted(head_copies), attached.params)
         self.adapters[name] = entry
         self.injection.methods[name] = method
         self.routing.slots.append(name)
@@ -208,7 +210,8 @@ class NamedAdapters:
             attached = method_of(method).attach(self.model, method, Attachment(name, self.routing, heads))
             expected = adapter_state_dict(self.model, name)
             params = dict(self.model.named_parameters())
-            expected.update({path: params[path] for path in attached.params})  # trained in place (BitFit, full)
+            in_place = {path: params[path] for path in attached.params}  # BitFit's biases, full's every weight
+            expected.update(in_place)
             for key, target in expected.items():
                 got = state.get(key)
                 if got is None:
@@ -223,7 +226,8 @@ class NamedAdapters:
             extra = sorted(set(state) - set(expected))
             if extra:
                 raise PeftkitError(f"the adapter has a tensor this model has no place for ({extra[0]})", where, fix)
-            with torch.no_grad():
+            with torch.no_grad():  # the base's own values first, for adapters_disabled and delete
+                self.injection.originals.update({k: t.detach().clone() for k, t in in_place.items()})
                 for key, target in expected.items():
                     target.copy_(state[key].to(target.dtype))
             for update in self._updates(name):
@@ -236,7 +240,7 @@ class NamedAdapters:
         except (AttributeError, ValueError) as e:  # targets this base does not have
             self._detach(name)
             raise PeftkitError(f"the adapter does not fit this model ({e})", where, fix) from None
-        return attached.replaced
+        return attached
 
     def _updates(self, name: str) -> list[nn.Module]:
         return [
@@ -246,27 +250,46 @@ class NamedAdapters:
     def _detach(self, name: str) -> None:
         """Take adapter ``name``'s layer updates and shared modules off the model."""
         for path, module in list(self.model.named_modules()):
-            if isinstance(module, AdaptedLinear) and name in module.updates:
+            slots = getattr(module, "updates", None) or getattr(module, "tuned", None)  # AdaptedLinear, TunedNorm
+            if slots is not None and name in slots:
                 module.remove(name)
-                if not module.updates:
+                if not slots:
                     replace_module(self.model, path, module.base_layer)
+            elif getattr(module, "adapter", None) == name and hasattr(module, "base_layer"):  # a bottleneck
+                replace_module(self.model, path, module.base_layer)
         for child in [n for n, m in self.model.named_children() if getattr(m, "adapter", None) == name]:
             delattr(self.model, child)
 
     def set_active(self, name: str | None) -> None:
-        """Make ``name`` the adapter of every row (None: the base alone)."""
+        """Make ``name`` the adapter of every row (None: the base alone).
+
+        Raises:
+            PeftkitError: None while an adapter trained in place (BitFit, full) holds the base's
+                own weights; :func:`~.base.adapters_disabled` runs the base then.
+        """
         if name is not None:
             self._known(name)
+        elif self.solo is not None and self.adapters[self.solo].in_place:
+            raise PeftkitError(
+                f"the {self.adapters[self.solo].method.name} adapter {self.solo!r} is loaded into the base's own "
+                "weights",
+                "adapter",
+                "run the base with peftkit.adapters_disabled(model), which puts the starting values back",
+            )
         self.routing.active = () if name is None else (name,)
 
     def disable(self) -> None:
         """The base alone, until :meth:`set_active` names an adapter again."""
-        self.routing.active = ()
+        self.set_active(None)
 
     def delete(self, name: str) -> None:
         """Take the adapter ``name`` off the model (its layers and heads)."""
         entry = self._known(name)
         self._detach(name)
+        live = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for path in entry.in_place:  # the base's own values back
+                live[path].copy_(self.injection.originals.pop(path))
         for path in entry.heads:
             del self.model.get_submodule(path).copies[name]
         self.tokens.remove(name)
