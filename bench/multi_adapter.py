@@ -66,7 +66,7 @@ def load_ours(base, folder: Path):
 
 def adapter_bytes(named, name: str) -> int:
     """The bytes one adapter adds: its LoRA factors on every layer and its head's copy."""
-    from peftkit.methods.base import AdaptedLinear
+    from peftkit.methods.layer import AdaptedLinear
     from peftkit.methods.named import HeadBank
 
     total = 0

@@ -10,7 +10,7 @@ import torch
 from peftkit.adapter_io import read_adapter, read_adapter_weights
 from peftkit.errors import PeftkitError
 from peftkit.methods import IA3Config, LoraConfig, PromptTuningConfig
-from peftkit.methods.base import AdaptedLinear
+from peftkit.methods.layer import AdaptedLinear
 from peftkit.methods.named import HeadBank, NamedAdapters
 
 from .conftest import tiny_bert_config

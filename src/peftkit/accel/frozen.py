@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..inject import is_plain_linear, linear_shape, output_embedding
-from ..methods.base import AdaptedLinear
+from ..methods.layer import AdaptedLinear
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -2,7 +2,8 @@
 torch) the operations they share.
 
 :mod:`.registry` maps a recipe's ``method.name`` to its config, its implementation and what it
-can do; :mod:`.configs` holds the torch-free options; :mod:`.base` applies, freezes, reports
+can do; :mod:`.configs` holds the torch-free options; :mod:`.layer` is the adapted linear layer every
+layer-updating method computes in; :mod:`.base` applies, freezes, reports
 and merges; :mod:`.saving` writes and reads adapters in the PEFT file layout. One module per
 method implements it (``lora``, ``vera``, ``lycoris`` for LoHa and LoKr, ``adalora``,
 ``bottleneck``, ``prefix``, ``prompt``, ``ptuning``, ``ia3``, ``inplace`` for BitFit and full
@@ -30,12 +31,10 @@ from .tuner_configs import AdaLoraConfig, LoHaConfig, LoKrConfig, PTuningConfig,
 
 #: names that need torch -> the module that defines them
 _LAZY = {
+    **dict.fromkeys(["AdaptedLinear", "Update", "AdditiveUpdate", "Routing", "wrap_targets"], "layer"),
     **dict.fromkeys(
         [
             "AdapterModule",
-            "AdaptedLinear",
-            "Update",
-            "Routing",
             "adapters_disabled",
             "active_adapters",
             "Injection",

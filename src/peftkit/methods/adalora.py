@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from ..errors import PeftkitError
-from .base import DEFAULT, AdaptedLinear, AdditiveUpdate, Attached, Attachment, chosen_layers, wrap_targets
+from .base import Attached, Attachment
+from .layer import DEFAULT, AdaptedLinear, AdditiveUpdate, chosen_layers, wrap_targets
 from .tuner_configs import AdaLoraConfig
 
 

@@ -24,8 +24,9 @@ from torch import nn
 
 from ..errors import PeftkitError
 from ..inject import is_linear, is_under, linear_shape, name_matches, replace_module
-from .base import DEFAULT, Attached, Attachment, Routing
+from .base import Attached, Attachment
 from .configs import BottleneckConfig
+from .layer import DEFAULT, Routing
 
 ACTIVATIONS = {"relu": nn.functional.relu, "gelu": nn.functional.gelu, "silu": nn.functional.silu, "tanh": torch.tanh}
 

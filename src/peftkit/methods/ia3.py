@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from ..inject import name_matches, select_targets
-from .base import Attached, Attachment, Update, wrap_targets
+from .base import Attached, Attachment
 from .configs import IA3Config
+from .layer import Update, wrap_targets
 
 
 class IA3Update(Update):

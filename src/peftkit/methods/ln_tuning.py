@@ -17,7 +17,8 @@ from torch import nn
 
 from ..errors import PeftkitError
 from ..inject import is_under, name_matches, replace_module
-from .base import DEFAULT, Attached, Attachment, Routing
+from .base import Attached, Attachment
+from .layer import DEFAULT, Routing
 from .tuner_configs import LNTuningConfig
 
 #: the key of the tuned copy in a file, between the layer's path and the tensor's name

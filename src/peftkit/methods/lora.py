@@ -29,8 +29,9 @@ from torch.nn import functional as F
 
 from ..errors import PeftkitError
 from ..quantize import dequantized_weight, is_quantized
-from .base import DEFAULT, AdaptedLinear, Attached, Attachment, Update, chosen_layers, wrap_targets
+from .base import Attached, Attachment
 from .configs import LoraConfig
+from .layer import DEFAULT, AdaptedLinear, Update, chosen_layers, wrap_targets
 
 
 class LoRAUpdate(Update):

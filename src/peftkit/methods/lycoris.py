@@ -26,7 +26,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import PeftkitError
-from .base import AdditiveUpdate, Attached, Attachment, chosen_layers, wrap_targets
+from .base import Attached, Attachment
+from .layer import AdditiveUpdate, chosen_layers, wrap_targets
 from .tuner_configs import LoHaConfig, LoKrConfig, LycorisConfig
 
 

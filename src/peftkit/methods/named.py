@@ -31,17 +31,9 @@ from torch import nn
 
 from ..errors import PeftkitError
 from ..inject import replace_module
-from .base import (
-    AdaptedLinear,
-    Attached,
-    Attachment,
-    Injection,
-    Routing,
-    adapter_state_dict,
-    merge_and_unload,
-    resolve_modules_to_save,
-)
+from .base import Attached, Attachment, Injection, adapter_state_dict, merge_and_unload, resolve_modules_to_save
 from .configs import LoraConfig, MethodConfig
+from .layer import AdaptedLinear, Routing
 from .named_tokens import TOKEN_METHODS, TokenAdapters
 from .registry import method_of
 

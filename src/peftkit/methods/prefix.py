@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 from ..errors import PeftkitError
-from .base import DEFAULT, Attached, Attachment, Routing
+from .base import Attached, Attachment
 from .configs import PROMPT_KEY, PrefixTuningConfig
+from .layer import DEFAULT, Routing
 from .prompt import as_kwargs, cache_length
 
 IMPLEMENTATION = "peftkit_prefix"

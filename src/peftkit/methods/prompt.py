@@ -20,8 +20,9 @@ from torch import nn
 
 from ..config import IGNORE_INDEX
 from ..errors import PeftkitError
-from .base import DEFAULT, Attached, Attachment, Routing
+from .base import Attached, Attachment
 from .configs import PROMPT_KEY, PromptTuningConfig
+from .layer import DEFAULT, Routing
 
 
 class PromptEmbedding(nn.Module):

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from ..errors import PeftkitError
-from .base import DEFAULT, Attached, Attachment, Routing
+from .base import Attached, Attachment
 from .configs import PROMPT_KEY
+from .layer import DEFAULT, Routing
 from .prompt import prepend_prompt
 from .tuner_configs import PTuningConfig
 

@@ -23,7 +23,8 @@ from torch.nn import functional as F
 
 from ..errors import PeftkitError
 from ..inject import linear_shape, plain_layer
-from .base import DEFAULT, AdditiveUpdate, Attached, Attachment, chosen_layers, wrap_targets
+from .base import Attached, Attachment
+from .layer import DEFAULT, AdditiveUpdate, chosen_layers, wrap_targets
 from .tuner_configs import VeraConfig
 
 
