@@ -43,11 +43,6 @@ class Routing:
         """Whether adapter ``name`` applies to every row of the next pass."""
         return self.rows is None and name in self.active
 
-    def row_names(self) -> set[str | None]:
-        """The adapters the rows of a mixed pass name (None: the base)."""
-        assert self.rows is not None
-        return {self.slots[s] for s in self.rows.unique().tolist()}
-
 
 class Update(nn.Module):
     """One adapter's tensors on one linear layer, and its maths: subclassed once per method.
