@@ -143,7 +143,7 @@ def test_peftkit_made_adapter_gives_the_same_logits_in_peft(case, family, tmp_pa
         assert (logits(ours) - expected).abs().max() <= 1e-5
         merge_and_unload(ours)
         assert (logits(ours) - expected).abs().max() <= 1e-5
-        assert not [n for n, _ in ours.named_modules() if "vera" in n or "lora" in n or "hada" in n or "tuned" in n]
+        assert not [n for n, _ in ours.named_modules() if "vera" in n or "lora" in n or "hada" in n or "updates" in n]
 
 
 def test_vera_projections_are_peft_s_and_optional_in_the_file(tmp_path):

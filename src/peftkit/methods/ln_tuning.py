@@ -33,7 +33,8 @@ def is_norm(module: nn.Module) -> bool:
 
 
 class TunedNorm(nn.Module):
-    """A frozen normalization layer and the tuned copies of any number of named adapters.
+    """A frozen normalization layer and the tuned copies of any number of named adapters
+    (``updates``, by adapter name, as :class:`~.layer.AdaptedLinear` keeps its updates).
 
     Shapes: input ``(batch, ..., hidden)``, output the same.
     """
@@ -41,37 +42,37 @@ class TunedNorm(nn.Module):
     def __init__(self, base_layer: nn.Module, routing: Routing):
         super().__init__()
         self.base_layer = base_layer
-        self.tuned = nn.ModuleDict()
+        self.updates = nn.ModuleDict()
         self.routing = routing
         self.merged: list[str] = []
         self._saved: list[torch.Tensor] = []  # the base's own weights while an adapter is merged
 
     def add(self, name: str) -> None:
         """Give adapter ``name`` a copy of the frozen layer to tune."""
-        self.tuned[name] = copy.deepcopy(self.base_layer)
+        self.updates[name] = copy.deepcopy(self.base_layer)
 
     def remove(self, name: str) -> None:
         if name in self.merged:
             raise PeftkitError(f"adapter {name!r} is merged", "adapter", "unmerge it first")
-        if name in self.tuned:
-            del self.tuned[name]
+        if name in self.updates:
+            del self.updates[name]
 
     def adapter_params(self, name: str = DEFAULT) -> dict[str, torch.Tensor]:
-        if name not in self.tuned:
+        if name not in self.updates:
             return {}
-        return {f"{FILE_KEY}.{k}": p for k, p in self.tuned[name].named_parameters()}
+        return {f"{FILE_KEY}.{k}": p for k, p in self.updates[name].named_parameters()}
 
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         rows = self.routing.rows
         if rows is None:
-            name = next((n for n in self.routing.active if n in self.tuned and n not in self.merged), None)
-            return (self.base_layer if name is None else self.tuned[name])(x, *args, **kwargs)
+            name = next((n for n in self.routing.active if n in self.updates and n not in self.merged), None)
+            return (self.base_layer if name is None else self.updates[name])(x, *args, **kwargs)
         out = self.base_layer(x, *args, **kwargs)
         for slot in rows.unique().tolist():
             name = self.routing.slots[slot]
-            if name in self.tuned:
+            if name in self.updates:
                 idx = (rows == slot).nonzero().squeeze(1)
-                out = out.index_copy(0, idx, self.tuned[name](x[idx], *args, **kwargs))
+                out = out.index_copy(0, idx, self.updates[name](x[idx], *args, **kwargs))
         return out
 
     @torch.no_grad()
@@ -79,12 +80,12 @@ class TunedNorm(nn.Module):
         """Copy the active adapter's tuned weights into the base layer."""
         if self.merged:
             return
-        name = next((n for n in (names or self.routing.active) if n in self.tuned), None)
+        name = next((n for n in (names or self.routing.active) if n in self.updates), None)
         if name is None:
             return
         base = list(self.base_layer.parameters())
         self._saved = [p.detach().clone() for p in base]
-        for p, tuned in zip(base, self.tuned[name].parameters()):
+        for p, tuned in zip(base, self.updates[name].parameters()):
             p.copy_(tuned)
         self.merged.append(name)
 
@@ -100,7 +101,7 @@ class TunedNorm(nn.Module):
         return self.base_layer
 
     def extra_repr(self) -> str:
-        return f"adapters={list(self.tuned)}, merged={self.merged}"
+        return f"adapters={list(self.updates)}, merged={self.merged}"
 
 
 def chosen_norms(model: nn.Module, cfg: LNTuningConfig, skip: list[str]) -> list[str]:

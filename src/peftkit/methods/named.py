@@ -242,8 +242,8 @@ class NamedAdapters:
     def _detach(self, name: str) -> None:
         """Take adapter ``name``'s layer updates and shared modules off the model."""
         for path, module in list(self.model.named_modules()):
-            slots = getattr(module, "updates", None) or getattr(module, "tuned", None)  # AdaptedLinear, TunedNorm
-            if slots is not None and name in slots:
+            slots = getattr(module, "updates", None)  # an adapted layer: AdaptedLinear, TunedNorm
+            if isinstance(slots, nn.ModuleDict) and name in slots:
                 module.remove(name)
                 if not slots:
                     replace_module(self.model, path, module.base_layer)

@@ -81,7 +81,7 @@ class Service:
             self.worker: Generator | Batcher = Generator(named, self.render, self.store, limits, self.metrics, thread)
         else:
             self.worker = Batcher(
-                lambda texts, names: self._classify_rows(predict_rows, texts, names),
+                self._classify_rows,
                 self.store,
                 limits,
                 self.metrics,
@@ -179,9 +179,7 @@ class Service:
         return Path(files.path) if files is not None and files.path else self.store.path(name)
 
     # ---- classification ----
-    def _classify_rows(
-        self, predict_rows: Callable[..., list[np.ndarray]], texts: list[str], names: list[str]
-    ) -> list[tuple[np.ndarray, bool]]:
+    def _classify_rows(self, texts: list[str], names: list[str]) -> list[tuple[np.ndarray, bool]]:
         """Each text's probabilities under its adapter, and whether it was cut to the adapter's
         max_length (on the worker thread)."""
         rows = predict_rows(self.named, texts, names, batch_size=self.limits.max_batch)

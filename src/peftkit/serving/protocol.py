@@ -151,12 +151,22 @@ class Sampling(_Body):
         return 1
 
 
-class CompletionRequest(_Body):
-    """``POST /v1/completions``: ``prompt`` (a string, or a list of one) and ``raw`` (send it as
-    it is instead of through the adapter's prompt format), besides :class:`Sampling`."""
+class _Asking(_Body):
+    """What completion and chat bodies share besides :class:`Sampling`: ``raw`` (send the prompt
+    as it is instead of through the adapter's prompt format)."""
+
+    raw: bool = Field(False, validate_default=True)
+
+    @field_validator("raw", mode="before")
+    @classmethod
+    def _raw(cls, value: Any) -> bool:
+        return _flag("raw", value)
+
+
+class CompletionRequest(_Asking):
+    """``POST /v1/completions``: ``prompt`` (a string, or a list of one), and ``raw``."""
 
     prompt: str = Field(None, validate_default=True)
-    raw: bool = Field(False, validate_default=True)
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -167,18 +177,12 @@ class CompletionRequest(_Body):
             raise ValueError("'prompt' must be a string (or a list of one string)")
         return value
 
-    @field_validator("raw", mode="before")
-    @classmethod
-    def _raw(cls, value: Any) -> bool:
-        return _flag("raw", value)
 
-
-class ChatRequest(_Body):
+class ChatRequest(_Asking):
     """``POST /v1/chat/completions``: ``messages`` with roles system/user/assistant, contents as
-    text (a list of text parts is joined), besides :class:`Sampling`."""
+    text (a list of text parts is joined)."""
 
     messages: list[dict[str, str]] = Field(None, validate_default=True)
-    raw: bool = Field(False, validate_default=True)
 
     @field_validator("messages", mode="before")
     @classmethod
@@ -198,11 +202,6 @@ class ChatRequest(_Body):
                 raise ValueError(f'messages[{i}] must be {{"role": one of {", ".join(ROLES)}, "content": a string}}')
             out.append({"role": m["role"], "content": content})
         return out
-
-    @field_validator("raw", mode="before")
-    @classmethod
-    def _raw(cls, value: Any) -> bool:
-        return _flag("raw", value)
 
 
 def parse_classify(data: dict[str, Any], limits: Limits, only: str | None = None) -> ClassifyRequest:
