@@ -30,7 +30,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 LEGACY_WEIGHTS_FILE = "adapter_model.bin"
 META_FILE = "peftkit.json"
-TASK_TYPES = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
+TASK_TYPES = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "reward": "SEQ_CLS"}
 
 
 @dataclass

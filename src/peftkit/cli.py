@@ -50,7 +50,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"test {_metrics_line(test)}")
     print(f"trained in {summary['train_seconds']:.1f} s; adapter written to {summary['adapter']}")
     exe = sys.argv[0] if Path(sys.argv[0]).name == "peftkit" else "peftkit"  # e.g. .venv/bin/peftkit
-    if cfg.task == "causal_lm":
+    if cfg.decoder:
         print(f'generate with: {exe} generate --adapter {summary["adapter"]} --prompt "..."')
     else:
         print(
@@ -61,7 +61,17 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _metrics_line(m: dict) -> str:
-    keys = ("accuracy", "f1", "exact_match", "valid_label_rate", "loss", "perplexity")
+    keys = (
+        "accuracy",
+        "f1",
+        "exact_match",
+        "valid_label_rate",
+        "loss",
+        "perplexity",
+        "rewards/accuracies",
+        "rewards/margins",
+        "margin",
+    )
     shown = "  ".join(f"{k} {m[k]:.4f}" for k in keys if k in m)
     return shown + (f"  (n={m['n']})" if "n" in m else "")
 
@@ -120,8 +130,11 @@ def _predict(args: argparse.Namespace) -> int:
         out = {"line": row[LINE], **({"id": row["id"]} if "id" in row else {}), "text": row[args.text_field]}
         if not single:
             out["adapter"] = name
-        out["label"] = label_names[int(p.argmax())]
-        out["scores"] = {n: round(float(v), 6) for n, v in zip(label_names, p)}
+        if named.is_reward(name):
+            out["score"] = round(float(p[0]), 6)
+        else:
+            out["label"] = label_names[int(p.argmax())]
+            out["scores"] = {n: round(float(v), 6) for n, v in zip(label_names, p)}
         lines.append(json.dumps(out))
     atomic_write_text(args.output, "\n".join(lines) + "\n")
     _status_printer(args.output)(f"wrote {len(lines)} predictions to {args.output}")
@@ -131,6 +144,12 @@ def _predict(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from .multi import evaluate_each
 
+    if args.preference:
+        return _eval_preference(args)
+    if args.reference or args.beta is not None:
+        raise PeftkitError(
+            "--beta and --reference go with --preference", "eval", "add --preference dpo (or another loss)"
+        )
     specs, single = _adapters(args)
     if not single and not args.output:
         raise PeftkitError("several adapters need --output", "eval", "pass --output FILE.json (or - for stdout)")
@@ -149,11 +168,45 @@ def _eval(args: argparse.Namespace) -> int:
     for name, one in result["adapters"].items():
         if not single:
             say(f"== {name}")
-        if "confusion_matrix" in one:
+        if "confusion_matrix" in one or "mean_reward" in one:
             _print_classification(one, say)
         else:
             say(f"{one['dataset']} [{one['split']}] {_metrics_line(one)}")
     _write_result(output, result["adapters"][specs[0][0]] if single else result, say)
+    return 0
+
+
+def _eval_preference(args: argparse.Namespace) -> int:
+    from .config import PreferenceConfig
+    from .models import quiet_transformers
+    from .preference import PAIR_METRICS, evaluate_preference
+
+    if len(args.adapter) != 1 or "=" in args.adapter[0]:
+        raise PeftkitError("--preference scores one adapter", "--adapter", "pass one adapter folder")
+    options = {"loss": args.preference, "reference": args.reference}
+    if args.beta is not None:
+        options["beta"] = args.beta
+    try:
+        cfg = PreferenceConfig(**options)
+    except ValueError as exc:
+        raise PeftkitError(f"invalid preference option: {str(exc).splitlines()[-1]}", "eval") from None
+    output = args.output or str(Path(args.adapter[0]).resolve().parent / f"eval-{args.split}-{args.preference}.json")
+    say = _status_printer(output)
+    quiet_transformers()
+    result = evaluate_preference(
+        args.adapter[0],
+        args.data,
+        cfg,
+        split=args.split,
+        model=args.model,
+        quantize=args.quantize,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        max_samples=args.max_samples,
+    )
+    shown = "  ".join(f"{k} {result[k]:.4f}" for k in ("loss", *PAIR_METRICS, "kl") if k in result)
+    say(f"{result['dataset']} [{result['split']}] n={result['n']}: {shown}")
+    _write_result(output, result, say)
     return 0
 
 
@@ -172,6 +225,12 @@ def _write_result(output: str, result: dict, say) -> None:
 
 
 def _print_classification(result: dict, say=print) -> None:
+    if "mean_reward" in result:  # a reward model on pairs
+        say(
+            f"{result['dataset']} [{result['split']}] n={result['n']} pairs: accuracy {result['accuracy']:.4f}  "
+            f"margin {result['margin']:.4f}  loss {result['loss']:.4f}"
+        )
+        return
     names = result["label_names"]
     say(
         f"{result['dataset']} [{result['split']}] n={result['n']}: accuracy {result['accuracy']:.4f}  "
@@ -517,6 +576,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text-column")
     e.add_argument("--label-column")
     e.add_argument("--max-samples", type=int)
+    e.add_argument(
+        "--preference",
+        choices=["dpo", "ipo", "hinge", "robust", "simpo", "orpo", "kto"],
+        help="a causal-LM adapter's preference metrics (TRL's) on pairs (kto: single answers) with this loss",
+    )
+    e.add_argument("--beta", type=float, help="--preference: beta (default 0.1)")
+    e.add_argument("--reference", help="--preference: a reference adapter folder (default: the base alone)")
+    e.add_argument("--max-length", type=int, help="--preference: tokens per prompt and answer (default: the adapter's)")
     e.add_argument(
         "--output", help="where to write the JSON result (default: RUN_DIR/eval-SPLIT.json; - writes standard output)"
     )

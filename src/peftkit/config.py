@@ -76,6 +76,9 @@ class DataConfig(_Strict):
     system_prompt: str | None = Field(None, description="causal_lm with a chat template: a system message")
     train_on_prompt: bool = Field(False, description="causal_lm: loss on prompt tokens too")
     packing: bool = Field(False, description="causal_lm: pack several training examples per sequence")
+    # tasks preference and reward: pairs of answers to one prompt (or KTO's single answers)
+    chosen_column: str = Field("chosen", description="preference, reward: the preferred answer")
+    rejected_column: str = Field("rejected", description="preference, reward: the dispreferred answer")
 
     @model_validator(mode="after")
     def _system_needs_chat(self) -> DataConfig:
@@ -88,10 +91,14 @@ class DataConfig(_Strict):
         return self
 
 
+#: validation metrics a run can follow: the best adapter, early stopping
+FollowedMetric = Literal["accuracy", "f1", "loss", "rewards/accuracies", "rewards/margins"]
+
+
 class EarlyStopping(_Strict):
     """Stop after ``patience`` evaluations without an improvement of at least ``min_delta``."""
 
-    metric: Literal["loss", "accuracy", "f1"] = "loss"
+    metric: FollowedMetric = "loss"
     patience: int = Field(3, gt=0)
     min_delta: float = Field(0.0, ge=0)
 
@@ -120,7 +127,12 @@ class TrainConfig(_Strict):
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null disables")
     eval_steps: int | None = Field(None, gt=0, description="evaluate every N steps; null: each epoch")
     log_steps: int = Field(50, gt=0)
-    metric_for_best: Literal["accuracy", "f1", "loss"] = "accuracy"
+    metric_for_best: FollowedMetric = Field(
+        "accuracy", description="preference runs read accuracy as rewards/accuracies (TRL's name)"
+    )
+    init_adapter: str | None = Field(
+        None, description="start the trained adapter from this adapter folder (its method replaces method:)"
+    )
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto",
         description="auto: bf16 autocast where the hardware runs bf16 natively (float32 weights and "
@@ -150,11 +162,51 @@ class TrainConfig(_Strict):
         return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
+class PreferenceConfig(_Strict):
+    """A recipe's ``preference:`` block (task preference; TRL's names and defaults)."""
+
+    loss: Literal["dpo", "ipo", "hinge", "robust", "simpo", "orpo", "kto"] = Field(
+        "dpo",
+        description="dpo (sigmoid), ipo, hinge, robust: against a reference; simpo, orpo: none; kto: unpaired rows",
+    )
+    beta: float = Field(0.1, gt=0, description="how far from the reference the policy may go (higher: less)")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="robust: the share of pairs assumed flipped")
+    simpo_gamma: float = Field(0.5, description="simpo: the target reward margin")
+    desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the desirable answers' losses")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the undesirable answers' losses")
+    reference: str | None = Field(
+        None,
+        description="an adapter folder as the reference (frozen, on the same base); default: train.init_adapter "
+        "when set, else the base with the adapter off",
+    )
+    precompute_reference: bool = Field(
+        False, description="compute the reference log-probabilities once before the first step (and cache them)"
+    )
+    disable_dropout: bool = Field(True, description="train without dropout, so policy and reference compare")
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.loss not in ("simpo", "orpo")
+
+
+class RewardConfig(_Strict):
+    """A recipe's ``reward:`` block (task reward: Bradley-Terry over pairs)."""
+
+    margin_column: str | None = Field(
+        None, description="a column of margins: the loss asks r_chosen - r_rejected to exceed it"
+    )
+    center_rewards_coefficient: float | None = Field(
+        None, ge=0, description="add this times mean((r_chosen + r_rejected)^2), to keep scores near 0"
+    )
+
+
 class RunConfig(_Strict):
     """Everything one ``peftkit train`` run needs."""
 
-    task: Literal["classification", "causal_lm"] = Field(
-        "classification", description="classification (a head over labels) or causal_lm (next-token loss)"
+    task: Literal["classification", "causal_lm", "preference", "reward"] = Field(
+        "classification",
+        description="classification (a head over labels), causal_lm (next-token loss), preference (DPO and "
+        "kin on answer pairs) or reward (a scalar score trained on pairs)",
     )
     model: str = Field("minilm", description="asset name, hub id, or local folder")
     dataset: str = Field("rotten_tomatoes", description="asset name, hub id, local file or folder")
@@ -166,6 +218,13 @@ class RunConfig(_Strict):
     quantization: QuantizationConfig | None = Field(None, description="quantize the frozen base (4 or 8 bits)")
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+
+    @property
+    def decoder(self) -> bool:
+        """Whether the run trains a causal LM (next-token or preference loss)."""
+        return self.task in ("causal_lm", "preference")
 
     @model_validator(mode="after")
     def _loraplus_needs_lora(self) -> RunConfig:

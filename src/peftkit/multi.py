@@ -161,6 +161,10 @@ class NamedModel:
         self.files.pop(name, None)
         self.label_names.pop(name, None)
 
+    def is_reward(self, name: str) -> bool:
+        """Whether adapter ``name`` is a reward model: its one output is a score, not a class."""
+        return self.files[name].meta.get("task") == "reward"
+
     def max_length(self, name: str) -> int:
         return int(self.files[name].meta.get("max_length") or min(512, self.tokenizer.model_max_length))
 
@@ -241,7 +245,7 @@ def _quantize(model: Any, files: list[AdapterFiles], bits: int) -> None:
 def predict_rows(named: NamedModel, texts: list[str], names: list[str], batch_size: int = 64) -> list[np.ndarray]:
     """Each text's class probabilities under its own adapter (and head), in mixed batches: one
     forward pass per batch for the rows of LoRA and IA3 adapters, whatever adapters they name
-    (one more for each prompt or prefix adapter among them)."""
+    (one more for each prompt or prefix adapter among them). A reward model's row is its score."""
     check_rows(names, named.names, "input")
     features: list[dict[str, list[int]]] = [{}] * len(texts)
     for name in dict.fromkeys(names):
@@ -253,9 +257,9 @@ def predict_rows(named: NamedModel, texts: list[str], names: list[str], batch_si
     for idx in LengthGroupedBatches([len(f["input_ids"]) for f in features], batch_size, shuffle=False):
         batch = collate([features[i] for i in idx], named.tokenizer.pad_token_id)
         logits = named.adapters.forward_rows([names[i] for i in idx], **{k: v.to(device) for k, v in batch.items()})
-        probs = logits.float().softmax(-1)
-        for row, i in zip(probs.cpu().numpy(), idx):
-            out[i] = row[: len(named.label_names[names[i]])]
+        probs = logits.float().softmax(-1).cpu().numpy()
+        for row, raw, i in zip(probs, logits.float().cpu().numpy(), idx):
+            out[i] = (raw if named.is_reward(names[i]) else row)[: len(named.label_names[names[i]])]
     return out
 
 
@@ -270,6 +274,11 @@ def evaluate_each(named: NamedModel, source: str, split: str = "test", **options
 
 
 def _evaluate_one(named: NamedModel, name: str, source: str, split: str, **options: Any) -> dict[str, Any]:
+    if named.is_reward(name):
+        from .reward import evaluate_reward
+
+        options = {k: v for k, v in options.items() if k in ("max_samples", "batch_size")}
+        return evaluate_reward(classifier(named, name), source, split, **options)
     if name in named.label_names:
         return evaluate_adapter(classifier(named, name), source, split, **options)
     options = {k: v for k, v in options.items() if k in ("max_samples", "batch_size")}

@@ -6,6 +6,7 @@ config, and the optimizer. Every input error surfaces here, before anything is w
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -74,7 +75,6 @@ def prepare(cfg: RunConfig) -> Prepared:
     """Load and check data, model and method; raises :class:`PeftkitError` on bad input."""
     from accelerate.utils import set_seed
 
-    from .causal import to_rows
     from .data import infer_label_names, load_splits
     from .methods.base import apply_method, default_modules_to_save, resolve_modules_to_save
     from .models import load_causal_lm, load_classifier
@@ -82,33 +82,91 @@ def prepare(cfg: RunConfig) -> Prepared:
 
     if cfg.train.low_memory:
         release_freed_memory()
-    lm = cfg.task == "causal_lm"
-    if lm and cfg.data.packing and method_of(cfg.method).virtual_tokens:
+    lm = cfg.decoder
+    method_cfg = cfg.method
+    init = None
+    if cfg.train.init_adapter:
+        from .adapter_io import read_adapter
+
+        init = read_adapter(cfg.train.init_adapter)
+        method_cfg = init.method_config()
+    if lm and cfg.data.packing and method_of(method_cfg).virtual_tokens:
         raise PeftkitError(
-            f"data.packing cannot be combined with {cfg.method.name} tuning",
+            f"data.packing cannot be combined with {method_cfg.name} tuning",
             "data.packing",
             "set data.packing: false (virtual tokens would be shared across packed examples)",
         )
-    splits = load_splits(cfg.dataset, cfg.data, cfg.seed, convert=to_rows if lm else None)
-    labelled = not lm or splits["train"].kind == "labelled"
+    splits = load_splits(cfg.dataset, cfg.data, cfg.seed, convert=_converter(cfg))
+    labelled = cfg.task == "classification" or getattr(splits["train"], "kind", "") == "labelled"
     names = infer_label_names(splits["train"], cfg.data.label_names) if labelled else None
     set_seed(cfg.seed)  # a new head's initialisation is part of the run
-    base = load_causal_lm(cfg.model) if lm else load_classifier(cfg.model, names)
+    if cfg.task == "reward":
+        from .reward import SCORE
+
+        base = load_classifier(cfg.model, [SCORE])
+    else:
+        base = load_causal_lm(cfg.model) if lm else load_classifier(cfg.model, names)
     task = build_task(cfg, base.tokenizer, splits, names)
-    keep = cfg.method.modules_to_save
+    keep = method_cfg.modules_to_save
     if keep is None:
         keep = default_modules_to_save(base.model, base.newly_initialized)
     report = None
     if cfg.quantization is not None:
         from .quantize import quantize_model
 
-        check_quantizable(cfg.method)
+        check_quantizable(method_cfg)
         report = quantize_model(base.model, cfg.quantization, skip=resolve_modules_to_save(base.model, keep))
-    apply_method(base.model, cfg.method, keep, tokenizer=base.tokenizer)
+    apply_method(base.model, method_cfg, keep, tokenizer=base.tokenizer)
+    if init is not None:
+        from .methods.saving import load_adapter_weights
+
+        load_adapter_weights(base.model, init.path)
+    if cfg.task == "preference":
+        _attach_reference(base.model, task, cfg)
     if cfg.train.gradient_checkpointing:
         base.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.model.enable_input_require_grads()
     return Prepared(base.model, base.tokenizer, task, report)
+
+
+def _converter(cfg: RunConfig) -> Callable[..., Any] | None:
+    """How a loaded table becomes the task's rows (None: text/label columns)."""
+    if cfg.task == "preference":
+        from .pairs import to_pair_rows
+
+        return to_pair_rows
+    if cfg.task == "reward":
+        from functools import partial
+
+        from .reward import to_reward_rows
+
+        return partial(to_reward_rows, margin_column=cfg.reward.margin_column)
+    if cfg.task == "causal_lm":
+        from .causal import to_rows
+
+        return to_rows
+    return None
+
+
+def _attach_reference(model: Any, task: Any, cfg: RunConfig) -> None:
+    """A preference run's reference: the adapter ``preference.reference`` (else the starting
+    adapter ``train.init_adapter``) loaded frozen beside the trained one, or the base alone."""
+    from .adapter_io import read_adapter, read_adapter_weights
+    from .methods.named import NamedAdapters
+    from .preference import REFERENCE
+
+    folder = cfg.preference.reference or cfg.train.init_adapter
+    if folder is None or not cfg.preference.uses_reference:
+        return
+    files = read_adapter(folder)
+    method = files.method_config()
+    NamedAdapters(model).add(REFERENCE, method, read_adapter_weights(files.path, method), where=str(folder))
+    task.reference.adapter = str(folder)
+    digest = hashlib.sha256()
+    for path in sorted(files.path.iterdir()):
+        if path.is_file():
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    task.cache_key += f"\0reference {digest.hexdigest()}"
 
 
 def release_freed_memory(threshold: int = 256 * 1024) -> bool:
@@ -131,8 +189,9 @@ def release_freed_memory(threshold: int = 256 * 1024) -> bool:
 
 
 def _changed_key(out: Path, cfg: RunConfig) -> tuple[str | None, dict[str, Any]]:
-    """The first of model/dataset/method/data/quantization that ``cfg`` changes against the run in
-    ``out`` (None if none), and that run's config."""
+    """The first of what a checkpoint's tensors depend on (task, model, data, method, quantization,
+    preference or reward options) that ``cfg`` changes against the run in ``out`` (None if
+    none), and that run's config."""
     import yaml
 
     try:
@@ -146,13 +205,28 @@ def _changed_key(out: Path, cfg: RunConfig) -> tuple[str | None, dict[str, Any]]
             "the run's config.yaml is not a mapping", str(out), "resume from a complete peftkit run folder"
         )
     new = cfg.model_dump(mode="json")
-    for run in (old, new):  # the token cache changes no token: a run may resume with it either way
+    defaults = RunConfig().model_dump(mode="json")
+    for run in (old, new, defaults):  # the token cache changes no token: a run may resume with it either way
         if isinstance(run.get("data"), dict):
             run["data"] = {k: v for k, v in run["data"].items() if k != "token_cache"}
     changed = next(
-        (k for k in ("model", "dataset", "method", "data", "quantization") if old.get(k) != new.get(k)), None
+        (
+            k
+            for k in ("task", "model", "dataset", "method", "data", "quantization", "preference", "reward")
+            if _with_defaults(old.get(k), defaults.get(k)) != new.get(k)
+        ),
+        None,
     )
     return changed, old
+
+
+def _with_defaults(value: Any, default: Any) -> Any:
+    """A config entry of a run written before some keys existed, those keys at their defaults."""
+    if value is None:
+        return default
+    if isinstance(value, dict) and isinstance(default, dict):
+        return {**default, **value}
+    return value
 
 
 def check_resume_config(out: Path, cfg: RunConfig, say: Callable[[str], None]) -> None:

@@ -8,6 +8,7 @@ A new kind of run (preference pairs, rewards) implements :class:`Task`; the loop
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -17,6 +18,7 @@ from torch import nn
 from .causal import LMEncoder, collate_lm, pack
 from .config import RunConfig
 from .data import collate, encode_labels, tokenize
+from .errors import PeftkitError
 from .evaluate import classification_metrics, exact_match, label_probs, lm_eval_loss, predict_probs
 from .generation import generate
 from .lm_loss import causal_lm_loss
@@ -35,9 +37,14 @@ class Task(Protocol):
     name: ClassVar[str]
     features: dict[str, list[dict[str, list[int]]]]
     meta: dict[str, Any]
+    last_metrics: dict[str, float]  # metrics of the last ``loss`` call besides the loss (logged as means)
 
     def describe(self) -> str:
         """One line for the log: split sizes and what is predicted."""
+        ...
+
+    def start(self, model: nn.Module, device: Any, autocast: Callable[[], Any], say: Callable[[str], None]) -> None:
+        """Once, before the first step (every process): what the task computes from the model."""
         ...
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
@@ -74,8 +81,17 @@ class Task(Protocol):
         ...
 
 
+class _Plain:
+    """What a task with nothing to compute before training, and no metrics besides its loss, has."""
+
+    last_metrics: ClassVar[dict[str, float]] = {}
+
+    def start(self, model: nn.Module, device: Any, autocast: Callable[[], Any], say: Callable[[str], None]) -> None:
+        return None
+
+
 @dataclass
-class ClassificationTask:
+class ClassificationTask(_Plain):
     name: ClassVar[str] = "classification"
     label_names: list[str]
     features: dict[str, list[dict[str, list[int]]]]
@@ -129,7 +145,7 @@ class ClassificationTask:
 
 
 @dataclass
-class CausalLMTask:
+class CausalLMTask(_Plain):
     """Next-token loss; with labelled prompts also label scoring, and exact match at the end."""
 
     name: ClassVar[str] = "causal_lm"
@@ -234,6 +250,8 @@ def build_task(cfg: RunConfig, tokenizer: Any, splits: dict[str, Any], label_nam
     classes = None
     if label_names is not None:
         classes = {s: encode_labels(sp, label_names, f"{cfg.dataset}, {s} split") for s, sp in splits.items()}
+    if cfg.task in ("preference", "reward"):
+        return _pair_task(cfg, tokenizer, splits, meta)
     if cfg.task == "classification":
         features = {
             s: tokenize(tokenizer, sp.texts, cfg.data.max_length, sp.pairs, cache=cfg.data.token_cache)
@@ -256,3 +274,39 @@ def build_task(cfg: RunConfig, tokenizer: Any, splits: dict[str, Any], label_nam
         label_names=label_names,
     )
     return CausalLMTask(encoder, features, encoded, tokenizer.pad_token_id, tokenizer, meta)
+
+
+def _pair_task(cfg: RunConfig, tokenizer: Any, splits: dict[str, Any], meta: dict[str, Any]) -> Any:
+    """A preference or reward task over paired rows (:mod:`peftkit.pairs`)."""
+    from .pairs import PairEncoder
+
+    encoder = PairEncoder(tokenizer, cfg.data)
+    chat = any(isinstance(v, list) for sp in splits.values() for v in (sp.rows[0].values() if sp.rows else ()))
+    meta = {**meta, "chat_template": chat, "system_prompt": cfg.data.system_prompt, "prompt_template": None}
+    if cfg.task == "reward":
+        from .reward import SCORE, RewardTask, encode_reward_split
+
+        encoded = {s: encode_reward_split(encoder, sp, f"{cfg.dataset}, {s} split") for s, sp in splits.items()}
+        return RewardTask(cfg.reward, encoded, tokenizer.pad_token_id, {**meta, "id2label": {0: SCORE}})
+    from .preference import PreferenceTask, Reference
+
+    group = cfg.train.batch_size if cfg.preference.loss == "kto" else 0
+    encoded = {s: encoder.encode_split(sp, f"{cfg.dataset}, {s} split", group) for s, sp in splits.items()}
+    for s, e in encoded.items():
+        if not e.features:
+            raise PeftkitError(
+                f"every row of the {s} split has a prompt of data.max_length {cfg.data.max_length} tokens or more",
+                cfg.dataset,
+                "raise data.max_length",
+            )
+    kinds = {sp.kind for sp in splits.values()}
+    if cfg.preference.loss == "kto" and kinds != {"unpaired"} or cfg.preference.loss != "kto" and kinds != {"paired"}:
+        want = "prompt, completion and label" if cfg.preference.loss == "kto" else "prompt, chosen and rejected"
+        raise PeftkitError(
+            f"preference.loss {cfg.preference.loss} takes rows of {want}",
+            cfg.dataset,
+            "use loss kto for single answers marked true/false, another loss for pairs",
+        )
+    key = f"{cfg.model}\0{cfg.quantization}\0{cfg.train.mixed_precision}\0{cfg.preference.loss}"
+    meta["alignment"] = cfg.preference.model_dump(mode="json", exclude={"precompute_reference"})
+    return PreferenceTask(cfg.preference, encoded, tokenizer.pad_token_id, Reference(), meta, cache_key=key)

@@ -144,6 +144,8 @@ class LoopState:
     next_batch: int = 0  # that batch's index in the epoch's order
     window_loss: float = 0.0  # summed micro-batch losses since the last logged step
     window_n: int = 0
+    window_metrics: dict[str, float] = field(default_factory=dict)  # the task's other metrics, summed likewise
+    window_counts: dict[str, int] = field(default_factory=dict)
     last_train_loss: float | None = None  # the last logged mean
     best: dict[str, Any] | None = None  # metrics of the best evaluation, with its step and epoch
     history: list[list] = field(default_factory=list)  # [step, validation loss, training loss] per evaluation
@@ -235,6 +237,7 @@ class Trainer:
         self.hooks = injection_of(self.model).schedule
         self._report_setup()
         self._build_training()
+        self.task.start(self.model, self.acc.device, self._autocast, self.say)
         history = ""
         if resume_from is not None:
             history = self._restore(resume_from)
@@ -423,8 +426,12 @@ class Trainer:
                 "train",
                 "lower train.lr, or check the data; the last checkpoint is intact",
             )
-        self.state.window_loss += value
-        self.state.window_n += 1
+        st = self.state
+        st.window_loss += value
+        st.window_n += 1
+        for key, metric in self.task.last_metrics.items():
+            st.window_metrics[key] = st.window_metrics.get(key, 0.0) + metric
+            st.window_counts[key] = st.window_counts.get(key, 0) + 1
         examples = self._examples(indices) * acc.num_processes
         self.seen += examples
         self.trained += examples
@@ -454,20 +461,34 @@ class Trainer:
     def log_train(self) -> None:
         """The mean training loss since the last logged step, the lr and the speed."""
         st, acc = self.state, self.acc
-        mean = acc.reduce(torch.tensor(st.window_loss / st.window_n, device=acc.device), "mean").item()
+        names = sorted(st.window_metrics)
+        local = [st.window_loss / st.window_n] + [st.window_metrics[k] / st.window_counts[k] for k in names]
+        means = acc.reduce(torch.tensor(local, device=acc.device), "mean").tolist()
+        mean, others = means[0], dict(zip(names, means[1:]))
         rate = self.seen / max(1e-9, time.perf_counter() - self.window_start)
         lr = self.lr_schedule.get_last_lr()[0]
         epoch = st.step / self.steps_per_epoch
         self.log.write(
-            {"type": "train", "step": st.step, "epoch": round(epoch, 4), "loss": mean, "lr": lr, "examples_per_s": rate}
+            {
+                "type": "train",
+                "step": st.step,
+                "epoch": round(epoch, 4),
+                "loss": mean,
+                **others,
+                "lr": lr,
+                "examples_per_s": rate,
+            }
         )
         self.progress.show(mean, lr, rate)
+        shown = "".join(f" {k} {v:.4f}" for k, v in others.items() if k in ("rewards/accuracies", "rewards/margins"))
         self.progress.say(
-            f"step {st.step}/{self.total_steps} epoch {epoch:.2f} loss {mean:.4f} lr {lr:.2e} {rate:.0f} examples/s",
+            f"step {st.step}/{self.total_steps} epoch {epoch:.2f} loss {mean:.4f}{shown} lr {lr:.2e} "
+            f"{rate:.0f} examples/s",
             line_only=True,
         )
         st.last_train_loss = mean
         st.window_loss, st.window_n, self.seen, self.window_start = 0.0, 0, 0, time.perf_counter()
+        st.window_metrics, st.window_counts = {}, {}
 
     # ---- evaluation ----
     def evaluate(self, split: str, final: bool = False) -> dict[str, Any]:

@@ -197,6 +197,9 @@ class Service:
         labels = self.named.label_names[adapter]
         results = []
         for probs, cut in rows:
+            if self.named.is_reward(adapter):  # a reward model: one score per text
+                results.append({"score": float(probs[0]), "truncated": cut})
+                continue
             scores = {label: float(p) for label, p in zip(labels, probs)}
             results.append({"label": max(scores, key=scores.get), "scores": scores, "truncated": cut})
         return {"adapter": adapter, "max_tokens": self.named.max_length(adapter), "results": results}
