@@ -353,6 +353,40 @@ def _new_lm(family: str):
     raise ValueError(family)
 
 
+# ---- preference pairs over the tiny decoders' words ----
+def preference_rows(n: int, chat: bool, seed: int = 0) -> list[dict]:
+    """Reviews to judge; the chosen answer names the sentiment, the rejected one the other (some
+    answers several words long, so lengths differ within a pair)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        text = " ".join(rng.sample(FILLER, rng.randint(2, 5)) + [rng.choice(POSITIVE if label else NEGATIVE)])
+        good, bad = ("positive", "negative") if label else ("negative", "positive")
+        if rng.random() < 0.5:
+            good = f"{good} {rng.choice(FILLER)} {good}"
+        prompt = f"review : {text} positive or negative ?"
+        if chat:
+            rows.append(
+                {
+                    "prompt": [{"role": "user", "content": prompt}],
+                    "chosen": [{"role": "assistant", "content": good}],
+                    "rejected": [{"role": "assistant", "content": bad}],
+                }
+            )
+        else:
+            rows.append({"prompt": prompt + " ", "chosen": good, "rejected": bad})
+    return rows
+
+
+def unpaired_rows(n: int, seed: int = 0) -> list[dict]:
+    rows = []
+    for i, pair in enumerate(preference_rows(n, chat=False, seed=seed)):
+        good = i % 3 != 0  # an unbalanced mix, as KTO data usually is
+        rows.append({"prompt": pair["prompt"], "completion": pair["chosen" if good else "rejected"], "label": good})
+    return rows
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     """A 2-layer LLaMA causal LM with the word-level chat tokenizer, saved locally."""

@@ -314,26 +314,25 @@ class PreferenceTask:
     def outcome(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
         """The batch's loss (a graph) and metrics: per-pair tensors under their names, and
         per-batch scalars."""
+        # the reference (and KTO's KL rows) first, without a graph: their activations are gone
+        # before the policy's, which backward needs, are built
+        ref = self._reference(model, batch) if self.cfg.uses_reference else None
+        kl = None
+        if not self.paired and "kl_input_ids" in batch:
+            with torch.no_grad():
+                kl = completion_logps(model, batch, "kl_")[0]
         pairs = batch["input_ids"].shape[0] // 2
         orpo = self.cfg.loss == "orpo"  # its NLL term: prompt and chosen answer, every token (TRL's)
         logps, counts, whole = completion_logps(model, batch, whole=pairs if orpo else 0)
         if not self.paired:
-            ref = self._reference(model, batch)
-            kl = None
-            if "kl_input_ids" in batch:
-                with torch.no_grad():
-                    kl = completion_logps(model, batch, "kl_")[0]
-            loss, metrics = kto_losses(self.cfg, logps, ref[:, 0], batch["label"], kl, ref[:, 1])
-            return loss, metrics
+            assert ref is not None
+            return kto_losses(self.cfg, logps, ref[:, 0], batch["label"], kl, ref[:, 1])
         chosen, rejected = logps.chunk(2)
-        ref = None
-        if self.cfg.uses_reference:
-            table = self._reference(model, batch)
-            ref = (table[:, 0], table[:, 1])
         nll = None
         if whole is not None:
             nll = -whole.sum() / (batch["attention_mask"][:pairs, 1:].sum())
-        result = pair_losses(self.cfg, chosen, rejected, counts.chunk(2), ref, nll)
+        pair_ref = (ref[:, 0], ref[:, 1]) if ref is not None else None
+        result = pair_losses(self.cfg, chosen, rejected, counts.chunk(2), pair_ref, nll)
         return result.losses.mean(), {**result.values, **result.extra}
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -411,6 +410,15 @@ def _tensors(metrics: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {k: v if isinstance(v, torch.Tensor) else torch.tensor(float(v)) for k, v in metrics.items()}
 
 
+def _folder_digest(folder: Any) -> str:
+    """A digest of every file of an adapter folder (what a cached reference depends on)."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def _features_digest(features: list[dict[str, Any]]) -> str:
     h = hashlib.sha256()
     for f in features:
@@ -449,10 +457,14 @@ def evaluate_preference(
     batch_size: int = 8,
     max_length: int | None = None,
     max_samples: int | None = None,
+    bf16: bool = False,
 ) -> dict[str, Any]:
     """TRL's preference metrics of a causal-LM adapter (peftkit's or ``peft``'s) on ``data``:
     ``cfg.reference`` (an adapter folder) or the base alone is the reference. ``max_length``
-    defaults to the adapter's own (else 1024, TRL's default).
+    defaults to the adapter's own (else 1024, TRL's default). ``cfg.precompute_reference``
+    reads the reference's log-probabilities from peftkit's cache (computing them once), so
+    several adapters of one base are scored against it at the cost of their own passes; ``bf16``
+    runs the passes under bfloat16 autocast.
 
     Raises:
         PeftkitError: an adapter that is not a causal-LM one, or rows that cannot be scored.
@@ -490,7 +502,16 @@ def evaluate_preference(
             "use kto for rows of prompt, completion and label, another loss for pairs",
         )
     device = next(named.model.parameters()).device
-    metrics = task.evaluate(named.model, split, batch_size, device)
+
+    def autocast() -> contextlib.AbstractContextManager:
+        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+    if cfg.precompute_reference and cfg.uses_reference:
+        reference_id = _folder_digest(Path(cfg.reference)) if len(specs) > 1 else "base"
+        task.cache_key = f"{named.base_model}\0{quantize}\0{bf16}\0{batch_size}\0{reference_id}"
+        task.start(named.model, device, autocast, lambda line: None)
+    with autocast():
+        metrics = task.evaluate(named.model, split, batch_size, device)
     return {
         "dataset": data,
         "split": split,

@@ -6,7 +6,6 @@ config, and the optimizer. Every input error surfaces here, before anything is w
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -153,7 +152,7 @@ def _attach_reference(model: Any, task: Any, cfg: RunConfig) -> None:
     adapter ``train.init_adapter``) loaded frozen beside the trained one, or the base alone."""
     from .adapter_io import read_adapter, read_adapter_weights
     from .methods.named import NamedAdapters
-    from .preference import REFERENCE
+    from .preference import REFERENCE, _folder_digest
 
     folder = cfg.preference.reference or cfg.train.init_adapter
     if folder is None or not cfg.preference.uses_reference:
@@ -162,11 +161,7 @@ def _attach_reference(model: Any, task: Any, cfg: RunConfig) -> None:
     method = files.method_config()
     NamedAdapters(model).add(REFERENCE, method, read_adapter_weights(files.path, method), where=str(folder))
     task.reference.adapter = str(folder)
-    digest = hashlib.sha256()
-    for path in sorted(files.path.iterdir()):
-        if path.is_file():
-            digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    task.cache_key += f"\0reference {digest.hexdigest()}"
+    task.cache_key += f"\0reference {_folder_digest(files.path)}"
 
 
 def release_freed_memory(threshold: int = 256 * 1024) -> bool:

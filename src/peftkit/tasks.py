@@ -307,6 +307,6 @@ def _pair_task(cfg: RunConfig, tokenizer: Any, splits: dict[str, Any], meta: dic
             cfg.dataset,
             "use loss kto for single answers marked true/false, another loss for pairs",
         )
-    key = f"{cfg.model}\0{cfg.quantization}\0{cfg.train.mixed_precision}\0{cfg.preference.loss}"
+    key = f"{cfg.model}\0{cfg.quantization}\0{cfg.train.mixed_precision}\0{cfg.preference.loss == 'kto'}"
     meta["alignment"] = cfg.preference.model_dump(mode="json", exclude={"precompute_reference"})
     return PreferenceTask(cfg.preference, encoded, tokenizer.pad_token_id, Reference(), meta, cache_key=key)
