@@ -123,7 +123,7 @@ def trl_run(name: str, train: Path, seed: int, opts: argparse.Namespace) -> dict
 
 def held_out(adapter: str, opts: argparse.Namespace) -> dict:
     from peftkit.config import PreferenceConfig
-    from peftkit.preference import evaluate_preference
+    from peftkit.multi import evaluate_preference
 
     cfg = PreferenceConfig(loss="dpo", beta=0.1, precompute_reference=True)
     return evaluate_preference(
@@ -179,13 +179,18 @@ def main() -> int:
     assert sft is not None
     n_test = rows["peftkit"][0]["test"]["n"]
     mib = 1024 * 1024
+    import yaml
+
+    recipe = yaml.safe_load(RECIPE.read_text())
+    m, t = recipe["method"], recipe["train"]
+    lora = f"LoRA r {m['r']}, alpha {m['alpha']}, {m['target_modules']}; lr {t['lr']}, warmup {t['warmup_ratio']}"
     lines = [
         "# DPO of SmolLM2-135M-Instruct on HH-RLHF harmlessness pairs: peftkit vs TRL",
         "",
         *header("preference.py"),
         f"- setup: {opts.pairs} training pairs per seed (sampled from the train split with the seed), batch "
-        f"{opts.batch} pairs, 1 epoch ({-(-opts.pairs // opts.batch)} steps), max_length {opts.max_length}, LoRA and "
-        "lr as recipes/smollm2-hh-dpo.yaml, beta 0.1, the base (adapter off) as reference; seeds "
+        f"{opts.batch} pairs, 1 epoch ({-(-opts.pairs // opts.batch)} steps), max_length {opts.max_length}, {lora} "
+        "(recipes/smollm2-hh-dpo.yaml), beta 0.1, the base (adapter off) as reference; seeds "
         f"{', '.join(map(str, range(opts.seeds)))}",
         f"- held-out: {n_test} test pairs (pairs whose prompt alone fills max_length are left out by both, as TRL "
         "does), one evaluator for both adapters (peftkit's, equal to TRL's evaluate), bf16 autocast",

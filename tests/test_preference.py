@@ -322,3 +322,55 @@ def test_reward_model_on_an_encoder_scores_texts(tiny_bert_dir, tmp_path):
     done = run_cli("eval", "--adapter", str(adapter), "--data", str(data), "--split", "test", "--output", "-")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout[: done.stdout.rindex("}") + 1])["accuracy"] >= 0.9
+
+
+def test_one_server_on_one_base_chats_with_the_dpo_adapter_and_scores_with_the_reward_one(tiny_llama_dir, tmp_path):
+    """The policy answers chat requests and the reward adapter scores texts, both on one copy of the
+    base; each answer equals what the adapter gives loaded alone."""
+    httpx = pytest.importorskip("httpx")
+    from peftkit.multi import load_adapted_lm, load_named, predict_rows
+
+    from .test_serve import auth, start_server
+
+    data = pair_data(tmp_path)
+    dpo = train(load_recipe(recipe(tmp_path, tiny_llama_dir, data, "dpo", **{"train.max_steps": 4})))["adapter"]
+    reward_recipe = recipe(
+        tmp_path, tiny_llama_dir, data, "reward", **{"task": "reward", "train.max_steps": 4, "train.lr": 0.02}
+    )
+    reward = train(load_recipe(reward_recipe))["adapter"]
+    texts = ["review : great ? positive", "review : awful ? positive", "hello"]
+    alone = load_named([("r", Path(reward))])  # a sequence classifier of its own
+    expected = [float(row[0]) for row in predict_rows(alone, texts, ["r"] * len(texts))]
+    lm = load_adapted_lm(dpo)
+    from peftkit.generation import generate
+
+    question = "review : great film positive or negative ?"
+    want = generate(lm.model, lm.tokenizer, [lm.prompt_ids(question)], max_new_tokens=4, stop_ids=lm.encoder.stop_ids)
+
+    proc, url = start_server({"policy": Path(dpo), "reward": Path(reward)})
+    try:
+        models = {m["id"]: m for m in httpx.get(url + "/v1/models", headers=auth()).json()["data"]}
+        assert models["reward"]["task"] == "reward" and models["policy"]["task"] == "causal_lm"
+        scored = httpx.post(url + "/v1/classify", json={"adapter": "reward", "texts": texts}, headers=auth()).json()
+        got = [r["score"] for r in scored["results"]]
+        assert got == pytest.approx(expected, abs=1e-4)
+        chat = httpx.post(
+            url + "/v1/chat/completions",
+            json={"model": "policy", "messages": [{"role": "user", "content": question}], "max_tokens": 4,
+                  "temperature": 0},
+            headers=auth(),
+            timeout=60,
+        )  # fmt: skip
+        assert chat.status_code == 200, chat.text
+        assert chat.json()["choices"][0]["message"]["content"] == want[0]
+        wrong = httpx.post(url + "/v1/classify", json={"adapter": "policy", "texts": ["x"]}, headers=auth())
+        assert wrong.status_code == 400 and "generates text" in wrong.json()["error"]["message"]
+        wrong = httpx.post(
+            url + "/v1/chat/completions",
+            json={"model": "reward", "messages": [{"role": "user", "content": "hi"}]},
+            headers=auth(),
+        )
+        assert wrong.status_code == 400 and "reward model" in wrong.json()["error"]["message"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)

@@ -72,7 +72,7 @@ def _common(tmp_path: Path, **kw) -> dict:
 
 def _ours(adapter: Path, rows: list[dict], tmp_path: Path, **options) -> dict:
     from peftkit.config import PreferenceConfig
-    from peftkit.preference import evaluate_preference
+    from peftkit.multi import evaluate_preference
 
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     return evaluate_preference(

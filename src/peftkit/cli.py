@@ -179,7 +179,8 @@ def _eval(args: argparse.Namespace) -> int:
 def _eval_preference(args: argparse.Namespace) -> int:
     from .config import PreferenceConfig
     from .models import quiet_transformers
-    from .preference import PAIR_METRICS, evaluate_preference
+    from .multi import evaluate_preference
+    from .preference import PAIR_METRICS
 
     if len(args.adapter) != 1 or "=" in args.adapter[0]:
         raise PeftkitError("--preference scores one adapter", "--adapter", "pass one adapter folder")

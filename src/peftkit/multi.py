@@ -8,6 +8,7 @@ The adapters share one copy of the base; each keeps its own head, label names an
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +117,34 @@ class _Loaded:
 
 
 @dataclass
+class ScoreHead:
+    """A reward adapter's one-output head, used on a causal-LM base's last hidden states: the
+    score of a text is the head at its last token that is not padding (as ``...ForSequenceClassification``
+    takes it)."""
+
+    weight: torch.Tensor  # (1, hidden)
+    bias: torch.Tensor | None
+    pad_id: int | None
+
+    @classmethod
+    def split_off(cls, state: dict[str, torch.Tensor], keep: list[str], pad_id: int | None) -> tuple[Any, dict]:
+        """The head (the adapter's saved module with one output row) and the other tensors."""
+        head = next((m for m in keep if state.get(f"{m}.weight") is not None), None)
+        if head is None or state[f"{head}.weight"].shape[0] != 1:
+            return None, state
+        rest = {k: v for k, v in state.items() if not k.startswith(head + ".")}
+        return cls(state[f"{head}.weight"].float(), state.get(f"{head}.bias"), pad_id), rest
+
+    def scores(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        real = input_ids != self.pad_id if self.pad_id is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        last = (positions * real).argmax(-1)
+        pooled = hidden[torch.arange(hidden.shape[0]), last].float()
+        out = pooled @ self.weight.T.to(pooled.device)
+        return out + self.bias.float().to(out.device) if self.bias is not None else out
+
+
+@dataclass
 class NamedModel:
     """One base with several named adapters; ``files[name]`` says what each adapter's folder says."""
 
@@ -126,6 +155,8 @@ class NamedModel:
     base_model: str
     label_names: dict[str, list[str]] = field(default_factory=dict)
     task: str = "classification"  # or "causal_lm"
+    #: reward adapters beside causal-LM ones on a decoder base: each one's score head
+    scorers: dict[str, ScoreHead] = field(default_factory=dict)
 
     @property
     def names(self) -> list[str]:
@@ -139,6 +170,10 @@ class NamedModel:
                 nothing is changed then.
         """
         _, task, loaded = read_specs([(check_name(name), Path(path))], self.base_model)
+        if task == "reward" and self.task == "causal_lm":
+            _add_scorer(self, name, loaded[name])
+            return
+        task = "classification" if task == "reward" else task
         if task != self.task:
             raise PeftkitError(
                 f"the adapter is a {task} adapter; these adapters are {self.task} ones",
@@ -160,10 +195,11 @@ class NamedModel:
         self.adapters.delete(name)
         self.files.pop(name, None)
         self.label_names.pop(name, None)
+        self.scorers.pop(name, None)
 
     def is_reward(self, name: str) -> bool:
         """Whether adapter ``name`` is a reward model: its one output is a score, not a class."""
-        return self.files[name].meta.get("task") == "reward"
+        return name in self.scorers or self.files[name].meta.get("task") == "reward"
 
     def max_length(self, name: str) -> int:
         return int(self.files[name].meta.get("max_length") or min(512, self.tokenizer.model_max_length))
@@ -184,9 +220,14 @@ def read_specs(specs: list[tuple[str, Path]], model: str | None) -> tuple[str | 
         if files.base_model:
             bases[name] = files.base_model
         causal = files.meta.get("task") == "causal_lm" or files.config.get("task_type") == "CAUSAL_LM"
-        tasks[name] = "causal_lm" if causal else "classification"
+        tasks[name] = "causal_lm" if causal else "reward" if files.meta.get("task") == "reward" else "classification"
         loaded[name] = _Loaded(files, read_adapter_weights(path, files.method_config()))
-    if len(set(tasks.values())) > 1:
+    kinds = set(tasks.values())
+    if kinds == {"reward"} or kinds == {"reward", "classification"}:
+        kinds = {"classification"}  # reward models are classifiers with one output, on their own
+    if kinds == {"causal_lm", "reward"}:
+        kinds = {"causal_lm"}  # reward models beside the policy, on its base (ScoreHead)
+    if len(kinds) > 1:
         shown = ", ".join(f"{n}: {t}" for n, t in tasks.items())
         raise PeftkitError(
             f"the adapters are for different tasks ({shown})",
@@ -200,7 +241,10 @@ def read_specs(specs: list[tuple[str, Path]], model: str | None) -> tuple[str | 
             "--adapter",
             "load adapters of one base together (--model names the base if they only differ in how they name it)",
         )
-    return model or next(iter(bases.values()), None), next(iter(tasks.values())), loaded
+    task = next(iter(kinds))
+    if len(specs) == 1:
+        task = next(iter(tasks.values()))
+    return model or next(iter(bases.values()), None), task, loaded
 
 
 def load_named(specs: list[tuple[str, Path]], model: str | None = None, quantize: int | None = None) -> NamedModel:
@@ -213,7 +257,12 @@ def load_named(specs: list[tuple[str, Path]], model: str | None = None, quantize
     base, task, loaded = read_specs(specs, model)
     if not base:
         raise PeftkitError("no adapter names its base model", "--adapter", "pass --model")
+    task = "classification" if task == "reward" else task
     labels = {}
+    scored = {}
+    if task == "causal_lm":  # reward adapters among them sit on the causal LM's own base
+        scored = {n: i for n, i in loaded.items() if i.files.meta.get("task") == "reward"}
+        loaded = {n: i for n, i in loaded.items() if n not in scored}
     if task == "classification":
         for name, item in loaded.items():
             keep = list(item.files.method_config().modules_to_save or [])
@@ -226,11 +275,50 @@ def load_named(specs: list[tuple[str, Path]], model: str | None = None, quantize
     adapters = NamedAdapters(base_model.model)
     for name, item in loaded.items():
         adapters.add(name, item.files.method_config(), item.state, where=str(item.files.path))
-    adapters.set_active(next(iter(loaded)))
+    adapters.set_active(next(iter(loaded), None))
     base_model.model.eval()
-    return NamedModel(
+    named = NamedModel(
         base_model.model, base_model.tokenizer, adapters, {n: i.files for n, i in loaded.items()}, base, labels, task
     )
+    for name, item in scored.items():
+        _add_scorer(named, name, item)
+    return named
+
+
+def _add_scorer(named: NamedModel, name: str, item: _Loaded) -> None:
+    """Put a reward adapter on a causal-LM base: its layer updates as a named adapter, its score
+    head kept apart (:class:`ScoreHead`)."""
+    method = item.files.method_config()
+    keep = list(method.modules_to_save or [])
+    head, rest = ScoreHead.split_off(item.state, keep, named.tokenizer.pad_token_id)
+    if head is None:
+        raise PeftkitError(
+            "the reward adapter holds no one-output score head",
+            str(item.files.path),
+            "train it with task reward (the head is saved with the adapter)",
+        )
+    named.adapters.add(name, method.model_copy(update={"modules_to_save": None}), rest, where=str(item.files.path))
+    named.files[name] = item.files
+    named.label_names[name] = ["score"]
+    named.scorers[name] = head
+
+
+@torch.inference_mode()
+def score_rows(named: NamedModel, texts: list[str], name: str, batch_size: int = 64) -> list[np.ndarray]:
+    """A reward adapter's score of each text, on a causal-LM base (:class:`ScoreHead`)."""
+    from .lm_loss import final_hidden_states
+
+    head = named.scorers[name]
+    features = tokenize(named.tokenizer, texts, named.max_length(name))
+    out: list[np.ndarray] = [np.zeros(1)] * len(texts)
+    device = next(named.model.parameters()).device
+    with named.adapters.using(name):
+        for idx in LengthGroupedBatches([len(f["input_ids"]) for f in features], batch_size, shuffle=False):
+            batch = {k: v.to(device) for k, v in collate([features[i] for i in idx], head.pad_id or 0).items()}
+            hidden = final_hidden_states(named.model, **batch)
+            for i, row in zip(idx, head.scores(hidden, batch["input_ids"]).cpu().numpy()):
+                out[i] = row
+    return out
 
 
 def _quantize(model: Any, files: list[AdapterFiles], bits: int) -> None:
@@ -247,12 +335,18 @@ def predict_rows(named: NamedModel, texts: list[str], names: list[str], batch_si
     forward pass per batch for the rows of LoRA and IA3 adapters, whatever adapters they name
     (one more for each prompt or prefix adapter among them). A reward model's row is its score."""
     check_rows(names, named.names, "input")
+    out: list[np.ndarray] = [np.zeros(0)] * len(texts)
+    if named.scorers:  # reward adapters on a causal-LM base: each with its own head
+        for name in dict.fromkeys(names):
+            idx = [i for i, n in enumerate(names) if n == name]
+            for i, row in zip(idx, score_rows(named, [texts[i] for i in idx], name, batch_size)):
+                out[i] = row
+        return out
     features: list[dict[str, list[int]]] = [{}] * len(texts)
     for name in dict.fromkeys(names):
         idx = [i for i, n in enumerate(names) if n == name]
         for i, f in zip(idx, tokenize(named.tokenizer, [texts[i] for i in idx], named.max_length(name))):
             features[i] = f
-    out: list[np.ndarray] = [np.zeros(0)] * len(texts)
     device = next(named.model.parameters()).device
     for idx in LengthGroupedBatches([len(f["input_ids"]) for f in features], batch_size, shuffle=False):
         batch = collate([features[i] for i in idx], named.tokenizer.pad_token_id)
@@ -552,3 +646,78 @@ def write_folder(specs: list[tuple[str, Path]], output: str | Path, overwrite: b
                 if f.is_file():
                     shutil.copy2(f, target / f.name)
     return Path(output)
+
+
+def evaluate_preference(
+    adapter: str,
+    data: str,
+    cfg: Any,
+    *,
+    split: str = "test",
+    model: str | None = None,
+    quantize: int | None = None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    max_samples: int | None = None,
+    bf16: bool = False,
+) -> dict[str, Any]:
+    """TRL's preference metrics of a causal-LM adapter (peftkit's or ``peft``'s) on ``data``:
+    ``cfg.reference`` (an adapter folder) or the base alone is the reference. ``max_length``
+    defaults to the adapter's own (else 1024, TRL's default). ``cfg.precompute_reference``
+    reads the reference's log-probabilities from peftkit's cache (computing them once), so
+    several adapters of one base are scored against it at the cost of their own passes; ``bf16``
+    runs the passes under bfloat16 autocast.
+
+    Raises:
+        PeftkitError: an adapter that is not a causal-LM one, or rows that cannot be scored.
+    """
+    from .config import DataConfig
+    from .data import load_one_split, subsample
+    from .pairs import PairEncoder, to_pair_rows
+    from .preference import REFERENCE, PreferenceTask, Reference, _folder_digest
+
+    specs = [("policy", Path(adapter))]
+    if cfg.reference and cfg.uses_reference:
+        specs.append((REFERENCE, Path(cfg.reference)))
+    named = load_named(specs, model, quantize)
+    if named.task != "causal_lm":
+        raise PeftkitError(
+            "preference metrics score a causal-LM adapter; this is a classifier",
+            adapter,
+            "pass an adapter trained with task causal_lm or preference",
+        )
+    named.adapters.set_active("policy")
+    meta = named.files["policy"].meta
+    data_cfg = DataConfig(max_length=max_length or int(meta.get("max_length") or 1024))
+    data_cfg.system_prompt = meta.get("system_prompt")
+    rows = subsample(load_one_split(data, split, data_cfg, convert=to_pair_rows), max_samples, 0)
+    group = batch_size if cfg.loss == "kto" else 0
+    encoded = PairEncoder(named.tokenizer, data_cfg).encode_split(rows, f"{data}, {split} split", group)
+    reference = Reference(cfg.reference if len(specs) > 1 else None)
+    task = PreferenceTask(cfg, {split: encoded}, named.tokenizer.pad_token_id, reference)
+    if (cfg.loss == "kto") != (rows.kind == "unpaired"):
+        raise PeftkitError(
+            f"--preference {cfg.loss} does not take {'single answers' if rows.kind == 'unpaired' else 'pairs'}",
+            data,
+            "use kto for rows of prompt, completion and label, another loss for pairs",
+        )
+    device = next(named.model.parameters()).device
+
+    def autocast() -> contextlib.AbstractContextManager:
+        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+    if cfg.precompute_reference and cfg.uses_reference:
+        reference_id = _folder_digest(Path(cfg.reference)) if len(specs) > 1 else "base"
+        task.cache_key = f"{named.base_model}\0{quantize}\0{bf16}\0{batch_size}\0{reference_id}"
+        task.start(named.model, device, autocast, lambda line: None)
+    with autocast():
+        metrics = task.evaluate(named.model, split, batch_size, device)
+    return {
+        "dataset": data,
+        "split": split,
+        "adapter": adapter,
+        "reference": cfg.reference if len(specs) > 1 else "base (adapter disabled)",
+        **cfg.model_dump(mode="json", include={"loss", "beta"}),
+        "truncation": {"over_max_length": encoded.truncated, "prompt_fills_max_length": encoded.dropped},
+        **metrics,
+    }

@@ -33,7 +33,8 @@ def smooth(values: list[float], weight: float | None = None) -> list[float]:
     return out
 
 
-METRICS = ("accuracy", "f1", "exact_match", "valid_label_rate", "perplexity")  # in order of preference
+#: in order of preference; a preference run has TRL's rewards/accuracies
+METRICS = ("accuracy", "rewards/accuracies", "f1", "exact_match", "valid_label_rate", "rewards/margins", "perplexity")
 
 
 def run_metric(records: list[dict[str, Any]], wanted: str | None = None) -> str | None:

@@ -26,7 +26,6 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import PreferenceConfig
-from .errors import PeftkitError
 from .inject import output_embedding
 from .lm_loss import CHUNK_ELEMENTS, final_hidden_states
 from .methods.base import active_adapters, adapters_disabled, unwrapped
@@ -444,80 +443,3 @@ def _write_tensor(path: Any, table: torch.Tensor) -> None:
             torch.save(table, tmp)
     except OSError:
         pass
-
-
-def evaluate_preference(
-    adapter: str,
-    data: str,
-    cfg: PreferenceConfig,
-    *,
-    split: str = "test",
-    model: str | None = None,
-    quantize: int | None = None,
-    batch_size: int = 8,
-    max_length: int | None = None,
-    max_samples: int | None = None,
-    bf16: bool = False,
-) -> dict[str, Any]:
-    """TRL's preference metrics of a causal-LM adapter (peftkit's or ``peft``'s) on ``data``:
-    ``cfg.reference`` (an adapter folder) or the base alone is the reference. ``max_length``
-    defaults to the adapter's own (else 1024, TRL's default). ``cfg.precompute_reference``
-    reads the reference's log-probabilities from peftkit's cache (computing them once), so
-    several adapters of one base are scored against it at the cost of their own passes; ``bf16``
-    runs the passes under bfloat16 autocast.
-
-    Raises:
-        PeftkitError: an adapter that is not a causal-LM one, or rows that cannot be scored.
-    """
-    from pathlib import Path
-
-    from .config import DataConfig
-    from .data import load_one_split, subsample
-    from .multi import load_named
-    from .pairs import PairEncoder, to_pair_rows
-
-    specs = [("policy", Path(adapter))]
-    if cfg.reference and cfg.uses_reference:
-        specs.append((REFERENCE, Path(cfg.reference)))
-    named = load_named(specs, model, quantize)
-    if named.task != "causal_lm":
-        raise PeftkitError(
-            "preference metrics score a causal-LM adapter; this is a classifier",
-            adapter,
-            "pass an adapter trained with task causal_lm or preference",
-        )
-    named.adapters.set_active("policy")
-    meta = named.files["policy"].meta
-    data_cfg = DataConfig(max_length=max_length or int(meta.get("max_length") or 1024))
-    data_cfg.system_prompt = meta.get("system_prompt")
-    rows = subsample(load_one_split(data, split, data_cfg, convert=to_pair_rows), max_samples, 0)
-    group = batch_size if cfg.loss == "kto" else 0
-    encoded = PairEncoder(named.tokenizer, data_cfg).encode_split(rows, f"{data}, {split} split", group)
-    reference = Reference(cfg.reference if len(specs) > 1 else None)
-    task = PreferenceTask(cfg, {split: encoded}, named.tokenizer.pad_token_id, reference)
-    if (cfg.loss == "kto") != (rows.kind == "unpaired"):
-        raise PeftkitError(
-            f"--preference {cfg.loss} does not take {'single answers' if rows.kind == 'unpaired' else 'pairs'}",
-            data,
-            "use kto for rows of prompt, completion and label, another loss for pairs",
-        )
-    device = next(named.model.parameters()).device
-
-    def autocast() -> contextlib.AbstractContextManager:
-        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
-    if cfg.precompute_reference and cfg.uses_reference:
-        reference_id = _folder_digest(Path(cfg.reference)) if len(specs) > 1 else "base"
-        task.cache_key = f"{named.base_model}\0{quantize}\0{bf16}\0{batch_size}\0{reference_id}"
-        task.start(named.model, device, autocast, lambda line: None)
-    with autocast():
-        metrics = task.evaluate(named.model, split, batch_size, device)
-    return {
-        "dataset": data,
-        "split": split,
-        "adapter": adapter,
-        "reference": cfg.reference if len(specs) > 1 else "base (adapter disabled)",
-        **cfg.model_dump(mode="json", include={"loss", "beta"}),
-        "truncation": {"over_max_length": encoded.truncated, "prompt_fills_max_length": encoded.dropped},
-        **metrics,
-    }

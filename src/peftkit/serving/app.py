@@ -77,8 +77,10 @@ class Service:
         self.metrics = Metrics()
         self.store = AdapterStore(named, adapters_dir, limits.max_adapters, self.metrics, fixed)
         self.causal = named.task == "causal_lm"
-        if self.causal:
-            self.worker: Generator | Batcher = Generator(named, self.render, self.store, limits, self.metrics, thread)
+        if self.causal:  # reward adapters beside the LM ones are scored by the same worker, between steps
+            self.worker: Generator | Batcher = Generator(
+                named, self.render, self.store, limits, self.metrics, thread, score=self._classify_rows
+            )
         else:
             self.worker = Batcher(
                 self._classify_rows,
@@ -154,6 +156,9 @@ class Service:
             run = run_of(self.runs, folder)  # the training run it came from, where --runs shows it
             if run is not None:
                 entry["run"] = run
+            if entry["id"] in self.named.scorers:  # a reward model beside the LM adapters
+                entry["task"] = "reward"
+                continue
             if self.causal:  # what a completion's prompt goes through, as `peftkit generate` sends it
                 files = self.named.files.get(entry["id"]) or read_adapter(folder)
                 entry["labels"] = files.meta.get("label_names")
@@ -187,11 +192,17 @@ class Service:
         return [(row, n > self.named.max_length(name)) for row, n, name in zip(rows, lengths, names)]
 
     async def classify(self, data: dict[str, Any]) -> dict[str, Any]:
-        if self.causal:
+        scorers = list(self.named.scorers)
+        if self.causal and not scorers:
             raise bad("this server serves causal-LM adapters: use /v1/completions or /v1/chat/completions")
-        available = self.store.available()
+        available = scorers if self.causal else self.store.available()
         asked = parse_classify(data, self.limits, available[0] if len(available) == 1 else None)
         adapter, texts = asked.adapter, asked.texts
+        if self.causal and adapter not in scorers:
+            raise bad(
+                f"{adapter!r} generates text: use /v1/completions or /v1/chat/completions "
+                f"(/v1/classify scores with the reward adapters: {', '.join(scorers)})"
+            )
         self.store.check(adapter)
         rows = await self._answer(Job(adapter, texts, asyncio.get_running_loop(), None))
         labels = self.named.label_names[adapter]
@@ -230,6 +241,8 @@ class Service:
     def render(self, work: GenWork, adapter: str | None) -> tuple[Sequence, TextStream]:
         """A request's token ids, stop tokens and text stream (on the worker thread)."""
         tok, s = self.named.tokenizer, work.sampling
+        if adapter in self.named.scorers:
+            raise bad(f"{adapter!r} is a reward model: POST its texts to /v1/classify for their scores")
         if self.named.adapters.adds_tokens(adapter):
             raise bad(f"{adapter!r} is a prompt or prefix adapter; serve generates with LoRA and IA3 adapters so far")
         enc = self.encoder(adapter)

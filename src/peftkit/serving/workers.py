@@ -333,7 +333,9 @@ class GenWork:
 
 class Generator(Worker):
     """Generation with continuous batching. A job's payload is a :class:`GenWork`; it is sent
-    ``(text delta, finish reason or None)`` as tokens come, until the finish reason."""
+    ``(text delta, finish reason or None)`` as tokens come, until the finish reason. A job whose
+    payload is a list of texts is scored (``score(texts, names)``: a reward adapter on the same
+    base) between two decoding steps, on this thread, which alone uses the model."""
 
     def __init__(
         self,
@@ -343,8 +345,10 @@ class Generator(Worker):
         limits: Limits,
         metrics: Metrics | None = None,
         start: bool = True,
+        score: Any = None,
     ):
         self.render = render  # (GenWork, adapter) -> (Sequence, TextStream), or ApiError
+        self.score = score
         self.decoder = StepDecoder(named.model, named.tokenizer.pad_token_id, around=named.adapters.per_row)
         super().__init__(store, limits, metrics, start)
 
@@ -360,6 +364,12 @@ class Generator(Worker):
             if job is None:
                 return new, True
             if not self._ready(job, {j.adapter for j in [*running.values(), *new]}):
+                continue
+            if not isinstance(job.payload, GenWork):  # texts to score
+                try:
+                    job.send(self.score(job.payload, [job.adapter] * len(job.payload)))
+                except Exception as exc:  # the request learns of it; the server keeps serving
+                    job.send(None, exc)
                 continue
             try:
                 job.payload.seq, job.payload.stream = self.render(job.payload, job.adapter)
