@@ -133,3 +133,36 @@ def test_a_short_training_run_on_the_device(tmp_path, tiny_bert_dir, sentiment_d
     assert summary["validation"]["accuracy"] > 0.8
     on_cpu = not torch.cuda.is_available()
     assert any(s.startswith("speed layer: frozen linear layers") for s in said) == on_cpu
+
+
+def test_dpo_log_probabilities_and_a_short_run_on_the_device(tmp_path, tiny_llama_dir):
+    """The answers' log-probabilities, policy and reference (the base with the adapter off), on
+    the device equal the CPU's; a short DPO run trains on whatever device accelerate picks."""
+    from peftkit import load_recipe
+    from peftkit.config import LoraConfig, PreferenceConfig
+    from peftkit.models import load_causal_lm
+    from peftkit.pairs import collate_pairs
+    from peftkit.preference import Reference, completion_logps, pair_losses
+    from peftkit.train import train
+
+    from .test_preference import pair_data, recipe
+
+    model = load_causal_lm(str(tiny_llama_dir)).model
+    apply_method(model, LoraConfig(r=4, alpha=8))
+    randomize(model)
+    features = [
+        {"prompt": [2, 8, 9, 24, 13], "chosen": [10, 3], "rejected": [11, 30, 3]},
+        {"prompt": [2, 8, 9, 30], "chosen": [11, 3], "rejected": [10, 3]},
+    ]
+    out = {}
+    for device in ("cpu", DEVICE):
+        model.to(device)
+        b = {k: v.to(device) for k, v in collate_pairs(features, 0, [0, 1]).items()}
+        logps, counts, _ = completion_logps(model, b)
+        ref = Reference().logps(model, b)
+        result = pair_losses(PreferenceConfig(), *logps.chunk(2), counts.chunk(2), tuple(ref.chunk(2)))
+        out[device] = torch.cat([logps, ref, result.losses]).float().cpu()
+    torch.testing.assert_close(out[DEVICE], out["cpu"], atol=1e-3, rtol=1e-4)
+    assert not torch.equal(out["cpu"][:4], out["cpu"][4:8])  # the adapter moves the answers
+    summary = train(load_recipe(recipe(tmp_path, tiny_llama_dir, pair_data(tmp_path), **{"train.max_steps": 3})))
+    assert summary["steps"] == 3 and 0.0 <= summary["validation"]["rewards/accuracies"] <= 1.0

@@ -204,7 +204,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
+def pad_rows(seqs: list[list[int]], value: int) -> torch.Tensor:
     width = max(len(s) for s in seqs)
     return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
 
@@ -214,9 +214,9 @@ def sequences(prompts: list[list[int]], answers: list[list[int]], pad_id: int) -
     ``completion_mask`` (1 on the answer's tokens)."""
     ids = [p + a for p, a in zip(prompts, answers)]
     return {
-        "input_ids": _pad(ids, pad_id),
-        "attention_mask": _pad([[1] * len(s) for s in ids], 0),
-        "completion_mask": _pad([[0] * len(p) + [1] * len(a) for p, a in zip(prompts, answers)], 0),
+        "input_ids": pad_rows(ids, pad_id),
+        "attention_mask": pad_rows([[1] * len(s) for s in ids], 0),
+        "completion_mask": pad_rows([[0] * len(p) + [1] * len(a) for p, a in zip(prompts, answers)], 0),
     }
 
 

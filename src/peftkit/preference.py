@@ -249,6 +249,8 @@ class PreferenceTask:
         return self._collate("train", indices)
 
     def _collate(self, split: str, indices: list[int]) -> dict[str, torch.Tensor]:
+        """Rows ``indices`` of ``split`` as a batch; ``index`` and ``split`` (its position among
+        the splits) find their precomputed reference log-probabilities."""
         feats = self.encoded[split].features
         collate = collate_pairs if self.paired else collate_unpaired
         batch = collate([feats[i] for i in indices], self.pad_id, indices)

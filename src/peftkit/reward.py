@@ -9,6 +9,7 @@ it is a special one), so the answers, where a pair differs, are always scored.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -21,7 +22,7 @@ from .config import DataConfig, RewardConfig
 from .data import column_lists
 from .errors import PeftkitError
 from .methods.base import unwrapped
-from .pairs import PairEncoder, _pad, to_pair_rows
+from .pairs import PairEncoder, pad_rows, to_pair_rows
 
 SCORE = "score"  # the reward head's one label
 
@@ -84,7 +85,7 @@ def encode_reward_split(encoder: PairEncoder, rows: Rows, where: str) -> RewardE
 def score_batch(features: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     """Chosen texts first, then rejected ones, right-padded; ``margin`` when the rows have one."""
     ids = [f["input_ids"] for f in features] + [f["rejected"] for f in features]
-    batch = {"input_ids": _pad(ids, pad_id), "attention_mask": _pad([[1] * len(s) for s in ids], 0)}
+    batch = {"input_ids": pad_rows(ids, pad_id), "attention_mask": pad_rows([[1] * len(s) for s in ids], 0)}
     if "margin" in features[0]:
         batch["margin"] = torch.tensor([f["margin"] for f in features], dtype=torch.float32)
     return batch
@@ -110,7 +111,7 @@ class RewardTask:
         cut = "; ".join(f"{s}: {e.truncated} texts cut" for s, e in self.encoded.items() if e.truncated)
         return f"{parts} pairs; a scalar score, Bradley-Terry loss" + (f" ({cut})" if cut else "")
 
-    def start(self, model: nn.Module, device: Any, autocast: Any, say: Any) -> None:
+    def start(self, model: nn.Module, device: Any, autocast: Callable[[], Any], say: Callable[[str], None]) -> None:
         return None
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:

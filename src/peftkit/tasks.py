@@ -3,7 +3,9 @@ metadata.
 
 :class:`ClassificationTask`: a head over labels (encoders, and decoders as classifiers).
 :class:`CausalLMTask`: next-token loss on a decoder (see :mod:`peftkit.causal`).
-A new kind of run (preference pairs, rewards) implements :class:`Task`; the loop needs nothing else.
+:class:`~peftkit.preference.PreferenceTask` (DPO and kin) and :class:`~peftkit.reward.RewardTask`
+(reward models) are built here too. A new kind of run implements :class:`Task`; the loop needs
+nothing else.
 """
 
 from __future__ import annotations
