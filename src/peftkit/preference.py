@@ -359,18 +359,22 @@ class PreferenceTask:
         process_index: int = 0,
         final: bool = False,
     ) -> dict[str, Any]:
-        """Loss and TRL's metrics over the split, in its order in batches of ``batch_size`` (KTO's
-        KL term and ORPO's NLL are per batch, as TRL computes them). Every process computes the
-        whole split."""
+        """Loss and TRL's metrics over the split in batches of ``batch_size``: longest rows first
+        where every metric is a mean over rows, in the split's order where a term is per batch
+        (KTO's KL, ORPO's NLL), as TRL computes them. Every process computes the whole split."""
         inner = unwrapped(model)
         was = inner.training
         inner.eval()
-        n = len(self.encoded[split].features)
+        feats = self.encoded[split].features
+        n = len(feats)
+        order = list(range(n))
+        if self.paired and self.cfg.loss != "orpo":  # per-row metrics: batches of similar lengths pad least
+            order.sort(key=lambda i: -len(feats[i]["input_ids"]))
         per_row: dict[str, list[torch.Tensor]] = {}
         per_batch: dict[str, list[float]] = {}
         weights: list[int] = []
         for s in range(0, n, batch_size):
-            idx = list(range(s, min(n, s + batch_size)))
+            idx = order[s : s + batch_size]
             batch = {k: v.to(device) for k, v in self._collate(split, idx).items()}
             loss, metrics = self.outcome(inner, batch)
             weights.append(len(idx))

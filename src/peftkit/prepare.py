@@ -208,11 +208,16 @@ def _changed_key(out: Path, cfg: RunConfig) -> tuple[str | None, dict[str, Any]]
         (
             k
             for k in ("task", "model", "dataset", "method", "data", "quantization", "preference", "reward")
-            if _with_defaults(old.get(k), defaults.get(k)) != new.get(k)
+            if (_with_defaults(old.get(k), defaults.get(k)) if k in _GREW else old.get(k)) != new.get(k)
         ),
         None,
     )
     return changed, old
+
+
+#: config entries that gained keys since runs were first written (a method block's keys depend on its
+#: method, so it is compared as written)
+_GREW = ("task", "data", "preference", "reward")
 
 
 def _with_defaults(value: Any, default: Any) -> Any:
