@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from peftkit.preference import PAIR_METRICS
 from tests.conftest import make_lm_tokenizer, preference_rows, unpaired_rows, write_jsonl
 
 peft = pytest.importorskip("peft")
@@ -85,15 +86,7 @@ def _close(ours: dict, theirs: dict, keys: list[str], tol: float = 1e-4) -> None
         assert ours[key] == pytest.approx(theirs[f"eval_{key}"], abs=tol, rel=tol), key
 
 
-PAIR_KEYS = [
-    "loss",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-]
+PAIR_KEYS = ["loss", *PAIR_METRICS]
 
 
 @pytest.mark.parametrize(

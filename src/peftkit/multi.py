@@ -673,8 +673,8 @@ def evaluate_preference(
     """
     from .config import DataConfig
     from .data import load_one_split, subsample
-    from .pairs import PairEncoder, to_pair_rows
-    from .preference import REFERENCE, PreferenceTask, Reference, _folder_digest
+    from .pairs import PairEncoder, check_layout, to_pair_rows
+    from .preference import REFERENCE, PreferenceTask, Reference, folder_digest
 
     specs = [("policy", Path(adapter))]
     if cfg.reference and cfg.uses_reference:
@@ -691,23 +691,18 @@ def evaluate_preference(
     data_cfg = DataConfig(max_length=max_length or int(meta.get("max_length") or 1024))
     data_cfg.system_prompt = meta.get("system_prompt")
     rows = subsample(load_one_split(data, split, data_cfg, convert=to_pair_rows), max_samples, 0)
+    check_layout(cfg.loss, {rows.kind}, data)
     group = batch_size if cfg.loss == "kto" else 0
     encoded = PairEncoder(named.tokenizer, data_cfg).encode_split(rows, f"{data}, {split} split", group)
     reference = Reference(cfg.reference if len(specs) > 1 else None)
     task = PreferenceTask(cfg, {split: encoded}, named.tokenizer.pad_token_id, reference)
-    if (cfg.loss == "kto") != (rows.kind == "unpaired"):
-        raise PeftkitError(
-            f"--preference {cfg.loss} does not take {'single answers' if rows.kind == 'unpaired' else 'pairs'}",
-            data,
-            "use kto for rows of prompt, completion and label, another loss for pairs",
-        )
     device = next(named.model.parameters()).device
 
     def autocast() -> contextlib.AbstractContextManager:
         return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     if cfg.precompute_reference and cfg.uses_reference:
-        reference_id = _folder_digest(Path(cfg.reference)) if len(specs) > 1 else "base"
+        reference_id = folder_digest(Path(cfg.reference)) if len(specs) > 1 else "base"
         task.cache_key = f"{named.base_model}\0{quantize}\0{bf16}\0{batch_size}\0{reference_id}"
         task.start(named.model, device, autocast, lambda line: None)
     with autocast():

@@ -56,6 +56,19 @@ def to_pair_rows(table: Any, cfg: DataConfig, source: str, split: str) -> Rows:
     return Rows(rows, kind)
 
 
+def check_layout(loss: str, kinds: set[str], where: str) -> None:
+    """Refuse rows of the other layout for ``loss`` (KTO takes single answers, the rest pairs),
+    before any row is tokenized."""
+    want = {"unpaired"} if loss == "kto" else {"paired"}
+    if kinds != want:
+        columns = "prompt, completion and label" if loss == "kto" else "prompt, chosen and rejected"
+        raise PeftkitError(
+            f"preference loss {loss} takes rows of {columns}",
+            where,
+            "use loss kto for single answers marked true/false, another loss for pairs",
+        )
+
+
 def _is_messages(value: Any) -> bool:
     return isinstance(value, list)
 

@@ -415,7 +415,7 @@ def _tensors(metrics: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {k: v if isinstance(v, torch.Tensor) else torch.tensor(float(v)) for k, v in metrics.items()}
 
 
-def _folder_digest(folder: Any) -> str:
+def folder_digest(folder: Any) -> str:
     """A digest of every file of an adapter folder (what a cached reference depends on)."""
     digest = hashlib.sha256()
     for path in sorted(folder.iterdir()):

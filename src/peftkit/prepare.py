@@ -152,7 +152,7 @@ def _attach_reference(model: Any, task: Any, cfg: RunConfig) -> None:
     adapter ``train.init_adapter``) loaded frozen beside the trained one, or the base alone."""
     from .adapter_io import read_adapter, read_adapter_weights
     from .methods.named import NamedAdapters
-    from .preference import REFERENCE, _folder_digest
+    from .preference import REFERENCE, folder_digest
 
     folder = cfg.preference.reference or cfg.train.init_adapter
     if folder is None or not cfg.preference.uses_reference:
@@ -161,7 +161,7 @@ def _attach_reference(model: Any, task: Any, cfg: RunConfig) -> None:
     method = files.method_config()
     NamedAdapters(model).add(REFERENCE, method, read_adapter_weights(files.path, method), where=str(folder))
     task.reference.adapter = str(folder)
-    task.cache_key += f"\0reference {_folder_digest(files.path)}"
+    task.cache_key += f"\0reference {folder_digest(files.path)}"
 
 
 def release_freed_memory(threshold: int = 256 * 1024) -> bool:

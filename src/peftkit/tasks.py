@@ -290,8 +290,10 @@ def _pair_task(cfg: RunConfig, tokenizer: Any, splits: dict[str, Any], meta: dic
 
         encoded = {s: encode_reward_split(encoder, sp, f"{cfg.dataset}, {s} split") for s, sp in splits.items()}
         return RewardTask(cfg.reward, encoded, tokenizer.pad_token_id, {**meta, "id2label": {0: SCORE}})
+    from .pairs import check_layout
     from .preference import PreferenceTask, Reference
 
+    check_layout(cfg.preference.loss, {sp.kind for sp in splits.values()}, cfg.dataset)
     group = cfg.train.batch_size if cfg.preference.loss == "kto" else 0
     encoded = {s: encoder.encode_split(sp, f"{cfg.dataset}, {s} split", group) for s, sp in splits.items()}
     for s, e in encoded.items():
@@ -301,14 +303,6 @@ def _pair_task(cfg: RunConfig, tokenizer: Any, splits: dict[str, Any], meta: dic
                 cfg.dataset,
                 "raise data.max_length",
             )
-    kinds = {sp.kind for sp in splits.values()}
-    if cfg.preference.loss == "kto" and kinds != {"unpaired"} or cfg.preference.loss != "kto" and kinds != {"paired"}:
-        want = "prompt, completion and label" if cfg.preference.loss == "kto" else "prompt, chosen and rejected"
-        raise PeftkitError(
-            f"preference.loss {cfg.preference.loss} takes rows of {want}",
-            cfg.dataset,
-            "use loss kto for single answers marked true/false, another loss for pairs",
-        )
     key = f"{cfg.model}\0{cfg.quantization}\0{cfg.train.mixed_precision}\0{cfg.preference.loss == 'kto'}"
     meta["alignment"] = cfg.preference.model_dump(mode="json", exclude={"precompute_reference"})
     return PreferenceTask(cfg.preference, encoded, tokenizer.pad_token_id, Reference(), meta, cache_key=key)
