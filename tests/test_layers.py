@@ -4,7 +4,7 @@ import cycle, on an import against the direction below, or on a module no layer 
 Top to bottom; a module may import its own layer and the layers beneath it, never above:
 
     cli
-    entry points    train, predict, multi, compare, prepare (orchestrate; own no maths)
+    entry points    train, predict, multi, compare, prepare, serving, export (orchestrate; own no maths)
     run parts       tasks, data, causal, evaluate, ...      (what a run feeds and measures)
     methods         methods.base, methods.lora, ...         (what an adapter is)
     surgery         inject, models, quantize, adapter_io    (surgery, loading, the file format)
@@ -37,6 +37,11 @@ LAYERS = [
         "serving.workers",
         "serving.protocol",
         "serving.page",
+        "export",
+        "export.gguf",
+        "export.modelfile",
+        "export.onnx",
+        "export.run_onnx",
     },
     {
         "tasks",

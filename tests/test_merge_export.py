@@ -19,7 +19,7 @@ from .test_errors import expect_error
 PROMPTS = ["hello how are you", "review : a fun and moving film positive or negative ?"]
 
 
-def lm_adapter(base_dir, folder, seed: int, method=None, meta=None):
+def lm_adapter(base_dir, folder, seed: int, method=None, meta=None, scale: float = 0.3):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base_dir)
@@ -29,7 +29,7 @@ def lm_adapter(base_dir, folder, seed: int, method=None, meta=None):
         for _ in range(3):
             for p in model.parameters():
                 if p.requires_grad:
-                    p.add_(torch.randn(p.shape, generator=g) * 0.3)
+                    p.add_(torch.randn(p.shape, generator=g) * scale)
     save_adapter(model, folder, base_model=str(base_dir), task="causal_lm", meta=meta)
     return folder
 

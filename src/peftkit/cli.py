@@ -503,6 +503,61 @@ def _serve_command(sub: Any) -> None:
     sv.set_defaults(run=_serve)
 
 
+def _export_command(sub: Any) -> None:
+    x = sub.add_parser(
+        "export",
+        help="the adapter for other runtimes: GGUF (llama.cpp, Ollama) for causal LMs, ONNX for classifiers",
+    )
+    x.add_argument("--adapter", required=True, help="adapter folder (a run's adapter/, or one saved by peft)")
+    x.add_argument("--format", required=True, choices=["gguf", "onnx"])
+    x.add_argument("--output", required=True, help="the folder to write")
+    x.add_argument("--overwrite", action="store_true")
+    x.add_argument("--model", help="base model; overrides the adapter's base_model_name_or_path")
+    x.add_argument(
+        "--quantize",
+        choices=["4", "8", "int8"],
+        help="4 or 8: load the base quantized, as it was trained (the export holds the dequantized weights); "
+        "int8 (onnx): also write model.int8.onnx, ONNX Runtime's dynamic int8 quantization",
+    )
+    x.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"], default="f16", help="gguf: weight type")
+    x.add_argument("--adapter-only", action="store_true", help="gguf: a LoRA adapter file for the base, not merged")
+    x.add_argument("--with-base", action="store_true", help="gguf --adapter-only: write the base as GGUF too")
+    x.set_defaults(run=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_gguf, export_onnx
+
+    int8 = args.quantize == "int8"
+    if int8 and args.format != "onnx":
+        raise PeftkitError("--quantize int8 is for --format onnx", "--quantize", "for GGUF use --dtype q8_0")
+    bits = int(args.quantize) if args.quantize and not int8 else None
+    options = {"quantize": bits, "model": args.model, "overwrite": args.overwrite}
+    if args.format == "gguf":
+        done = export_gguf(
+            args.adapter,
+            args.output,
+            dtype=args.dtype,
+            adapter_only=args.adapter_only,
+            with_base=args.with_base,
+            **options,
+        )
+    else:
+        if args.adapter_only or args.with_base:
+            raise PeftkitError("--adapter-only is for --format gguf", "--adapter-only", "drop it: ONNX is merged")
+        done = export_onnx(args.adapter, args.output, int8=int8, **options)
+    for note in done.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"exported to {done.folder}: {', '.join(done.files)}")
+    if args.format == "onnx":
+        print(f'run it without torch: python {done.folder / "classify.py"} "a text to classify"')
+    else:
+        run = f"-m {done.folder / 'base.gguf'} --lora {done.folder / 'adapter.gguf'}" if args.adapter_only else ""
+        run = run or f"-m {done.folder / 'model.gguf'}"
+        print(f"llama.cpp: llama-cli {run}; Ollama: ollama create NAME -f {done.folder / 'Modelfile'}")
+    return 0
+
+
 def _adapter_file_commands(sub: Any) -> None:
     """combine and pack: commands that make adapter folders from adapter folders."""
     cb = sub.add_parser("combine", help="combine LoRA adapters of one base into one adapter (peft's weighted adapters)")
@@ -617,6 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(run=_generate)
 
     _adapter_file_commands(sub)
+    _export_command(sub)
 
     _serve_command(sub)
     from .plot import METRICS

@@ -202,7 +202,19 @@ class NamedModel:
         return name in self.scorers or self.files[name].meta.get("task") == "reward"
 
     def max_length(self, name: str) -> int:
-        return int(self.files[name].meta.get("max_length") or min(512, self.tokenizer.model_max_length))
+        """Tokens per text: the training's limit; for an adapter that records none (peft's), the
+        tokenizer's, at most 512 and at most the positions the model has."""
+        if self.files[name].meta.get("max_length"):
+            return int(self.files[name].meta["max_length"])
+        positions = getattr(self.model.config, "max_position_embeddings", None) or 512
+        return int(min(512, self.tokenizer.model_max_length, positions))
+
+
+def adapter_task(files: AdapterFiles) -> str:
+    """What an adapter folder was trained for: causal_lm, reward or classification."""
+    if files.meta.get("task") == "causal_lm" or files.config.get("task_type") == "CAUSAL_LM":
+        return "causal_lm"
+    return "reward" if files.meta.get("task") == "reward" else "classification"
 
 
 def read_specs(specs: list[tuple[str, Path]], model: str | None) -> tuple[str | None, str, dict[str, _Loaded]]:
@@ -219,8 +231,7 @@ def read_specs(specs: list[tuple[str, Path]], model: str | None) -> tuple[str | 
         files = read_adapter(path)
         if files.base_model:
             bases[name] = files.base_model
-        causal = files.meta.get("task") == "causal_lm" or files.config.get("task_type") == "CAUSAL_LM"
-        tasks[name] = "causal_lm" if causal else "reward" if files.meta.get("task") == "reward" else "classification"
+        tasks[name] = adapter_task(files)
         loaded[name] = _Loaded(files, read_adapter_weights(path, files.method_config()))
     kinds = set(tasks.values())
     if kinds == {"reward"} or kinds == {"reward", "classification"}:

@@ -200,19 +200,38 @@ def merge_lm_to_folder(
     """
     texts = check_texts or CHECK_TEXTS
 
-    @torch.no_grad()
-    def logits() -> torch.Tensor:
-        lm.model.eval()
-        batch = lm.tokenizer(texts, return_tensors="pt", padding=True)
-        return lm.model(**batch).logits.float()
-
     def generation() -> None:
         stops = lm.encoder.stop_ids
         lm.model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else list(stops)
         if lm.model.generation_config.pad_token_id is None:
             lm.model.generation_config.pad_token_id = lm.tokenizer.pad_token_id
 
-    return _merge_and_save(lm, lm.tokenizer, logits, output, overwrite, dtype, generation)
+    return _merge_and_save(lm, lm.tokenizer, lambda: lm_logits(lm, texts), output, overwrite, dtype, generation)
+
+
+@torch.no_grad()
+def lm_logits(lm: AdaptedLM, texts: list[str]) -> torch.Tensor:
+    """Float32 logits ``(len(texts), length, vocab)`` of one padded forward pass."""
+    lm.model.eval()
+    batch = lm.tokenizer(texts, return_tensors="pt", padding=True)
+    return lm.model(**batch).logits.float()
+
+
+def merge_view(view: AdaptedClassifier | AdaptedLM, logits: Any, dtype: str = "float32") -> MergeCheck:
+    """Dequantize the base, merge the view's adapter and unload every peftkit module, cast to
+    ``dtype``: ``view.model`` is a plain transformers model after. Returns the largest logit
+    difference the merge made (``logits()`` before and after).
+
+    Raises:
+        PeftkitError: a method that cannot merge.
+    """
+    check_mergeable(view.adapter.method_config())
+    before = logits()
+    dequantize_model(view.model)
+    view.adapters.merge_and_unload(view.name)
+    view.model.to(DTYPES[dtype])
+    after = logits()
+    return MergeCheck(float((before - after).abs().max()), float(before.abs().max()))
 
 
 def _merge_and_save(
@@ -224,22 +243,15 @@ def _merge_and_save(
     dtype: str,
     configure: Any,
 ) -> MergeCheck:
-    """Dequantize, merge the view's adapter and unload every peftkit module, cast to ``dtype``,
-    let ``configure()`` set the config, save the model and tokenizer atomically; the largest
-    logit difference the merge made."""
+    """:func:`merge_view`, let ``configure()`` set the config, save the model and tokenizer
+    atomically; the largest logit difference the merge made."""
     output = check_merge_output(output, overwrite)
-    check_mergeable(view.adapter.method_config())
-    model = view.model
-    before = logits()
-    dequantize_model(model)
-    view.adapters.merge_and_unload(view.name)
-    model.to(DTYPES[dtype])
-    after = logits()
+    check = merge_view(view, logits, dtype)
     configure()
     with atomic_dir(output) as tmp:
-        model.save_pretrained(tmp)
+        view.model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    return MergeCheck(float((before - after).abs().max()), float(before.abs().max()))
+    return check
 
 
 @dataclass(frozen=True)
