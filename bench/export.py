@@ -71,7 +71,7 @@ def gguf_part(adapter: Path, work: Path) -> list[str]:
         time.perf_counter() - t,
     )
     rows = [
-        "| file | size MiB | export s | prompts with all 32 tokens equal | tokens equal before the first "
+        "| file | size MiB | export s | prompts answered with the same tokens | tokens equal before the first "
         "difference (per prompt) | largest prompt-logit difference |",
         "|---|---|---|---|---|---|",
     ]
