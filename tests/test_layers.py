@@ -54,6 +54,7 @@ LAYERS = [
         "generation",
         "lm_loss",
         "token_cache",
+        "sharding",
         "checkpoint",
         "monitor",
         "plot",

@@ -103,9 +103,13 @@ def decode_tree(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
 def stop_for_test(point: str, step: int) -> None:
     """Deterministic kill points for the resume tests: ``PEFTKIT_TEST_STOP=point:N`` sends this
     process SIGKILL (``step``: once optimizer step N is done; ``checkpoint``: halfway through
-    writing checkpoint N) or SIGTERM (``term``: once step N is done). Unset, it does nothing."""
+    writing checkpoint N) or SIGTERM (``term``: once step N is done); with
+    ``PEFTKIT_TEST_STOP_RANK=R`` only the process of global rank R does. Unset, it does nothing."""
     kind, _, at = os.environ.get("PEFTKIT_TEST_STOP", "").partition(":")
     if at != str(step):
+        return
+    rank = os.environ.get("PEFTKIT_TEST_STOP_RANK")
+    if rank is not None and rank != os.environ.get("RANK", "0"):
         return
     if point == "checkpoint" and kind == "checkpoint" or point == "step" and kind == "step":
         os.kill(os.getpid(), signal.SIGKILL)

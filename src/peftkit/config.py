@@ -103,6 +103,16 @@ class EarlyStopping(_Strict):
     min_delta: float = Field(0.0, ge=0)
 
 
+class DistributedConfig(_Strict):
+    """How several processes (``torchrun``, ``accelerate launch``) share the training."""
+
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: every process holds the whole model; fsdp: PyTorch's FSDP2 shards every block's "
+        "parameters (frozen base included), gradients and optimizer state over the processes",
+    )
+
+
 class TrainConfig(_Strict):
     """Optimisation and evaluation schedule."""
 
@@ -145,6 +155,7 @@ class TrainConfig(_Strict):
         default_factory=list, description="also send metrics to these (metrics.jsonl is always written)"
     )
     group_by_length: bool = Field(True, description="batch similar lengths together (less padding)")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     accel: Literal["auto", "on", "off"] = Field(
         "auto",
         description="the CPU speed layer around training steps (peftkit.accel): auto turns it on for "

@@ -31,7 +31,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from . import accel
+from . import accel, sharding
 from .checkpoint import find_resume, load_checkpoint, rng_state, save_checkpoint, set_rng_state, stop_for_test
 from .config import RunConfig, dump_config
 from .data import LengthGroupedBatches
@@ -193,6 +193,10 @@ class Trainer:
         # needs a gradient scaler, which accelerate brings along with its own autocast.
         self.acc = Accelerator(mixed_precision="fp16" if self.precision == "fp16" else "no", cpu=not _has_accelerator())
         self.main = self.acc.is_main_process
+        # FSDP2 when asked for and there is more than one process to shard over; the checkpoint's
+        # optimizer state is in its (name-keyed, whole-tensor) form whenever the strategy is fsdp
+        self.fsdp = self.tc.distributed.strategy == "fsdp"
+        self.sharded = self.fsdp and self.acc.num_processes > 1
         self.progress = Progress(enabled=self.main, echo=echo)
         self.trained = self.seen = 0  # examples trained on (in all), and since the last logged step
         self.eval_seconds = 0.0
@@ -232,8 +236,20 @@ class Trainer:
             check_output_dir(cfg)
         self.acc.wait_for_everyone()  # every process has checked before process 0 writes anything
 
+        if self.sharded:
+            sharding.check(cfg, self.acc.device)
         self.prep = prepare(cfg)
         self.model, self.task = self.prep.model, self.prep.task
+        if self.sharded:
+            self.model.to(self.acc.device)
+            units = sharding.shard(self.model)
+            mine, whole = sharding.held_bytes(self.model)
+            self.say(
+                f"fsdp: {units} units sharded over {self.acc.num_processes} processes; parameters held by each "
+                f"process: {mine / 2**20:.4g} of {whole / 2**20:.4g} MiB"
+            )
+        elif self.fsdp:
+            self.say("note: train.distributed.strategy fsdp with one process: nothing to shard, training as usual")
         self.hooks = injection_of(self.model).schedule
         self._report_setup()
         self._build_training()
@@ -308,14 +324,22 @@ class Trainer:
         """Load the checkpoint at ``path`` into the model, optimizer, LR schedule, RNGs, method
         hooks and loop state; returns the metrics history it holds."""
         ck = load_checkpoint(path)
-        with torch.no_grad():
-            for k, v in trainable_state(self.model).items():
-                v.copy_(ck["trainable"][k])
+        self._check_strategy(path)
+        self._load_trainable(ck["trainable"])
         self.best_state = ck["best"]
-        self.optimizer.load_state_dict(ck["optimizer"])
+        if self.fsdp:
+            sharding.load_optimizer_state(self.model, self.optimizer, ck["optimizer"])
+        else:
+            self.optimizer.load_state_dict(ck["optimizer"])
         self.lr_schedule.load_state_dict(ck["scheduler"])
         self.lr_schedule.base_lrs = self.lrs  # a changed lr applies from here on
-        set_rng_state(ck["rngs"][self.acc.process_index])
+        rngs, n = ck["rngs"], self.acc.num_processes
+        if len(rngs) != n:
+            self.say(
+                f"note: the checkpoint was written by {len(rngs)} processes, this run has {n}: the adapter and "
+                "optimizer state continue, the data order and random streams from here on differ"
+            )
+        set_rng_state(rngs[self.acc.process_index % len(rngs)])
         if ck.get("scaler") is not None and self.acc.scaler is not None:
             self.acc.scaler.load_state_dict(ck["scaler"])
         if self.hooks is not None:
@@ -323,6 +347,19 @@ class Trainer:
         self.state = LoopState.from_json(ck["loop"])
         self.say(f"resuming from {path} (step {self.state.step})")
         return ck["metrics"]
+
+    def _check_strategy(self, path: Path) -> None:
+        """A checkpoint's optimizer state is in the form of the strategy that wrote it."""
+        import yaml
+
+        old = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        wrote = ((old.get("train") or {}).get("distributed") or {}).get("strategy", "ddp")
+        if (wrote == "fsdp") != self.fsdp:
+            raise PeftkitError(
+                f"the checkpoint was written with train.distributed.strategy {wrote}",
+                str(path),
+                f"resume with train.distributed.strategy={wrote}",
+            )
 
     def _open_outputs(self, fresh: bool, clear: bool, history: str) -> None:
         """Every input is checked: from here on process 0 writes."""
@@ -335,11 +372,17 @@ class Trainer:
         self.acc.wait_for_everyone()
         reporters = open_reporters(self.tc.report_to, out, cfg.model_dump(mode="json")) if self.main else []
         self.log = MetricsLog(out / "metrics.jsonl" if self.main else None, history=history, reporters=reporters)
-        self.ddp_model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+        if self.sharded:
+            self.ddp_model = self.model  # FSDP2 shards the model in place; the optimizer is used as built
+        else:
+            self.ddp_model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         self.speedups = self._speed_layer()
 
     def _speed_layer(self) -> contextlib.AbstractContextManager:
         """The CPU speed layer (:mod:`peftkit.accel`) to enter around each step, or a null context."""
+        if self.sharded:
+            self.say("speed layer: off under FSDP (its prepared copies of the frozen weights would be whole)")
+            return contextlib.nullcontext()
         if not accel.wanted(self.tc.accel, self.acc.device):
             self.say(f"speed layer: off (train.accel={self.tc.accel} on {self.acc.device.type})")
             return contextlib.nullcontext()
@@ -413,8 +456,11 @@ class Trainer:
         ``sync``), inside the speed layer; refuses a non-finite loss before it reaches the weights."""
         acc = self.acc
         batch = {k: v.to(acc.device) for k, v in self.task.batch(indices).items()}
+        if self.sharded:  # FSDP2: reduce-scatter the gradients on the last micro-batch only
+            self.model.set_requires_gradient_sync(sync)
+        quiet = contextlib.nullcontext() if sync or self.sharded else acc.no_sync(self.ddp_model)
         # the speed layer from the forward through the backward, which uses it too
-        with contextlib.nullcontext() if sync else acc.no_sync(self.ddp_model), self.speedups:
+        with quiet, self.speedups:
             with self._autocast():
                 loss = self.task.loss(self.ddp_model, batch)
                 total = loss if self.hooks is None else loss + self.hooks.penalty()
@@ -448,7 +494,9 @@ class Trainer:
 
     def update(self) -> None:
         """Clip, step the optimizer and the schedule, and count the step."""
-        if self.tc.max_grad_norm:
+        if self.tc.max_grad_norm and self.sharded:
+            sharding.clip_grad_norm_(self.params, self.tc.max_grad_norm)
+        elif self.tc.max_grad_norm:
             self.acc.clip_grad_norm_(self.params, self.tc.max_grad_norm)
         self.optimizer.step()
         self.lr_schedule.step()
@@ -493,14 +541,10 @@ class Trainer:
     # ---- evaluation ----
     def evaluate(self, split: str, final: bool = False) -> dict[str, Any]:
         acc = self.acc
+        # under FSDP every process runs every batch: each forward gathers with all of them
+        processes, index = (1, 0) if self.sharded else (acc.num_processes, acc.process_index)
         return self.task.evaluate(
-            self.ddp_model,
-            split,
-            self.tc.eval_batch_size,
-            acc.device,
-            acc.num_processes,
-            acc.process_index,
-            final=final,
+            self.ddp_model, split, self.tc.eval_batch_size, acc.device, processes, index, final=final
         )
 
     def evaluate_validation(self) -> bool:
@@ -537,11 +581,31 @@ class Trainer:
     def keep_best(self, metrics: dict[str, Any], epoch: float) -> None:
         """Remember the trainable tensors of a new best evaluation and write them as ``adapter/``."""
         self.state.best = {**metrics, "step": self.state.step, "epoch": round(epoch, 4)}
-        self.best_state = {k: v.detach().clone() for k, v in trainable_state(self.model).items()}
-        if self.main:
+        self.best_state = self._trainable()
+        whole = sharding.full_adapter_state(self.model) if self.sharded else None  # every process gathers
+        if self.main:  # one ordinary adapter folder
             save_adapter(
-                self.model, self.out / "adapter", base_model=self.cfg.model, task=self.task.name, meta=self.task.meta
+                self.model,
+                self.out / "adapter",
+                base_model=self.cfg.model,
+                task=self.task.name,
+                meta=self.task.meta,
+                state=whole,
             )
+
+    def _trainable(self) -> dict[str, torch.Tensor]:
+        """Copies of the trainable tensors, whole (gathered from the shards under FSDP)."""
+        if self.sharded:
+            return sharding.full_trainable(self.model)
+        return {k: v.detach().clone() for k, v in trainable_state(self.model).items()}
+
+    def _load_trainable(self, state: dict[str, torch.Tensor]) -> None:
+        if self.sharded:
+            sharding.load_trainable(self.model, state)
+            return
+        with torch.no_grad():
+            for k, v in trainable_state(self.model).items():
+                v.copy_(state[k])
 
     def early_stop(self, metrics: dict[str, Any]) -> bool:
         es, st = self.tc.early_stopping, self.state
@@ -565,13 +629,17 @@ class Trainer:
         acc, st = self.acc, self.state
         rngs = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
         st.epoch, st.next_batch = epoch, next_batch
+        optimizer: Any = self.optimizer
+        if self.fsdp:  # whole tensors keyed by name: any process count can restore them
+            optimizer = sharding.FullState(sharding.full_optimizer_state(self.model, self.optimizer))
+        trainable = self._trainable() if self.sharded else trainable_state(self.model)
         if self.main:
             save_checkpoint(
                 self.out,
                 st.step,
-                trainable=trainable_state(self.model),
+                trainable=trainable,
                 best=self.best_state,
-                optimizer=self.optimizer,
+                optimizer=optimizer,
                 scheduler=self.lr_schedule,
                 scaler=acc.scaler,
                 rngs=rngs,
@@ -588,9 +656,7 @@ class Trainer:
         """Test the best adapter (what ``adapter/`` holds) and write ``summary.json`` and the curves."""
         st = self.state
         self.speedups = None  # its prepared weights are not needed any more
-        with torch.no_grad():
-            for k, v in trainable_state(self.model).items():
-                v.copy_(self.best_state[k])
+        self._load_trainable(self.best_state)
         summary = self.summary(train_seconds, peak_rss_bytes())
         if "test" in self.task.features:
             began = time.perf_counter()

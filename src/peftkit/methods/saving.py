@@ -26,6 +26,7 @@ def save_adapter(
     task: str = "classification",
     meta: dict[str, Any] | None = None,
     plain_lora: bool = False,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the adapter of ``model`` (see :func:`peftkit.apply_method`) to ``directory``.
 
@@ -38,9 +39,12 @@ def save_adapter(
         plain_lora: write a PiSSA/OLoRA adapter as a plain LoRA adapter of the original base
             (:func:`~.lora.as_plain_lora`); always done for ``pissa_niter_N``, whose residual base
             no reader could recompute.
+        state: the adapter's tensors (:func:`~.base.adapter_state_dict`'s keys), when the model's own
+            cannot be read whole (sharded: :func:`peftkit.sharding.full_adapter_state`).
     """
     inj = injection_of(model)
-    method, state = inj.method, adapter_state_dict(model)
+    method = inj.method
+    state = adapter_state_dict(model) if state is None else state
     niter = str(getattr(method, "residual_init", None) or "").startswith("pissa_niter_")
     if plain_lora or niter:
         from .lora import as_plain_lora
