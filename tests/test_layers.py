@@ -37,6 +37,7 @@ LAYERS = [
         "serving.workers",
         "serving.protocol",
         "serving.page",
+        "plan",
         "export",
         "export.gguf",
         "export.modelfile",

@@ -503,6 +503,40 @@ def _serve_command(sub: Any) -> None:
     sv.set_defaults(run=_serve)
 
 
+def _plan_command(sub: Any) -> None:
+    pl = sub.add_parser("plan", help="the memory a training run needs per process, before it loads a weight")
+    pl.add_argument("recipe")
+    pl.add_argument("overrides", nargs="*", help="key=value overrides, as for train")
+    pl.add_argument("--processes", type=int, default=1, help="processes the run will have (per node x nodes)")
+    pl.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the run trains")
+    pl.add_argument("--measure", action="store_true", help="also run a few real steps and report their peak")
+    pl.add_argument("--steps", type=int, default=3, help="--measure: optimizer steps to run")
+    pl.set_defaults(run=_plan)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from .config import load_recipe
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    if args.processes < 1 or args.steps < 1:
+        raise PeftkitError("--processes and --steps count from 1", "plan", "pass a positive number")
+    from .models import quiet_transformers
+    from .plan import MiB, estimate, measure
+
+    quiet_transformers()
+    est = estimate(cfg, args.processes, args.device)
+    for line in est.lines():
+        print(line)
+    if args.measure:
+        summary = measure(args.recipe, args.overrides, args.processes, args.steps)
+        got = summary["peak_rss_bytes"]
+        print(
+            f"measured: peak resident memory {got / MiB:,.0f} MiB over {summary['steps']} steps (process 0), "
+            f"predicted {est.peak / MiB:,.0f} MiB ({est.peak / got - 1:+.0%})"
+        )
+    return 0
+
+
 def _export_command(sub: Any) -> None:
     x = sub.add_parser(
         "export",
@@ -673,6 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _adapter_file_commands(sub)
     _export_command(sub)
+    _plan_command(sub)
 
     _serve_command(sub)
     from .plot import METRICS
