@@ -48,11 +48,14 @@ def check(cfg: Any, device: torch.device) -> None:
             "train.distributed",
             "use strategy ddp for AdaLoRA, or LoRA with a fixed rank",
         )
-    if cfg.quantization is not None and device.type == "cpu":
+    if cfg.quantization is not None:
+        where = (
+            "bitsandbytes' quantized CPU weights cannot be sharded"
+            if device.type == "cpu"
+            else "FSDP over a bitsandbytes-quantized base is not checked on a GPU yet"
+        )
         raise PeftkitError(
-            "bitsandbytes' quantized CPU weights cannot be sharded",
-            "train.distributed",
-            "drop quantization for FSDP on CPU, or use strategy ddp with a quantized base",
+            where, "train.distributed", "drop quantization under fsdp, or use strategy ddp with a quantized base"
         )
 
 
