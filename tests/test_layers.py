@@ -56,6 +56,7 @@ LAYERS = [
         "lm_loss",
         "token_cache",
         "sharding",
+        "grpo",
         "checkpoint",
         "monitor",
         "plot",

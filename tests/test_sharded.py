@@ -78,6 +78,20 @@ def one_process(tmp_path_factory, tiny_llama_dir, sentiment_dir) -> Path:
     return tmp / "one" / "run"
 
 
+def test_gradient_accumulation_under_fsdp_equals_one_process(tiny_llama_dir, sentiment_dir, tmp_path):
+    """Micro-batches accumulate in the shards (no reduce-scatter until the last one of a step)."""
+    from peftkit import load_recipe
+    from peftkit.train import train
+
+    extra = {"train.grad_accum": 2}
+    one = recipe(tmp_path, tiny_llama_dir, sentiment_dir, "one", 8, **extra)
+    train(load_recipe(one), echo=lambda _: None)
+    two = recipe(tmp_path, tiny_llama_dir, sentiment_dir, "two", 4, **extra, **{"train.distributed.strategy": "fsdp"})
+    proc = torchrun(str(two))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_training(one.parent / "run", two.parent / "run")
+
+
 def test_fsdp_on_two_processes_trains_what_one_process_trains(one_process, tiny_llama_dir, sentiment_dir, tmp_path):
     fsdp = recipe(tmp_path, tiny_llama_dir, sentiment_dir, "two", 8, **{"train.distributed.strategy": "fsdp"})
     proc = torchrun(str(fsdp))
