@@ -123,14 +123,11 @@ def available_bytes(device: str) -> tuple[int, str]:
 def longest_example(cfg: RunConfig) -> tuple[int, int]:
     """The training split's longest tokenized example (at most ``data.max_length``) and the
     number of labels, through the same data stage as ``train`` (no model weights are read)."""
-    from .data import infer_label_names, load_splits
     from .models import load_tokenizer
-    from .prepare import _converter
+    from .prepare import load_data
     from .tasks import build_task
 
-    splits = load_splits(cfg.dataset, cfg.data, cfg.seed, convert=_converter(cfg))
-    labelled = cfg.task == "classification" or getattr(splits["train"], "kind", "") == "labelled"
-    names = infer_label_names(splits["train"], cfg.data.label_names) if labelled else None
+    splits, names = load_data(cfg)
     task = build_task(cfg, load_tokenizer(cfg.model), splits, names)
     longest = max((len(f["input_ids"]) for f in task.features["train"]), default=cfg.data.max_length)
     return min(longest, cfg.data.max_length), len(names or [])

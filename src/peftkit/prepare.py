@@ -74,7 +74,6 @@ def prepare(cfg: RunConfig) -> Prepared:
     """Load and check data, model and method; raises :class:`PeftkitError` on bad input."""
     from accelerate.utils import set_seed
 
-    from .data import infer_label_names, load_splits
     from .methods.base import apply_method, default_modules_to_save, resolve_modules_to_save
     from .models import load_causal_lm, load_classifier
     from .tasks import build_task
@@ -95,9 +94,7 @@ def prepare(cfg: RunConfig) -> Prepared:
             "data.packing",
             "set data.packing: false (virtual tokens would be shared across packed examples)",
         )
-    splits = load_splits(cfg.dataset, cfg.data, cfg.seed, convert=_converter(cfg))
-    labelled = cfg.task == "classification" or getattr(splits["train"], "kind", "") == "labelled"
-    names = infer_label_names(splits["train"], cfg.data.label_names) if labelled else None
+    splits, names = load_data(cfg)
     set_seed(cfg.seed)  # a new head's initialisation is part of the run
     if cfg.task == "reward":
         from .reward import SCORE
@@ -126,6 +123,16 @@ def prepare(cfg: RunConfig) -> Prepared:
         base.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.model.enable_input_require_grads()
     return Prepared(base.model, base.tokenizer, task, report)
+
+
+def load_data(cfg: RunConfig) -> tuple[dict[str, Any], list[str] | None]:
+    """The run's splits, loaded and converted, and its label names (None for unlabelled data)."""
+    from .data import infer_label_names, load_splits
+
+    splits = load_splits(cfg.dataset, cfg.data, cfg.seed, convert=_converter(cfg))
+    labelled = cfg.task == "classification" or getattr(splits["train"], "kind", "") == "labelled"
+    names = infer_label_names(splits["train"], cfg.data.label_names) if labelled else None
+    return splits, names
 
 
 def _converter(cfg: RunConfig) -> Callable[..., Any] | None:

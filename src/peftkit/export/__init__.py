@@ -121,7 +121,7 @@ def export_gguf(
             files = [ADAPTER]
             if with_base:
                 dequantize_model(lm.model)
-                gguf.write_model(tmp / BASE, _Plain(lm.model), lm.tokenizer, stops, dtype, lm.base_model)
+                gguf.write_model(tmp / BASE, _Plain(lm.model), vocab, dtype, lm.base_model)
                 files.append(BASE)
             else:
                 notes.append(f"the Modelfile's FROM names {BASE}: put the base model there as GGUF (--with-base)")
@@ -130,7 +130,7 @@ def export_gguf(
             from ..predict import CHECK_TEXTS, lm_logits, merge_view
 
             check = merge_view(lm, lambda: lm_logits(lm, CHECK_TEXTS))
-            gguf.write_model(tmp / MODEL, lm.model, lm.tokenizer, stops, dtype, name)
+            gguf.write_model(tmp / MODEL, lm.model, vocab, dtype, name)
             files = [MODEL]
             notes.append(f"merged in float32: the logits moved by at most {check.diff:.2e} (largest {check.scale:.3g})")
             text = modelfile(MODEL, None, wraps, stop_texts, system, f"peftkit export of {name} (merged, {dtype})")

@@ -263,17 +263,13 @@ class _Names:
         return tensor
 
 
-def write_model(path: Path, model: Any, tokenizer: Any, stop_ids: list[int], dtype: str, name: str) -> Vocabulary:
-    """Write ``model`` (a plain transformers causal LM: merged, unloaded, float) as one GGUF file.
-
-    Returns:
-        The vocabulary written (its ``warning`` is for the user).
-    """
+def write_model(path: Path, model: Any, vocab: Vocabulary, dtype: str, name: str) -> None:
+    """Write ``model`` (a plain transformers causal LM: merged, unloaded, float) as one GGUF file,
+    with the tokenizer as :func:`vocabulary` describes it."""
     import gguf
 
     config = model.config
     arch = architecture(config)
-    vocab = vocabulary(tokenizer, int(config.vocab_size), stop_ids)
     names = _Names(config, arch)
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_type(gguf.GGUFType.MODEL)
@@ -289,7 +285,6 @@ def write_model(path: Path, model: Any, tokenizer: Any, stop_ids: list[int], dty
         data, kind = _as_stored(names.rows(key, tensor), dtype)
         writer.add_tensor(names.name(key), data, raw_dtype=kind)
     _finish(writer)
-    return vocab
 
 
 @dataclass
