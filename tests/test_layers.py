@@ -57,6 +57,8 @@ LAYERS = [
         "token_cache",
         "sharding",
         "grpo",
+        "grpo_task",
+        "rewards",
         "checkpoint",
         "monitor",
         "plot",

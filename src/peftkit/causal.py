@@ -205,6 +205,16 @@ class LMEncoder:
             return self._ids(self._apply(self._user_turn(prompt), generation_prompt=True), False)
         return self._ids(prompt, True)
 
+    def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation, ending where the assistant's answer begins."""
+        if not self.chat:
+            raise PeftkitError(
+                "the prompts are chat messages but the run renders no chat template",
+                "data.chat_template",
+                "use a model with a chat template, or give the prompts as text",
+            )
+        return self._ids(self._apply(messages, generation_prompt=True), False)
+
     def segments(self, row: dict[str, Any], kind: str, where: str) -> list[tuple[list[int], bool]]:
         if kind == "chat":
             messages = row["messages"]

@@ -143,6 +143,7 @@ def save_checkpoint(
     keep: int,
     best_step: int | None,
     method: Any = None,
+    task: Any = None,
 ) -> Path:
     """Write the checkpoint for ``step`` atomically, then prune old ones (keeping the best).
 
@@ -166,8 +167,9 @@ def save_checkpoint(
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "rngs": rngs,
-                "method": method,
-            }  # a method's own training state (AdaLoRA's importance scores)
+                "method": method,  # a method's own training state (AdaLoRA's importance scores)
+                "task": task,  # a task's own (GRPO's rollouts waiting for their next update)
+            }
             tree, tensors = encode_tree(state)
             save_file(tensors, str(tmp / STATE_TENSORS))
             (tmp / STATE_JSON).write_text(json.dumps(tree))

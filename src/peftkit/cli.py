@@ -71,8 +71,10 @@ def _metrics_line(m: dict) -> str:
         "rewards/accuracies",
         "rewards/margins",
         "margin",
+        "reward",
     )
     shown = "  ".join(f"{k} {m[k]:.4f}" for k in keys if k in m)
+    shown += "".join(f"  {k} {v:.4f}" for k, v in m.items() if k.startswith("rewards/") and k.endswith("/mean"))
     return shown + (f"  (n={m['n']})" if "n" in m else "")
 
 

@@ -92,7 +92,7 @@ class DataConfig(_Strict):
 
 
 #: validation metrics a run can follow: the best adapter, early stopping
-FollowedMetric = Literal["accuracy", "f1", "loss", "rewards/accuracies", "rewards/margins"]
+FollowedMetric = Literal["accuracy", "f1", "loss", "rewards/accuracies", "rewards/margins", "reward"]
 
 
 class EarlyStopping(_Strict):
@@ -211,13 +211,77 @@ class RewardConfig(_Strict):
     )
 
 
+class GRPOConfig(_Strict):
+    """A recipe's ``grpo:`` block (task grpo; TRL's ``GRPOConfig`` names and defaults where they exist)."""
+
+    num_generations: int = Field(8, ge=2, description="completions sampled per prompt (one group)")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the completions")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: the smallest set of tokens reaching this mass")
+    max_completion_length: int = Field(256, gt=0, description="tokens per completion at most")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group",
+        description="divide advantages by the group's reward spread (group, the paper's), the batch's, or not "
+        "at all (none, Dr. GRPO)",
+    )
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = Field(
+        "dapo", description="grpo: mean per completion; dapo: per token of the batch; dr_grpo: per max length"
+    )
+    epsilon: float = Field(0.2, gt=0, lt=1, description="the clip range below (and above, without epsilon_high)")
+    epsilon_high: float | None = Field(None, gt=0, description="DAPO's wider clip above (0.28 in the paper)")
+    beta: float = Field(0.0, ge=0, description="weight of the KL term against the reference (0: no reference run)")
+    num_iterations: int = Field(
+        1, ge=1, description="updates per batch of generations (importance ratio after the first)"
+    )
+    mask_truncated_completions: bool = Field(
+        False, description="completions cut at max_completion_length count no loss"
+    )
+    reference: str | None = Field(
+        None, description="an adapter folder as the KL reference (frozen, same base); default: the adapter off"
+    )
+    log_completions_steps: int | None = Field(
+        None, gt=0, description="write sample completions to completions.jsonl every N steps (default: log_steps)"
+    )
+
+
+class RewardSource(_Strict):
+    """One item of a recipe's ``rewards:`` list (task grpo): a function or an adapter, and its weight."""
+
+    function: str | None = Field(
+        None, description='"path/to/file.py:name" or "module:name": called with prompts, completions and the columns'
+    )
+    adapter: str | None = Field(None, description="a classifier (with label) or reward adapter folder from peftkit")
+    label: str | None = Field(None, description="classifier adapter: the reward is this label's probability")
+    weight: float = Field(1.0, description="the reward's weight in the sum")
+    share_base: bool = Field(
+        True, description="adapter: load it on the policy's base as a frozen named adapter when the bases match"
+    )
+    name: str | None = Field(None, description="how the log names it (default: the function's or folder's name)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RewardSource:
+        if (self.function is None) == (self.adapter is None):
+            raise ValueError("each rewards item gives either function: or adapter:")
+        if self.label is not None and self.adapter is None:
+            raise ValueError("rewards: label goes with adapter:")
+        return self
+
+    @property
+    def title(self) -> str:
+        if self.name:
+            return self.name
+        if self.function is not None:
+            return self.function.rpartition(":")[2]
+        return Path(self.adapter.rstrip("/")).name + (f":{self.label}" if self.label else "")
+
+
 class RunConfig(_Strict):
     """Everything one ``peftkit train`` run needs."""
 
-    task: Literal["classification", "causal_lm", "preference", "reward"] = Field(
+    task: Literal["classification", "causal_lm", "preference", "reward", "grpo"] = Field(
         "classification",
         description="classification (a head over labels), causal_lm (next-token loss), preference (DPO and "
-        "kin on answer pairs) or reward (a scalar score trained on pairs)",
+        "kin on answer pairs), reward (a scalar score trained on pairs) or grpo (online RL on prompts, "
+        "from rewards)",
     )
     model: str = Field("minilm", description="asset name, hub id, or local folder")
     dataset: str = Field("rotten_tomatoes", description="asset name, hub id, local file or folder")
@@ -231,11 +295,19 @@ class RunConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    rewards: list[RewardSource] = Field(default_factory=list, description="task grpo: what scores a completion")
 
     @property
     def decoder(self) -> bool:
-        """Whether the run trains a causal LM (next-token or preference loss)."""
-        return self.task in ("causal_lm", "preference")
+        """Whether the run trains a causal LM (next-token, preference or GRPO loss)."""
+        return self.task in ("causal_lm", "preference", "grpo")
+
+    @model_validator(mode="after")
+    def _grpo_needs_rewards(self) -> RunConfig:
+        if self.task == "grpo" and not self.rewards:
+            raise ValueError("task grpo needs a rewards: list (function: FILE.py:NAME or adapter: DIR items)")
+        return self
 
     @model_validator(mode="after")
     def _loraplus_needs_lora(self) -> RunConfig:

@@ -495,6 +495,26 @@ class LengthGroupedBatches:
         return n
 
 
+class RepeatedWindows:
+    """The batches of ``batches`` (a sampler), each window of ``window`` consecutive batches given
+    ``times`` times over before the next (GRPO's several updates per batch of generations)."""
+
+    def __init__(self, batches: Any, window: int, times: int):
+        self.batches, self.window, self.times = batches, window, times
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batches.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = list(self.batches)
+        for start in range(0, len(order), self.window):
+            for _ in range(self.times):
+                yield from order[start : start + self.window]
+
+    def __len__(self) -> int:
+        return len(self.batches) * self.times
+
+
 def load_one_split(source: str, split: str, cfg: DataConfig, convert: Callable[..., Any] | None = None) -> Split:
     """One named split of ``source``; a single-file source is its own only split.
 

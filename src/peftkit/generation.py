@@ -76,10 +76,11 @@ class Sequence:
     stop_ids: frozenset[int] = frozenset()
     tokens: list[int] = field(default_factory=list)
     finish: str | None = None
+    stop_token: int | None = None  # the stop id that ended it (not in ``tokens``)
 
     def push(self, token: int) -> None:
         if token in self.stop_ids:
-            self.finish = "stop"
+            self.finish, self.stop_token = "stop", token
             return
         self.tokens.append(token)
         if len(self.tokens) >= self.max_new:
@@ -94,7 +95,9 @@ class StepDecoder:
     pads either side's cache on the left so they stack; :meth:`step` decodes one token for every
     row (positions counted from each row's own first token, so padding changes nothing);
     finished rows leave and columns no row needs are cut. ``around(adapters)`` is entered around
-    each forward pass (which adapter each row uses).
+    each forward pass (which adapter each row uses). Sampled tokens are drawn from ``rng`` (a
+    training run passes torch's global generator, which its checkpoints keep), else from a
+    generator of the decoder's own, seeded with ``seed``.
     """
 
     def __init__(
@@ -103,15 +106,26 @@ class StepDecoder:
         pad_id: int,
         around: Callable[[list[str | None]], Any] | None = None,
         seed: int | None = None,
+        rng: torch.Generator | None = None,
     ):
         self.model, self.pad_id, self.around = model, pad_id, around
         self.rows: list[Sequence] = []
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.mask: torch.Tensor | None = None
         self.device = next(model.parameters()).device
-        self.rng = torch.Generator(device=self.device)
-        if seed is not None:
-            self.rng.manual_seed(seed)
+        self.rng = rng
+        if rng is None:
+            self.rng = torch.Generator(device=self.device)
+            if seed is not None:
+                self.rng.manual_seed(seed)
+
+    def run(self, rows: list[Sequence]) -> list[Sequence]:
+        """Decode ``rows`` to their ends, the finished leaving the batch as they finish."""
+        self.add(rows)
+        while self.rows:
+            self.drop(lambda r: r.finish is not None)
+            self.step()
+        return rows
 
     @torch.inference_mode()
     def add(self, rows: list[Sequence]) -> None:

@@ -43,13 +43,25 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale: str = "
 
 
 def completion_token_logps(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_length: int, temperature: float
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_length: int,
+    temperature: float,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(rows, completion_length)`` log-probabilities of the last ``completion_length`` tokens of
     ``input_ids`` (a prompt, then its completion), from the logits divided by the sampling
     ``temperature``: the distribution the completion was drawn from. 0 where ``attention_mask``
-    is 0 (padding after a short completion), as TRL has them, so no ratio there overflows."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    is 0 (padding after a short completion), as TRL has them, so no ratio there overflows.
+    ``position_ids``: as the sampler counted them (TRL passes none: a left-padded prompt's
+    positions then start at its padding)."""
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=completion_length + 1,
+    ).logits
     logits = logits[:, -completion_length - 1 : -1].float() / temperature
     targets = input_ids[:, -completion_length:]
     logps = torch.gather(F.log_softmax(logits, dim=-1), 2, targets[..., None]).squeeze(-1)

@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import PeftkitError
 
-SCALARS = ("loss", "lr", "examples_per_s", "accuracy", "f1")
+SCALARS = ("loss", "lr", "examples_per_s", "accuracy", "f1", "reward", "reward_std", "completion_length", "kl")
 
 
 def _require(module: str, package: str) -> Any:

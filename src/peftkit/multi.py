@@ -39,6 +39,7 @@ from .predict import (
     lm_encoder,
 )
 from .quantize import quantize_model
+from .rewards import ScoreHead
 
 #: the adapter name peft gives the adapter it saves at a folder's root
 DEFAULT_NAME = "default"
@@ -114,34 +115,6 @@ def check_rows(names: list[Any], known: list[str], where: str) -> None:
 class _Loaded:
     files: AdapterFiles
     state: dict[str, torch.Tensor]
-
-
-@dataclass
-class ScoreHead:
-    """A reward adapter's one-output head, used on a causal-LM base's last hidden states: the
-    score of a text is the head at its last token that is not padding (as ``...ForSequenceClassification``
-    takes it)."""
-
-    weight: torch.Tensor  # (1, hidden)
-    bias: torch.Tensor | None
-    pad_id: int | None
-
-    @classmethod
-    def split_off(cls, state: dict[str, torch.Tensor], keep: list[str], pad_id: int | None) -> tuple[Any, dict]:
-        """The head (the adapter's saved module with one output row) and the other tensors."""
-        head = next((m for m in keep if state.get(f"{m}.weight") is not None), None)
-        if head is None or state[f"{head}.weight"].shape[0] != 1:
-            return None, state
-        rest = {k: v for k, v in state.items() if not k.startswith(head + ".")}
-        return cls(state[f"{head}.weight"].float(), state.get(f"{head}.bias"), pad_id), rest
-
-    def scores(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        real = input_ids != self.pad_id if self.pad_id is not None else torch.ones_like(input_ids, dtype=torch.bool)
-        last = (positions * real).argmax(-1)
-        pooled = hidden[torch.arange(hidden.shape[0]), last].float()
-        out = pooled @ self.weight.T.to(pooled.device)
-        return out + self.bias.float().to(out.device) if self.bias is not None else out
 
 
 @dataclass

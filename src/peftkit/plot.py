@@ -33,8 +33,17 @@ def smooth(values: list[float], weight: float | None = None) -> list[float]:
     return out
 
 
-#: in order of preference; a preference run has TRL's rewards/accuracies
-METRICS = ("accuracy", "rewards/accuracies", "f1", "exact_match", "valid_label_rate", "rewards/margins", "perplexity")
+#: in order of preference; a preference run has TRL's rewards/accuracies, a GRPO run its reward
+METRICS = (
+    "accuracy",
+    "rewards/accuracies",
+    "f1",
+    "exact_match",
+    "valid_label_rate",
+    "rewards/margins",
+    "reward",
+    "perplexity",
+)
 
 
 def run_metric(records: list[dict[str, Any]], wanted: str | None = None) -> str | None:
@@ -76,7 +85,14 @@ def plot_runs(runs: list[str | Path], output: str | Path, metric: str | None = N
             ax_loss.plot(
                 steps, smooth(losses), color=color, linewidth=2, label=f"{label} train loss (smoothed)".strip()
             )
-        if val:
+        rewarded = [r for r in train if "reward" in r]
+        if rewarded and name == "reward":  # GRPO: the sampled completions' reward as training went
+            steps, rewards = [r["step"] for r in rewarded], [r["reward"] for r in rewarded]
+            ax_metric.plot(steps, rewards, color=color, alpha=0.3, linewidth=1, label=f"{label} train reward".strip())
+            ax_metric.plot(
+                steps, smooth(rewards), color=color, linewidth=2, label=f"{label} train reward (smoothed)".strip()
+            )
+        if val and all("loss" in r for r in val):
             steps = [r["step"] for r in val]
             ax_loss.plot(
                 steps,
@@ -86,10 +102,14 @@ def plot_runs(runs: list[str | Path], output: str | Path, metric: str | None = N
                 marker="o",
                 label=f"{label} validation loss".strip(),
             )
-            if name is not None:
-                ax_metric.plot(
-                    steps, [r[name] for r in val], color=color, marker="o", label=f"{label} validation {name}".strip()
-                )
+        if val and name is not None:
+            ax_metric.plot(
+                [r["step"] for r in val],
+                [r[name] for r in val],
+                color=color,
+                marker="o",
+                label=f"{label} validation {name}".strip(),
+            )
         best = _best_step(run)
         if best is not None:
             for ax in (ax_loss, ax_metric):

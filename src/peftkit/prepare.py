@@ -37,6 +37,7 @@ RUN_OUTPUTS = (
     "adapter",
     "checkpoints",
     "metrics.jsonl",
+    "completions.jsonl",
     "summary.json",
     "config.yaml",
     "curves.png",
@@ -118,7 +119,10 @@ def prepare(cfg: RunConfig) -> Prepared:
 
         load_adapter_weights(base.model, init.path)
     if cfg.task == "preference":
-        _attach_reference(base.model, task, cfg)
+        _attach_reference(base.model, task, cfg, cfg.preference.reference, cfg.preference.uses_reference)
+    if cfg.task == "grpo":
+        _attach_reference(base.model, task, cfg, cfg.grpo.reference, cfg.grpo.beta > 0)
+        _attach_rewards(base.model, base.tokenizer, task, cfg)
     if cfg.train.gradient_checkpointing:
         base.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.model.enable_input_require_grads()
@@ -151,24 +155,103 @@ def _converter(cfg: RunConfig) -> Callable[..., Any] | None:
         from .causal import to_rows
 
         return to_rows
+    if cfg.task == "grpo":
+        from .grpo_task import to_prompt_rows
+
+        return to_prompt_rows
     return None
 
 
-def _attach_reference(model: Any, task: Any, cfg: RunConfig) -> None:
-    """A preference run's reference: the adapter ``preference.reference`` (else the starting
+def _attach_reference(model: Any, task: Any, cfg: RunConfig, reference: str | None, wanted: bool) -> None:
+    """A preference or GRPO run's reference: the adapter ``reference`` (else the starting
     adapter ``train.init_adapter``) loaded frozen beside the trained one, or the base alone."""
     from .adapter_io import read_adapter, read_adapter_weights
     from .methods.named import NamedAdapters
     from .preference import REFERENCE, folder_digest
 
-    folder = cfg.preference.reference or cfg.train.init_adapter
-    if folder is None or not cfg.preference.uses_reference:
+    folder = reference or cfg.train.init_adapter
+    if folder is None or not wanted:
         return
     files = read_adapter(folder)
     method = files.method_config()
     NamedAdapters(model).add(REFERENCE, method, read_adapter_weights(files.path, method), where=str(folder))
     task.reference.adapter = str(folder)
-    task.cache_key += f"\0reference {folder_digest(files.path)}"
+    if hasattr(task, "cache_key"):
+        task.cache_key += f"\0reference {folder_digest(files.path)}"
+
+
+def _attach_rewards(model: Any, tokenizer: Any, task: Any, cfg: RunConfig) -> None:
+    """A GRPO run's rewards (:mod:`peftkit.rewards`): functions loaded, adapters put on the
+    policy's base (or, when asked or when they cannot share it, on a base of their own)."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):  # loading them draws no number the run would have drawn
+        _add_rewards(model, tokenizer, task, cfg)
+
+
+def _add_rewards(model: Any, tokenizer: Any, task: Any, cfg: RunConfig) -> None:
+    from .rewards import AdapterReward, FunctionReward, load_function
+
+    titles: set[str] = set()
+    for i, source in enumerate(cfg.rewards):
+        where = f"rewards[{i}]"
+        title = source.title if source.title not in titles else f"{source.title}-{i}"
+        titles.add(title)
+        if source.function is not None:
+            task.rewards.append(FunctionReward(title, load_function(source.function, where), source.weight, where))
+        else:
+            scorer = _adapter_scorer(model, tokenizer, cfg, i, where)
+            task.rewards.append(AdapterReward(title, scorer, source.weight, where))
+
+
+def _adapter_scorer(model: Any, tokenizer: Any, cfg: RunConfig, i: int, where: str) -> Callable[[list[str]], list]:
+    """How the reward adapter ``cfg.rewards[i]`` scores texts: a classifier's probability of its
+    ``label``, or a reward model's score."""
+    from .adapter_io import read_adapter, read_adapter_weights
+    from .methods.named import NamedAdapters, shares_a_base
+    from .multi import adapter_task, load_named, predict_rows
+    from .predict import label_names_of
+    from .rewards import ScoreHead, shared_scorer
+
+    source = cfg.rewards[i]
+    files = read_adapter(source.adapter)
+    kind = adapter_task(files)
+    fix = "give a classifier adapter with label: NAME, or a task reward adapter"
+    if kind == "causal_lm":
+        raise PeftkitError("the reward adapter is a causal-LM adapter", f"{where} {source.adapter}", fix)
+    if kind == "reward" and source.label is not None:
+        raise PeftkitError("a reward adapter scores; it has no label", f"{where} {source.adapter}", "remove label:")
+    method = files.method_config()
+    state = read_adapter_weights(files.path, method)
+    keep = list(method.modules_to_save or [])
+    label = None
+    if kind == "classification":
+        names = label_names_of(files, state, keep, files.base_model or cfg.model)
+        if source.label not in names:
+            raise PeftkitError(
+                f"label {source.label!r} is not one of the classifier's labels {names}",
+                f"{where} {source.adapter}",
+                f"set label: to one of {', '.join(names)}",
+            )
+        label = names.index(source.label)
+    name = f"reward-{i}"
+    same = files.base_model in (None, cfg.model)
+    if source.share_base and same and shares_a_base(method) and shares_a_base(cfg.method):
+        head, rest = ScoreHead.split_off(state, keep, tokenizer.pad_token_id, None if label is not None else 1)
+        if head is None:
+            raise PeftkitError("the adapter holds no classification or score head", f"{where} {source.adapter}", fix)
+        NamedAdapters(model).add(
+            name, method.model_copy(update={"modules_to_save": None}), rest, where=f"{where} {source.adapter}"
+        )
+        length = int(files.meta.get("max_length") or cfg.data.max_length + cfg.grpo.max_completion_length)
+        return shared_scorer(model, tokenizer, name, head, label, length)
+    named = load_named([(name, files.path)], files.base_model or cfg.model)
+
+    def score(texts: list[str]) -> list[float]:
+        rows = predict_rows(named, texts, [name] * len(texts))
+        return [float(r[0] if label is None else r[label]) for r in rows]
+
+    return score
 
 
 def release_freed_memory(threshold: int = 256 * 1024) -> bool:
@@ -214,7 +297,18 @@ def _changed_key(out: Path, cfg: RunConfig) -> tuple[str | None, dict[str, Any]]
     changed = next(
         (
             k
-            for k in ("task", "model", "dataset", "method", "data", "quantization", "preference", "reward")
+            for k in (
+                "task",
+                "model",
+                "dataset",
+                "method",
+                "data",
+                "quantization",
+                "preference",
+                "reward",
+                "grpo",
+                "rewards",
+            )
             if (_with_defaults(old.get(k), defaults.get(k)) if k in _GREW else old.get(k)) != new.get(k)
         ),
         None,
@@ -224,7 +318,7 @@ def _changed_key(out: Path, cfg: RunConfig) -> tuple[str | None, dict[str, Any]]
 
 #: config entries that gained keys since runs were first written (a method block's keys depend on its
 #: method, so it is compared as written)
-_GREW = ("task", "data", "preference", "reward")
+_GREW = ("task", "data", "preference", "reward", "grpo", "rewards")
 
 
 def _with_defaults(value: Any, default: Any) -> Any:

@@ -27,7 +27,7 @@ from .methods.base import adapter_state_dict, trainable_state
 
 #: tasks whose loss runs the model in ways FSDP units do not follow yet (the preference tasks run
 #: a reference pass and evaluation on the unwrapped model, process by process)
-UNSHARDED_TASKS = ("preference", "reward")
+UNSHARDED_TASKS = ("preference", "reward", "grpo")
 #: methods whose training hooks read whole weights and gradients between steps (AdaLoRA's rank
 #: allocator), which FSDP leaves as shards
 UNSHARDED_METHODS = ("adalora",)
@@ -39,7 +39,7 @@ def check(cfg: Any, device: torch.device) -> None:
         raise PeftkitError(
             f"train.distributed.strategy fsdp does not train {cfg.task} runs yet",
             "train.distributed",
-            "use strategy ddp (the default) for preference and reward runs",
+            "use strategy ddp (the default) for preference, reward and grpo runs",
         )
     if cfg.method.name in UNSHARDED_METHODS:
         raise PeftkitError(

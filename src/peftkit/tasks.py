@@ -254,6 +254,10 @@ def build_task(cfg: RunConfig, tokenizer: Any, splits: dict[str, Any], label_nam
         classes = {s: encode_labels(sp, label_names, f"{cfg.dataset}, {s} split") for s, sp in splits.items()}
     if cfg.task in ("preference", "reward"):
         return _pair_task(cfg, tokenizer, splits, meta)
+    if cfg.task == "grpo":
+        from .grpo_task import build_grpo_task
+
+        return build_grpo_task(cfg, tokenizer, splits, meta)
     if cfg.task == "classification":
         features = {
             s: tokenize(tokenizer, sp.texts, cfg.data.max_length, sp.pairs, cache=cfg.data.token_cache)

@@ -34,7 +34,7 @@ from torch import nn
 from . import accel, sharding
 from .checkpoint import find_resume, load_checkpoint, rng_state, save_checkpoint, set_rng_state, stop_for_test
 from .config import RunConfig, dump_config
-from .data import LengthGroupedBatches
+from .data import LengthGroupedBatches, RepeatedWindows
 from .errors import Interrupted, PeftkitError
 from .fsio import atomic_write_text, write_json
 from .methods.base import MethodHooks, count_parameters, injection_of, parameter_report, trainable_state
@@ -51,6 +51,8 @@ from .prepare import (
     prepare,
 )
 from .tasks import Task
+
+COMPLETIONS = "completions.jsonl"  # a GRPO run's sample completions (Trainer.log_samples)
 
 
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -308,6 +310,8 @@ class Trainer:
             num_processes=acc.num_processes,
             process_index=acc.process_index,
         )
+        if getattr(self.task, "repeats", 1) > 1:  # GRPO: several updates per batch of generations
+            self.sampler = RepeatedWindows(self.sampler, tc.grad_accum, self.task.repeats)
         self.steps_per_epoch = max(1, len(self.sampler) // tc.grad_accum)
         self.total_steps = tc.max_steps or max(1, int(self.steps_per_epoch * tc.epochs))
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -344,7 +348,13 @@ class Trainer:
             self.acc.scaler.load_state_dict(ck["scaler"])
         if self.hooks is not None:
             self.hooks.load_state_dict(ck.get("method") or {})
+        if hasattr(self.task, "load_state_dict"):
+            self.task.load_state_dict(ck.get("task") or {}, self.acc.device)
         self.state = LoopState.from_json(ck["loop"])
+        if self.main and (self.out / COMPLETIONS).is_file():  # samples logged after the checkpoint go
+            lines = (self.out / COMPLETIONS).read_text(encoding="utf-8").splitlines(keepends=True)
+            kept = [x for x in lines if json.loads(x)["step"] <= self.state.step]
+            atomic_write_text(self.out / COMPLETIONS, "".join(kept))
         self.say(f"resuming from {path} (step {self.state.step})")
         return ck["metrics"]
 
@@ -433,6 +443,7 @@ class Trainer:
             if not sync:
                 continue
             self.update()
+            self.log_samples()
             stop_for_test("step", st.step)
             last, epoch_end = st.step >= self.total_steps, i + tc.grad_accum >= usable
             if st.step % tc.log_steps == 0 or last:
@@ -506,6 +517,16 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.progress.step()
 
+    def log_samples(self) -> None:
+        """Append the completions the task sampled at this step (GRPO) to ``completions.jsonl``,
+        every ``task.sample_every`` steps."""
+        every, samples = getattr(self.task, "sample_every", 0), getattr(self.task, "samples", None)
+        if self.main and every and samples and self.state.step % every == 0:
+            with open(self.out / COMPLETIONS, "a", encoding="utf-8") as f:
+                f.writelines(json.dumps({"step": self.state.step, **s}) + "\n" for s in samples)
+        if samples:  # each step's own: a rollout used again at the next step is not logged again
+            samples.clear()
+
     def log_train(self) -> None:
         """The mean training loss since the last logged step, the lr and the speed."""
         st, acc = self.state, self.acc
@@ -528,7 +549,8 @@ class Trainer:
             }
         )
         self.progress.show(mean, lr, rate)
-        shown = "".join(f" {k} {v:.4f}" for k, v in others.items() if k in ("rewards/accuracies", "rewards/margins"))
+        wanted = getattr(self.task, "shown", ("rewards/accuracies", "rewards/margins"))
+        shown = "".join(f" {k} {v:.4f}" for k, v in others.items() if k in wanted)
         self.progress.say(
             f"step {st.step}/{self.total_steps} epoch {epoch:.2f} loss {mean:.4f}{shown} lr {lr:.2e} "
             f"{rate:.0f} examples/s",
@@ -568,7 +590,8 @@ class Trainer:
         self.say(f"eval step {st.step} epoch {epoch:.2f}: {self.task.line(metrics)}" + (" (best)" if is_best else ""))
         if is_best:
             self.keep_best(metrics, epoch)
-        st.history.append([st.step, metrics["loss"], st.last_train_loss])
+        if "loss" in metrics:  # a GRPO evaluation has rewards, no loss
+            st.history.append([st.step, metrics["loss"], st.last_train_loss])
         rising = overfitting_since(st.history)
         if rising is not None and st.warned_at is None:
             st.warned_at = rising
@@ -644,6 +667,7 @@ class Trainer:
                 scaler=acc.scaler,
                 rngs=rngs,
                 method=self.hooks.state_dict() if self.hooks is not None else None,
+                task=self.task.state_dict() if hasattr(self.task, "state_dict") else None,
                 loop=dataclasses.asdict(st),
                 metrics=self.log.text,
                 config=dump_config(self.cfg),

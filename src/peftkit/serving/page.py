@@ -73,12 +73,19 @@ def _run(folder: Path, path: Path) -> dict[str, Any] | None:
     if isinstance(method, dict) and isinstance(method.get("name"), str):
         summary["method"] = method["name"]
     train = [[r["step"], r["loss"]] for r in records if r.get("type") == "train" and "loss" in r]
+    rewarded = [[r["step"], r["reward"]] for r in records if r.get("type") == "train" and "reward" in r]
     val = [
         {k: v for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         for r in records
         if r.get("type") == "eval" and r.get("split") == "validation"
     ]
-    return {"name": _name(folder, path), "summary": summary, "train": train, "validation": val}
+    return {
+        "name": _name(folder, path),
+        "summary": summary,
+        "train": train,
+        "train_reward": rewarded,
+        "validation": val,
+    }
 
 
 def _config(path: Path) -> dict[str, Any]:
