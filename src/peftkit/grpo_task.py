@@ -15,6 +15,7 @@ The reference, when ``beta`` > 0, is the base with the adapter off, or a frozen 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -138,6 +139,10 @@ class GRPOTask:
     rollouts: dict[tuple[int, ...], Rollout] = field(default_factory=dict)  # waiting for their next use
     samples: list[dict[str, Any]] = field(default_factory=list)  # the last rollout's completions, for the log
     autocast: Callable[[], Any] | None = None
+    #: the entry point's decoding speed-up, ``(model, dtype) -> context manager`` (accel's
+    #: DecodeProducts), and the dtype training samples in (evaluation samples in float32)
+    decoding: Callable[[nn.Module, torch.dtype], Any] | None = None
+    sample_dtype: torch.dtype = torch.float32
     sample_every: int = 0  # steps between the sample completions the trainer writes
 
     @property
@@ -178,8 +183,10 @@ class GRPOTask:
         ]
         was = inner.training
         inner.eval()
+        dtype = self.sample_dtype if temperature > 0 else torch.float32
         try:
-            StepDecoder(inner, self.tokenizer.pad_token_id, rng=torch.default_generator).run(seqs)
+            with self.decoding(inner, dtype) if self.decoding else contextlib.nullcontext():
+                StepDecoder(inner, self.tokenizer.pad_token_id, rng=torch.default_generator).run(seqs)
         finally:
             inner.train(was)
         rows = [self.prompts[split].rows[i] for i in indices for _ in range(generations)]

@@ -398,6 +398,9 @@ class Trainer:
             return contextlib.nullcontext()
         layer = accel.StepSpeedups(self.model, compute_dtype(self.precision))  # cast and packed once
         self.say(layer.describe())
+        if hasattr(self.task, "decoding"):  # GRPO samples with prepared, merged products
+            self.task.decoding, self.task.sample_dtype = accel.DecodeProducts, compute_dtype(self.precision)
+            self.say(f"sampling: linear layers merged and prepared in {compute_dtype(self.precision)} per generation")
         return layer
 
     # ---- the loop ----

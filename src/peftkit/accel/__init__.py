@@ -12,6 +12,10 @@ model, around each step, and undone after it.
 * attention-probability dropout runs through an attention function with the same mask
   (plain SDPA models, and prefix tuning's attention).
 
+:class:`~.decode.DecodeProducts` does the same for generation (a GRPO run's sampling): every
+linear layer multiplies with a weight merged with the active adapters, cast and prepacked once
+per generation.
+
 Entering sets instance ``forward`` attributes and the model config's attention implementation;
 leaving restores exactly what was there, on errors too. Outside ``with`` the model is the
 ordinary model the methods built: evaluation, saving and merging never see this layer. Nothing
@@ -26,8 +30,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .decode import DecodeProducts
 from .dropout import attention_replacement, fast_dropout
 from .frozen import FrozenLinears
+
+__all__ = ["DecodeProducts", "StepSpeedups", "wanted"]
 
 
 def wanted(setting: str | bool, device: torch.device | str) -> bool:

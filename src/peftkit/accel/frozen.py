@@ -67,16 +67,20 @@ class FrozenProduct:
         bias: ``b`` or None.
         dtype: the compute dtype; inputs must come in it.
         pack: keep ``W`` and ``W^T`` prepacked by oneDNN (CPU) instead of as a tensor.
+        input_grad: prepare ``W^T`` for :meth:`input_grad` too (not needed for inference).
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, pack: bool):
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, pack: bool, input_grad: bool = True
+    ):
         self.dtype = dtype
         w = weight.detach().to(dtype)  # the weight itself when the dtype agrees
         self.bias = None if bias is None else bias.detach().to(dtype)
         self.weight = self._forward = self._backward = None
         if pack:
             self._forward = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), _BATCH_HINT)
-            self._backward = torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), _BATCH_HINT)
+            if input_grad:
+                self._backward = torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), _BATCH_HINT)
         else:
             self.weight = w
 
@@ -100,7 +104,7 @@ class FrozenProduct:
 
     def nbytes(self) -> int:
         tensors = [self.weight] if self.weight is not None else [self._forward, self._backward]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 class _FrozenLinear(torch.autograd.Function):
