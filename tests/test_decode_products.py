@@ -22,7 +22,7 @@ def adapted(name: str, **options):
     apply_method(model, cfg, [])
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # updates that are not zero, as after training
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
     return model
