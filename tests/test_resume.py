@@ -56,7 +56,8 @@ def start(recipe: Path, *extra: str) -> subprocess.Popen:
 def history(run: Path) -> list[dict]:
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     for r in rows:
-        r.pop("examples_per_s", None)  # a timing, not a result
+        r.pop("examples_per_s", None)  # timings, not results
+        r.pop("step_seconds", None)
     return rows
 
 

@@ -119,22 +119,28 @@ class StepDecoder:
             if seed is not None:
                 self.rng.manual_seed(seed)
 
-    def run(self, rows: list[Sequence]) -> list[Sequence]:
-        """Decode ``rows`` to their ends, the finished leaving the batch as they finish."""
-        self.add(rows)
+    def run(self, rows: list[Sequence], copies: int = 1) -> list[Sequence]:
+        """Decode ``rows`` to their ends, the finished leaving the batch as they finish
+        (``copies``: as :meth:`add` takes it)."""
+        self.add(rows, copies)
         while self.rows:
             self.drop(lambda r: r.finish is not None)
             self.step()
         return rows
 
     @torch.inference_mode()
-    def add(self, rows: list[Sequence]) -> None:
-        """Prefill ``rows`` (one forward pass) and give each its first token."""
+    def add(self, rows: list[Sequence], copies: int = 1) -> None:
+        """Prefill ``rows`` (one forward pass) and give each its first token. With ``copies`` > 1
+        every run of that many rows shares one prompt (and adapter), prefilled once for all."""
         if not rows:
             return
-        ids, mask = left_padded([r.prompt for r in rows], self.pad_id, self.device)
+        firsts = rows[::copies]
+        ids, mask = left_padded([r.prompt for r in firsts], self.pad_id, self.device)
         width = ids.shape[1]
-        logits, kv = self._forward(rows, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), [])
+        logits, kv = self._forward(firsts, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), [])
+        if copies > 1:
+            logits, mask = logits.repeat_interleave(copies, 0), mask.repeat_interleave(copies, 0)
+            kv = [(k.repeat_interleave(copies, 0), v.repeat_interleave(copies, 0)) for k, v in kv]
         virtual = kv[0][0].shape[-2] - width if kv else 0
         if virtual > 0:  # a prompt-tuned adapter put its virtual tokens first: the mask covers the cache
             mask, width = torch.cat([mask.new_ones(len(rows), virtual), mask], dim=1), width + virtual

@@ -186,7 +186,8 @@ class GRPOTask:
         dtype = self.sample_dtype if temperature > 0 else torch.float32
         try:
             with self.decoding(inner, dtype) if self.decoding else contextlib.nullcontext():
-                StepDecoder(inner, self.tokenizer.pad_token_id, rng=torch.default_generator).run(seqs)
+                decoder = StepDecoder(inner, self.tokenizer.pad_token_id, rng=torch.default_generator)
+                decoder.run(seqs, copies=generations)  # each prompt prefilled once for its group
         finally:
             inner.train(was)
         rows = [self.prompts[split].rows[i] for i in indices for _ in range(generations)]

@@ -288,7 +288,7 @@ class Trainer:
                 else "mixed precision: none, float32 (no native bf16 here)"
             )
         self.best_metric = self.task.best_metric(tc.metric_for_best)
-        if self.best_metric != tc.metric_for_best:
+        if self.best_metric != tc.metric_for_best and "metric_for_best" in tc.model_fields_set:
             self.say(
                 f"train.metric_for_best {tc.metric_for_best} does not apply to this data: the best adapter "
                 f"is chosen by validation {self.best_metric}"
@@ -537,7 +537,8 @@ class Trainer:
         local = [st.window_loss / st.window_n] + [st.window_metrics[k] / st.window_counts[k] for k in names]
         means = acc.reduce(torch.tensor(local, device=acc.device), "mean").tolist()
         mean, others = means[0], dict(zip(names, means[1:]))
-        rate = self.seen / max(1e-9, time.perf_counter() - self.window_start)
+        window = max(1e-9, time.perf_counter() - self.window_start)
+        rate = self.seen / window
         lr = self.lr_schedule.get_last_lr()[0]
         epoch = st.step / self.steps_per_epoch
         self.log.write(
@@ -549,6 +550,7 @@ class Trainer:
                 **others,
                 "lr": lr,
                 "examples_per_s": rate,
+                "step_seconds": window / max(1, st.window_n // self.tc.grad_accum),
             }
         )
         self.progress.show(mean, lr, rate)
