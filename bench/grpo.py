@@ -18,6 +18,9 @@ the policy's base or on a base of its own.
    same adapter merged into an f16 GGUF by ``peftkit export``.
 3. Recipe (b) for ``--memory-steps`` steps, the reward classifier (``--classifier``) on the
    policy's base and then on a base of its own: peak RSS of each process.
+4. Recipe (b)'s result (``--review-adapter``, its trained adapter): the classifier's mean
+   probability of "positive" for the greedy continuations of the held-out (test) review starts,
+   by the base (the adapter off) and by the adapter.
 
     .venv/bin/python bench/grpo.py --adapter runs/smollm2-sentiment-lora/adapter \\
         --classifier runs/smollm2-sentiment-classifier/adapter    # writes bench/RESULTS-grpo.md
@@ -278,7 +281,29 @@ def part_memory(args) -> dict:
     return {"peak_rss": vm_hwm(), "reward": summary["validation"]["reward"]}
 
 
+def part_review(args) -> dict:
+    import contextlib
+
+    import torch
+
+    from peftkit import load_recipe
+    from peftkit.methods.base import adapters_disabled
+    from peftkit.prepare import prepare
+
+    out = {}
+    for name, extra in (("base", []), ("adapter", [f"train.init_adapter={args.review_adapter}"])):
+        cfg = load_recipe(str(ROOT / "recipes" / "smollm2-review-grpo.yaml"), [*extra, "data.max_eval_samples=128"])
+        cfg.rewards = [cfg.rewards[0].model_copy(update={"adapter": args.classifier})]
+        prep = prepare(cfg)
+        prep.model.eval()
+        with adapters_disabled(prep.model) if name == "base" else contextlib.nullcontext():
+            metrics = prep.task.evaluate(prep.model, "test", 64, torch.device("cpu"), final=True)
+        out[name] = {"reward": metrics["reward"], "n": metrics["n"], "sample": metrics["completions_sample"][:3]}
+    return out
+
+
 PARTS = {
+    "review": part_review,
     "peftkit": part_peftkit,
     "peftkit-fp32": part_peftkit,
     "trl": part_trl,
@@ -309,6 +334,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=32)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--memory-steps", type=int, default=3)
+    parser.add_argument("--review-adapter", help="recipe (b)'s trained adapter (section 4)")
     parser.add_argument("--work", default="/tmp/peftkit-bench-grpo")
     parser.add_argument("--output", default=str(ROOT / "bench" / "RESULTS-grpo.md"))
     parser.add_argument("--part", choices=sorted(PARTS))
@@ -322,6 +348,7 @@ def main() -> None:
     jobs = {name: child(args, name) for name in ("peftkit", "peftkit-fp32", "trl")}
     decode = child(args, "decode")
     memory = {name: child(args, name) for name in ("memory-shared", "memory-separate")} if args.classifier else {}
+    review = child(args, "review") if args.review_adapter and args.classifier else None
     trl = jobs["trl"]
     lines = [
         "# GRPO: peftkit against TRL's GRPOTrainer, the in-loop decoder against llama.cpp",
@@ -370,6 +397,20 @@ def main() -> None:
             f"| on a base of its own (rewards[0].share_base: false) | {separate['peak_rss'] / 2**20:.0f} |",
             "",
             f"One base saves {(separate['peak_rss'] - shared['peak_rss']) / 2**20:.0f} MiB.",
+        ]
+    if review:
+        lines += [
+            "",
+            "## Recipe (b): how positive the continuations read, before and after",
+            "",
+            f'The reward classifier\'s mean probability of "positive" for the greedy continuation of each of the '
+            f"{review['base']['n']} held-out review starts (recipes/smollm2-review-grpo.yaml's test split), the "
+            f"prompt and continuation scored together.",
+            "",
+            "| policy | mean P(positive) | sample continuations |",
+            "|---|---|---|",
+            f"| the base (adapter off) | {review['base']['reward']:.4f} | {review['base']['sample']} |",
+            f"| {args.review_adapter} | {review['adapter']['reward']:.4f} | {review['adapter']['sample']} |",
         ]
     write_report(args.output, lines)
 

@@ -366,3 +366,27 @@ def test_fsdp_refuses_grpo_on_one_line(sampling_llama, prompts, tmp_path):
     cfg = load_recipe(grpo_recipe(tmp_path, sampling_llama, prompts), ["train.distributed.strategy=fsdp"])
     with pytest.raises(PeftkitError, match="does not train grpo runs yet"):
         sharding.check(cfg, torch.device("cpu"))
+
+
+def test_two_processes_sample_their_own_prompts_and_train_one_adapter(sampling_llama, prompts, tmp_path):
+    """DDP over gloo: each process samples and scores its own prompts' groups (no collective
+    while generating), the gradients are averaged, process 0 writes the log and the samples."""
+    import os
+    import subprocess
+    import sys
+
+    path = grpo_recipe(tmp_path, sampling_llama, prompts, **{"train.max_steps": 4, "grpo.log_completions_steps": 2})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run(
+        [*cmd, "-m", "peftkit", "train", str(path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "run"
+    assert [r["step"] for r in records(run)] == [2, 4]
+    samples = [json.loads(x) for x in (run / "completions.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 * 4 * 8  # steps 2 and 4, process 0's 4 prompts x 8 completions
+    assert done.stdout.count("test reward") == 1
