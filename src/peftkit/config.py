@@ -271,7 +271,11 @@ class RewardSource(_Strict):
             return self.name
         if self.function is not None:
             return self.function.rpartition(":")[2]
-        return Path(self.adapter.rstrip("/")).name + (f":{self.label}" if self.label else "")
+        folder = Path(self.adapter.rstrip("/"))
+        name = (
+            folder.parent.name if folder.name == "adapter" and folder.parent.name else folder.name
+        )  # a run's adapter/
+        return name + (f":{self.label}" if self.label else "")
 
 
 class RunConfig(_Strict):
