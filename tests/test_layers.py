@@ -68,7 +68,7 @@ LAYERS = [
     {"config", "errors", "fsio", "methods", "methods.configs", "methods.tuner_configs", "methods.registry", "__init__"},
 ]
 LAYERS[3] = {f"methods.{p.stem}" for p in (PACKAGE / "methods").glob("*.py")} - LAYERS[5] - {"methods.__init__"}
-ACCEL = {"accel", "accel.frozen", "accel.dropout", "accel.native"}
+ACCEL = {"accel", "accel.frozen", "accel.dropout", "accel.native", "accel.decode"}
 #: who may import the speed layer (besides itself)
 ACCEL_USERS = LAYERS[1]
 

@@ -138,7 +138,6 @@ class GRPOTask:
     shown: ClassVar[tuple[str, ...]] = ("reward", "reward_std", "completion_length", "kl")
     rollouts: dict[tuple[int, ...], Rollout] = field(default_factory=dict)  # waiting for their next use
     samples: list[dict[str, Any]] = field(default_factory=list)  # the last rollout's completions, for the log
-    autocast: Callable[[], Any] | None = None
     #: the entry point's decoding speed-up, ``(model, dtype) -> context manager`` (accel's
     #: DecodeProducts), and the dtype training samples in (evaluation samples in float32)
     decoding: Callable[[nn.Module, torch.dtype], Any] | None = None
@@ -162,7 +161,7 @@ class GRPOTask:
         )
 
     def start(self, model: nn.Module, device: Any, autocast: Callable[[], Any], say: Callable[[str], None]) -> None:
-        self.autocast = autocast
+        return None  # nothing to compute before the first step
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         return {"index": torch.tensor(indices)}
