@@ -58,3 +58,103 @@ def test_greedy_decoding_is_unchanged_in_float32():
     want = decode()
     with DecodeProducts(model, torch.float32):
         assert decode() == want
+
+
+# The decoding step of its own (DecodeProducts.step, LLaMA architecture): the same logits and
+# cache as the model's forward, step by step over a left-padded batch; rows leaving and joining;
+# and standing aside for models it cannot see into.
+
+STEPPED = LAYER_METHODS + ["dora", "adapter", "full"]
+ASIDE = ["ln_tuning", "prompt", "ptuning", "prefix"]  # replaced norms; hooks on the model
+
+
+def _method(name: str):
+    return adapted("lora", use_dora=True) if name == "dora" else adapted(name)
+
+
+@pytest.mark.parametrize("name", STEPPED)
+def test_decoding_step_gives_the_models_logits_and_cache(name):
+    model = _method(name)
+    prompts = [[2, 8, 9, 30, 31, 12, 13], [2, 8, 41, 12, 13], [2, 40, 13]]
+    with DecodeProducts(model, torch.float32) as prepared:
+        assert prepared.step is not None
+        reference = StepDecoder(model, 0)
+        reference.add([Sequence(list(p), 10) for p in prompts])
+        ids = torch.tensor([[r.tokens[-1]] for r in reference.rows])
+        mask, kv = reference.mask, reference.kv
+        theirs = ours = kv
+        for _ in range(6):
+            positions = mask.sum(-1, keepdim=True)
+            mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+            want, theirs = reference._forward(reference.rows, ids, mask, positions, theirs)
+            got, ours = prepared.step(ids, mask, positions, ours)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            for (k0, v0), (k1, v1) in zip(theirs, ours):
+                torch.testing.assert_close(k1, k0, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(v1, v0, atol=1e-5, rtol=1e-5)
+            ids = want.argmax(-1, keepdim=True)
+
+
+def test_decoding_step_with_rows_leaving_and_joining_decodes_as_the_model():
+    model = adapted("lora")
+    first = [[2, 8, 9, 30, 31, 12, 13], [2, 8, 41, 12, 13], [2, 40, 13]]
+    later = [[2, 9, 9, 41, 12, 13, 30, 31, 40], [2, 13]]
+
+    def decode(step):
+        decoder = StepDecoder(model, 0, decode_step=step)
+        rows = [Sequence(list(p), n) for p, n in zip(first, (3, 9, 6))]
+        decoder.add(rows)
+        for i in range(12):
+            decoder.drop(lambda r: r.finish is not None)
+            if i == 2:  # new requests join a running batch, with a wider prompt
+                joined = [Sequence(list(p), 7) for p in later]
+                decoder.add(joined)
+            decoder.step()
+        return [r.tokens for r in rows + joined]
+
+    want = decode(None)
+    with DecodeProducts(model, torch.float32) as prepared:
+        got = decode(prepared.step)
+    assert got == want
+    assert all(len(t) > 2 for t in want)
+
+
+@pytest.mark.parametrize("name", ASIDE)
+def test_decoding_step_stands_aside_where_the_model_is_not_plain(name):
+    model = adapted(name)
+    with DecodeProducts(model, torch.float32) as prepared:
+        assert prepared.step is None
+    assert prepared.step is None
+
+
+def test_decoding_step_stands_aside_for_hooks_and_other_architectures():
+    model = adapted("lora")
+    handle = model.model.layers[1].mlp.register_forward_hook(lambda *a: None)
+    with DecodeProducts(model, torch.float32) as prepared:
+        assert prepared.step is None
+    handle.remove()
+    with DecodeProducts(build_lm("gpt2"), torch.float32) as prepared:
+        assert prepared.step is None
+
+
+def test_layers_reading_one_input_multiply_once():
+    model = adapted("lora")
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(2, 3, 32)
+    with torch.no_grad():
+        want = [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)]
+        with DecodeProducts(model, torch.float32) as prepared:
+            shared = prepared.shared[attn.q_proj]
+            assert (
+                prepared.shared[attn.v_proj] is shared
+                and prepared.shared[model.model.layers[0].mlp.up_proj] is not shared
+            )
+            calls = []
+            multiply = shared.product.forward
+            shared.product.forward = lambda t: calls.append(t.shape) or multiply(t)
+            got = [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)]
+            assert len(calls) == 1  # one product for the three layers
+            attn.k_proj(x.clone())
+            assert len(calls) == 2  # another input: multiplied again
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)

@@ -97,7 +97,9 @@ class StepDecoder:
     finished rows leave and columns no row needs are cut. ``around(adapters)`` is entered around
     each forward pass (which adapter each row uses). Sampled tokens are drawn from ``rng`` (a
     training run passes torch's global generator, which its checkpoints keep), else from a
-    generator of the decoder's own, seeded with ``seed``.
+    generator of the decoder's own, seeded with ``seed``. ``decode_step``, when given, computes
+    the steps after prefill in place of the model's forward, with the same inputs and outputs
+    (:attr:`peftkit.accel.DecodeProducts.step`).
     """
 
     def __init__(
@@ -107,8 +109,10 @@ class StepDecoder:
         around: Callable[[list[str | None]], Any] | None = None,
         seed: int | None = None,
         rng: torch.Generator | None = None,
+        decode_step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, list], tuple[torch.Tensor, list]]
+        | None = None,
     ):
-        self.model, self.pad_id, self.around = model, pad_id, around
+        self.model, self.pad_id, self.around, self.decode_step = model, pad_id, around, decode_step
         self.rows: list[Sequence] = []
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.mask: torch.Tensor | None = None
@@ -167,7 +171,11 @@ class StepDecoder:
         ids = torch.tensor([[r.tokens[-1] if r.tokens else self.pad_id] for r in self.rows], device=self.device)
         positions = self.mask.sum(-1, keepdim=True)
         self.mask = torch.cat([self.mask, torch.ones_like(ids)], dim=1)
-        logits, self.kv = self._forward(self.rows, ids, self.mask, positions, self.kv)
+        if self.decode_step is None:
+            logits, self.kv = self._forward(self.rows, ids, self.mask, positions, self.kv)
+        else:
+            with self.around([r.adapter for r in self.rows]) if self.around else nullcontext():
+                logits, self.kv = self.decode_step(ids, self.mask, positions, self.kv)
         self._choose(self.rows, logits)
 
     def drop(self, gone: Callable[[Sequence], bool]) -> list[Sequence]:

@@ -139,7 +139,8 @@ class GRPOTask:
     rollouts: dict[tuple[int, ...], Rollout] = field(default_factory=dict)  # waiting for their next use
     samples: list[dict[str, Any]] = field(default_factory=list)  # the last rollout's completions, for the log
     #: the entry point's decoding speed-up, ``(model, dtype) -> context manager`` (accel's
-    #: DecodeProducts), and the dtype training samples in (evaluation samples in float32)
+    #: DecodeProducts, whose ``step`` the decoder then uses), and the dtype training samples in
+    #: (evaluation samples in float32)
     decoding: Callable[[nn.Module, torch.dtype], Any] | None = None
     sample_dtype: torch.dtype = torch.float32
     sample_every: int = 0  # steps between the sample completions the trainer writes
@@ -184,8 +185,9 @@ class GRPOTask:
         inner.eval()
         dtype = self.sample_dtype if temperature > 0 else torch.float32
         try:
-            with self.decoding(inner, dtype) if self.decoding else contextlib.nullcontext():
-                decoder = StepDecoder(inner, self.tokenizer.pad_token_id, rng=torch.default_generator)
+            with self.decoding(inner, dtype) if self.decoding else contextlib.nullcontext() as products:
+                step = getattr(products, "step", None)  # the speed layer's own decoding step, if any
+                decoder = StepDecoder(inner, self.tokenizer.pad_token_id, rng=torch.default_generator, decode_step=step)
                 decoder.run(seqs, copies=generations)  # each prompt prefilled once for its group
         finally:
             inner.train(was)
