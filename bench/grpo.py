@@ -1,6 +1,6 @@
 """Benchmark: a GRPO job in peftkit against TRL's GRPOTrainer (peft LoRA, transformers' generate, no
-vLLM), the in-loop decoder against llama.cpp, and the memory of recipe (b) with its reward model on
-the policy's base or on a base of its own.
+vLLM), and the memory of recipe (b) with its reward model on the policy's base or on a base of its
+own. (The in-loop decoder against llama.cpp: ``bench/decode.py``.)
 
 1. The same job three times, each in a process of its own: peftkit (its defaults here: bf16
    autocast, the speed layer, sampling through merged prepared products), peftkit in float32
@@ -11,19 +11,14 @@ the policy's base or on a base of its own.
    counts a completion's words (cheap, so the split shows the generation and the update). Per
    step after the first: time and its split (generation, reward, update = the rest), tokens
    generated per second of generation; peak RSS (VmHWM) of the process.
-2. Decoding speed, one prompt and then 8 at once, greedy, 128 new tokens: peftkit's step decoder
-   over SmolLM2 with the SFT adapter (``--adapter``) unmerged in float32 (as a run samples without
-   the speed layer), the same through :class:`peftkit.accel.DecodeProducts` (float32 and bf16),
-   transformers' ``generate`` on the same model, and llama.cpp (llama-cpp-python, 2 threads) on the
-   same adapter merged into an f16 GGUF by ``peftkit export``.
-3. Recipe (b) for ``--memory-steps`` steps, the reward classifier (``--classifier``) on the
+2. Recipe (b) for ``--memory-steps`` steps, the reward classifier (``--classifier``) on the
    policy's base and then on a base of its own: peak RSS of each process.
-4. Recipe (b)'s result (``--review-adapter``, its trained adapter): the classifier's mean
+3. Recipe (b)'s result (``--review-adapter``, its trained adapter): the classifier's mean
    probability of "positive" for the greedy continuations of the held-out (test) review starts,
    by the base (the adapter off) and by the adapter.
 
-    .venv/bin/python bench/grpo.py --adapter runs/smollm2-sentiment-lora/adapter \\
-        --classifier runs/smollm2-sentiment-classifier/adapter    # writes bench/RESULTS-grpo.md
+    .venv/bin/python bench/grpo.py --classifier runs/smollm2-sentiment-classifier/adapter \\
+        --review-adapter runs/smollm2-review-grpo/adapter    # writes bench/RESULTS-grpo.md
 """
 
 from __future__ import annotations
@@ -188,78 +183,6 @@ def part_trl(args) -> dict:
     }
 
 
-def part_decode(args) -> dict:
-    import torch
-
-    from peftkit.accel import DecodeProducts
-    from peftkit.generation import Sequence, StepDecoder
-    from peftkit.multi import load_adapted_lm
-
-    lm = load_adapted_lm(args.adapter)
-    model = lm.model.eval()
-    prompt = lm.prompt_ids("Write a long review of a movie you liked, scene by scene.")
-    new = 128
-
-    def ours(rows: int) -> float:
-        seqs = [Sequence(list(prompt), new) for _ in range(rows)]
-        began = time.perf_counter()
-        StepDecoder(model, lm.tokenizer.pad_token_id).run(seqs)
-        return sum(len(s.tokens) for s in seqs) / (time.perf_counter() - began)
-
-    def hf(rows: int) -> float:
-        ids = torch.tensor([prompt] * rows)
-        began = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=new,
-                min_new_tokens=new,
-                do_sample=False,
-                pad_token_id=lm.tokenizer.pad_token_id,
-            )
-        return (out.shape[1] - ids.shape[1]) * rows / (time.perf_counter() - began)
-
-    result = {}
-    for name, run, context in (
-        ("peftkit step decoder, float32, adapter unmerged", ours, None),
-        ("peftkit step decoder + DecodeProducts, float32", ours, torch.float32),
-        ("peftkit step decoder + DecodeProducts, bf16", ours, torch.bfloat16),
-        ("transformers generate, float32, adapter unmerged", hf, None),
-    ):
-        with DecodeProducts(model, context) if context is not None else _null():
-            run(1)  # warm-up
-            result[name] = {"1": run(1), "8": run(8)}
-    result["llama.cpp f16 GGUF (llama-cpp-python, 2 threads)"] = {"1": _llama_cpp(args, lm)}
-    return result
-
-
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()
-
-
-def _llama_cpp(args, lm) -> float:
-    from llama_cpp import Llama
-
-    gguf = Path(args.work) / "gguf" / "model.gguf"
-    if not gguf.is_file():
-        subprocess.run(
-            [sys.executable, "-m", "peftkit", "export", "--adapter", args.adapter, "--format", "gguf"]
-            + ["--output", str(gguf.parent), "--overwrite"],
-            check=True,
-            capture_output=True,
-        )
-    llm = Llama(model_path=str(gguf), n_ctx=512, n_threads=2, verbose=False, seed=0)
-    text = lm.tokenizer.decode(lm.prompt_ids("Write a long review of a movie you liked, scene by scene."))
-    llm.eval(llm.tokenize(text.encode(), special=True, add_bos=False))
-    began = time.perf_counter()
-    for _ in range(128):
-        llm.eval([llm.sample(temp=0.0)])
-    return 128 / (time.perf_counter() - began)
-
-
 def part_memory(args) -> dict:
     from peftkit import load_recipe
     from peftkit.train import train
@@ -307,7 +230,6 @@ PARTS = {
     "peftkit": part_peftkit,
     "peftkit-fp32": part_peftkit,
     "trl": part_trl,
-    "decode": part_decode,
     "memory-shared": part_memory,
     "memory-separate": part_memory,
 }
@@ -327,14 +249,13 @@ def child(args, part: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--adapter", required=True, help="a SmolLM2 causal-LM LoRA adapter (the SFT recipe's)")
-    parser.add_argument("--classifier", help="recipe (b)'s reward classifier adapter (section 3)")
+    parser.add_argument("--classifier", help="recipe (b)'s reward classifier adapter (section 2)")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--generations", type=int, default=8)
     parser.add_argument("--length", type=int, default=32)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--memory-steps", type=int, default=3)
-    parser.add_argument("--review-adapter", help="recipe (b)'s trained adapter (section 4)")
+    parser.add_argument("--review-adapter", help="recipe (b)'s trained adapter (section 3)")
     parser.add_argument("--work", default="/tmp/peftkit-bench-grpo")
     parser.add_argument("--output", default=str(ROOT / "bench" / "RESULTS-grpo.md"))
     parser.add_argument("--part", choices=sorted(PARTS))
@@ -346,7 +267,6 @@ def main() -> None:
     if not (PROMPTS / "train.jsonl").is_file():
         subprocess.run([sys.executable, str(ROOT / "recipes" / "review_starts.py")], check=True, cwd=ROOT)
     jobs = {name: child(args, name) for name in ("peftkit", "peftkit-fp32", "trl")}
-    decode = child(args, "decode")
     memory = {name: child(args, name) for name in ("memory-shared", "memory-separate")} if args.classifier else {}
     review = child(args, "review") if args.review_adapter and args.classifier else None
     trl = jobs["trl"]
@@ -374,17 +294,7 @@ def main() -> None:
             f"| {r['tokens_per_s']:.1f} | {r['completion_length']:.1f} | {r['peak_rss'] / 2**20:.0f} "
             f"| {r['step'] / trl['step']:.2f} |"
         )
-    llama = decode["llama.cpp f16 GGUF (llama-cpp-python, 2 threads)"]["1"]
-    lines += [
-        "",
-        f"## Decoding speed (greedy, 128 new tokens; {args.adapter})",
-        "",
-        "| decoder | tokens/s, 1 stream | tokens/s, 8 streams | 1 stream / llama.cpp f16 |",
-        "|---|---|---|---|",
-    ]
-    for name, r in decode.items():
-        batched = f"{r['8']:.1f}" if "8" in r else ""
-        lines.append(f"| {name} | {r['1']:.1f} | {batched} | {r['1'] / llama:.2f} |")
+    lines += ["", "Decoding speed, the in-loop decoder against llama.cpp: bench/decode.py (RESULTS-decode.md)."]
     if memory:
         shared, separate = memory["memory-shared"], memory["memory-separate"]
         lines += [
