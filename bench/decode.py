@@ -3,7 +3,8 @@ answers with) against transformers' ``generate`` and llama.cpp, on SmolLM2-135M-
 LoRA adapter (``--adapter``).
 
 Greedy decoding of 128 new tokens after one chat prompt, one stream and then 8 streams at once;
-tokens per second, the median of ``--repeats`` runs after a warm-up, all in this process:
+tokens per second, the median of ``--repeats`` runs after a warm-up, each decoder in a process of
+its own:
 
 * the step decoder with the adapter unmerged in float32 (a model as it trains);
 * the same inside :class:`peftkit.accel.DecodeProducts` (merged, cast, prepacked, stacked
@@ -13,7 +14,11 @@ tokens per second, the median of ``--repeats`` runs after a warm-up, all in this
   here; of several rows it is far slower than bf16);
 * transformers' ``generate`` on the unmerged model, float32;
 * llama.cpp through llama-cpp-python (2 threads) on the same adapter merged into an f16 GGUF by
-  ``peftkit export`` (one stream).
+  ``peftkit export`` (one stream);
+* the server's chat path: ``peftkit serve`` on loopback with each ``--decode`` setting, one chat
+  request at a time over HTTP; its decoding rate is ``(n - 1) / (t_n - t_1)`` from the times of
+  a request for ``n`` = 128 tokens and one for a single token (the prefill and HTTP cancel out),
+  beside the server's peak RSS.
 
     .venv/bin/python bench/decode.py --adapter runs/smollm2-sentiment-lora/adapter  # writes bench/RESULTS-decode.md
 """
@@ -22,6 +27,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -36,14 +44,21 @@ NEW = 128
 LLAMA = "llama.cpp, f16 GGUF (llama-cpp-python, 2 threads)"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--adapter", required=True, help="a SmolLM2 causal-LM LoRA adapter")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--work", default="/tmp/peftkit-bench-decode")
-    parser.add_argument("--output", default=str(ROOT / "bench" / "RESULTS-decode.md"))
-    args = parser.parse_args()
+#: the decoders measured in processes of their own: (dtype of DecodeProducts or None, its own step)
+DECODERS = {
+    "step decoder, float32, adapter unmerged": (None, False),
+    "step decoder + DecodeProducts, float32, model forward": ("float32", False),
+    "step decoder + DecodeProducts, float32, DecodeProducts.step": ("float32", True),
+    "step decoder + DecodeProducts, bf16, model forward": ("bfloat16", False),
+    "step decoder + DecodeProducts, bf16, DecodeProducts.step": ("bfloat16", True),
+    "step decoder + DecodeProducts, float16, DecodeProducts.step": ("float16", True),
+    "transformers generate, float32, adapter unmerged": ("generate", False),
+    LLAMA: ("llama.cpp", False),
+}
 
+
+def part(args, name: str) -> dict[str, float]:
+    """One decoder's tokens per second, one stream and 8 (llama.cpp: one)."""
     import torch
 
     from peftkit.accel import DecodeProducts
@@ -54,19 +69,13 @@ def main() -> None:
     model = lm.model.eval()
     prompt = lm.prompt_ids(PROMPT)
     pad = lm.tokenizer.pad_token_id
+    kind, own_step = DECODERS[name]
+    if kind == "llama.cpp":
+        return {"1": llama_cpp(args, lm)}
 
     def median(run, rows: int) -> float:
         run(rows)  # warm-up
         return statistics.median(run(rows) for _ in range(args.repeats))
-
-    def stepper(step):
-        def run(rows: int) -> float:
-            seqs = [Sequence(list(prompt), NEW) for _ in range(rows)]
-            began = time.perf_counter()
-            StepDecoder(model, pad, decode_step=step).run(seqs)
-            return sum(len(s.tokens) for s in seqs) / (time.perf_counter() - began)
-
-        return run
 
     def hf(rows: int) -> float:
         ids = torch.tensor([prompt] * rows)
@@ -82,23 +91,46 @@ def main() -> None:
             )
         return (out.shape[1] - ids.shape[1]) * rows / (time.perf_counter() - began)
 
-    decoders = [
-        ("step decoder, float32, adapter unmerged", None, False),
-        ("step decoder + DecodeProducts, float32, model forward", torch.float32, False),
-        ("step decoder + DecodeProducts, float32, DecodeProducts.step", torch.float32, True),
-        ("step decoder + DecodeProducts, bf16, model forward", torch.bfloat16, False),
-        ("step decoder + DecodeProducts, bf16, DecodeProducts.step", torch.bfloat16, True),
-        ("step decoder + DecodeProducts, float16, DecodeProducts.step", torch.float16, True),
-    ]
+    if kind == "generate":
+        return {str(rows): median(hf, rows) for rows in (1, 8)}
+    dtype = getattr(torch, kind) if kind else None
+    with DecodeProducts(model, dtype) if dtype is not None else contextlib.nullcontext() as prepared:
+        step = prepared.step if own_step else None
+        assert not own_step or step is not None, "SmolLM2 is a LLaMA model: DecodeProducts.step should apply"
+
+        def run(rows: int) -> float:
+            seqs = [Sequence(list(prompt), NEW) for _ in range(rows)]
+            began = time.perf_counter()
+            StepDecoder(model, pad, decode_step=(lambda: step) if step else None).run(seqs)
+            return sum(len(s.tokens) for s in seqs) / (time.perf_counter() - began)
+
+        return {str(rows): median(run, rows) for rows in (1, 8)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--adapter", required=True, help="a SmolLM2 causal-LM LoRA adapter")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--work", default="/tmp/peftkit-bench-decode")
+    parser.add_argument("--output", default=str(ROOT / "bench" / "RESULTS-decode.md"))
+    parser.add_argument("--part", choices=sorted(DECODERS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.part:
+        print(json.dumps(part(args, args.part)))
+        return
     result: dict[str, dict[str, float]] = {}
-    for name, dtype, own_step in decoders:
-        with DecodeProducts(model, dtype) if dtype is not None else contextlib.nullcontext() as prepared:
-            step = prepared.step if own_step else None
-            assert not own_step or step is not None, "SmolLM2 is a LLaMA model: DecodeProducts.step should apply"
-            result[name] = {str(rows): median(stepper(step), rows) for rows in (1, 8)}
+    for name in DECODERS:
+        done = subprocess.run(
+            [sys.executable, __file__, *sys.argv[1:], "--part", name],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+        if done.returncode != 0:
+            raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
+        result[name] = json.loads(done.stdout.strip().splitlines()[-1])
         print(name, result[name], flush=True)
-    result["transformers generate, float32, adapter unmerged"] = {str(rows): median(hf, rows) for rows in (1, 8)}
-    result[LLAMA] = {"1": llama_cpp(args, lm)}
+    served = {mode: serve(args, mode) for mode in ("off", "float32", "bfloat16", "float16")}
 
     llama = result[LLAMA]["1"]
     lines = [
@@ -114,7 +146,62 @@ def main() -> None:
     for name, r in result.items():
         batched = f"{r['8']:.1f}" if "8" in r else ""
         lines.append(f"| {name} | {r['1']:.1f} | {batched} | {r['1'] / llama:.2f} |")
+    lines += [
+        "",
+        "## The server's chat path (one request at a time)",
+        "",
+        "| peftkit serve | tokens/s | / llama.cpp f16 | completion tokens | server peak RSS (MiB) |",
+        "|---|---|---|---|---|",
+    ]
+    for mode, r in served.items():
+        lines.append(
+            f"| --decode {mode} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / llama:.2f} | {r['tokens']} "
+            f"| {r['peak_rss'] / 2**20:.0f} |"
+        )
     write_report(args.output, lines)
+
+
+def serve(args, mode: str) -> dict:
+    """The chat path's decoding rate and the server's peak RSS with ``--decode mode``."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "peftkit", "serve", "--adapter", f"a={args.adapter}", "--port", str(port)]
+    proc = subprocess.Popen(
+        [*command, "--decode", mode, "--max-tokens", str(NEW), "--timeout", "300"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+
+        def ask(tokens: int) -> tuple[float, int]:
+            body = {"model": "a", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": tokens}
+            began = time.perf_counter()
+            answer = httpx.post(url + "/v1/chat/completions", json={**body, "temperature": 0}, timeout=600).json()
+            return time.perf_counter() - began, answer["usage"]["completion_tokens"]
+
+        ask(NEW)  # warm-up
+        rates, n = [], 0
+        for _ in range(args.repeats):
+            one, _ = ask(1)
+            full, n = ask(NEW)
+            rates.append((n - 1) / (full - one))
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        peak = int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]) * 1024
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    return {"tokens_per_s": statistics.median(rates), "tokens": n, "peak_rss": peak}
 
 
 def llama_cpp(args, lm) -> float:

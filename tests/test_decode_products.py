@@ -101,7 +101,7 @@ def test_decoding_step_with_rows_leaving_and_joining_decodes_as_the_model():
     later = [[2, 9, 9, 41, 12, 13, 30, 31, 40], [2, 13]]
 
     def decode(step):
-        decoder = StepDecoder(model, 0, decode_step=step)
+        decoder = StepDecoder(model, 0, decode_step=(lambda: step) if step else None)
         rows = [Sequence(list(p), n) for p, n in zip(first, (3, 9, 6))]
         decoder.add(rows)
         for i in range(12):

@@ -471,3 +471,31 @@ def test_completions_in_the_adapter_s_format_equal_generate(tiny_llama_dir, tmp_
     assert formatted == cli.stdout.strip()
     assert raw == raw_cli.stdout.strip()
     assert formatted != raw  # the two paths really differ for this adapter
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_decoding_through_prepared_products_answers_as_the_adapters_do(lm_adapters, offline, tiny_llama_dir, dtype):
+    """``serve --decode``: batches of one adapter's rows decode through that adapter's merged
+    products and the LLaMA step of its own; float32 answers exactly as the adapter's own
+    generation, mixed batches too; float16 answers."""
+    proc, url = start_server(lm_adapters, "--max-tokens", "64", "--decode", dtype)
+    try:
+        alone = [(model, prompt) for model in ("left", "ia3", "left", str(tiny_llama_dir)) for prompt in PROMPTS[:2]]
+        answers = [complete(url, model, prompt, 10) for model, prompt in alone]  # one request at a time
+        with ThreadPoolExecutor(8) as pool:  # and mixed batches
+            mixed = list(pool.map(lambda job: complete(url, *job, 10), [("right", p) for p in PROMPTS] * 2))
+        for (model, prompt), answer in [*zip(alone, answers), *zip([("right", p) for p in PROMPTS] * 2, mixed)]:
+            assert answer.status_code == 200, answer.text
+            text = answer.json()["choices"][0]["text"]
+            if dtype == "float32" and model != str(tiny_llama_dir):
+                assert text == offline(model, prompt, 10), (model, prompt)
+            assert answer.json()["usage"]["completion_tokens"] > 0
+        metrics = httpx.get(url + "/metrics").text
+        value = {line.split()[0]: float(line.split()[-1]) for line in metrics.splitlines() if not line.startswith("#")}
+        assert value['peftkit_decode_steps_total{path="products_step"}'] > 0
+        # left, ia3, left again (another adapter came between), the base, right
+        assert value["peftkit_decode_prepared_total"] >= 5
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err

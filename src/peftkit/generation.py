@@ -12,6 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
+#: one decoding step: ``(ids, mask, positions, kv) -> (logits, kv)`` (see :meth:`StepDecoder._forward`)
+Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, list], tuple[torch.Tensor, list]]
+
 
 @torch.inference_mode()
 def generate(
@@ -97,8 +100,9 @@ class StepDecoder:
     finished rows leave and columns no row needs are cut. ``around(adapters)`` is entered around
     each forward pass (which adapter each row uses). Sampled tokens are drawn from ``rng`` (a
     training run passes torch's global generator, which its checkpoints keep), else from a
-    generator of the decoder's own, seeded with ``seed``. ``decode_step``, when given, computes
-    the steps after prefill in place of the model's forward, with the same inputs and outputs
+    generator of the decoder's own, seeded with ``seed``. ``decode_step``, when given, is asked
+    inside ``around`` at every step after prefill for a function that computes the step in place
+    of the model's forward, with the same inputs and outputs, or None for the forward
     (:attr:`peftkit.accel.DecodeProducts.step`).
     """
 
@@ -109,8 +113,7 @@ class StepDecoder:
         around: Callable[[list[str | None]], Any] | None = None,
         seed: int | None = None,
         rng: torch.Generator | None = None,
-        decode_step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, list], tuple[torch.Tensor, list]]
-        | None = None,
+        decode_step: Callable[[], Step | None] | None = None,
     ):
         self.model, self.pad_id, self.around, self.decode_step = model, pad_id, around, decode_step
         self.rows: list[Sequence] = []
@@ -171,11 +174,12 @@ class StepDecoder:
         ids = torch.tensor([[r.tokens[-1] if r.tokens else self.pad_id] for r in self.rows], device=self.device)
         positions = self.mask.sum(-1, keepdim=True)
         self.mask = torch.cat([self.mask, torch.ones_like(ids)], dim=1)
-        if self.decode_step is None:
+        fast: Step | None = None
+        with self.around([r.adapter for r in self.rows]) if self.around else nullcontext():
+            if self.decode_step is not None and (fast := self.decode_step()) is not None:
+                logits, self.kv = fast(ids, self.mask, positions, self.kv)
+        if fast is None:
             logits, self.kv = self._forward(self.rows, ids, self.mask, positions, self.kv)
-        else:
-            with self.around([r.adapter for r in self.rows]) if self.around else nullcontext():
-                logits, self.kv = self.decode_step(ids, self.mask, positions, self.kv)
         self._choose(self.rows, logits)
 
     def drop(self, gone: Callable[[Sequence], bool]) -> list[Sequence]:

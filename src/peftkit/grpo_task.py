@@ -186,7 +186,7 @@ class GRPOTask:
         dtype = self.sample_dtype if temperature > 0 else torch.float32
         try:
             with self.decoding(inner, dtype) if self.decoding else contextlib.nullcontext() as products:
-                step = getattr(products, "step", None)  # the speed layer's own decoding step, if any
+                step = (lambda: products.step) if products is not None else None  # the speed layer's own step
                 decoder = StepDecoder(inner, self.tokenizer.pad_token_id, rng=torch.default_generator, decode_step=step)
                 decoder.run(seqs, copies=generations)  # each prompt prefilled once for its group
         finally:

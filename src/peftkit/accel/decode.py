@@ -9,7 +9,8 @@ each linear layer once instead: the active adapters' weight differences added to
 the bytes) and prepacked by oneDNN. Layers that read the same input (a LLaMA block's query, key
 and value projections; its gate and up projections) share one product over their stacked
 weights, computed once per input. Leaving restores the layers' own forwards; nothing in the
-model changes.
+model changes. ``peftkit serve --decode`` keeps one set for the adapter its batch uses
+(``keep``).
 
 With the products that fast, transformers' own per-layer work (cache objects, masks, rotary
 tables, norms in several passes) costs as much as the products. For LLaMA-architecture models
@@ -49,6 +50,9 @@ class DecodeProducts:
     Args:
         model: the adapted model (its active adapters are merged into the prepared weights).
         dtype: the dtype the products multiply in; their outputs come back in the input's dtype.
+        keep: prepare at the first entry only and reuse that at the next ones, for a caller that
+            knows the weights, adapters and routing stay as they were (a server's decoding steps
+            for one adapter); without it every entry prepares afresh.
 
     Attributes:
         layers: how many layers multiply with a prepared product (while entered).
@@ -58,37 +62,41 @@ class DecodeProducts:
             model is not one it computes exactly.
     """
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16):
-        self.model, self.dtype = model, dtype
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16, keep: bool = False):
+        self.model, self.dtype, self.keep = model, dtype, keep
         self._saved: list[tuple[nn.Module, Any]] | None = None
+        self._kept: tuple[dict[nn.Module, Forward], dict[nn.Module, Shared], LlamaStep | None] | None = None
         self.layers = 0
         self.shared: dict[nn.Module, Shared] = {}
         self.step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, KV], tuple[torch.Tensor, KV]] | None = None
 
-    @torch.no_grad()
-    def _weights(self) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor | None]]:
-        """Each layer that can be prepared, with its ``(out, in)`` weight and its bias."""
-        out: dict[nn.Module, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    def _weights(self) -> dict[nn.Module, Callable[[], tuple[torch.Tensor, torch.Tensor | None]]]:
+        """Each layer that can be prepared, with how to get its ``(out, in)`` weight and its bias
+        (merging is left until its product is made, so one merged weight exists at a time)."""
+        out: dict[nn.Module, Callable[[], tuple[torch.Tensor, torch.Tensor | None]]] = {}
         adapted = [m for m in self.model.modules() if isinstance(m, AdaptedLinear)]
         inside = {id(m.base_layer) for m in adapted} | {id(x) for m in adapted for x in m.updates.modules()}
         for module in self.model.modules():
             if isinstance(module, AdaptedLinear):
-                weight = self._merged(module)
-                if weight is not None:
-                    out[module] = weight, module.base_layer.bias
+                if self._mergeable(module):
+                    out[module] = lambda m=module: (self._merged(m), m.base_layer.bias)
             elif is_plain_linear(module) and id(module) not in inside and module.weight.is_floating_point():
-                out[module] = module.weight.t() if linear_shape(module)[2] else module.weight, module.bias
+                out[module] = lambda m=module: (m.weight.t() if linear_shape(m)[2] else m.weight, m.bias)
         return out
 
-    def _merged(self, layer: AdaptedLinear) -> torch.Tensor | None:
-        """The layer's ``(out, in)`` weight with its active additive updates added, or None
-        where the layer cannot be prepared so."""
+    @staticmethod
+    def _mergeable(layer: AdaptedLinear) -> bool:
+        """Whether every active update of ``layer`` is a weight difference it can add."""
         if layer.routing.rows is not None or layer.merged or not is_plain_linear(layer.base_layer):
-            return None
+            return False
+        updates = layer.updates._modules
+        return all(_additive(u) for n in layer.routing.active if (u := updates.get(n)) is not None)
+
+    @torch.no_grad()
+    def _merged(self, layer: AdaptedLinear) -> torch.Tensor:
+        """The ``(out, in)`` weight of a :meth:`_mergeable` layer with its active updates added."""
         updates = layer.updates._modules
         deltas = [_delta(u) for n in layer.routing.active if (u := updates.get(n)) is not None]
-        if any(d is None for d in deltas):
-            return None
         base = layer.base_layer
         weight = base.weight.t() if linear_shape(base)[2] else base.weight
         if not deltas:
@@ -112,7 +120,7 @@ class DecodeProducts:
         for group in _groups(self.model):
             if not all(m in weights for m in group):
                 continue
-            parts = [weights.pop(m) for m in group]
+            parts = [weights.pop(m)() for m in group]
             bias = None
             if any(b is not None for _, b in parts):
                 bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in parts])
@@ -121,19 +129,23 @@ class DecodeProducts:
             )
             for i, module in enumerate(group):
                 forwards[module], shared[module] = product.forward_of(i), product
-        for module, (weight, bias) in weights.items():
-            forwards[module] = _forward(self._product(weight, bias))
+        for module, get in weights.items():
+            forwards[module] = _forward(self._product(*get()))
         return forwards, shared
 
     def __enter__(self) -> DecodeProducts:
         if self._saved is not None:
             raise RuntimeError("DecodeProducts is already entered")
-        forwards, self.shared = self._forwards()
+        kept = self._kept
+        forwards, self.shared = kept[:2] if kept is not None else self._forwards()
         self._saved = [(m, m.__dict__.get("forward")) for m in forwards]
         for module, forward in forwards.items():
             module.forward = forward
         self.layers = len(forwards)
-        self.step = LlamaStep.of(self.model, self.shared)
+        # built with the forwards in place: it calls them directly
+        self.step = kept[2] if kept is not None else LlamaStep.of(self.model, self.shared)
+        if self.keep:
+            self._kept = forwards, self.shared, self.step
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -342,17 +354,21 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-def _delta(update: Update) -> torch.Tensor | None:
-    """An update's ``(out, in)`` weight difference, or None when it is not one (IA3 scales the
-    input; DoRA rescales rows; a LoRA bias adds to the bias)."""
+def _additive(update: Update) -> bool:
+    """Whether the update is a weight difference (not IA3's input scaling, DoRA's row norms or a
+    LoRA bias)."""
     if isinstance(update, LoRAUpdate):
-        if update.lora_magnitude_vector is not None or update.lora_B.bias is not None:
-            return None
+        return update.lora_magnitude_vector is None and update.lora_B.bias is None
+    return isinstance(update, AdditiveUpdate) and update.input_scale() is None
+
+
+def _delta(update: Update) -> torch.Tensor:
+    """An :func:`_additive` update's ``(out, in)`` weight difference."""
+    if isinstance(update, LoRAUpdate):
         delta = update.delta_weight()  # in the base's layout
         return delta.T if update.fan_in_fan_out else delta
-    if isinstance(update, AdditiveUpdate) and update.input_scale() is None:
-        return update.delta_weight()
-    return None
+    assert isinstance(update, AdditiveUpdate)
+    return update.delta_weight()
 
 
 def _forward(product: FrozenProduct) -> Forward:

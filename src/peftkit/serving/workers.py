@@ -13,6 +13,7 @@ folders under ``--adapters-dir``, loaded on first use and kept in a bounded LRU.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import queue
 import threading
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from ..adapter_io import CONFIG_FILE, WEIGHTS_FILE
@@ -55,6 +57,11 @@ class Limits:
     max_tokens: int = 256  # tokens one generation request may ask for
     max_input_tokens: int = 2048  # prompt tokens one generation request may send
     max_adapters: int = 8  # adapters from --adapters-dir kept loaded at once
+    decode: str = "off"  # generation's prepared products (DECODE_DTYPES), or "off"
+
+
+#: ``Limits.decode``: the dtype generation's prepared products multiply in (accel.DecodeProducts)
+DECODE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ApiError(Exception):
@@ -91,6 +98,13 @@ class Metrics:
         self.queue_depth = Gauge("peftkit_queue_depth", "requests waiting for the worker", registry=r)
         self.adapters = Gauge("peftkit_adapters_loaded", "adapters in memory", registry=r)
         self.generating = Gauge("peftkit_generating", "sequences in the running generation batch", registry=r)
+        self.decode_steps = Counter(
+            "peftkit_decode_steps",
+            "generation steps: through the model, prepared products (--decode), or those and the own step",
+            ["path"],
+            registry=r,
+        )
+        self.prepared = Counter("peftkit_decode_prepared", "sets of prepared products made (--decode)", registry=r)
         self.tokens = Counter("peftkit_generated_tokens", "tokens generated", registry=r)
 
     def text(self) -> bytes:
@@ -115,6 +129,7 @@ class AdapterStore:
     ):
         self.named, self.folder, self.capacity, self.metrics = named, folder, capacity, metrics
         self.fixed = list(named.names if fixed is None else fixed)
+        self.changes = 0  # adapters attached or detached since the start
         self.loaded: OrderedDict[str, float] = OrderedDict(
             (n, _stamp(self.path(n))) for n in named.names if n not in self.fixed
         )
@@ -158,6 +173,7 @@ class AdapterStore:
             self.named.attach(name, path)
         except PeftkitError as exc:
             raise ApiError(400, "invalid_request_error", f"adapter {name!r} cannot be served: {exc.what}") from None
+        self.changes += 1
         self.loaded[name] = stamp
         for old in [n for n in self.loaded if n not in busy and n != name][: max(0, len(self.loaded) - self.capacity)]:
             self._unload(old)
@@ -165,6 +181,7 @@ class AdapterStore:
 
     def _unload(self, name: str) -> None:
         self.named.detach(name)
+        self.changes += 1
         del self.loaded[name]
         self._count()
 
@@ -335,7 +352,13 @@ class Generator(Worker):
     """Generation with continuous batching. A job's payload is a :class:`GenWork`; it is sent
     ``(text delta, finish reason or None)`` as tokens come, until the finish reason. A job whose
     payload is a list of texts is scored (``score(texts, names)``: a reward adapter on the same
-    base) between two decoding steps, on this thread, which alone uses the model."""
+    base) between two decoding steps, on this thread, which alone uses the model.
+
+    With ``limits.decode`` set, a batch whose rows all use one adapter (or all the base) decodes
+    through prepared products with that adapter merged (:class:`peftkit.accel.DecodeProducts`,
+    and its own decoding step for LLaMA models): made at that adapter's first batch and kept, one
+    set at a time, until another adapter's batch or an adapter attached or detached. Batches of
+    mixed adapters decode through the model as it is."""
 
     def __init__(
         self,
@@ -349,8 +372,51 @@ class Generator(Worker):
     ):
         self.render = render  # (GenWork, adapter) -> (Sequence, TextStream), or ApiError
         self.score = score
-        self.decoder = StepDecoder(named.model, named.tokenizer.pad_token_id, around=named.adapters.per_row)
+        self.named = named
+        self._products: tuple[tuple[str | None, int], Any] | None = None  # (adapter, store changes), products
+        self._entered: Any = None
+        self.decoder = StepDecoder(
+            named.model, named.tokenizer.pad_token_id, around=self._around, decode_step=self._decode_step
+        )
         super().__init__(store, limits, metrics, start)
+
+    @contextlib.contextmanager
+    def _around(self, names: list[str | None]):
+        """Each row its adapter, and the batch's prepared products where there are some."""
+        with self.named.adapters.per_row(names):
+            products = self._prepared(names)
+            if products is None:
+                yield
+                return
+            with products:
+                self._entered = products
+                try:
+                    yield
+                finally:
+                    self._entered = None
+
+    def _decode_step(self) -> Any:
+        entered = self._entered
+        step = entered.step if entered is not None else None
+        if self.metrics is not None:
+            path = "model" if entered is None else "products_step" if step is not None else "products"
+            self.metrics.decode_steps.labels(path).inc()
+        return step
+
+    def _prepared(self, names: list[str | None]) -> Any:
+        """The products for a batch of one adapter's rows (see the class docstring), or None."""
+        dtype = DECODE_DTYPES.get(self.limits.decode)
+        if dtype is None or len(set(names)) != 1:
+            return None
+        key = (names[0], self.store.changes)
+        if self._products is None or self._products[0] != key:
+            from ..accel import DecodeProducts
+
+            self._products = None  # the old set goes before the new one is made
+            self._products = key, DecodeProducts(self.named.model, dtype, keep=True)
+            if self.metrics is not None:
+                self.metrics.prepared.inc()
+        return self._products[1]
 
     def _admit(self, running: dict[int, Job]) -> tuple[list[Job], bool]:
         """New jobs for the free places (waiting for one only when nothing runs); and whether the
