@@ -271,7 +271,7 @@ def main() -> None:
     review = child(args, "review") if args.review_adapter and args.classifier else None
     trl = jobs["trl"]
     lines = [
-        "# GRPO: peftkit against TRL's GRPOTrainer, the in-loop decoder against llama.cpp",
+        "# GRPO: peftkit against TRL's GRPOTrainer; recipe (b)'s memory and result",
         "",
         *header("grpo.py"),
         f"- job: SmolLM2-135M-Instruct, LoRA r=16 on every linear layer, {args.prompts} prompts x "
