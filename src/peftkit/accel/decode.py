@@ -249,7 +249,8 @@ class LlamaStep:
     ) -> tuple[torch.Tensor, KV]:
         """Logits ``(rows, vocab)`` (float32) for ``ids`` ``(rows, 1)`` at ``positions``
         ``(rows, 1)``, given the cache of the earlier tokens and the ``(rows, T + 1)`` mask of real
-        positions (the new token last); with the cache grown by the new token."""
+        positions (the new token last); with the cache grown by the new token. The cache handed in
+        must be the one the last call returned, or a new one: the step grows it in place."""
         rows, heads, kv_heads, dim = ids.shape[0], self.heads, self.kv_heads, self.head_dim
         hidden = self.embed(ids)  # (rows, 1, width)
         freqs = positions[..., None].float() * self.inv_freq
