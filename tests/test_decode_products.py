@@ -156,5 +156,8 @@ def test_layers_reading_one_input_multiply_once():
             assert len(calls) == 1  # one product for the three layers
             attn.k_proj(x.clone())
             assert len(calls) == 2  # another input: multiplied again
+            model.model.layers[0].mlp.up_proj(torch.randn(2, 3, 32))
+            attn.q_proj(x)
+            assert len(calls) == 3  # one output is kept at a time: another group's replaced it
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)

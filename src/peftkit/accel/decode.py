@@ -68,6 +68,7 @@ class DecodeProducts:
         self._kept: tuple[dict[nn.Module, Forward], dict[nn.Module, Shared], LlamaStep | None] | None = None
         self.layers = 0
         self.shared: dict[nn.Module, Shared] = {}
+        self._recent = Recent()
         self.step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, KV], tuple[torch.Tensor, KV]] | None = None
 
     def _weights(self) -> dict[nn.Module, Callable[[], tuple[torch.Tensor, torch.Tensor | None]]]:
@@ -124,9 +125,8 @@ class DecodeProducts:
             bias = None
             if any(b is not None for _, b in parts):
                 bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in parts])
-            product = Shared(
-                self._product(torch.cat([w.float() for w, _ in parts]), bias), [w.shape[0] for w, _ in parts]
-            )
+            stacked = self._product(torch.cat([w.float() for w, _ in parts]), bias)
+            product = Shared(stacked, [w.shape[0] for w, _ in parts], self._recent)
             for i, module in enumerate(group):
                 forwards[module], shared[module] = product.forward_of(i), product
         for module, get in weights.items():
@@ -155,26 +155,36 @@ class DecodeProducts:
             else:
                 module.forward = previous
         self._saved, self.step, self.shared = None, None, {}
+        self._recent.slot = None
+
+
+class Recent:
+    """The one stacked output kept, of whichever group multiplied last: a group's layers run one
+    after another, so no other needs keeping (a model's worth of them would hold every block's
+    activations of a prefill)."""
+
+    def __init__(self) -> None:
+        self.slot: tuple[Shared, torch.Tensor, int, torch.Tensor] | None = None
 
 
 class Shared:
     """One product over the stacked weights of layers that read the same input; each layer's
-    output is its slice. The last input's output is kept, so the group multiplies once per input:
-    an input is recognised as the same tensor object, unmodified where autograd counts versions
-    (inference tensors have no count; the layers' callers do not modify inputs in between)."""
+    output is its slice. The output is kept (:class:`Recent`) until another group multiplies, so
+    the group multiplies once per input: an input is recognised as the same tensor object,
+    unmodified where autograd counts versions (inference tensors have no count; the layers'
+    callers do not modify inputs in between)."""
 
-    def __init__(self, product: FrozenProduct, sizes: list[int]):
-        self.product = product
+    def __init__(self, product: FrozenProduct, sizes: list[int], recent: Recent):
+        self.product, self.recent = product, recent
         ends = torch.tensor(sizes).cumsum(0).tolist()
         self.bounds = list(zip([0] + ends[:-1], ends))
-        self._last: tuple[torch.Tensor, int, torch.Tensor] | None = None
 
     def output(self, x: torch.Tensor) -> torch.Tensor:
         """The stacked product of ``x`` (in the product's dtype)."""
-        last, version = self._last, -1 if x.is_inference() else x._version
-        if last is None or last[0] is not x or last[1] != version:
-            last = self._last = (x, version, self.product.forward(x.to(self.product.dtype)))
-        return last[2]
+        slot, version = self.recent.slot, -1 if x.is_inference() else x._version
+        if slot is None or slot[0] is not self or slot[1] is not x or slot[2] != version:
+            slot = self.recent.slot = (self, x, version, self.product.forward(x.to(self.product.dtype)))
+        return slot[3]
 
     def forward_of(self, i: int) -> Forward:
         start, end = self.bounds[i]
